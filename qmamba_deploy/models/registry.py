@@ -1,0 +1,130 @@
+"""Architecture registry: official class names and named presets.
+
+``build_model("MambaIRv2Light", **kwargs_from_official_yml)`` and
+``build_model("mambairv2-light-x4")`` both work. Presets cover every released
+configuration of the official repositories (options/test/*.yml); their
+parameter counts are pinned by the tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from .mambair import MambaIR
+from .mambairv2 import MambaIRv2, MambaIRv2Light
+
+#: Official class name -> our implementation.
+ARCHS: dict[str, type[nn.Module]] = {
+    "MambaIR": MambaIR,
+    "MambaIRv2": MambaIRv2,
+    "MambaIRv2Light": MambaIRv2Light,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    task: str = "sr"  # sr | denoise | jpeg
+    description: str = ""
+
+
+def _mambair(scale: int, *, light: bool) -> dict[str, Any]:
+    if light:
+        return dict(upscale=scale, in_chans=3, img_size=64, img_range=1.0, d_state=10, depths=[6, 6, 6, 6],
+                    embed_dim=60, mlp_ratio=1.2, upsampler="pixelshuffledirect", resi_connection="1conv")
+    return dict(upscale=scale, in_chans=3, img_size=64, img_range=1.0, d_state=16, depths=[6] * 6,
+                embed_dim=180, mlp_ratio=2.0, upsampler="pixelshuffle", resi_connection="1conv")
+
+
+_V2_SIZES = {
+    # name: embed_dim, d_state, depths, heads, inner_rank, num_tokens, mlp_ratio
+    "light": (48, 8, [5] * 4, [4] * 4, 32, 64, 1.0),
+    "s": (132, 16, [4] * 6, [4] * 6, 64, 128, 2.0),
+    "b": (174, 16, [6] * 6, [6] * 6, 64, 128, 2.0),
+    "l": (174, 16, [6] * 9, [6] * 9, 64, 128, 2.0),
+}
+
+
+def _mambairv2(size: str, scale: int, in_chans: int = 3) -> dict[str, Any]:
+    embed, d_state, depths, heads, rank, tokens, mlp = _V2_SIZES[size]
+    if scale == 1:
+        upsampler = ""
+    else:
+        upsampler = "pixelshuffledirect" if size == "light" else "pixelshuffle"
+    return dict(upscale=scale, in_chans=in_chans, img_size=64, img_range=1.0, embed_dim=embed, d_state=d_state,
+                depths=depths, num_heads=heads, window_size=16, inner_rank=rank, num_tokens=tokens,
+                convffn_kernel_size=5, mlp_ratio=mlp, upsampler=upsampler, resi_connection="1conv")
+
+
+def _presets() -> dict[str, Preset]:
+    out: list[Preset] = []
+    for s in (2, 3, 4):
+        out.append(Preset(f"mambair-x{s}", "MambaIR", _mambair(s, light=False),
+                          description=f"MambaIR classic SR x{s}"))
+        out.append(Preset(f"mambair-light-x{s}", "MambaIR", _mambair(s, light=True),
+                          description=f"MambaIR lightweight SR x{s}"))
+        out.append(Preset(f"mambairv2-light-x{s}", "MambaIRv2Light", _mambairv2("light", s),
+                          description=f"MambaIRv2 lightweight SR x{s}"))
+        for size in ("s", "b", "l"):
+            out.append(Preset(f"mambairv2-{size}-x{s}", "MambaIRv2", _mambairv2(size, s),
+                              description=f"MambaIRv2-{size.upper()} classic SR x{s}"))
+    dn = dict(upscale=1, img_size=128, img_range=1.0, d_state=16, depths=[6] * 6, embed_dim=180, mlp_ratio=1.2,
+              upsampler="", resi_connection="1conv")
+    out.append(Preset("mambair-dn-color", "MambaIR", dict(dn, in_chans=3), task="denoise",
+                      description="MambaIR color denoising (one model per noise level)"))
+    out.append(Preset("mambair-car", "MambaIR", dict(dn, in_chans=1, img_size=126), task="jpeg",
+                      description="MambaIR grayscale JPEG artifact removal (one model per quality)"))
+    out.append(Preset("mambairv2-dn-color", "MambaIRv2", dict(_mambairv2("b", 1), img_size=128), task="denoise",
+                      description="MambaIRv2 color denoising"))
+    out.append(Preset("mambairv2-car", "MambaIRv2", dict(_mambairv2("b", 1, in_chans=1), img_size=126),
+                      task="jpeg", description="MambaIRv2 grayscale JPEG artifact removal"))
+    return {p.name: p for p in out}
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def resolve_arch(arch: str, kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(official class name, full kwargs) for an official class name or a preset.
+
+    Explicit kwargs override a preset's. Raises ValueError with the closest
+    names when ``arch`` is unknown.
+    """
+    kwargs = dict(kwargs or {})
+    if arch in ARCHS:
+        return arch, kwargs
+    key = arch.lower()
+    if key in PRESETS:
+        preset = PRESETS[key]
+        return preset.arch, {**preset.kwargs, **kwargs}
+    names = list(ARCHS) + list(PRESETS)
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"architecture {arch!r} is unknown.{hint} Use an official class name ({', '.join(ARCHS)}) "
+        f"or a preset (`qmamba-deploy presets` lists them)."
+    )
+
+
+def build_model(arch: str, **kwargs: Any) -> nn.Module:
+    """Build an untrained model from an official class name or a preset name.
+
+    The module records ``arch_name`` and ``arch_kwargs`` so that checkpoints
+    and manifests can describe it.
+    """
+    name, full = resolve_arch(arch, kwargs)
+    model = ARCHS[name](**full)
+    model.arch_name = name
+    model.arch_kwargs = full
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Sum of numel over parameters (buffers excluded), as the papers count."""
+    return sum(p.numel() for p in model.parameters())

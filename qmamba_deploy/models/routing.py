@@ -1,0 +1,73 @@
+"""Token routing and semantic ordering for MambaIRv2's attentive state space.
+
+MambaIRv2 routes every token to one of T prompt classes and scans the tokens
+grouped by class ("semantic neighbours"). The official inference samples the
+route with gumbel noise and groups with an unstable sort, so two runs differ.
+Every deployable path here uses argmax routing and a *stable* order, built
+with a counting sort from ops that export to ONNX and run in TensorRT
+(one-hot, cumulative sums, gather/scatter; no Sort, no TopK with k > 3840).
+
+Modes (``ROUTING_MODES``):
+- ``deterministic``: argmax + stable counting sort (default; eval and export).
+- ``gumbel``: hard gumbel-softmax (straight-through gradient to the router)
+  + stable counting sort; for training, as the official training does.
+- ``official``: gumbel + ``torch.sort(stable=False)``, exactly the official
+  inference (non-deterministic); for comparisons only, not exportable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROUTING_MODES = ("deterministic", "gumbel", "official")
+PROMPT_ORDERS = ("official", "sorted")
+
+
+def route(logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route tokens: logits (B, L, T) -> (one-hot policy (B, L, T), class index (B, L)).
+
+    In ``gumbel``/``official`` mode the policy carries the straight-through
+    gradient of the hard gumbel-softmax.
+    """
+    if mode == "deterministic":
+        cls = torch.argmax(logits, dim=-1)
+        classes = torch.arange(logits.shape[-1], device=logits.device)
+        policy = (cls.unsqueeze(-1) == classes).to(logits.dtype)
+        return policy, cls
+    if mode in ("gumbel", "official"):
+        policy = F.gumbel_softmax(logits, hard=True, dim=-1)
+        return policy, torch.argmax(policy.detach(), dim=-1)
+    raise ValueError(f"routing mode {mode!r} is unknown; use one of {', '.join(ROUTING_MODES)}")
+
+
+def stable_positions(cls: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Where each token lands in the stable class order (a counting sort).
+
+    cls: (B, L) integer classes in [0, num_classes). Returns pos (B, L) with
+    sorted[pos[i]] = token i; tokens of one class keep their raster order.
+    """
+    classes = torch.arange(num_classes, device=cls.device)
+    one_hot = (cls.unsqueeze(-1) == classes).to(torch.int64)  # (B, L, T)
+    counts = one_hot.sum(dim=1)  # (B, T)
+    start = torch.cumsum(counts, dim=-1) - counts  # first slot of each class
+    rank = (torch.cumsum(one_hot, dim=1) * one_hot).sum(dim=-1) - 1  # order inside the class
+    return torch.gather(start, 1, cls) + rank
+
+
+def semantic_order(cls: torch.Tensor, num_classes: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sort_idx, pos): sorted[j] = x[sort_idx[j]] and x[i] = sorted[pos[i]]."""
+    if mode == "official":
+        _, sort_idx = torch.sort(cls, dim=-1, stable=False)
+        pos = torch.empty_like(sort_idx).scatter_(
+            1, sort_idx, torch.arange(cls.shape[1], device=cls.device).expand_as(sort_idx).contiguous())
+        return sort_idx, pos
+    pos = stable_positions(cls, num_classes)
+    steps = torch.arange(cls.shape[1], device=cls.device).expand_as(pos)
+    sort_idx = torch.zeros_like(pos).scatter(1, pos, steps)
+    return sort_idx, pos
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, L, C) gathered along L by index (B, L)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,332 @@
+"""Checkpoints: read official and our own weights safely, detect the architecture, save.
+
+- ``.pth``/``.pt``: ``torch.load(weights_only=True)`` only (nothing is
+  unpickled beyond tensors and plain containers); BasicSR nesting
+  (``params`` / ``params_ema``) and a ``module.`` prefix are unwrapped.
+- ``.safetensors``: official layout or ours; ours carry a JSON manifest
+  (``x.json`` beside ``x.safetensors``, also embedded in the file's metadata).
+- Architecture detection reads the key set and tensor shapes, so a user can
+  load an official checkpoint without knowing its constructor arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+from .manifest import atomic_path, make_manifest, manifest_path, sha256_file, write_json
+from .models.registry import build_model, count_parameters, resolve_arch
+
+CHECKPOINT_KIND = "qmamba-deploy/checkpoint"
+_META_KEY = "qmamba_manifest"
+
+StateDict = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[StateDict, dict[str, Any] | None]:
+    """(state_dict, manifest or None) from a .pth/.pt/.safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors, refused globals, truncated files
+        raise CheckpointError(
+            f"checkpoint {path} could not be read as a torch checkpoint ({_first_line(exc)}); "
+            f"pass a .pth saved with torch.save of a state_dict, or a .safetensors file"
+        ) from None
+    return unwrap_state_dict(obj, source=str(path), prefer_ema=prefer_ema), None
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is not a valid safetensors file ({_first_line(exc)}); re-export or re-download it"
+        ) from None
+    manifest = None
+    side = manifest_path(path)
+    if side.is_file():
+        try:
+            manifest = json.loads(side.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"manifest {side} is not valid JSON ({exc}); delete or fix it") from None
+    elif _META_KEY in metadata:
+        manifest = json.loads(metadata[_META_KEY])
+    return unwrap_state_dict(sd, source=str(path)), manifest
+
+
+def unwrap_state_dict(obj: Any, source: str = "state_dict", prefer_ema: bool = False) -> StateDict:
+    """The flat tensor dict inside a BasicSR / DDP / plain checkpoint object."""
+    if isinstance(obj, Mapping):
+        order = ("params_ema", "params") if prefer_ema else ("params", "params_ema")
+        for key in order + ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source} holds no state_dict (expected a dict of tensors, or BasicSR's 'params')")
+    out: StateDict = {}
+    for key, value in obj.items():
+        if not torch.is_tensor(value):
+            raise CheckpointError(
+                f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; pass a plain state_dict")
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- detection
+@dataclass
+class DetectedArch:
+    """What the keys and shapes of a state_dict say about the network."""
+
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scale(self) -> int:
+        return int(self.kwargs.get("upscale", 1))
+
+
+_V1_PROBE = "layers.0.residual_group.blocks.0.self_attention.A_logs"
+_V2_PROBE = "layers.0.residual_group.layers.0.assm.selectiveScan.A_logs"
+_QUANT_KEY = re.compile(r"(_act_quant|_weight_quant|_act_q|_weight_q|_q)\.(alpha|beta|a|weight\d+|signed|init_state)$")
+
+
+def is_quantized_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(_QUANT_KEY.search(k) for k in sd)
+
+
+def detect_arch(sd: Mapping[str, torch.Tensor]) -> DetectedArch:
+    """Infer the official class and constructor kwargs from keys and shapes."""
+    if is_quantized_state_dict(sd):
+        raise CheckpointError(
+            "the state_dict holds quantizer tensors (alpha/beta/anchors of a Q-MambaIR model); "
+            "it is a quantized checkpoint, not an FP MambaIR one, and cannot be loaded as an FP model")
+    if "conv_first.weight" not in sd:
+        raise CheckpointError(
+            "the state_dict has no 'conv_first.weight', so it is not a MambaIR-family checkpoint; "
+            "check the file, or pass arch= with the matching class")
+    embed_dim, in_chans = sd["conv_first.weight"].shape[:2]
+    common: dict[str, Any] = {"in_chans": int(in_chans), "embed_dim": int(embed_dim), "img_range": 1.0}
+    common.update(_detect_tail(sd, int(embed_dim), int(in_chans)))
+    if "patch_embed.norm.weight" not in sd:
+        common["patch_norm"] = False
+    if _V1_PROBE in sd:
+        return _detect_v1(sd, common)
+    if _V2_PROBE in sd:
+        return _detect_v2(sd, common)
+    raise CheckpointError(
+        "the state_dict matches neither MambaIR (…blocks.0.self_attention.A_logs) nor MambaIRv2 "
+        "(…layers.0.assm.selectiveScan.A_logs); pass arch= explicitly if it is a variant")
+
+
+def _count(sd: Mapping[str, Any], pattern: str) -> list[int]:
+    """Per group i, how many j make ``pattern.format(i=i, j=j)`` a key."""
+    counts = []
+    while pattern.format(i=len(counts), j=0) in sd:
+        i = len(counts)
+        j = 0
+        while pattern.format(i=i, j=j) in sd:
+            j += 1
+        counts.append(j)
+    return counts
+
+
+def _ratio(hidden: int, dim: int) -> float:
+    """The short decimal r with int(r * dim) == hidden (how option files write it)."""
+    for digits in range(1, 6):
+        r = round(hidden / dim, digits)
+        if int(r * dim) == hidden:
+            return r
+    return hidden / dim
+
+
+def _detect_tail(sd: Mapping[str, torch.Tensor], embed_dim: int, in_chans: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["resi_connection"] = "3conv" if "conv_after_body.0.weight" in sd else "1conv"
+    if "conv_before_upsample.0.weight" in sd:
+        num_feat = sd["conv_before_upsample.0.weight"].shape[0]
+        convs = [k for k in sd if re.fullmatch(r"upsample\.\d+\.weight", k)]
+        first = sd["upsample.0.weight"].shape[0]
+        scale = 3 if first == 9 * num_feat else 2 ** len(convs)
+        out.update(upsampler="pixelshuffle", upscale=scale)
+    elif "upsample.0.weight" in sd:
+        out.update(upsampler="pixelshuffledirect", upscale=int(round(math.sqrt(sd["upsample.0.weight"].shape[0] / in_chans))))
+    else:
+        out.update(upsampler="", upscale=1)
+    return out
+
+
+def _detect_v1(sd: Mapping[str, torch.Tensor], common: dict[str, Any]) -> DetectedArch:
+    depths = _count(sd, "layers.{i}.residual_group.blocks.{j}.ln_1.weight")
+    a_logs = sd[_V1_PROBE]
+    d_inner = a_logs.shape[0] // 4
+    kwargs = dict(common, depths=depths, d_state=int(a_logs.shape[1]),
+                  mlp_ratio=_ratio(d_inner, common["embed_dim"]))
+    notes = []
+    if "layers.0.residual_group.blocks.0.conv_blk.cab.3.attention.1.weight" in sd:
+        kwargs["legacy_light_cab"] = True
+        notes.append("light-SR CAB layout published before 2024-11 (cab.0/cab.2/cab.3): loaded with legacy_light_cab=True")
+    return DetectedArch("MambaIR", kwargs, notes)
+
+
+def _detect_v2(sd: Mapping[str, torch.Tensor], common: dict[str, Any]) -> DetectedArch:
+    prefix = "layers.{i}.residual_group.layers.{j}."
+    depths = _count(sd, prefix + "norm1.weight")
+    heads = [int(sd[f"layers.{i}.residual_group.layers.0.win_mhsa.relative_position_bias_table"].shape[1])
+             for i in range(len(depths))]
+    table = sd["layers.0.residual_group.layers.0.win_mhsa.relative_position_bias_table"].shape[0]
+    window = (int(round(math.sqrt(table))) + 1) // 2
+    first = "layers.0.residual_group.layers.0."
+    emb_a = sd[first + "embeddingA.weight"]
+    hidden = sd[first + "assm.in_proj.0.weight"].shape[0]
+    light = (first + "convffn1.sg.norm.weight") in sd
+    kernel = 5 if light else int(sd[first + "convffn1.dwconv.depthwise_conv.0.weight"].shape[-1])
+    kwargs = dict(common, depths=depths, num_heads=heads, window_size=window, d_state=int(emb_a.shape[1]),
+                  inner_rank=int(emb_a.shape[0]), num_tokens=int(sd[first + "assm.embeddingB.weight"].shape[0]),
+                  convffn_kernel_size=kernel, mlp_ratio=_ratio(hidden, common["embed_dim"]))
+    return DetectedArch("MambaIRv2Light" if light else "MambaIRv2", kwargs)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch: str | None = None,
+               strict: bool = True, prefer_ema: bool = False, **kwargs: Any) -> nn.Module:
+    """An eval-mode model with the checkpoint's weights.
+
+    ``checkpoint``: a path (.pth/.pt/.safetensors) or a state_dict.
+    ``arch``: an official class name or a preset; omitted, it comes from the
+    checkpoint's manifest or is detected from the keys. ``kwargs`` override the
+    constructor arguments (official ones, and ours such as routing=...).
+    """
+    if isinstance(checkpoint, Mapping):
+        sd, manifest, source = unwrap_state_dict(checkpoint, prefer_ema=prefer_ema), None, "state_dict"
+    else:
+        sd, manifest = read_checkpoint(checkpoint, prefer_ema=prefer_ema)
+        source = str(checkpoint)
+
+    provenance: dict[str, Any] = {"checkpoint": source}
+    if arch is None and manifest is not None and "arch" in manifest:
+        arch, full = manifest["arch"], {**manifest.get("kwargs", {}), **kwargs}
+        provenance["arch_from"] = "manifest"
+    elif arch is None:
+        detected = _detect_or_explain(sd, source)
+        arch, full = detected.arch, {**detected.kwargs, **kwargs}
+        provenance["arch_from"] = "detected"
+    else:
+        full = kwargs
+        provenance["arch_from"] = "given"
+    try:
+        model = build_model(arch, **full)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot build {arch} for {source}: {exc}") from None
+    check_state_dict(model, sd, source, strict=strict)
+    model.load_state_dict(sd, strict=strict)
+    model.provenance = provenance
+    return model.eval()
+
+
+def _detect_or_explain(sd: Mapping[str, torch.Tensor], source: str) -> DetectedArch:
+    try:
+        return detect_arch(sd)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """Raise one CheckpointError that names missing/unexpected/mis-shaped keys and the likely cause."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if not shapes and not (strict and (missing or unexpected)):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+    name = getattr(model, "arch_name", type(model).__name__)
+    raise CheckpointError(f"{source} does not fit {name}: {', '.join(parts)}. {_suggest(sd, model)}")
+
+
+def _suggest(sd: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    if is_quantized_state_dict(sd):
+        return "The file holds quantizer tensors: it is a quantized (Q-MambaIR) checkpoint, not an FP one."
+    if any(k.endswith("conv_blk.cab.3.attention.1.weight") for k in sd) and \
+            not getattr(model, "arch_kwargs", {}).get("legacy_light_cab"):
+        return ("Its CAB keys (cab.0, cab.2, cab.3.attention) are the light MambaIR layout published before "
+                "2024-11: pass legacy_light_cab=True, or omit arch to detect it.")
+    try:
+        detected = detect_arch(sd)
+    except CheckpointError as exc:
+        return f"The keys do not describe a known network ({exc})."
+    return (f"Its keys describe {detected.arch}({_kwargs_text(detected.kwargs)}): omit arch to detect it, "
+            f"or pass those arguments.")
+
+
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+# ------------------------------------------------------------------------------ saving
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, provenance: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``path`` (.safetensors) and its manifest ``path.with_suffix('.json')``.
+
+    Both writes are atomic. Returns the manifest.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"checkpoint path {path} must end in .safetensors")
+    arch = getattr(model, "arch_name", None)
+    if arch is None:
+        raise CheckpointError("the model has no arch_name; build it with build_model() or load_model()")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    manifest = make_manifest(CHECKPOINT_KIND, arch=arch, kwargs=_jsonable(model.arch_kwargs),
+                             params=count_parameters(model), provenance=dict(provenance or {}), **dict(extra or {}))
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(manifest, sort_keys=True)})
+    manifest["sha256"] = sha256_file(path)
+    write_json(manifest_path(path), manifest)
+    return manifest
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+__all__ = ["CheckpointError", "DetectedArch", "check_state_dict", "detect_arch", "load_model", "read_checkpoint",
+           "resolve_arch", "save_checkpoint", "unwrap_state_dict"]

@@ -1,0 +1,16 @@
+"""User-facing errors: one clear sentence naming the file, tensor or flag, and the fix.
+
+The CLI prints ``str(error)`` without a traceback and exits with status 2.
+"""
+
+
+class QMambaError(Exception):
+    """Base class of every error caused by user input (files, flags, tensors)."""
+
+
+class CheckpointError(QMambaError, ValueError):
+    """A checkpoint cannot be read or does not match the architecture."""
+
+
+class ImageError(QMambaError, ValueError):
+    """An image cannot be read, written or used by the model."""

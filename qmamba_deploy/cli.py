@@ -91,6 +91,8 @@ def restore(checkpoint, input_, output, arch, kwargs, tile, overlap, bit_depth, 
     from .defaults import default_checkpoint
     from .restore import restore_files
 
+    if tile and overlap >= tile:
+        raise click.BadParameter(f"{overlap} must be smaller than --tile {tile}", param_hint="--overlap")
     ckpt = checkpoint or default_checkpoint()
     model = load_model(ckpt, arch=arch, **_parse_kwargs(kwargs)).to(device)
     sources = restore_samples() if input_ == "builtin" else list_images(input_)

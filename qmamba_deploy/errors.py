@@ -14,3 +14,7 @@ class CheckpointError(QMambaError, ValueError):
 
 class ImageError(QMambaError, ValueError):
     """An image cannot be read, written or used by the model."""
+
+
+class OptionError(QMambaError, ValueError):
+    """A flag or argument value that cannot work (the message names the flag)."""

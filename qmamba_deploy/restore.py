@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .data.io import Image, read_image, write_image
-from .errors import ImageError
+from .errors import ImageError, OptionError
 
 
 def _starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -53,7 +53,7 @@ def restore_tensor(model: nn.Module, x: torch.Tensor, tile: int | None = None, o
     if not tile or (h <= tile and w <= tile):
         return model(x)
     if overlap >= tile:
-        raise ValueError(f"--overlap {overlap} must be smaller than --tile {tile}")
+        raise OptionError(f"--overlap {overlap} must be smaller than --tile {tile}; lower --overlap or raise --tile")
     out = None
     weight = torch.zeros(1, 1, h * scale, w * scale, device=x.device)
     boxes = [(i, j) for i in _starts(h, tile, overlap) for j in _starts(w, tile, overlap)]

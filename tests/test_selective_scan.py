@@ -1,0 +1,249 @@
+"""SelectiveScan op: reference vs chunked path, gradients, custom op, ONNX mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmamba_deploy.ops import contract
+from qmamba_deploy.ops.selective_scan import (
+    SCAN_OP,
+    chunked_linear_scan,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_ref,
+)
+
+
+def make_inputs(bsz=2, k=4, dk=3, n=5, length=37, dtype=torch.float32, delta_shift=0.0,
+                positive_delta=False, seed=0):
+    """Realistic magnitudes: A = -exp(N(0, 0.5)), delta ~ N(0, 0.5) with a bias around -1."""
+    g = torch.Generator().manual_seed(seed)
+    dim = k * dk
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    u = rnd(bsz, dim, length)
+    delta = rnd(bsz, dim, length) * 0.5 + delta_shift
+    A = -torch.exp(rnd(dim, n) * 0.5)
+    B = rnd(bsz, k, n, length)
+    C = rnd(bsz, k, n, length)
+    D = rnd(dim)
+    bias = rnd(dim) * 0.5 - 1.0
+    if positive_delta:                     # without softplus, dt = delta + bias must stay > 0
+        delta = delta.abs() + 0.05 - bias[:, None]
+    return [t.to(dtype) for t in (u, delta, A, B, C, D, bias)]
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("k,dk,n,length", [
+    (1, 4, 5, 37),        # K = 1
+    (4, 3, 8, 100),       # K = 4, L not a multiple of the chunk
+    (2, 2, 3, 1),         # L = 1
+    (4, 2, 16, 257),
+])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_chunked_matches_reference(k, dk, n, length, softplus):
+    x = make_inputs(2, k, dk, n, length, positive_delta=not softplus)
+    ref = selective_scan_ref(*x, delta_softplus=softplus)
+    assert ref.shape == (2, k * dk, length)
+    for chunk in (None, 1, 7, 64):
+        out = selective_scan_chunked(*x, delta_softplus=softplus, chunk=chunk)
+        assert rel_err(ref, out) <= 1e-5, chunk
+    assert rel_err(ref, selective_scan(*x, delta_softplus=softplus)) <= 1e-5
+
+
+def test_large_decay_is_finite():
+    """delta + 30: dt*|A| sums to thousands; a log-space cumsum would overflow."""
+    x = make_inputs(1, 2, 4, 6, 300, delta_shift=30.0)
+    ref = selective_scan_ref(*x)
+    out = selective_scan_chunked(*x)
+    assert torch.isfinite(out).all()
+    assert rel_err(ref, out) <= 1e-5
+
+
+def test_optional_d_and_bias():
+    u, delta, A, B, C, _, _ = make_inputs(1, 2, 2, 3, 20)
+    ref = selective_scan_ref(u, delta, A, B, C)
+    assert rel_err(ref, selective_scan(u, delta, A, B, C)) <= 1e-5
+    assert rel_err(ref, selective_scan_chunked(u, delta, A, B, C)) <= 1e-5
+
+
+def test_float16_io():
+    x = make_inputs(2, 2, 4, 8, 50)
+    x16 = [t.half() if i in (0, 1, 3, 4) else t for i, t in enumerate(x)]
+    y16 = selective_scan(*x16)
+    assert y16.dtype == torch.float16
+    ref = selective_scan_ref(*[t.float() for t in x16])
+    assert rel_err(ref, y16.float()) <= 2e-3
+    assert selective_scan_chunked(*x16).dtype == torch.float16
+
+
+def test_chunked_linear_scan_matches_loop():
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 29, 4, generator=g)
+    b = torch.randn(2, 3, 29, 4, generator=g)
+    h = torch.zeros(2, 3, 4)
+    fwd = []
+    for t in range(29):
+        h = a[:, :, t] * h + b[:, :, t]
+        fwd.append(h)
+    h = torch.zeros(2, 3, 4)
+    bwd = [None] * 29
+    for t in reversed(range(29)):
+        h = a[:, :, t] * h + b[:, :, t]
+        bwd[t] = h
+    for chunk in (1, 5, 8, 40):
+        assert rel_err(torch.stack(fwd, 2), chunked_linear_scan(a, b, chunk)) <= 1e-6
+        assert rel_err(torch.stack(bwd, 2), chunked_linear_scan(a, b, chunk, reverse=True)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+def test_gradcheck_float64(softplus):
+    x = [t.requires_grad_() for t in make_inputs(1, 2, 2, 3, 7, torch.float64, positive_delta=not softplus)]
+    assert torch.autograd.gradcheck(lambda *a: SCAN_OP(*a, softplus), x)
+
+
+@pytest.mark.parametrize("softplus,shift", [(True, 0.0), (True, 30.0), (False, 0.0)])
+def test_backward_matches_autograd_reference(softplus, shift):
+    x = [t.requires_grad_() for t in make_inputs(2, 4, 8, 6, 130, delta_shift=shift,
+                                                  positive_delta=not softplus)]
+    y_ref = selective_scan_ref(*x, delta_softplus=softplus)
+    gy = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad(y_ref, x, gy)
+    g_op = torch.autograd.grad(selective_scan(*x, delta_softplus=softplus), x, gy)
+    names = contract.INPUT_NAMES
+    for name, a, b in zip(names, g_ref, g_op):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) <= 1e-5, name
+
+
+def test_opcheck():
+    opcheck = getattr(torch.library, "opcheck", None)
+    if opcheck is None:
+        pytest.skip("torch.library.opcheck not available")
+    x = [t.requires_grad_() for t in make_inputs(1, 2, 2, 3, 20)]
+    result = opcheck(SCAN_OP.default, (*x, True))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("index,bad,name", [
+    (0, torch.zeros(2, 8), "u"),
+    (1, torch.zeros(2, 8, 9), "delta"),
+    (2, torch.zeros(7, 5), "A"),
+    (3, torch.zeros(2, 3, 5, 10), "B"),     # D = 8 not divisible by K = 3
+    (4, torch.zeros(2, 4, 4, 10), "C"),     # wrong N
+    (5, torch.zeros(7), "D_skip"),
+    (6, torch.zeros(8, 1), "delta_bias"),
+])
+def test_bad_shapes_raise(index, bad, name):
+    x = make_inputs(2, 4, 2, 5, 10)
+    x[index] = bad
+    with pytest.raises(ValueError, match=rf"selective_scan: {name} has shape"):
+        selective_scan(*x)
+
+
+# ---------------------------------------------------------------------------- ONNX
+
+
+class _TinyScan(torch.nn.Module):
+    def __init__(self, dim=8, n=4, softplus=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.A_log = torch.nn.Parameter(torch.randn(dim, n, generator=g) * 0.3)
+        self.D = torch.nn.Parameter(torch.randn(dim, generator=g))
+        self.bias = torch.nn.Parameter(torch.randn(dim, generator=g) * 0.3 + 1.0)
+        self.softplus = softplus
+
+    def forward(self, u, delta, B, C):
+        delta = delta.abs() if not self.softplus else delta
+        y = selective_scan(u * 2.0, delta, -torch.exp(self.A_log), B, C, self.D, self.bias,
+                           delta_softplus=self.softplus)
+        return y + 1.0
+
+
+def test_onnx_export_one_node_and_ort(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    softplus = False
+    pytest.importorskip("onnxruntime_extensions")
+    from qmamba_deploy.export.scan_onnx import export_with_scan, ort_session_with_scan
+
+    model = _TinyScan(softplus=softplus).eval()
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(1, 8, 24, generator=g), torch.randn(1, 8, 24, generator=g),
+            torch.randn(1, 2, 4, 24, generator=g), torch.randn(1, 2, 4, 24, generator=g))
+    path = tmp_path / "scan.onnx"
+    length = torch.export.Dim("L", min=2, max=4096)
+    export_with_scan(model, args, path, dynamic_shapes=({2: length}, {2: length}, {3: length}, {3: length}),
+                     input_names=["u", "delta", "B", "C"])
+
+    m = onnx.load(str(path))
+    nodes = [n for n in m.graph.node if n.op_type == contract.OP_TYPE]
+    assert len(nodes) == 1
+    node = nodes[0]
+    assert node.domain == contract.DOMAIN
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    assert attrs == contract.node_attributes(softplus)
+    assert (contract.DOMAIN, contract.DOMAIN_VERSION) in {(o.domain, o.version) for o in m.opset_import}
+    assert contract.OP_TYPE not in {f.name for f in m.functions}
+    assert m.ir_version <= 10
+    onnx.checker.check_model(m)
+
+    # ORT with the Python kernel, at another length than the export's (dynamic L)
+    args = (torch.randn(1, 8, 37, generator=g), torch.randn(1, 8, 37, generator=g),
+            torch.randn(1, 2, 4, 37, generator=g), torch.randn(1, 2, 4, 37, generator=g))
+    with torch.no_grad():
+        expected = model(*args)
+    session = ort_session_with_scan(path)
+    (got,) = session.run(None, {name: t.numpy() for name, t in zip(["u", "delta", "B", "C"], args)})
+    assert rel_err(expected, torch.from_numpy(got)) <= 1e-5
+
+    # the shipped file is untouched
+    m2 = onnx.load(str(path))
+    assert [n.domain for n in m2.graph.node if n.op_type == contract.OP_TYPE] == [contract.DOMAIN]
+
+
+def test_onnx_softplus_attribute_and_proto_input():
+    pytest.importorskip("onnxruntime_extensions")
+    from qmamba_deploy.export.scan_onnx import export_with_scan, ort_session_with_scan, scan_nodes
+
+    model = _TinyScan(softplus=True).eval()
+    args = (torch.randn(1, 8, 16), torch.randn(1, 8, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16))
+    proto = export_with_scan(model, args)
+    (node,) = scan_nodes(proto)
+    assert {a.name: a.i for a in node.attribute if a.name == "delta_softplus"} == {"delta_softplus": 1}
+    session = ort_session_with_scan(proto)
+    (got,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), args)})
+    with torch.no_grad():
+        assert rel_err(model(*args), torch.from_numpy(got)) <= 1e-5
+    assert scan_nodes(proto)[0].domain == contract.DOMAIN      # caller's proto untouched
+
+
+def test_onnx_float16_model_runs_in_ort():
+    """float16 I/O: the ORT session wraps the float32 Python kernel in Casts."""
+    pytest.importorskip("onnxruntime_extensions")
+    from qmamba_deploy.export.scan_onnx import export_with_scan, ort_session_with_scan
+
+    model = _TinyScan(softplus=True).eval()
+    g = torch.Generator().manual_seed(5)
+    args = tuple(torch.randn(*s, generator=g).half() for s in ((1, 8, 16), (1, 8, 16), (1, 2, 4, 16), (1, 2, 4, 16)))
+    session = ort_session_with_scan(export_with_scan(model, args))
+    (got,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), args)})
+    assert got.dtype.name == "float16"
+    with torch.no_grad():
+        assert rel_err(model(*args), torch.from_numpy(got)) <= 2e-3

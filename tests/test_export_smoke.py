@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from qmamba_deploy import load_model
 from qmamba_deploy.ops import contract
@@ -20,7 +21,11 @@ def test_fp_model_exports_with_scan_nodes(tmp_path, case, scans):
     config, sd, x, expected = parity_case(case)
     model = load_model(sd, arch=config["class"], **config["kwargs"])
     path = tmp_path / f"{case}.onnx"
-    export_with_scan(model, (x,), path, input_names=["x"], output_names=["y"])
+    # dynamic batch, height and width (a batch-2 example keeps the exporter from specialising batch to 1)
+    dim = torch.export.Dim
+    dynamic = {"x": {0: dim("batch", min=1, max=64), 2: dim("h", min=16, max=2048), 3: dim("w", min=16, max=2048)}}
+    export_with_scan(model, (torch.cat([x, x.flip(0)]),), path, dynamic_shapes=dynamic, input_names=["x"],
+                     output_names=["y"])
     proto = onnx.load(str(path))
     nodes = scan_nodes(proto)
     assert len(nodes) == scans  # MambaIR: 1 per block (4 directions inside); MambaIRv2: 1 per ASSM
@@ -32,3 +37,9 @@ def test_fp_model_exports_with_scan_nodes(tmp_path, case, scans):
     session = ort_session_with_scan(path)
     y = session.run(None, {"x": x.numpy()})[0]
     assert np.abs(y - expected).max() <= 1e-4
+    other = torch.rand(2, 3, 33, 17, generator=torch.Generator().manual_seed(0))  # another batch and size
+    with torch.no_grad():
+        ref = model(other).numpy()
+    y = session.run(None, {"x": other.numpy()})[0]
+    assert y.shape == ref.shape == (2, 3, 66, 34)
+    assert np.abs(y - ref).max() <= 1e-4

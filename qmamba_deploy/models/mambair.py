@@ -33,7 +33,7 @@ from .layers import (
     to_image,
     to_tokens,
 )
-from .scan_params import init_scan_params
+from .scan_params import init_scan_params, project_scan_inputs
 
 
 class SS2D(nn.Module):
@@ -89,10 +89,7 @@ class SS2D(nn.Module):
 
     def scan_inputs(self, xs: torch.Tensor):
         """Per-direction projections: xs (B, K, d, L) -> (delta, B, C) of the scan."""
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        return dts, bs, cs
+        return project_scan_inputs(self, xs)
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         from ..ops import selective_scan

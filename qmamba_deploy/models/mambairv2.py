@@ -32,7 +32,7 @@ from .layers import (
     to_tokens,
 )
 from .routing import PROMPT_ORDERS, ROUTING_MODES, gather_tokens, route, semantic_order
-from .scan_params import init_scan_params
+from .scan_params import init_scan_params, project_scan_inputs
 
 
 # --------------------------------------------------------------------------- FFNs
@@ -178,10 +178,7 @@ class SelectiveScan(nn.Module):
 
     def scan_inputs(self, xs: torch.Tensor):
         """xs (B, 1, d, L) -> (delta, B, C) of the scan."""
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        return dts, bs, cs
+        return project_scan_inputs(self, xs)
 
     def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """x (B, L, d), prompt (B, L, N) -> (B, L, d)."""

@@ -246,6 +246,7 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
     check_state_dict(model, sd, source, strict=strict)
     model.load_state_dict(sd, strict=strict)
     model.provenance = provenance
+    model.manifest = manifest or {}
     return model.eval()
 
 

@@ -14,6 +14,10 @@ from .errors import QMambaError
 class _Group(click.Group):
     """Prints user errors (QMambaError) as one line, exit status 2, no traceback."""
 
+    def parse_args(self, ctx, args):
+        ctx.meta["qmamba_argv"] = list(args)  # for the provenance of what a command writes
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -103,6 +107,158 @@ def restore(checkpoint, input_, output, arch, kwargs, tile, overlap, bit_depth, 
         notes = f"  ({'; '.join(r.notes)})" if r.notes else ""
         click.echo(f"{r.source} {r.input_size[1]}x{r.input_size[0]} -> {r.output} "
                    f"{r.output_size[1]}x{r.output_size[0]}{notes}")
+
+
+def _command_line() -> str:
+    import shlex
+
+    argv = click.get_current_context().meta.get("qmamba_argv", sys.argv[1:])
+    return shlex.join(["qmamba-deploy", *argv])
+
+
+_TASK_OPTIONS = [
+    click.option("--task", type=click.Choice(["sr", "denoise", "jpeg"]), default=None,
+                 help="Degradation: bicubic SR, Gaussian colour noise, or JPEG (default: from the checkpoint, else sr)."),
+    click.option("--scale", type=int, default=None, help="SR factor (default: the model's)."),
+    click.option("--sigma", type=float, default=None, help="Noise std on the 0..255 scale for --task denoise [25]."),
+    click.option("--quality", type=int, default=None, help="JPEG quality for --task jpeg [40]."),
+]
+
+
+def _task_options(f):
+    for option in reversed(_TASK_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _degradation(model, task, scale, sigma, quality):
+    """The degradation a model is evaluated on: flags, else the checkpoint's manifest, else SR at its scale."""
+    from .data.degrade import Degradation
+    from .errors import OptionError
+
+    saved = getattr(model, "manifest", {}).get("task", {})
+    task = task or saved.get("task") or ("sr" if int(getattr(model, "upscale", 1)) > 1 else None)
+    if task is None:
+        raise OptionError("the checkpoint does not say whether it denoises or removes JPEG artifacts; "
+                          "pass --task denoise or --task jpeg")
+    up = int(getattr(model, "upscale", 1))
+    if task == "sr" and scale is not None and scale != up:
+        raise OptionError(f"--scale {scale} does not match the model, which upscales x{up}; "
+                          f"drop --scale or pass an x{scale} checkpoint")
+    if task != "sr" and up != 1:
+        raise OptionError(f"--task {task} needs a x1 model, but this one upscales x{up}; use --task sr")
+    return Degradation(task, up if task == "sr" else 1,
+                       sigma if sigma is not None else saved.get("sigma", 25.0),
+                       quality if quality is not None else saved.get("quality", 40))
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="Weights (.pth/.safetensors); default: the embedded model for --scale (x2 or x4).")
+@click.option("--data", default="builtin", show_default=True,
+              help="'builtin' (the fixed eval split), a folder of HR images, or a BasicSR benchmark folder "
+                   "(HR/ + LR_bicubic/X<s>/).")
+@_task_options
+@click.option("--arch", help="Official class name or preset (default: from the manifest or detected).")
+@click.option("--kwarg", "kwargs", multiple=True, help="Constructor override name=value (repeatable).")
+@click.option("--tile", type=int, default=0, show_default=True, help="Tile size in input pixels (0: whole images).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic noise (denoise).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, ...).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(checkpoint, data, task, scale, sigma, quality, arch, kwargs, tile, seed, json_out, device, quiet):
+    """PSNR/SSIM of a model on a dataset, beside the bicubic / noisy / JPEG baseline."""
+    from .checkpoints import load_model
+    from .data.datasets import load_pairs
+    from .defaults import default_checkpoint
+    from .evaluate import evaluate_model
+    from .manifest import make_manifest, write_json
+
+    ckpt = checkpoint or default_checkpoint(scale)
+    model = load_model(ckpt, arch=arch, **_parse_kwargs(kwargs)).to(device)
+    deg = _degradation(model, task, scale, sigma, quality)
+    pairs = load_pairs(data, deg, channels=int(getattr(model, "in_chans", 3)), split="eval")
+    report = evaluate_model(model, pairs, deg, device=device, tile=tile or None, seed=seed, progress=not quiet)
+    click.echo(f"model: {model.arch_name} from {ckpt}")
+    click.echo(f"data: {data} ({len(pairs)} images), {deg.label}, {report.metric}, crop_border {deg.crop_border}")
+    click.echo(report.table())
+    notes = sorted({f"{p.name}: {n}" for p in pairs for n in p.notes})
+    for note in notes:
+        click.echo(f"note: {note}")
+    if json_out:
+        write_json(json_out, make_manifest("qmamba-deploy/eval-report", checkpoint=str(ckpt), data=data,
+                                           command=_command_line(), **report.as_dict()))
+
+
+@main.command()
+@click.option("--arch", default="mambairv2-tiny-x2", show_default=True, help="Preset or official class name.")
+@click.option("--kwarg", "kwargs", multiple=True, help="Constructor override name=value (repeatable).")
+@click.option("--task", type=click.Choice(["sr", "denoise", "jpeg"]), default="sr", show_default=True)
+@click.option("--scale", type=int, default=None, help="SR factor (default: the preset's).")
+@click.option("--sigma", type=float, default=25.0, show_default=True, help="Noise std (denoise), 0..255 scale.")
+@click.option("--quality", type=int, default=40, show_default=True, help="JPEG quality (jpeg).")
+@click.option("--data", default="builtin", show_default=True, help="'builtin' or a folder of HR images.")
+@click.option("--val-data", default="builtin", show_default=True, help="Validation images, or 'none'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder; rerunning the same command resumes from its last checkpoint.")
+@click.option("--iters", type=int, default=1000, show_default=True)
+@click.option("--patch", type=int, default=48, show_default=True, help="Model input patch size.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Patches per step (per process).")
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(["multistep", "cosine", "constant"]), default="multistep",
+              show_default=True)
+@click.option("--milestones", default="0.5,0.8,0.9,0.95", show_default=True,
+              help="multistep: fractions of --iters where the rate is multiplied by --gamma.")
+@click.option("--gamma", type=float, default=0.5, show_default=True)
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up iterations.")
+@click.option("--ema", type=float, default=0.0, show_default=True, help="EMA decay of the weights (0: off).")
+@click.option("--grad-clip", type=float, default=0.0, show_default=True, help="Max gradient norm (0: off).")
+@click.option("--loss", type=click.Choice(["l1", "charbonnier", "mse"]), default=None,
+              help="Default: l1 for sr, charbonnier for denoise/jpeg.")
+@click.option("--init", type=click.Path(dir_okay=False), help="Start from these weights (fine-tuning).")
+@click.option("--val-every", type=int, default=0, show_default=True, help="Validate every N iterations (0: at the end).")
+@click.option("--save-every", type=int, default=500, show_default=True)
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (one GPU per torchrun process).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters, patch, batch, lr, schedule,
+          milestones, gamma, warmup, ema, grad_clip, loss, init, val_every, save_every, log_every, seed, device,
+          quiet):
+    """Train a restoration model (run under torchrun for several processes / GPUs / nodes)."""
+    from .errors import OptionError
+    from .models import resolve_arch
+    from .train import TrainConfig, cleanup_distributed, train_restoration
+
+    try:
+        ms = tuple(float(m) for m in milestones.split(",") if m.strip())
+    except ValueError:
+        raise OptionError(f"--milestones {milestones!r} is not a comma-separated list of fractions") from None
+    kw = _parse_kwargs(kwargs)
+    try:
+        _, full = resolve_arch(arch, kw)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    preset_scale = int(full.get("upscale", 1))
+    if task == "sr":
+        scale = scale or preset_scale
+        if scale != preset_scale:
+            kw["upscale"] = scale
+    cfg = TrainConfig(arch=arch, kwargs=kw, task=task, scale=scale or 1, sigma=sigma, quality=quality, data=data,
+                      val_data=None if val_data == "none" else val_data, patch=patch, batch=batch, iters=iters,
+                      lr=lr, schedule=schedule, milestones=ms, gamma=gamma, warmup=warmup, ema=ema,
+                      grad_clip=grad_clip, loss=loss, init=init, val_every=val_every, save_every=save_every,
+                      log_every=log_every, seed=seed, device=device)
+    try:
+        result = train_restoration(cfg, out, command=_command_line(), progress=not quiet)
+    finally:
+        cleanup_distributed()
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        click.echo(f"trained {result.iteration} iterations in {result.seconds:.0f} s"
+                   + (f" (resumed at {result.resumed_from})" if result.resumed_from else ""))
+        if result.validation:
+            click.echo("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
+        click.echo(f"model: {Path(out) / 'model.safetensors'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,9 @@
-"""The embedded default model (used when a command gets no --checkpoint)."""
+"""The embedded default models (used when a command gets no --checkpoint).
+
+They are our own small MambaIRv2-light-style models (preset
+``mambairv2-tiny-x{2,4}``), trained by ``qmamba-deploy train`` on the
+built-in train split; each has a manifest and a model card in ``models/``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,9 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-#: Shipped in the repository's models/ folder, with a manifest and a model card.
-DEFAULT_MODEL = "mambairv2_light_x2.safetensors"
+#: scale -> file in the repository's models/ folder.
+DEFAULT_MODELS = {2: "mambairv2_tiny_x2.safetensors", 4: "mambairv2_tiny_x4.safetensors"}
+DEFAULT_SCALE = 2
 
 
 def models_dir() -> Path:
@@ -15,8 +21,12 @@ def models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
-def default_checkpoint() -> Path:
-    path = models_dir() / DEFAULT_MODEL
+def default_checkpoint(scale: int | None = None) -> Path:
+    scale = DEFAULT_SCALE if scale is None else int(scale)
+    if scale not in DEFAULT_MODELS:
+        raise CheckpointError(f"there is no embedded default model for x{scale} (only "
+                              f"{', '.join(f'x{s}' for s in DEFAULT_MODELS)}); pass --checkpoint")
+    path = models_dir() / DEFAULT_MODELS[scale]
     if not path.is_file():
         raise CheckpointError(
             f"the embedded default model {path} is missing; install qmamba-deploy from a clone "

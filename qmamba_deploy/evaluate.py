@@ -1,54 +1,135 @@
-"""Quality of a model on one HR image, measured like the papers (BasicSR conventions).
+"""Quality of a model on a set of images, measured like the papers (BasicSR conventions).
 
-LR = MATLAB-bicubic downscale of HR (antialiased), rounded to uint8 as a saved
-PNG; SR = model(LR); bicubic baseline = MATLAB-bicubic upscale of the LR;
-Y-PSNR / SSIM with crop_border = scale after tensor2img-style rounding.
+For each pair the degraded input is a uint8 image (bicubic LR as a saved
+PNG, noisy or JPEG-decoded picture); the model output is rounded to uint8
+like BasicSR's ``tensor2img``; Y-PSNR / SSIM use ``crop_border`` = scale for
+SR and 0 otherwise. Beside every score stands the no-model baseline
+(bicubic upscale, the noisy input or the JPEG), measured the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .data.imresize import imresize
-from .metrics import psnr_y, ssim_y, to_uint8
+from .data.datasets import Pair, degrade_pair, to_tensor
+from .data.degrade import Degradation
+from .metrics import calculate_psnr, calculate_ssim
 from .restore import restore_tensor
 
 
 @dataclass
-class SRScore:
+class ImageScore:
     image: str
-    scale: int
-    lr_size: tuple[int, int]
-    psnr_y: float
-    ssim_y: float
-    psnr_y_bicubic: float
-    ssim_y_bicubic: float
+    input_size: tuple[int, int]
+    psnr: float
+    ssim: float
+    psnr_baseline: float
+    ssim_baseline: float
 
     @property
     def gain_db(self) -> float:
-        return self.psnr_y - self.psnr_y_bicubic
+        return self.psnr - self.psnr_baseline
 
     def as_dict(self) -> dict:
         return {**asdict(self), "gain_db": self.gain_db}
 
 
-def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    return img[: h - h % scale, : w - w % scale]
+@dataclass
+class EvalReport:
+    """Per-image scores and their means; ``as_dict`` is the ``--json`` format."""
+
+    degradation: Degradation
+    scores: list[ImageScore]
+    metric: str = "Y-PSNR/SSIM (BT.601), BasicSR conventions"
+
+    def mean(self, key: str) -> float:
+        return float(np.mean([getattr(s, key) for s in self.scores]))
+
+    @property
+    def summary(self) -> dict[str, float]:
+        return {k: self.mean(k) for k in ("psnr", "ssim", "psnr_baseline", "ssim_baseline", "gain_db")}
+
+    def as_dict(self) -> dict:
+        return {"degradation": self.degradation.as_dict(), "metric": self.metric,
+                "baseline": self.degradation.baseline_name, "crop_border": self.degradation.crop_border,
+                "mean": self.summary, "images": [s.as_dict() for s in self.scores]}
+
+    def table(self) -> str:
+        base = self.degradation.baseline_name
+        head = f"{'image':<22} {'input':>9} {'PSNR':>8} {'SSIM':>7} {base + ' PSNR':>13} {base + ' SSIM':>13} {'gain':>7}"
+        rows = [head, "-" * len(head)]
+        for s in self.scores:
+            size = f"{s.input_size[1]}x{s.input_size[0]}"
+            rows.append(f"{s.image[:22]:<22} {size:>9} {s.psnr:8.4f} {s.ssim:7.4f} {s.psnr_baseline:13.4f} "
+                        f"{s.ssim_baseline:13.4f} {s.gain_db:+7.2f}")
+        m = self.summary
+        rows.append("-" * len(head))
+        rows.append(f"{'mean':<22} {'':>9} {m['psnr']:8.4f} {m['ssim']:7.4f} {m['psnr_baseline']:13.4f} "
+                    f"{m['ssim_baseline']:13.4f} {m['gain_db']:+7.2f}")
+        return "\n".join(rows)
 
 
-@torch.no_grad()
-def score_sr(model: nn.Module, hr: np.ndarray, name: str = "", tile: int | None = None) -> SRScore:
-    """hr: float32 RGB HWC in [0, 1] (8-bit values)."""
-    scale = int(model.upscale)
-    hr = mod_crop(hr, scale)
-    lr = to_uint8(imresize(hr, 1.0 / scale)).astype(np.float32) / 255.0
-    x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))[None]
-    sr = restore_tensor(model, x, tile=tile)[0].numpy().transpose(1, 2, 0)
-    bic = imresize(lr, scale)
-    return SRScore(name, scale, lr.shape[:2], psnr_y(sr, hr, scale), ssim_y(sr, hr, scale),
-                   psnr_y(bic, hr, scale), ssim_y(bic, hr, scale))
+def _y(img: np.ndarray) -> bool:
+    return img.shape[2] == 3
+
+
+def score_image(output: np.ndarray, gt: np.ndarray, baseline: np.ndarray, name: str, input_size,
+                crop_border: int) -> ImageScore:
+    """uint8 HWC RGB (or gray) arrays -> one ImageScore (Y channel for colour)."""
+    y = _y(gt)
+    kw = dict(crop_border=crop_border, test_y_channel=y, channel_order="RGB")
+    return ImageScore(name, tuple(input_size), calculate_psnr(output, gt, **kw), calculate_ssim(output, gt, **kw),
+                      calculate_psnr(baseline, gt, **kw), calculate_ssim(baseline, gt, **kw))
+
+
+def to_uint8_image(t: torch.Tensor) -> np.ndarray:
+    """(1, C, H, W) float in [0, 1] -> uint8 HWC, BasicSR's tensor2img rounding."""
+    arr = t[0].detach().float().clamp_(0, 1).cpu().numpy().transpose(1, 2, 0)
+    return np.round(arr * 255.0).astype(np.uint8)
+
+
+def evaluate_pairs(run: Callable[[torch.Tensor], torch.Tensor], pairs: Iterable[Pair], degradation: Degradation,
+                   seed: int = 0, progress: bool = False) -> EvalReport:
+    """Score ``run`` (a float NCHW -> float NCHW function, e.g. a model) on every pair."""
+    pairs = list(pairs)
+    if progress:
+        from tqdm import tqdm
+
+        pairs = tqdm(pairs, desc="eval", unit="img", leave=False)
+    scores = []
+    for pair in pairs:
+        lq = degrade_pair(pair, degradation, seed)
+        out = to_uint8_image(run(to_tensor(lq)))
+        if out.shape != pair.gt.shape:
+            raise ValueError(f"{pair.name}: the model returned {out.shape[1]}x{out.shape[0]}x{out.shape[2]} "
+                             f"for a {pair.gt.shape[1]}x{pair.gt.shape[0]}x{pair.gt.shape[2]} ground truth; "
+                             f"check --scale / --task against the checkpoint")
+        scores.append(score_image(out, pair.gt, degradation.baseline(lq), pair.name, lq.shape[:2],
+                                  degradation.crop_border))
+    return EvalReport(degradation, scores)
+
+
+def model_runner(model: nn.Module, device: str | torch.device = "cpu", tile: int | None = None,
+                 overlap: int = 16) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A float NCHW -> float NCHW function running ``model`` (tiled when ``tile`` is set)."""
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return restore_tensor(model, x.to(device), tile=tile, overlap=overlap).cpu()
+
+    return run
+
+
+def evaluate_model(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, device="cpu",
+                   tile: int | None = None, seed: int = 0, progress: bool = False) -> EvalReport:
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_pairs(model_runner(model, device, tile), pairs, degradation, seed, progress)
+    finally:
+        model.train(was_training)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from qmamba_deploy import load_model
-from qmamba_deploy.data.io import read_image
-from qmamba_deploy.evaluate import score_sr
+from qmamba_deploy.data.datasets import load_pairs
+from qmamba_deploy.data.degrade import Degradation
+from qmamba_deploy.evaluate import evaluate_model
 from qmamba_deploy.manifest import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +36,11 @@ def main() -> None:
     rows = []
     for scale in (2, 4):
         model = load_model(Path(args.checkpoints) / f"mambairv2_light_x{scale}.safetensors")
-        for image in sorted(Path(args.images).glob("*.png")):
+        deg = Degradation("sr", scale)
+        for pair in load_pairs(args.images, deg):
             t0 = time.perf_counter()
-            score = score_sr(model, read_image(image).pixels, image.name)
-            rows.append({**score.as_dict(), "seconds": time.perf_counter() - t0})
+            (score,) = evaluate_model(model, [pair], deg).scores
+            rows.append({**score.as_dict(), "scale": scale, "seconds": time.perf_counter() - t0})
             print(json.dumps(rows[-1]))
     lines = [
         "# Real MambaIRv2-light weights vs bicubic",
@@ -52,8 +54,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| x{r['scale']} | {r['image']} | {r['lr_size'][1]}x{r['lr_size'][0]} | {r['psnr_y']:.4f} | "
-                     f"{r['ssim_y']:.4f} | {r['psnr_y_bicubic']:.4f} | {r['ssim_y_bicubic']:.4f} | "
+        lines.append(f"| x{r['scale']} | {r['image']} | {r['input_size'][1]}x{r['input_size'][0]} | {r['psnr']:.4f} | "
+                     f"{r['ssim']:.4f} | {r['psnr_baseline']:.4f} | {r['ssim_baseline']:.4f} | "
                      f"{r['gain_db']:+.2f} | {r['seconds']:.1f} |")
     lines += ["", "Reference (checkpoints/README.md, official code + BasicSR): example.png x2 33.0933 / 0.9277 vs "
               "bicubic 29.9143 / 0.8853; x4 29.3833 / 0.8275 vs 25.5842 / 0.7433.", ""]

@@ -1,7 +1,17 @@
 """Built-in sample photos that ship inside scikit-image (usable offline).
 
-``--input builtin`` / ``--data builtin`` use them. For restore, small centre
-crops keep the embedded-default run fast on a CPU.
+``--data builtin`` and ``--input builtin`` use them. The split is fixed:
+
+* **train** — every other photo scikit-image ships without a download:
+  the stereo motorcycle pair, Hubble deep field, immunohistochemistry,
+  retina, and the gray photos/textures (camera, moon, coins, clock, page,
+  text, brick, grass, gravel; replicated to RGB for colour models).
+* **eval** — four natural colour photos (astronaut, chelsea, coffee,
+  rocket), as centre crops of at most ``EVAL_CROP`` pixels so that a CPU
+  evaluation takes seconds. 288 is a multiple of 2, 3, 4 and 8, so no
+  mod-crop is needed.
+
+Nothing here is random: the same names, the same crops, every time.
 """
 
 from __future__ import annotations
@@ -10,18 +20,28 @@ import numpy as np
 
 from .io import Image
 
+TRAIN_PHOTOS = ("motorcycle_left", "motorcycle_right", "hubble_deep_field", "immunohistochemistry", "retina",
+                "camera", "moon", "coins", "clock", "page", "text", "brick", "grass", "gravel")
+EVAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+EVAL_CROP = 288
+SPLITS = {"train": TRAIN_PHOTOS, "eval": EVAL_PHOTOS}
+
 #: The photos used by `restore` with no input: (scikit-image name, crop size).
 RESTORE_SAMPLES = (("astronaut", 96), ("chelsea", 96), ("coffee", 96))
 
 
 def sample_photo(name: str) -> np.ndarray:
-    """A scikit-image photo as uint8 HWC RGB (gray photos get one channel)."""
+    """A scikit-image photo as uint8 HWC (RGB, or one channel for gray photos)."""
     import skimage.data
 
-    try:
-        arr = getattr(skimage.data, name)()
-    except AttributeError:
-        raise ValueError(f"scikit-image has no sample photo {name!r}") from None
+    if name.startswith("motorcycle_"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        arr = left if name.endswith("left") else right
+    else:
+        try:
+            arr = getattr(skimage.data, name)()
+        except AttributeError:
+            raise ValueError(f"scikit-image has no sample photo {name!r}") from None
     return arr if arr.ndim == 3 else arr[:, :, None]
 
 
@@ -29,6 +49,16 @@ def centre_crop(arr: np.ndarray, size: int) -> np.ndarray:
     h, w = arr.shape[:2]
     top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
     return arr[top:top + size, left:left + size]
+
+
+def builtin_split(split: str) -> list[tuple[str, np.ndarray]]:
+    """(name, uint8 HWC) for every photo of ``split`` ('train' or 'eval')."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; use 'train' or 'eval'")
+    photos = [(name, sample_photo(name)) for name in SPLITS[split]]
+    if split == "eval":
+        photos = [(name, np.ascontiguousarray(centre_crop(arr, EVAL_CROP))) for name, arr in photos]
+    return photos
 
 
 def restore_samples() -> list[Image]:

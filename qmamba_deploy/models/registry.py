@@ -48,6 +48,8 @@ _V2_SIZES = {
     "s": (132, 16, [4] * 6, [4] * 6, 64, 128, 2.0),
     "b": (174, 16, [6] * 6, [6] * 6, 64, 128, 2.0),
     "l": (174, 16, [6] * 9, [6] * 9, 64, 128, 2.0),
+    # ours, not an official configuration: the embedded default, small enough to train on a CPU
+    "tiny": (32, 8, [2] * 2, [2] * 2, 16, 32, 1.0),
 }
 
 
@@ -56,9 +58,9 @@ def _mambairv2(size: str, scale: int, in_chans: int = 3) -> dict[str, Any]:
     if scale == 1:
         upsampler = ""
     else:
-        upsampler = "pixelshuffledirect" if size == "light" else "pixelshuffle"
+        upsampler = "pixelshuffledirect" if size in ("light", "tiny") else "pixelshuffle"
     return dict(upscale=scale, in_chans=in_chans, img_size=64, img_range=1.0, embed_dim=embed, d_state=d_state,
-                depths=depths, num_heads=heads, window_size=16, inner_rank=rank, num_tokens=tokens,
+                depths=depths, num_heads=heads, window_size=8 if size == "tiny" else 16, inner_rank=rank, num_tokens=tokens,
                 convffn_kernel_size=5, mlp_ratio=mlp, upsampler=upsampler, resi_connection="1conv")
 
 
@@ -71,6 +73,8 @@ def _presets() -> dict[str, Preset]:
                           description=f"MambaIR lightweight SR x{s}"))
         out.append(Preset(f"mambairv2-light-x{s}", "MambaIRv2Light", _mambairv2("light", s),
                           description=f"MambaIRv2 lightweight SR x{s}"))
+        out.append(Preset(f"mambairv2-tiny-x{s}", "MambaIRv2Light", _mambairv2("tiny", s),
+                          description=f"ours (not official): reduced MambaIRv2-light x{s}, the embedded default"))
         for size in ("s", "b", "l"):
             out.append(Preset(f"mambairv2-{size}-x{s}", "MambaIRv2", _mambairv2(size, s),
                               description=f"MambaIRv2-{size.upper()} classic SR x{s}"))

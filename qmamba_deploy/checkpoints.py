@@ -113,19 +113,43 @@ class DetectedArch:
 
 _V1_PROBE = "layers.0.residual_group.blocks.0.self_attention.A_logs"
 _V2_PROBE = "layers.0.residual_group.layers.0.assm.selectiveScan.A_logs"
-_QUANT_KEY = re.compile(r"(_act_quant|_weight_quant|_act_q|_weight_q|_q)\.(alpha|beta|a|weight\d+|signed|init_state)$")
+# a key inside a quantizer module: Q-MambaIR's names (…_act_quant, …_weight_quant, xs_q, …) and ours
+_QUANT_KEY = re.compile(r"(^|\.)\w*(_act_quant|_weight_quant|_q)\.\w+$")
 
 
 def is_quantized_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
     return any(_QUANT_KEY.search(k) for k in sd)
 
 
-def detect_arch(sd: Mapping[str, torch.Tensor]) -> DetectedArch:
-    """Infer the official class and constructor kwargs from keys and shapes."""
-    if is_quantized_state_dict(sd):
+def float_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """The keys of the float network (every quantizer tensor removed)."""
+    return {k: v for k, v in sd.items() if not _QUANT_KEY.search(k)}
+
+
+def detect_qconfig(sd: Mapping[str, torch.Tensor], source: str = "state_dict"):
+    """The QConfig of a Q-MambaIR checkpoint without a manifest (official ``QuantBL_L_MambaIR`` layout).
+
+    Its bit width is not stored; the RFA anchors (2^b of them) give it.
+    """
+    from .quant import QConfig
+
+    anchors = {int(v.numel()) for k, v in sd.items() if re.search(r"_(weight_quant|weight_q)\.a$", k)}
+    has_dls = any(k.endswith("xs_q.weight21") for k in sd)
+    if len(anchors) != 1 or not has_dls:
         raise CheckpointError(
-            "the state_dict holds quantizer tensors (alpha/beta/anchors of a Q-MambaIR model); "
-            "it is a quantized checkpoint, not an FP MambaIR one, and cannot be loaded as an FP model")
+            f"{source} holds quantizer tensors but not in Q-MambaIR's layout (RFA anchors '*_weight_quant.a' of "
+            f"one size and DLS scan quantizers 'xs_q.weight*'), and has no qmamba-deploy manifest saying how it "
+            f"was quantized; save it with qmamba-deploy quantize, or pass the float checkpoint")
+    n = anchors.pop()
+    bits = n.bit_length() - 1
+    if 2 ** bits != n or not 2 <= bits <= 8:
+        raise CheckpointError(f"{source}: RFA anchors have {n} entries, not 2^b for b in 2..8")
+    return QConfig("qmambair", w_bits=bits, a_bits=bits)
+
+
+def detect_arch(sd: Mapping[str, torch.Tensor]) -> DetectedArch:
+    """Infer the official class and constructor kwargs from keys and shapes (quantizer keys ignored)."""
+    sd = float_state_dict(sd)
     if "conv_first.weight" not in sd:
         raise CheckpointError(
             "the state_dict has no 'conv_first.weight', so it is not a MambaIR-family checkpoint; "
@@ -229,6 +253,14 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
         source = str(checkpoint)
 
     provenance: dict[str, Any] = {"checkpoint": source}
+    qconfig = None
+    if manifest is not None and manifest.get("qconfig"):
+        from .quant import QConfig
+
+        qconfig = QConfig.from_dict(manifest["qconfig"])
+    elif is_quantized_state_dict(sd):
+        qconfig = detect_qconfig(sd, source)
+        provenance["qconfig_from"] = "detected (Q-MambaIR layout)"
     if arch is None and manifest is not None and "arch" in manifest:
         arch, full = manifest["arch"], {**manifest.get("kwargs", {}), **kwargs}
         provenance["arch_from"] = "manifest"
@@ -243,6 +275,10 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
         model = build_model(arch, **full)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot build {arch} for {source}: {exc}") from None
+    if qconfig is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, qconfig)
     check_state_dict(model, sd, source, strict=strict)
     model.load_state_dict(sd, strict=strict)
     model.provenance = provenance
@@ -278,7 +314,7 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
 
 
 def _suggest(sd: Mapping[str, torch.Tensor], model: nn.Module) -> str:
-    if is_quantized_state_dict(sd):
+    if is_quantized_state_dict(sd) and getattr(model, "qconfig", None) is None:
         return "The file holds quantizer tensors: it is a quantized (Q-MambaIR) checkpoint, not an FP one."
     if any(k.endswith("conv_blk.cab.3.attention.1.weight") for k in sd) and \
             not getattr(model, "arch_kwargs", {}).get("legacy_light_cab"):
@@ -312,8 +348,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, provenance: Mappi
     if arch is None:
         raise CheckpointError("the model has no arch_name; build it with build_model() or load_model()")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    qconfig = getattr(model, "qconfig", None)
+    fields = {"qconfig": qconfig.as_dict()} if qconfig is not None else {}
     manifest = make_manifest(CHECKPOINT_KIND, arch=arch, kwargs=_jsonable(model.arch_kwargs),
-                             params=count_parameters(model), provenance=dict(provenance or {}), **dict(extra or {}))
+                             params=count_parameters(model), provenance=dict(provenance or {}),
+                             **fields, **dict(extra or {}))
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(manifest, sort_keys=True)})
     manifest["sha256"] = sha256_file(path)

@@ -48,3 +48,13 @@ def tiny_v2():
 
     torch.manual_seed(0)
     return build_model("MambaIRv2Light", **TINY_V2).eval()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_v2):
+    """tiny_v2 saved as a checkpoint with its manifest."""
+    from qmamba_deploy import save_checkpoint
+
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny_v2, path)
+    return path

@@ -105,14 +105,6 @@ def test_legacy_light_cab_layout():
         load_model(sd, arch="MambaIR", **TINY_V1)
 
 
-def test_quantized_checkpoint_is_explained():
-    from safetensors.torch import load_file
-
-    sd = load_file(str(need(PARITY / "qmambair_light_x4_w4a4_tiny" / "state_dict.safetensors")))
-    with pytest.raises(CheckpointError, match="quantized"):
-        load_model(sd)
-
-
 def test_save_and_reload_with_manifest(tmp_path):
     model = _tiny()
     manifest = save_checkpoint(model, tmp_path / "m.safetensors", provenance={"note": "test"})

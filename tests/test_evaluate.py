@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
 
@@ -70,13 +69,6 @@ def test_report_json_and_table(tiny_v2):
     table = report.table()
     assert "astronaut" in table and "bicubic PSNR" in table and table.splitlines()[-1].startswith("mean")
     assert not tiny_v2.training
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path, tiny_v2):
-    path = tmp_path / "tiny.safetensors"
-    save_checkpoint(tiny_v2, path)
-    return path
 
 
 def test_eval_cli_errors(tiny_ckpt, tmp_path):

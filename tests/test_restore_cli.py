@@ -54,13 +54,6 @@ def test_overlap_must_be_smaller_than_tile():
         restore_tensor(LocalUpscaler(), torch.rand(1, 3, 40, 40), tile=8, overlap=8)
 
 
-@pytest.fixture
-def tiny_ckpt(tmp_path, tiny_v2):
-    path = tmp_path / "tiny.safetensors"
-    save_checkpoint(tiny_v2, path)
-    return path
-
-
 def _write(path, arr):
     assert cv2.imwrite(str(path), arr)
     return path

@@ -33,7 +33,7 @@ from .layers import (
     to_image,
     to_tokens,
 )
-from .scan_params import init_scan_params, project_scan_inputs
+from .scan_params import init_scan_params, project_scan_inputs, run_scan
 
 
 class SS2D(nn.Module):
@@ -92,22 +92,11 @@ class SS2D(nn.Module):
         return project_scan_inputs(self, xs)
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        from ..ops import selective_scan
-
         b, d, h, w = x.shape
         length = h * w
         xs = self.directions(x)
         dts, bs, cs = self.scan_inputs(xs)
-        y = selective_scan(
-            xs.float().reshape(b, -1, length),
-            dts.float().reshape(b, -1, length),
-            -torch.exp(self.A_logs.float()),
-            bs.float(),
-            cs.float(),
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().reshape(-1),
-            delta_softplus=True,
-        )
+        y = run_scan(self, xs.reshape(b, -1, length), dts.reshape(b, -1, length), bs, cs)
         return self.merge(y.reshape(b, self.K, d, length), h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .layers import (
     to_tokens,
 )
 from .routing import PROMPT_ORDERS, ROUTING_MODES, gather_tokens, route, semantic_order
-from .scan_params import init_scan_params, project_scan_inputs
+from .scan_params import init_scan_params, project_scan_inputs, run_scan
 
 
 # --------------------------------------------------------------------------- FFNs
@@ -182,22 +182,11 @@ class SelectiveScan(nn.Module):
 
     def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """x (B, L, d), prompt (B, L, N) -> (B, L, d)."""
-        from ..ops import selective_scan
-
         b, length, d = x.shape
         xs = x.permute(0, 2, 1).reshape(b, 1, d, length)
         dts, bs, cs = self.scan_inputs(xs)
         cs = cs.float() + prompt.permute(0, 2, 1).reshape(b, 1, self.d_state, length).float()
-        y = selective_scan(
-            xs.float().reshape(b, d, length),
-            dts.float().reshape(b, d, length),
-            -torch.exp(self.A_logs.float()),
-            bs.float(),
-            cs,
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().reshape(-1),
-            delta_softplus=True,
-        )
+        y = run_scan(self, xs.reshape(b, d, length), dts.reshape(b, d, length), bs, cs)
         return y.permute(0, 2, 1)
 
 

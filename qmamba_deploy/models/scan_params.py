@@ -32,13 +32,56 @@ def init_scan_params(m, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: flo
     m.Ds.fill_(1.0)
 
 
+#: Where a quantized model puts its quantizers (official Q-MambaIR names): the inputs and
+#: weights of the two per-direction projections, and every operand of the scan.
+PROJ_QUANT_POINTS = ("x_proj_act_q", "x_proj_weight_q", "dt_proj_act_q", "dt_proj_weight_q")
+SCAN_QUANT_POINTS = ("xs_q", "dts_q", "As_q", "Bs_q", "Cs_q", "Ds_q", "dt_projs_bias_q")
+
+
+def quant_point(m: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x through ``m.<name>`` when a quantizer sits there, else unchanged (float model)."""
+    q = m._modules.get(name)
+    return x if q is None else q(x)
+
+
+def _quant_projection(m, x: torch.Tensor, weight: torch.Tensor, act: str, wq: str) -> torch.Tensor:
+    """(B, K, D, L) x (K, C, D) -> (B, K, C, L) as Q-MambaIR computes it: matmul(act_q(x^T), weight_q(W^T))."""
+    y = torch.matmul(quant_point(m, act, x.permute(0, 1, 3, 2)), quant_point(m, wq, weight.permute(0, 2, 1)))
+    return y.permute(0, 1, 3, 2)
+
+
 def project_scan_inputs(m, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-direction projections of module ``m``: xs (B, K, d, L) -> (delta, B, C).
 
     x_proj_weight (K, dt_rank + 2N, d) gives dt (low rank), B and C; dt_projs_weight
     (K, d, dt_rank) lifts dt back to d channels. Shared by SS2D (K = 4) and
-    MambaIRv2's SelectiveScan (K = 1).
+    MambaIRv2's SelectiveScan (K = 1). With quantizers attached (see
+    ``PROJ_QUANT_POINTS``) both products quantize their inputs and weights.
     """
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, m.x_proj_weight)
+    if not any(n in m._modules for n in PROJ_QUANT_POINTS):
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, m.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=2)
+        return torch.einsum("bkrl,kdr->bkdl", dts, m.dt_projs_weight), bs, cs
+    x_dbl = _quant_projection(m, xs, m.x_proj_weight, "x_proj_act_q", "x_proj_weight_q")
     dts, bs, cs = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=2)
-    return torch.einsum("bkrl,kdr->bkdl", dts, m.dt_projs_weight), bs, cs
+    return _quant_projection(m, dts, m.dt_projs_weight, "dt_proj_act_q", "dt_proj_weight_q"), bs, cs
+
+
+def run_scan(m, xs: torch.Tensor, dts: torch.Tensor, bs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """The selective scan of ``m`` (SS2D or SelectiveScan) on (B, K*d, L) inputs, in float32.
+
+    Every operand passes its quantization point (identity in a float model).
+    """
+    from ..ops import selective_scan
+
+    q = lambda name, x: quant_point(m, name, x)  # noqa: E731
+    return selective_scan(
+        q("xs_q", xs.float()),
+        q("dts_q", dts.float()),
+        q("As_q", -torch.exp(m.A_logs.float())),
+        q("Bs_q", bs.float()),
+        q("Cs_q", cs.float()),
+        q("Ds_q", m.Ds.float()),
+        delta_bias=q("dt_projs_bias_q", m.dt_projs_bias.float().reshape(-1)),
+        delta_softplus=True,
+    )

@@ -1,0 +1,183 @@
+"""QConfig: which quantizer goes where, at how many bits — one dataclass, saved in every manifest.
+
+A method names a recipe (which quantizer for layer inputs, layer weights,
+the out_proj input and the scan operands). Placement follows Q-MambaIR for
+MambaIR and the analogous one for MambaIRv2 (shared/design/quantization.md):
+
+* quantized: every Linear / Conv2d inside the residual groups (SS2D in_proj,
+  depthwise conv, out_proj, CAB convs; MambaIRv2's wqkv, attention proj,
+  ASSM in_proj / CPE / route / out_proj, FFN fc1 / fc2 / gate conv) and each
+  group's closing conv (``layers.{i}.conv``); the x_proj / dt_proj products;
+  every operand of the selective scan;
+* float: conv_first, LayerNorms, channel-attention convs, conv_after_body,
+  the reconstruction head, skip scales, the scan recurrence itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from ..errors import OptionError
+from .quantizers import DLS, LSQ, OBSERVERS, RFA, Observer
+
+QAT_METHODS = ("qmambair", "dls", "rfa", "lsq", "lsq+")
+PTQ_METHODS = OBSERVERS
+METHODS = QAT_METHODS + PTQ_METHODS
+
+
+@dataclass(frozen=True)
+class Recipe:
+    act: str  # input activations of Linear / Conv2d and of the projections
+    weight: str
+    out_proj_act: str  # the SSM output entering out_proj
+    scan: str  # every scan operand
+    qat: bool
+    description: str
+
+
+RECIPES: dict[str, Recipe] = {
+    "qmambair": Recipe("lsq+", "rfa", "dls", "dls", True, "Q-MambaIR: DLS on out_proj input and scan operands, "
+                                                        "RFA weights, LSQ+ elsewhere"),
+    "dls": Recipe("lsq+", "lsq", "dls", "dls", True, "ablation: DLS only (LSQ weights)"),
+    "rfa": Recipe("lsq+", "rfa", "lsq+", "lsq+", True, "ablation: RFA only (LSQ+ activations everywhere)"),
+    "lsq": Recipe("lsq", "lsq", "lsq", "lsq", True, "LSQ (Esser et al.) everywhere"),
+    "lsq+": Recipe("lsq+", "lsq", "lsq+", "lsq+", True, "LSQ+ activations (learnable offset), LSQ weights"),
+    **{m: Recipe(m, m, m, m, False, f"PTQ, {m} observers, symmetric") for m in OBSERVERS},
+}
+
+
+def make_quantizer(kind: str, bits: int, weight: bool = False) -> nn.Module:
+    if kind == "lsq":
+        return LSQ(bits, offset=False, signed=True if weight else None)
+    if kind == "lsq+":
+        return LSQ(bits, offset=True)
+    if kind == "dls":
+        return DLS(bits)
+    if kind == "rfa":
+        return RFA(bits)
+    if kind in OBSERVERS:
+        return Observer(bits, kind, signed=True if weight else None)
+    raise ValueError(f"quantizer kind {kind!r} is unknown")
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """What to quantize and how. ``keep_fp`` / ``overrides`` match module names with fnmatch."""
+
+    method: str = "qmambair"
+    w_bits: int = 4
+    a_bits: int = 4
+    scan_bits: int | None = None  # default: a_bits
+    quantize_scan: bool = True
+    keep_fp: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, int, int], ...] = field(default_factory=tuple)  # (pattern, w_bits, a_bits)
+
+    def __post_init__(self):
+        if self.method not in RECIPES:
+            raise OptionError(f"--method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        for flag, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits),
+                           ("--scan-bits", self.scan_bits if self.scan_bits is not None else self.a_bits)):
+            if not 2 <= int(bits) <= 8:
+                raise OptionError(f"{flag} {bits} is out of range; use 2 to 8 bits")
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.method]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} W{self.w_bits}A{self.a_bits}"
+
+    def bits_for(self, name: str) -> tuple[int, int]:
+        w, a = self.w_bits, self.a_bits
+        for pattern, ow, oa in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                w, a = ow, oa
+        return w, a
+
+    def is_fp(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["keep_fp"], d["overrides"] = list(self.keep_fp), [list(o) for o in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QConfig":
+        d = dict(d)
+        d["keep_fp"] = tuple(d.get("keep_fp", ()))
+        d["overrides"] = tuple(tuple(o) for o in d.get("overrides", ()))
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _channel_attention_names(model: nn.Module) -> set[str]:
+    from ..models.layers import ChannelAttention
+
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, ChannelAttention):
+            out.update(f"{name}.{sub}" if sub else name for sub, _ in m.named_modules())
+    return out
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """Linear / Conv2d modules the default placement quantizes (see the module docstring)."""
+    skip = _channel_attention_names(model)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and n.startswith("layers.") and n not in skip]
+
+
+def scan_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from ..models.mambair import SS2D
+    from ..models.mambairv2 import SelectiveScan
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SS2D, SelectiveScan))]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:
+    """Insert the quantizers of ``qconfig`` into ``model`` in place; returns it (``model.qconfig`` set).
+
+    Float weights are kept: the quantized model starts from the float one
+    and its state_dict is the float keys plus the quantizer keys.
+    """
+    from ..models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS
+    from .layers import QuantConv2d, QuantLinear
+
+    if getattr(model, "qconfig", None) is not None:
+        raise ValueError("the model is already quantized")
+    r = qconfig.recipe
+    for name in quantized_layer_names(model):
+        if qconfig.is_fp(name):
+            continue
+        m = model.get_submodule(name)
+        w_bits, a_bits = qconfig.bits_for(name)
+        act_kind = r.out_proj_act if name.endswith("out_proj") else r.act
+        cls: Callable = QuantLinear.from_float if isinstance(m, nn.Linear) else QuantConv2d.from_float
+        _set_module(model, name, cls(m, make_quantizer(act_kind, a_bits), make_quantizer(r.weight, w_bits, True)))
+    for name, m in scan_modules(model):
+        if qconfig.is_fp(name):
+            continue
+        w_bits, a_bits = qconfig.bits_for(name)
+        act_q, w_q, dt_act_q, dt_w_q = PROJ_QUANT_POINTS
+        for point, kind, bits, weight in ((act_q, r.act, a_bits, False), (w_q, r.weight, w_bits, True),
+                                          (dt_act_q, r.act, a_bits, False), (dt_w_q, r.weight, w_bits, True)):
+            m.add_module(point, make_quantizer(kind, bits, weight).to(m.x_proj_weight.device))
+        if qconfig.quantize_scan:
+            s_bits = qconfig.scan_bits if qconfig.scan_bits is not None else a_bits
+            for point in SCAN_QUANT_POINTS:
+                m.add_module(point, make_quantizer(r.scan, s_bits).to(m.x_proj_weight.device))
+    model.qconfig = qconfig
+    return model

@@ -1,0 +1,325 @@
+"""Fake quantizers: LSQ, LSQ+, DLS, RFA and PTQ observers (semantics: shared/design/quantization.md).
+
+Every quantizer is a module ``x -> x̂`` that keeps its whole state in the
+state_dict: its parameters (α, β, anchors, DLS weights) and two float32
+buffers, ``init_state`` (1.0 once lazily initialised) and ``signed`` (1.0:
+grid −2^(b−1) … 2^(b−1)−1; 0.0: grid 0 … 2^b−1). Bit widths are plain
+attributes, recorded in the qconfig of every manifest.
+
+Initialisation is lazy, as in Q-MambaIR: the first forward **in training
+mode** sets signedness and scale from the live tensor. Calibration therefore
+runs quantizers in training mode (see :func:`qmamba_deploy.quant.calibrating`).
+Rounding is round-half-to-even (``torch.round``), as ONNX QuantizeLinear and
+TensorRT do.
+
+The buffer and parameter names follow the official Q-MambaIR layout
+(``Act_Quant`` = :class:`LSQ` with an offset, ``oneRK_U`` = :class:`RFA`,
+``DDA_Quant`` = :class:`DLS`), so its checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+SIGN_EPS = 1e-5  # a tensor is "signed" when min(x) < -SIGN_EPS at initialisation
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """(Qn, Qp) of a b-bit grid."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Forward: x. Backward: gradient multiplied by g (LSQ's step-size gradient scale)."""
+    return (x - x * g).detach() + x * g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Forward: round half to even. Backward: identity (straight-through)."""
+    return (torch.round(x) - x).detach() + x
+
+
+class Quantizer(nn.Module):
+    """Base: bit width, ``init_state`` and ``signed`` buffers, lazy initialisation."""
+
+    kind = "quantizer"
+
+    def __init__(self, bits: int, signed: bool | None = None):
+        super().__init__()
+        if not 1 <= int(bits) <= 16:
+            raise ValueError(f"bits={bits} is out of range; use 2..8 (1..16 accepted)")
+        self.bits = int(bits)
+        self.fixed_sign = signed  # None: decided from the data at initialisation
+        self.register_buffer("init_state", torch.zeros(1))
+        self.register_buffer("signed", torch.full((1,), 1.0 if signed else 0.0))
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.init_state.item() == 1)
+
+    @property
+    def is_signed(self) -> bool:
+        return bool(self.signed.item() == 1)
+
+    def grid(self) -> tuple[int, int]:
+        return qrange(self.bits, self.is_signed)
+
+    def _decide_sign(self, x: torch.Tensor) -> None:
+        signed = self.fixed_sign if self.fixed_sign is not None else bool(x.min() < -SIGN_EPS)
+        if signed:  # the official code only ever sets the flag, never clears it
+            self.signed.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        sign = {None: "auto", True: "signed", False: "unsigned"}[self.fixed_sign]
+        return f"bits={self.bits}, sign={sign}, initialized={self.initialized}"
+
+
+# ------------------------------------------------------------------------------- LSQ
+
+
+class LSQ(Quantizer):
+    """LSQ, or LSQ+ with ``offset=True`` (Q-MambaIR's ``Act_Quant``).
+
+    x̂ = R(clamp((x + β)/α, Qn, Qp))·α − β; α initialised to 2·mean|x + β|/√Qp on the
+    first training batch, its gradient scaled by 1/√(numel·Qp); β learnable
+    (LSQ+) or absent (LSQ).
+    """
+
+    kind = "lsq"
+
+    def __init__(self, bits: int, offset: bool = False, signed: bool | None = None):
+        super().__init__(bits, signed)
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.zeros(1)) if offset else None
+        if offset:
+            self.kind = "lsq+"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.beta is not None:
+            x = x + self.beta
+        if self.training and not self.initialized:
+            with torch.no_grad():
+                self._decide_sign(x)
+                _, qp = self.grid()
+                self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
+                self.init_state.fill_(1.0)
+        qn, qp = self.grid()
+        alpha = grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() * qp))
+        out = round_ste((x / alpha).clamp(qn, qp)) * alpha
+        return out - self.beta if self.beta is not None else out
+
+
+# ------------------------------------------------------------------------------- DLS
+
+
+class DLS(Quantizer):
+    """Dynamic-balancing Learnable Scalar (Q-MambaIR's ``DDA_Quant``), per tensor, every call.
+
+    β = w21·mean(x) + w22·std(x) + w23·min(x) + w24·max(x);  x′ = x + β;
+    α = |w1·|mean(x′)| + w2·std(x′) + w3·min(x′) + w4·max(x′)|, LSQ gradient scale,
+    clamped to [1e-6, (max(x) − min(x))/2^b];
+    x̂ = clamp(R(clamp(x′/α, Qn, Qp))·α − β, min(x), max(x)). std is unbiased.
+    A constant tensor (e.g. the Ds = 1 of a freshly initialised model) passes
+    unchanged, where the official code returns NaN.
+    """
+
+    kind = "dls"
+    ALPHA_MIN = 1e-6
+
+    def __init__(self, bits: int, signed: bool | None = None):
+        super().__init__(bits, signed)
+        qp = 2 ** (self.bits - 1) - 1
+        init = {"weight1": 1.0 / qp, "weight2": 3.0 / qp, "weight3": 0.0, "weight4": 0.0,
+                "weight21": -1.0, "weight22": 0.0, "weight23": 0.0, "weight24": 0.0}
+        for name, value in init.items():
+            setattr(self, name, nn.Parameter(torch.tensor([value])))
+
+    def scale_offset(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(α, β, min(x), max(x)) for the live tensor ``x`` (α clamped, gradient-scaled)."""
+        x_min, x_max = x.min(), x.max()
+        beta = self.weight21 * x.mean() + self.weight22 * x.std() + self.weight23 * x_min + self.weight24 * x_max
+        xb = x + beta
+        alpha = (self.weight1 * xb.mean().abs() + self.weight2 * xb.std() + self.weight3 * xb.min()
+                 + self.weight4 * xb.max()).abs()
+        _, qp = self.grid()
+        alpha = grad_scale(alpha, 1.0 / math.sqrt(x.numel() * qp))
+        alpha = torch.clamp(alpha, min=self.ALPHA_MIN)
+        cap = ((x_max - x_min) / 2 ** self.bits).detach()
+        # a constant tensor (cap 0) would divide by zero (NaN in the official code); any α
+        # reproduces it exactly through the final clamp, so take 1
+        alpha = torch.where(cap > 0, torch.minimum(alpha, cap), torch.ones_like(alpha))
+        return alpha, beta, x_min, x_max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.initialized:
+            with torch.no_grad():
+                self._decide_sign(x)
+                self.init_state.fill_(1.0)
+        alpha, beta, x_min, x_max = self.scale_offset(x)
+        qn, qp = self.grid()
+        out = round_ste(((x + beta) / alpha).clamp(qn, qp)) * alpha - beta
+        return torch.minimum(torch.maximum(out, x_min), x_max)
+
+
+# ------------------------------------------------------------------------------- RFA
+
+
+class RFA(Quantizer):
+    """Range-floating Flexible Allocator (Q-MambaIR's ``oneRK_U``), for weights, per tensor.
+
+    v = clamp((w + β)/α, Qn, Qp). Forward: level = L_i for the largest i ≥ 1 with
+    v > (a[i−1] + a[i])/2, else L_0, where L = −2^(b−1) … 2^(b−1)−1 (the official
+    levels, whatever the signedness). Backward: piecewise-linear through the
+    anchors (slope 1/(a[i+1] − a[i]) in cell i) and slope 0.1 below a[0] and
+    above a[−1]. ŵ = level·α − β. Anchors start on the integer grid, where RFA
+    equals ordinary rounding.
+    """
+
+    kind = "rfa"
+    OUTER_SLOPE = 0.1
+
+    def __init__(self, bits: int, signed: bool | None = None):
+        super().__init__(bits, signed)
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.zeros(1))
+        qn, qp = qrange(self.bits, True)
+        self.a = nn.Parameter(torch.arange(qn, qp + 1, dtype=torch.float32))
+
+    def levels(self, device=None) -> torch.Tensor:
+        half = 2 ** (self.bits - 1)
+        return torch.arange(-half, half, dtype=torch.float32, device=device)
+
+    def thresholds(self) -> torch.Tensor:
+        return (self.a[:-1] + self.a[1:]) / 2
+
+    def hard_level(self, v: torch.Tensor) -> torch.Tensor:
+        """The forward rule: index of the largest threshold below v (0 if none) -> level."""
+        t = self.thresholds().detach()
+        if bool((t[1:] >= t[:-1]).all()):
+            idx = torch.bucketize(v.detach().contiguous(), t, right=False)  # number of thresholds < v
+        else:  # anchors crossed during training: apply the rule literally
+            idx = torch.zeros_like(v, dtype=torch.long)
+            for i in range(1, t.numel() + 1):
+                idx = torch.where(v.detach() > t[i - 1], torch.full_like(idx, i), idx)
+        return self.levels(v.device)[idx]
+
+    def soft_level(self, v: torch.Tensor) -> torch.Tensor:
+        """The backward surrogate: piecewise linear through (a[i], L_i), slope 0.1 outside."""
+        a, lv = self.a, self.levels(v.device)
+        n = a.numel()
+        ad = a.detach()
+        if bool((ad[1:] > ad[:-1]).all()):
+            cell = torch.bucketize(v.detach().contiguous(), ad, right=False) - 1  # largest i with v > a[i], or -1
+        else:
+            cell = torch.full_like(v, -1, dtype=torch.long)
+            for i in range(n):
+                cell = torch.where(v.detach() > ad[i], torch.full_like(cell, i), cell)
+        lo = cell.clamp(0, n - 1)
+        hi = (cell + 1).clamp(max=n - 1)
+        a_lo, a_hi, l_lo = a[lo], a[hi], lv[lo]
+        inner = l_lo + (v - a_lo) / torch.where(hi == lo, torch.ones_like(a_hi), a_hi - a_lo)
+        below = self.OUTER_SLOPE * (v - a[0]) + lv[0]
+        above = self.OUTER_SLOPE * (v - a[-1]) + lv[-1]
+        return torch.where(cell < 0, below, torch.where(cell >= n - 1, above, inner))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.beta
+        if self.training and not self.initialized:
+            with torch.no_grad():
+                self._decide_sign(x)
+                qn, qp = self.grid()
+                self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
+                self.a.copy_(torch.arange(qn, qp + 1, dtype=torch.float32, device=x.device))
+                self.init_state.fill_(1.0)
+        qn, qp = self.grid()
+        alpha = grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() * qp))
+        v = (x / alpha).clamp(qn, qp)
+        soft = self.soft_level(v)
+        level = self.hard_level(v) + (soft - soft.detach())
+        return level * alpha - self.beta
+
+
+# ------------------------------------------------------------------------- PTQ observers
+
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+class Observer(Quantizer):
+    """Post-training quantizer: statistics on calibration data fix α, then x̂ = R(clamp(x/α))·α.
+
+    ``minmax``: α = max|x|/Qp (max/Qp for unsigned data); ``percentile``: the
+    ``percentile`` quantile of |x| instead of the max; ``mse``: the α among 100
+    candidates (0.2 … 1 × max) that minimises ‖x̂ − x‖² on the calibration sample.
+    Calibration (training mode) keeps a bounded random sample of the values
+    seen; :meth:`freeze` (or the first eval-mode call) computes α. Symmetric,
+    zero point 0: what TensorRT runs.
+    """
+
+    kind = "observer"
+    SAMPLE = 1 << 18
+
+    def __init__(self, bits: int, method: str = "minmax", signed: bool | None = None, percentile: float = 99.99):
+        super().__init__(bits, signed)
+        if method not in OBSERVERS:
+            raise ValueError(f"observer {method!r} is unknown; use {', '.join(OBSERVERS)}")
+        self.method, self.percentile = method, percentile
+        self.alpha = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.register_buffer("x_min", torch.full((1,), float("inf")))
+        self.register_buffer("x_max", torch.full((1,), float("-inf")))
+        self._sample: list[torch.Tensor] = []
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, method={self.method}"
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten()
+        self.x_min.copy_(torch.minimum(self.x_min, x.min().reshape(1)))
+        self.x_max.copy_(torch.maximum(self.x_max, x.max().reshape(1)))
+        if self.method != "minmax":
+            if x.numel() > self.SAMPLE:
+                g = torch.Generator(device="cpu").manual_seed(len(self._sample))
+                x = x[torch.randint(x.numel(), (self.SAMPLE,), generator=g).to(x.device)]
+            self._sample.append(x.cpu())
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        if not torch.isfinite(self.x_max).all():
+            raise RuntimeError("the observer saw no data; run calibration batches before freezing it")
+        signed = self.fixed_sign if self.fixed_sign is not None else bool(self.x_min < -SIGN_EPS)
+        self.signed.fill_(1.0 if signed else 0.0)
+        qn, qp = self.grid()
+        peak = torch.maximum(self.x_max.abs(), self.x_min.abs()) if signed else self.x_max.clamp(min=0)
+        peak = peak.clamp(min=1e-8)
+        if self.method == "minmax":
+            alpha = peak / qp
+        else:
+            sample = torch.cat(self._sample) if self._sample else torch.zeros(1)
+            mag = sample.abs() if signed else sample.clamp(min=0)
+            if self.method == "percentile":
+                k = max(1, min(mag.numel(), int(math.ceil(self.percentile / 100 * mag.numel()))))
+                alpha = (mag.kthvalue(k).values.reshape(1).clamp(min=1e-8)) / qp
+            else:
+                cands = peak.cpu() * torch.linspace(0.2, 1.0, 100) / qp
+                errs = [((torch.round(sample / c).clamp(qn, qp) * c - sample) ** 2).mean() for c in cands]
+                alpha = cands[int(torch.stack(errs).argmin())].reshape(1)
+        self.alpha.copy_(alpha.to(self.alpha.device))
+        self._sample = []
+        self.init_state.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.initialized:
+            self.observe(x)
+            return x  # calibration passes see the float tensor
+        if not self.initialized:
+            self.freeze()
+        qn, qp = self.grid()
+        return round_ste((x / self.alpha).clamp(qn, qp)) * self.alpha
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]

@@ -1,0 +1,229 @@
+"""Quantizer semantics (quantization.md), placement, checkpoints, and the Q-MambaIR fixture."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qmamba_deploy import build_model, load_model, save_checkpoint
+from qmamba_deploy.errors import CheckpointError, OptionError
+from qmamba_deploy.quant import (DLS, LSQ, RFA, Observer, QConfig, QuantConv2d, QuantLinear, calibrating, qrange,
+                                 quantize_model, quantized_layer_names, quantizers)
+
+from .conftest import PARITY, TINY_V1, TINY_V2, need, parity_case
+
+
+def _init(q, x):
+    q.train()
+    with torch.no_grad(), calibrating(q):
+        q(x)
+    return q.eval()
+
+
+def _x(n=4000, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) + shift
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("make", [lambda b: LSQ(b), lambda b: LSQ(b, offset=True), lambda b: RFA(b)])
+def test_outputs_lie_on_the_grid(make, bits):
+    q = make(bits)
+    x = _x()
+    _init(q, x)
+    with torch.no_grad():
+        q.beta.add_(0.03) if getattr(q, "beta", None) is not None else None
+        y = q(x)
+    beta = q.beta if getattr(q, "beta", None) is not None else 0
+    k = ((y + beta) / q.alpha).detach()
+    torch.testing.assert_close(k, torch.round(k), atol=1e-4, rtol=0)
+    lo, hi = qrange(bits, True)
+    assert float(k.min()) >= lo - 1e-4 and float(k.max()) <= hi + 1e-4
+
+
+def test_unsigned_data_gets_the_unsigned_grid():
+    q = _init(LSQ(4, offset=True), _x().abs())
+    assert not q.is_signed and q.grid() == (0, 15)
+    q = _init(LSQ(4, offset=True), _x())
+    assert q.is_signed and q.grid() == (-8, 7)
+    assert "bits=4" in repr(q) and "initialized=True" in repr(q)
+
+
+def test_lsq_init_and_gradient_scale():
+    x = _x()
+    q = LSQ(4)
+    q.train()
+    y = q(x)
+    qp = 7
+    assert float(q.alpha.detach()) == pytest.approx(2 * float(x.abs().mean()) / math.sqrt(qp), rel=1e-6)
+    y.sum().backward()
+    v = x / q.alpha.detach()
+    d_alpha = torch.where(v <= -8, torch.tensor(-8.0), torch.where(v >= 7, torch.tensor(7.0), torch.round(v) - v))
+    g = 1 / math.sqrt(x.numel() * qp)
+    assert float(q.alpha.grad) == pytest.approx(float(d_alpha.sum()) * g, rel=1e-4)
+
+
+def test_rfa_equals_rounding_at_init_and_moves_with_its_anchors():
+    x = _x()
+    rfa, lsq = _init(RFA(4), x), _init(LSQ(4, offset=True), x)
+    assert torch.equal(rfa.a.detach(), torch.arange(-8, 8, dtype=torch.float32))
+    with torch.no_grad():
+        lsq.alpha.copy_(rfa.alpha)
+        torch.testing.assert_close(rfa(x), lsq(x), rtol=0, atol=0)
+        before = rfa(x)
+        rfa.a[9] += 0.6  # thresholds around anchor 1 move: 0.5 -> 0.8 and 1.5 -> 1.8
+        after = rfa(x)
+    v = (x / rfa.alpha).detach()
+    moved = ((v > 0.5) & (v <= 0.8)) | ((v > 1.5) & (v <= 1.8))
+    assert moved.any()
+    torch.testing.assert_close((before - after)[moved], rfa.alpha.detach().expand(int(moved.sum())))
+    assert torch.equal(before[~moved], after[~moved])
+
+
+def test_rfa_backward_slopes():
+    q = RFA(3)  # levels -4..3, grid -4..3 once signed
+    q.init_state.fill_(1)
+    q.signed.fill_(1)
+    with torch.no_grad():
+        q.alpha.fill_(1.0)
+        q.a.copy_(torch.tensor([-3.5, -3.0, -2.0, -1.0, 0.0, 2.0, 2.5, 2.8]))
+    q.eval()
+    v = torch.tensor([-3.8, -3.2, -1.5, 0.5, 1.5, 2.2, 2.9], requires_grad=True)
+    q(v).sum().backward()
+    # below a[0] and above a[-1]: 0.1; inside cell i: 1 / (a[i+1] - a[i])
+    expected = torch.tensor([0.1, 2.0, 1.0, 0.5, 0.5, 2.0, 0.1])
+    torch.testing.assert_close(v.grad, expected)
+    assert q.a.grad is not None and q.a.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_dls_init_and_alpha_clamp(bits):
+    q = DLS(bits)
+    x = _x(shift=3.0) * 0.5
+    q.train()
+    q(x)
+    alpha, beta, _, _ = q.scale_offset(x)
+    assert float(beta) == pytest.approx(-float(x.mean()), rel=1e-6)
+    qp = 2 ** (bits - 1) - 1
+    xb = x - x.mean()
+    raw = (abs(float(xb.mean())) + 3 * float(xb.std())) / qp
+    cap = float(x.max() - x.min()) / 2 ** bits
+    assert float(alpha) == pytest.approx(min(max(raw, 1e-6), cap), rel=1e-5)
+    assert (raw > cap) == (bits == 2)  # at 2 bits the range cap is what binds
+    y = q(x)
+    assert float(y.min()) >= float(x.min()) and float(y.max()) <= float(x.max())
+
+
+def test_dls_passes_a_constant_tensor():
+    q = DLS(4)
+    q.train()
+    x = torch.ones(10)
+    assert torch.equal(q(x), x)
+
+
+def test_observers():
+    x = torch.cat([_x(100_000), torch.tensor([12.0])])  # one outlier
+    mm, pc, ms = (_init(Observer(4, m), x) for m in ("minmax", "percentile", "mse"))
+    assert float(mm.alpha) == pytest.approx(12.0 / 7)
+    assert float(pc.alpha) < float(mm.alpha) and float(ms.alpha) < float(mm.alpha)
+    err = {o.method: float(((o(x) - x) ** 2).mean()) for o in (mm, pc, ms)}
+    assert err["mse"] <= err["minmax"]
+    with pytest.raises(RuntimeError, match="no data"):
+        Observer(4).eval()(x)
+
+
+def test_qconfig_validation_and_round_trip():
+    with pytest.raises(OptionError, match="--method"):
+        QConfig("gptq")
+    with pytest.raises(OptionError, match="--w-bits 1"):
+        QConfig("lsq", w_bits=1)
+    qc = QConfig("lsq+", 4, 8, keep_fp=("*.out_proj",), overrides=(("layers.1.*", 8, 8),))
+    assert QConfig.from_dict(qc.as_dict()) == qc
+    assert qc.bits_for("layers.1.conv") == (8, 8) and qc.bits_for("layers.0.conv") == (4, 8)
+
+
+def test_placement_mambair_keeps_head_tail_and_channel_attention_fp():
+    torch.manual_seed(0)
+    model = build_model("MambaIR", **TINY_V1)
+    names = quantized_layer_names(model)
+    assert "layers.0.residual_group.blocks.0.self_attention.in_proj" in names
+    assert "layers.0.residual_group.blocks.0.self_attention.out_proj" in names
+    assert "layers.0.conv" in names
+    assert not any("attention.1" in n or "attention.3" in n for n in names)
+    assert not any(n.startswith(("conv_first", "conv_after_body", "upsample")) for n in names)
+    quantize_model(model, QConfig("qmambair", keep_fp=("*.conv_blk.*",)))
+    out_proj = model.get_submodule("layers.0.residual_group.blocks.0.self_attention.out_proj")
+    assert isinstance(out_proj, QuantLinear) and isinstance(out_proj.linear_act_quant, DLS)
+    assert isinstance(out_proj.linear_weight_quant, RFA)
+    assert not isinstance(model.get_submodule("layers.0.residual_group.blocks.0.conv_blk.cab.0"), QuantConv2d)
+    ss2d = model.get_submodule("layers.0.residual_group.blocks.0.self_attention")
+    assert isinstance(ss2d.xs_q, DLS) and isinstance(ss2d.x_proj_act_q, LSQ)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, QConfig("lsq"))
+
+
+@pytest.mark.parametrize("method", ["qmambair", "dls", "rfa", "lsq", "lsq+", "minmax", "percentile", "mse"])
+def test_quantized_checkpoint_round_trip(tmp_path, method):
+    torch.manual_seed(0)
+    model = quantize_model(build_model("MambaIRv2Light", **TINY_V2), QConfig(method, 4, 4))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), calibrating(model):
+        model(x)
+    model.eval()
+    assert all(q.initialized for _, q in quantizers(model) if not isinstance(q, Observer)) or method in (
+        "minmax", "percentile", "mse")
+    with torch.no_grad():
+        y = model(x)
+    path = tmp_path / "q.safetensors"
+    manifest = save_checkpoint(model, path)
+    assert manifest["qconfig"]["method"] == method
+    again = load_model(path)
+    assert again.qconfig == model.qconfig
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), y, rtol=0, atol=0)
+    assert all(q.initialized for _, q in quantizers(again))
+
+
+def test_qat_step_lowers_the_loss():
+    torch.manual_seed(0)
+    fp = build_model("MambaIRv2Light", **TINY_V2).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        target = fp(x)
+    q = quantize_model(build_model("MambaIRv2Light", **TINY_V2), QConfig("qmambair", 4, 4))
+    q.load_state_dict(fp.state_dict(), strict=False)
+    q.train()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(10):
+        loss = (q(x) - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[1] < losses[0] and losses[-1] < 0.9 * losses[0]
+
+
+def test_qmambair_fixture_reproduces_output():
+    config, _, x, y = parity_case("qmambair_light_x4_w4a4_tiny")
+    model = load_model(PARITY / "qmambair_light_x4_w4a4_tiny" / "state_dict.safetensors")
+    assert model.qconfig == QConfig("qmambair", 4, 4)
+    assert model.provenance["qconfig_from"].startswith("detected")
+    with torch.no_grad():
+        out = model(x).numpy()
+    assert np.abs(out - y).max() <= 1e-4
+    signed = {n: q.is_signed for n, q in quantizers(model)}
+    assert signed["layers.0.residual_group.blocks.0.self_attention.Ds_q"] is False
+    assert signed["layers.0.residual_group.blocks.0.self_attention.xs_q"] is True
+
+
+def test_unknown_quantized_layout_is_explained():
+    from safetensors.torch import load_file
+
+    sd = load_file(str(need(PARITY / "qmambair_light_x4_w4a4_tiny" / "state_dict.safetensors")))
+    sd = {k: v for k, v in sd.items() if not k.endswith("_quant.a") and not k.endswith("weight_q.a")}
+    with pytest.raises(CheckpointError, match="not in Q-MambaIR's layout"):
+        load_model(sd)

@@ -12,7 +12,7 @@ from qmamba_deploy import build_model, load_model, save_checkpoint
 from qmamba_deploy.checkpoints import detect_arch, read_checkpoint
 from qmamba_deploy.errors import CheckpointError
 
-from .conftest import CHECKPOINTS, PARITY, TINY_V1, TINY_V2, need
+from .conftest import CHECKPOINTS, TINY_V1, TINY_V2, need
 
 
 def _tiny(arch="MambaIRv2Light", kwargs=TINY_V2, seed=0):

@@ -261,5 +261,63 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
         click.echo(f"model: {Path(out) / 'model.safetensors'}")
 
 
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="The float model (default: the embedded x2 model).")
+@click.option("--method", type=click.Choice(["qmambair", "dls", "rfa", "lsq", "lsq+", "minmax", "percentile", "mse"]),
+              default="qmambair", show_default=True,
+              help="QAT: qmambair (DLS + RFA), dls, rfa, lsq, lsq+. PTQ: minmax, percentile, mse.")
+@click.option("--w-bits", type=int, default=4, show_default=True)
+@click.option("--a-bits", type=int, default=4, show_default=True)
+@click.option("--scan-bits", type=int, default=None, help="Bits of the scan operands (default: --a-bits).")
+@click.option("--data", default="builtin", show_default=True, help="Training / calibration images.")
+@click.option("--val-data", default="builtin", show_default=True, help="Validation images, or 'none'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder; the result is OUT/model.safetensors. A rerun resumes QAT.")
+@click.option("--iters", type=int, default=1000, show_default=True, help="QAT iterations.")
+@click.option("--calib-batches", type=int, default=4, show_default=True,
+              help="Batches that initialise (QAT) or calibrate (PTQ) the quantizers.")
+@click.option("--patch", type=int, default=48, show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="QAT learning rate of the weights.")
+@click.option("--quant-lr", type=float, default=None, help="QAT learning rate of quantizer parameters (default --lr).")
+@click.option("--schedule", type=click.Choice(["multistep", "cosine", "constant"]), default="multistep",
+              show_default=True)
+@click.option("--distill", type=float, default=0.0, show_default=True,
+              help="Weight of L1 to the float model's output in the QAT loss (0: ground truth only).")
+@click.option("--save-every", type=int, default=500, show_default=True)
+@click.option("--val-every", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out, iters, calib_batches, patch, batch,
+             lr, quant_lr, schedule, distill, save_every, val_every, seed, device, quiet):
+    """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
+    from .checkpoints import load_model
+    from .defaults import default_checkpoint
+    from .quant.pipeline import QuantizeConfig, quantize as run_quantize
+    from .train import cleanup_distributed
+
+    ckpt = str(checkpoint or default_checkpoint())
+    fp = load_model(ckpt)
+    task = fp.manifest.get("task", {}) if hasattr(fp, "manifest") else {}
+    up = int(getattr(fp, "upscale", 1))
+    cfg = QuantizeConfig(arch=fp.arch_name, kwargs=dict(fp.arch_kwargs), task=task.get("task", "sr" if up > 1 else "denoise"),
+                         scale=up, sigma=task.get("sigma", 25.0), quality=task.get("quality", 40), data=data,
+                         val_data=None if val_data == "none" else val_data, patch=patch, batch=batch, iters=iters,
+                         lr=lr, schedule=schedule, val_every=val_every, save_every=save_every, seed=seed,
+                         device=device, checkpoint=ckpt, method=method, w_bits=w_bits, a_bits=a_bits,
+                         scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr)
+    try:
+        result = run_quantize(cfg, out, command=_command_line(), progress=not quiet)
+    finally:
+        cleanup_distributed()
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        click.echo(f"{cfg.qconfig().label} from {ckpt} in {result.seconds:.0f} s")
+        if result.validation:
+            click.echo("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
+        click.echo(f"model: {Path(out) / 'model.safetensors'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -228,6 +228,12 @@ class FitResult:
     seconds: float
 
 
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    return obj.to(device, non_blocking=True)
+
+
 def _step_seed(seed: int, it: int, rank: int) -> int:
     return (seed * 1_000_003 + it * 7919 + rank) % (2 ** 63)
 
@@ -361,7 +367,7 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
             torch.manual_seed(_step_seed(cfg.seed, it, info.rank))
             x, y = batches(it, info.rank)
             lr = _set_lr(opt, cfg.schedule.factor(it))
-            loss = loss_fn(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            loss = loss_fn(net(x.to(device, non_blocking=True)), _to_device(y, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at iteration {it + 1}; lower --lr "
                                          f"(now {opt.param_groups[0]['initial_lr']:g}) or set --grad-clip")
@@ -508,59 +514,103 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v))
 
 
-def train_restoration(cfg: TrainConfig, out: str | os.PathLike, command: str | None = None,
-                      on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> FitResult:
-    """The ``qmamba-deploy train`` job: data, model, loss -> :func:`fit` -> ``out/model.safetensors``."""
-    from .checkpoints import save_checkpoint
-    from .data.datasets import PatchSampler, load_pairs
-    from .evaluate import evaluate_model
+@dataclass
+class Job:
+    """What a training job trains: a model, its loss, its parameter groups, and what its manifest adds.
 
-    info = init_distributed(cfg.device)
-    folder = RunFolder(out)
-    deg = cfg.degradation()
+    ``prepare(sampler)`` runs once the training patches exist (calibration);
+    ``batches(sampler)`` may replace the sampler's batches (e.g. adding a
+    teacher's output to the target).
+    """
+
+    model: nn.Module
+    loss: Callable[[torch.Tensor, Any], torch.Tensor]
+    param_groups: list[dict[str, Any]]
+    manifest: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[Any], None] | None = None
+    batches: Callable[[Any], Callable[[int, int], tuple[torch.Tensor, Any]]] | None = None
+
+
+def _restoration_job(cfg: TrainConfig, info: DistInfo) -> Job:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_training_model(cfg)
-    channels = int(getattr(model, "in_chans", 3))
-    sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.patch, cfg.batch,
-                           seed=cfg.seed)
-    val_pairs = load_pairs(cfg.val_data, deg, channels, split="eval") if cfg.val_data else None
+    return Job(model, LOSSES[cfg.loss_name], [{"params": [p for p in model.parameters() if p.requires_grad],
+                                                "lr": cfg.lr}])
 
-    if info.is_main:
-        _check_resumable(folder, cfg, info.world_size)
-        folder.root.mkdir(parents=True, exist_ok=True)
-        folder.ckpt_dir.mkdir(exist_ok=True)
-        if not folder.run.is_file() or folder.last_checkpoint() is None:
-            write_json(folder.run, make_manifest(RUN_KIND, config=cfg.as_dict(), command=command,
-                                                 world_size=info.world_size, device=info.device,
-                                                 train_images=[p.name for p in sampler.pairs]))
-    _barrier(info)
+
+def make_validator(val_pairs, deg, info: DistInfo) -> Callable[[nn.Module], dict[str, Any]] | None:
+    """validate(model) -> mean scores on ``val_pairs`` (deterministic routing), or None without pairs."""
+    if not val_pairs:
+        return None
+    from .evaluate import evaluate_model
 
     def validate(net: nn.Module) -> dict[str, Any]:
         with _routing(net, "deterministic"):
             report = evaluate_model(net, val_pairs, deg, device=info.device)
-        return {f"{k}": round(v, 6) for k, v in report.summary.items()}
+        return {k: round(v, 6) for k, v in report.summary.items()}
+
+    return validate
+
+
+def run_job(cfg: TrainConfig, out: str | os.PathLike, make_job: Callable[[TrainConfig, DistInfo], Job],
+            kind: str = "qmamba-deploy train", command: str | None = None,
+            on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> FitResult:
+    """Data -> ``make_job`` (model, loss, groups) -> :func:`fit` -> ``out/model.safetensors``.
+
+    ``train`` and the QAT path of ``quantize`` are both this function with
+    their own ``make_job``.
+    """
+    from .checkpoints import save_checkpoint
+    from .data.datasets import PatchSampler, load_pairs
+
+    info = init_distributed(cfg.device)
+    folder = RunFolder(out)
+    deg = cfg.degradation()
+    if info.is_main:
+        _check_resumable(folder, cfg, info.world_size)
+    job = make_job(cfg, info)
+    channels = int(getattr(job.model, "in_chans", 3))
+    sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.patch, cfg.batch,
+                           seed=cfg.seed)
+    val_pairs = load_pairs(cfg.val_data, deg, channels, split="eval") if cfg.val_data else None
+    if job.prepare is not None and folder.last_checkpoint() is None:
+        job.prepare(sampler)  # a resumed run loads the prepared state from its checkpoint
+    if info.is_main:
+        folder.root.mkdir(parents=True, exist_ok=True)
+        folder.ckpt_dir.mkdir(exist_ok=True)
+        if not folder.run.is_file() or folder.last_checkpoint() is None:
+            write_json(folder.run, make_manifest(RUN_KIND, config=cfg.as_dict(), command=command, job=kind,
+                                                 world_size=info.world_size, device=info.device,
+                                                 train_images=[p.name for p in sampler.pairs]))
+    _barrier(info)
 
     loop = LoopConfig(iters=cfg.iters, ema=cfg.ema, grad_clip=cfg.grad_clip, val_every=cfg.val_every,
                       save_every=cfg.save_every, log_every=cfg.log_every, seed=cfg.seed, progress=progress,
                       schedule=Schedule(cfg.schedule, cfg.iters, tuple(cfg.milestones), cfg.gamma, cfg.warmup))
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
-    with _routing(model, "gumbel"):
-        result = fit(model, LOSSES[cfg.loss_name], params, sampler.batch, loop, out,
-                     validate=validate if val_pairs else None, info=info, on_step=on_step)
+    with _routing(job.model, "gumbel"):
+        batches = job.batches(sampler) if job.batches else sampler.batch
+        result = fit(job.model, job.loss, job.param_groups, batches, loop, out,
+                     validate=make_validator(val_pairs, deg, info), info=info, on_step=on_step)
     if info.is_main:
         shipped = result.model.to("cpu")
         if hasattr(shipped, "set_routing"):
             shipped.set_routing("deterministic")
-        provenance = {"trained_by": "qmamba-deploy train", "command": command, "config": cfg.as_dict(),
+        provenance = {"trained_by": kind, "command": command, "config": cfg.as_dict(),
                       "iterations": result.iteration, "world_size": info.world_size,
                       "train_images": [p.name for p in sampler.pairs],
                       "weights": "ema" if cfg.ema else "raw", "rank_digests": result.rank_digests}
-        extra = {"task": deg.as_dict()}
+        extra = {"task": deg.as_dict(), **job.manifest}
         if result.validation:
             extra["validation"] = {"data": cfg.val_data, **result.validation}
         save_checkpoint(shipped, folder.root / "model.safetensors", provenance=provenance, extra=extra)
     _barrier(info)
     return result
+
+
+def train_restoration(cfg: TrainConfig, out: str | os.PathLike, command: str | None = None,
+                      on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> FitResult:
+    """The ``qmamba-deploy train`` job: a model built from ``cfg.arch`` trained on ``cfg.data``."""
+    return run_job(cfg, out, _restoration_job, "qmamba-deploy train", command, on_step, progress)
 
 
 def cleanup_distributed() -> None:

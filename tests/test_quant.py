@@ -227,3 +227,65 @@ def test_unknown_quantized_layout_is_explained():
     sd = {k: v for k, v in sd.items() if not k.endswith("_quant.a") and not k.endswith("weight_q.a")}
     with pytest.raises(CheckpointError, match="not in Q-MambaIR's layout"):
         load_model(sd)
+
+
+def _quant_cli(ckpt, out, *extra):
+    from click.testing import CliRunner
+
+    from qmamba_deploy.cli import main
+
+    return CliRunner().invoke(main, ["quantize", "--checkpoint", str(ckpt), "--out", str(out), "--patch", "16",
+                                     "--batch", "2", "--device", "cpu", "--quiet", *extra])
+
+
+def test_quantize_cli_ptq_and_qat_then_eval(tmp_path, tiny_ckpt):
+    import json
+
+    from click.testing import CliRunner
+
+    from qmamba_deploy.cli import main
+
+    res = _quant_cli(tiny_ckpt, tmp_path / "ptq", "--method", "percentile", "--w-bits", "8", "--a-bits", "8",
+                     "--val-data", "none", "--calib-batches", "2")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "ptq" / "model.json").read_text())
+    assert manifest["qconfig"]["method"] == "percentile" and manifest["qconfig"]["w_bits"] == 8
+    assert manifest["quantized_from"] == str(tiny_ckpt)
+    ptq = load_model(tmp_path / "ptq" / "model.safetensors")
+    assert all(q.initialized for _, q in quantizers(ptq))
+
+    res = _quant_cli(tiny_ckpt, tmp_path / "qat", "--method", "qmambair", "--iters", "3", "--distill", "0.5")
+    assert res.exit_code == 0, res.output
+    assert "qmambair W4A4" in res.output and "validation: psnr" in res.output
+    qat = load_model(tmp_path / "qat" / "model.safetensors")
+    assert qat.qconfig.method == "qmambair"
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path / "qat" / "model.safetensors"), "--quiet"])
+    assert res.exit_code == 0 and "mean" in res.output
+
+    res = _quant_cli(tmp_path / "qat" / "model.safetensors", tmp_path / "again", "--method", "lsq")
+    assert res.exit_code == 2 and "already quantized" in res.output
+    res = _quant_cli(tiny_ckpt, tmp_path / "bad", "--w-bits", "1")
+    assert res.exit_code == 2 and "--w-bits 1" in res.output
+
+
+@pytest.mark.slow
+def test_qat_under_torchrun_two_gloo_processes(tmp_path, tiny_ckpt):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "qmamba_deploy.cli", "quantize", "--checkpoint", str(tiny_ckpt), "--out", str(out),
+           "--method", "qmambair", "--iters", "3", "--patch", "16", "--batch", "2", "--val-data", "none",
+           "--device", "cpu", "--quiet"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    manifest = json.loads((out / "model.json").read_text())
+    digests = manifest["provenance"]["rank_digests"]
+    assert manifest["provenance"]["world_size"] == 2 and digests[0] == digests[1]
+    assert manifest["qconfig"]["method"] == "qmambair"

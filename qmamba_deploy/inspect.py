@@ -54,8 +54,22 @@ def describe_checkpoint(path: str | os.PathLike, arch: str | None = None, **kwar
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in sd.values()}),
         "scan": {"d_state": int(scan.A_logs.shape[1]), "channels": int(scan.A_logs.shape[0])} if scan else None,
         "layers": dict(layer_summary(model)),
+        "quantization": _quantization(model),
         "manifest": manifest,
     }
+
+
+def _quantization(model) -> dict[str, Any] | None:
+    qconfig = getattr(model, "qconfig", None)
+    if qconfig is None:
+        return None
+    from collections import Counter
+
+    from .quant import quantizers
+
+    kinds = Counter(q.kind for _, q in quantizers(model))
+    return {"qconfig": qconfig.as_dict(), "label": qconfig.label, "quantizers": dict(sorted(kinds.items())),
+            "from": model.provenance.get("qconfig_from", "manifest")}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -66,6 +80,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"params      {s['params']:,}  in {s['tensors']} tensors ({', '.join(s['dtypes'])})",
         "kwargs      " + ", ".join(f"{k}={v}" for k, v in s["kwargs"].items()),
     ]
+    if s.get("quantization"):
+        q = s["quantization"]
+        kinds = ", ".join(f"{n} {k}" for k, n in q["quantizers"].items())
+        lines.append(f"quantized   {q['label']} ({q['from']}): {kinds}")
     if s["scan"]:
         lines.append(f"scan        d_state {s['scan']['d_state']}, {s['scan']['channels']} channels per scan op "
                      f"(first block)")

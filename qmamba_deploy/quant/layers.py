@@ -19,6 +19,16 @@ def _or_identity(q: nn.Module | None) -> nn.Module:
     return q if q is not None else nn.Identity()
 
 
+def _copy_float(q: nn.Module, m: nn.Module) -> nn.Module:
+    """The float layer's weight and bias (and device) into its quantized replacement."""
+    q.to(m.weight.device)
+    with torch.no_grad():
+        q.weight.copy_(m.weight)
+        if m.bias is not None:
+            q.bias.copy_(m.bias)
+    return q
+
+
 class QuantLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  act_quant: nn.Module | None = None, weight_quant: nn.Module | None = None):
@@ -28,13 +38,7 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_float(cls, m: nn.Linear, act_quant: nn.Module | None, weight_quant: nn.Module | None) -> "QuantLinear":
-        q = cls(m.in_features, m.out_features, m.bias is not None, act_quant, weight_quant)
-        q.to(m.weight.device)
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
-        return q
+        return _copy_float(cls(m.in_features, m.out_features, m.bias is not None, act_quant, weight_quant), m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.linear_act_quant(x), self.linear_weight_quant(self.weight), self.bias)
@@ -53,12 +57,7 @@ class QuantConv2d(nn.Conv2d):
         q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                 dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
                 act_quant=act_quant, weight_quant=weight_quant)
-        q.to(m.weight.device)
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
-        return q
+        return _copy_float(q, m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.conv_act_quant(x), self.conv_weight_quant(self.weight), self.bias, self.stride,

@@ -95,7 +95,8 @@ def test_eval_cli_denoise_on_a_x1_model(tmp_path):
     data = json.loads(out.read_text())
     assert data["degradation"] == {"task": "denoise", "label": "denoise-s50", "sigma": 50.0}
     assert data["crop_border"] == 0 and data["kind"] == "qmamba-deploy/eval-report"
-    assert all(13 < r["psnr_baseline"] < 16 for r in data["images"])  # sigma 50 is about 14.2 dB
+    # Y noise std = 50 * |(65.481, 128.553, 24.966)| / 255 = 28.7 -> 19.0 dB (clipping raises it a little)
+    assert all(18.5 < r["psnr_baseline"] < 21 for r in data["images"])
 
 
 def test_eval_real_x4_weights_on_builtin(tmp_path):

@@ -127,3 +127,17 @@ def test_restore_flag_errors(tmp_path, tiny_ckpt):
     result = CliRunner().invoke(main, ["restore", "--checkpoint", str(tiny_ckpt), "--tile", "8", "--overlap", "8",
                                        "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--overlap" in result.output
+
+
+def test_restore_with_the_embedded_default(tmp_path):
+    """The README's main command: restore with no checkpoint and no input."""
+    from qmamba_deploy.defaults import DEFAULT_MODELS, models_dir
+
+    if not (models_dir() / DEFAULT_MODELS[2]).is_file():
+        pytest.skip("the embedded default model is not in this checkout")
+    res = CliRunner().invoke(main, ["restore", "--output", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "mambairv2_tiny_x2" in res.output
+    outs = sorted(tmp_path.glob("*.png"))
+    assert [p.stem for p in outs] == ["astronaut", "chelsea", "coffee"]
+    assert all(cv2.imread(str(p)).shape == (192, 192, 3) for p in outs)

@@ -1,7 +1,7 @@
 """Quality of every quantization method at W8A8 / W4A4 / W2A2 -> docs/results-quantization.md.
 
     python3 tools/quant_results.py [--checkpoint ../shared/checkpoints/mambairv2_light_x4.safetensors]
-        [--iters 200] [--runs runs/quant] [--out docs/results-quantization.md]
+        [--iters 150] [--runs runs/quant] [--out docs/results-quantization.md]
 
 Each row runs `qmamba_deploy.quant.pipeline.quantize` (what `qmamba-deploy
 quantize` runs) on the built-in train split with the same budget for every
@@ -38,9 +38,9 @@ ROWS = [("minmax", 8, 8), ("percentile", 8, 8),
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(ROOT.parent / "shared/checkpoints/mambairv2_light_x4.safetensors"))
-    ap.add_argument("--iters", type=int, default=200, help="QAT iterations per method")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--patch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=150, help="QAT iterations per method")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--patch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--rows", nargs="*", help="only these rows, e.g. qmambair:4:4")

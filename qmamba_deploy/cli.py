@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import QMambaError
+from .quant.qconfig import METHODS as QUANT_METHODS
 
 
 class _Group(click.Group):
@@ -264,8 +265,7 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @main.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False),
               help="The float model (default: the embedded x2 model).")
-@click.option("--method", type=click.Choice(["qmambair", "dls", "rfa", "lsq", "lsq+", "minmax", "percentile", "mse"]),
-              default="qmambair", show_default=True,
+@click.option("--method", type=click.Choice(QUANT_METHODS), default="qmambair", show_default=True,
               help="QAT: qmambair (DLS + RFA), dls, rfa, lsq, lsq+. PTQ: minmax, percentile, mse.")
 @click.option("--w-bits", type=int, default=4, show_default=True)
 @click.option("--a-bits", type=int, default=4, show_default=True)

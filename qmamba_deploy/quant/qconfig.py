@@ -26,7 +26,8 @@ from .quantizers import DLS, LSQ, OBSERVERS, RFA, Observer
 
 QAT_METHODS = ("qmambair", "dls", "rfa", "lsq", "lsq+")
 PTQ_METHODS = OBSERVERS
-METHODS = QAT_METHODS + PTQ_METHODS
+METHODS = QAT_METHODS + PTQ_METHODS  # what `quantize --method` offers
+# "spr2q" (RECIPES below) is the qconfig of a fused SPR²Q checkpoint; its job is qmamba_deploy.quant.spr2q
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ RECIPES: dict[str, Recipe] = {
     "lsq": Recipe("lsq", "lsq", "lsq", "lsq", True, "LSQ (Esser et al.) everywhere"),
     "lsq+": Recipe("lsq+", "lsq", "lsq+", "lsq+", True, "LSQ+ activations (learnable offset), LSQ weights"),
     **{m: Recipe(m, m, m, m, False, f"PTQ, {m} observers, symmetric") for m in OBSERVERS},
+    "spr2q": Recipe("bounded", "bounded", "bounded", "bounded", True,
+                    "SPR²Q: learnable-bounds quantizers; rectifier groups fused into the weights"),
 }
 
 
@@ -61,6 +64,10 @@ def make_quantizer(kind: str, bits: int, weight: bool = False) -> nn.Module:
         return RFA(bits)
     if kind in OBSERVERS:
         return Observer(bits, kind, signed=True if weight else None)
+    if kind == "bounded":
+        from .spr2q import BoundedQuant
+
+        return BoundedQuant(bits)
     raise ValueError(f"quantizer kind {kind!r} is unknown")
 
 

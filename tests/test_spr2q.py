@@ -1,0 +1,108 @@
+"""SPR²Q: the learnable-bounds quantizer, rectifier groups, static routing, lossless fusion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qmamba_deploy import build_model, load_model, save_checkpoint
+from qmamba_deploy.quant import QConfig, QuantConv2d, QuantLinear, calibrating, quantize_model
+from qmamba_deploy.quant.spr2q import (BoundedQuant, RectifierGroup, SPR2QConv2d, SPR2QLinear, attach_rectifiers,
+                                       fuse_rectifiers, hybrid_loss, rectified_layers, route_statically)
+
+from .conftest import TINY_V2
+
+
+def test_bounded_quant_grid_and_bounds():
+    q = BoundedQuant(3)
+    x = torch.linspace(-1.0, 2.0, 301)
+    q.train()
+    q(x)
+    assert float(q.lo.detach()) == pytest.approx(-1.0) and float(q.hi.detach()) == pytest.approx(2.0)
+    with torch.no_grad():
+        q.lo.fill_(-0.5)
+        q.hi.fill_(1.25)
+    y = q(x)
+    k = ((y - q.lo) / q.step()).detach()
+    torch.testing.assert_close(k, torch.round(k), atol=1e-5, rtol=0)
+    assert float(y.min()) == pytest.approx(-0.5) and float(y.max()) == pytest.approx(1.25)
+    y.sum().backward()
+    assert q.lo.grad is not None and q.hi.grad is not None
+
+
+def test_rectifier_group_starts_as_identity_and_routes_statically():
+    g = RectifierGroup(torch.Size([6, 4, 3, 3]), in_features=4, n=3, rank=2)
+    w = torch.randn(6, 4, 3, 3)
+    gates = g.gates(torch.randn(2, 4, 5, 5), channel_dim=1)
+    torch.testing.assert_close(gates, torch.full((2, 3), 1 / 3))  # zero-initialised gate: uniform
+    torch.testing.assert_close(g.rectified(w, gates), w.expand(2, -1, -1, -1, -1))  # B = 0: no increment
+    with torch.no_grad():
+        g.B.normal_()
+    g.route_statically(torch.tensor([0.5, 0.3, 0.2]))
+    assert g.is_static
+    fused = w + g.fused_increment()
+    torch.testing.assert_close(g.rectified(w, g.gates(torch.randn(3, 4, 5, 5), 1))[1], fused)
+
+
+def _quantized_tiny():
+    torch.manual_seed(0)
+    fp = build_model("MambaIRv2Light", **TINY_V2).eval()
+    q = quantize_model(copy.deepcopy(fp), QConfig("spr2q", 4, 4))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad(), calibrating(q):
+        q(x)
+    return fp, q.eval()
+
+
+def test_fused_model_equals_the_statically_routed_one(tmp_path):
+    fp, q = _quantized_tiny()
+    names = attach_rectifiers(q, n=4, rank=4)
+    assert names and all(isinstance(m, (SPR2QLinear, SPR2QConv2d)) for _, m in rectified_layers(q))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, m in rectified_layers(q):
+            m.rectifier.B.normal_(0, 0.02)
+    route_statically(q, {n: torch.softmax(torch.randn(4), 0) for n in names})
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        routed = q(x)
+    table = fuse_rectifiers(q)
+    assert set(table) == set(names) and all(v["increment_norm"] > 0 for v in table.values())
+    assert not list(rectified_layers(q)) and all(
+        type(q.get_submodule(n)) in (QuantLinear, QuantConv2d) for n in names)
+    with torch.no_grad():
+        fused = q(x)
+    assert float((fused - routed).abs().max()) <= 1e-5
+    # the fused model is an ordinary quantized checkpoint
+    path = tmp_path / "fused.safetensors"
+    save_checkpoint(q, path)
+    assert not any("rectifier" in k for k in q.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(path)(x), fused, rtol=0, atol=0)
+
+
+def test_training_rectifiers_lowers_the_hybrid_loss_versus_plain_ptq():
+    fp, q = _quantized_tiny()
+    torch.manual_seed(2)
+    train_x, held_out = torch.rand(4, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = float(hybrid_loss(q, fp, held_out))
+    attach_rectifiers(q, n=4, rank=4)
+    params = [p for n, p in q.named_parameters() if ".rectifier." in n]
+    assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in q.named_parameters() if n.endswith(".weight") and ".rectifier." not in n
+                   and "quant" not in n)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    q.train()
+    for _ in range(15):
+        loss = hybrid_loss(q, fp, train_x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q.eval()
+    route_statically(q)  # uniform ĝ
+    with torch.no_grad():
+        rectified = float(hybrid_loss(q, fp, held_out))
+    assert rectified < plain

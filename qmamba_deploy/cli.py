@@ -265,8 +265,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @main.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False),
               help="The float model (default: the embedded x2 model).")
-@click.option("--method", type=click.Choice(QUANT_METHODS), default="qmambair", show_default=True,
-              help="QAT: qmambair (DLS + RFA), dls, rfa, lsq, lsq+. PTQ: minmax, percentile, mse.")
+@click.option("--method", type=click.Choice([*QUANT_METHODS, "spr2q"]), default="qmambair", show_default=True,
+              help="QAT: qmambair (DLS + RFA), dls, rfa, lsq, lsq+. PTQ: minmax, percentile, mse. "
+                   "spr2q: rectifier groups fused into the weights (PTQ with a short fine-tune).")
 @click.option("--w-bits", type=int, default=4, show_default=True)
 @click.option("--a-bits", type=int, default=4, show_default=True)
 @click.option("--scan-bits", type=int, default=None, help="Bits of the scan operands (default: --a-bits).")
@@ -289,20 +290,31 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--val-every", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True, help="spr2q: rank of each rectifier.")
+@click.option("--group-size", type=int, default=4, show_default=True, help="spr2q: rectifiers per layer.")
+@click.option("--route-iters", type=int, default=100, show_default=True,
+              help="spr2q: iterations of static routing calibration.")
+@click.option("--feature-weight", type=float, default=1.0, show_default=True,
+              help="spr2q: weight of the block feature-alignment term of the hybrid loss.")
+@click.option("--spr2q-variant", type=click.Choice(["group", "single", "plain", "no-static"]), default="group",
+              show_default=True, help="spr2q ablations: plain PTQ, one rectifier, group without static routing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out, iters, calib_batches, patch, batch,
-             lr, quant_lr, schedule, distill, save_every, val_every, seed, device, quiet):
+             lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size, route_iters,
+             feature_weight, spr2q_variant, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
     from .checkpoints import load_model
     from .defaults import default_checkpoint
-    from .quant.pipeline import QuantizeConfig, quantize as run_quantize
+    from .quant.pipeline import QuantizeConfig, SPR2QConfig, quantize as run_quantize
     from .train import cleanup_distributed
 
     ckpt = str(checkpoint or default_checkpoint())
     fp = load_model(ckpt)
     task = fp.manifest.get("task", {}) if hasattr(fp, "manifest") else {}
     up = int(getattr(fp, "upscale", 1))
-    cfg = QuantizeConfig(arch=fp.arch_name, kwargs=dict(fp.arch_kwargs), task=task.get("task", "sr" if up > 1 else "denoise"),
+    spr2q = dict(rank=rank, group_size=group_size, route_iters=route_iters, feature_weight=feature_weight,
+                 variant=spr2q_variant) if method == "spr2q" else {}
+    cfg = (SPR2QConfig if spr2q else QuantizeConfig)(**spr2q, arch=fp.arch_name, kwargs=dict(fp.arch_kwargs), task=task.get("task", "sr" if up > 1 else "denoise"),
                          scale=up, sigma=task.get("sigma", 25.0), quality=task.get("quality", 40), data=data,
                          val_data=None if val_data == "none" else val_data, patch=patch, batch=batch, iters=iters,
                          lr=lr, schedule=schedule, val_every=val_every, save_every=save_every, seed=seed,

@@ -106,3 +106,30 @@ def test_training_rectifiers_lowers_the_hybrid_loss_versus_plain_ptq():
     with torch.no_grad():
         rectified = float(hybrid_loss(q, fp, held_out))
     assert rectified < plain
+
+
+@pytest.mark.parametrize("variant,routing_file", [("group", True), ("single", True), ("plain", False)])
+def test_quantize_cli_spr2q(tmp_path, tiny_ckpt, variant, routing_file):
+    import json
+
+    from click.testing import CliRunner
+
+    from qmamba_deploy.cli import main
+    from qmamba_deploy.quant import quantizers
+
+    out = tmp_path / variant
+    res = CliRunner().invoke(main, ["quantize", "--checkpoint", str(tiny_ckpt), "--method", "spr2q", "--out", str(out),
+                                    "--spr2q-variant", variant, "--iters", "3", "--route-iters", "2", "--rank", "2",
+                                    "--patch", "16", "--batch", "2", "--val-data", "none", "--device", "cpu",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["qconfig"]["method"] == "spr2q" and manifest["spr2q"]["variant"] == variant
+    assert (out / "routing.json").exists() == routing_file
+    if routing_file:
+        layers = json.loads((out / "routing.json").read_text())["layers"]
+        n = 1 if variant == "single" else 4
+        assert all(len(v["g"]) == n for v in layers.values())
+    model = load_model(out / "model.safetensors")
+    assert {q.kind for _, q in quantizers(model)} == {"bounded"}
+    assert not any("rectifier" in k for k in model.state_dict())

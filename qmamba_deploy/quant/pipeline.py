@@ -161,6 +161,148 @@ def quantize(cfg: QuantizeConfig, out: str | os.PathLike, command: str | None = 
     """The ``qmamba-deploy quantize`` job; writes ``out/model.safetensors``."""
     if not cfg.checkpoint or not Path(cfg.checkpoint).is_file():
         raise OptionError(f"--checkpoint {cfg.checkpoint or '(none)'} is not a file; pass the float checkpoint")
+    if isinstance(cfg, SPR2QConfig):
+        return quantize_spr2q(cfg, out, command, progress)
     if cfg.qconfig().recipe.qat:
         return run_job(cfg, out, _qat_job, JOB, command, progress=progress)
     return _quantize_ptq(cfg, out, command)
+
+
+# ------------------------------------------------------------------------------ SPR²Q
+
+SPR2Q_VARIANTS = ("group", "single", "plain", "no-static")
+
+
+@dataclass
+class SPR2QConfig(QuantizeConfig):
+    """SPR²Q settings on top of :class:`QuantizeConfig` (``iters`` = group-training iterations)."""
+
+    method: str = "spr2q"
+    rank: int = 8
+    group_size: int = 4
+    route_iters: int = 100
+    feature_weight: float = 1.0  # λ of the block feature-alignment term
+    variant: str = "group"  # group | single (one rectifier, PQFR) | plain (PTQ only) | no-static (mean gate ĝ)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in SPR2Q_VARIANTS:
+            raise OptionError(f"--spr2q-variant {self.variant!r} is unknown; use {', '.join(SPR2Q_VARIANTS)}")
+        if self.rank < 1 or self.group_size < 1:
+            raise OptionError("--rank and --group-size must be at least 1")
+
+
+def _adam_loop(student, teacher, params, batches, iters: int, lr: float, lam: float, device, log) -> list[float]:
+    from .spr2q import hybrid_loss
+
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1))
+    losses = []
+    for it in range(iters):
+        loss = hybrid_loss(student, teacher, batches(it).to(device), lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        log(it, losses[-1])
+    return losses
+
+
+def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None = None,
+                   progress: bool = True) -> PTQResult:
+    """SPR²Q: calibrate Q_{a,b} -> train rectifier groups -> static routing -> fuse -> save.
+
+    Writes ``out/model.safetensors`` (an ordinary quantized checkpoint, qconfig
+    ``spr2q``), ``out/routing.json`` (ĝ and the increment norm per layer) and
+    ``out/log.jsonl``. One process; the float weights stay frozen.
+    """
+    from ..checkpoints import save_checkpoint
+    from ..data.datasets import PatchSampler, load_pairs
+    from ..manifest import write_json
+    from .spr2q import attach_rectifiers, fuse_rectifiers, rectified_layers, route_statically
+
+    t0 = time.perf_counter()
+    info = init_distributed(cfg.device)
+    deg = cfg.degradation()
+    teacher = _load_float(cfg).to(info.device)
+    model = quantize_model(copy.deepcopy(teacher), cfg.qconfig()).to(info.device)
+    channels = int(getattr(model, "in_chans", 3))
+    sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.patch, cfg.batch,
+                           seed=cfg.seed)
+    calibrate(model, _calibration_batches(cfg, sampler), info.device)
+    folder = RunFolder(out)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    if folder.log.exists():
+        folder.log.unlink()
+
+    def batches(it: int) -> torch.Tensor:
+        return sampler.batch(it, 0)[0]
+
+    def log(stage: str):
+        def write(it: int, loss: float) -> None:
+            if (it + 1) % cfg.log_every == 0:
+                folder.append_log({"stage": stage, "iter": it + 1, "loss": loss})
+        return write
+
+    table: dict[str, Any] = {}
+    torch.manual_seed(cfg.seed)
+    if cfg.variant != "plain":
+        n = 1 if cfg.variant == "single" else cfg.group_size
+        attach_rectifiers(model, n=n, rank=cfg.rank)
+        model.eval()  # the float weights are frozen and the quantizers initialised: no dropout / drop path
+        group_params = [p for name, p in model.named_parameters() if p.requires_grad]
+        with _routing(model, "deterministic"), _routing(teacher, "deterministic"):
+            _adam_loop(model, teacher, group_params, batches, cfg.iters, cfg.lr, cfg.feature_weight, info.device,
+                       log("group"))
+            mean_gates = _mean_gates(model, [batches(cfg.iters + cfg.calib_batches + i)
+                                             for i in range(cfg.calib_batches)], info.device)
+            route_statically(model, mean_gates)
+            if cfg.variant == "group" and n > 1 and cfg.route_iters:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                g_params = [m.rectifier.g_static for _, m in rectified_layers(model)]
+                for p in g_params:
+                    p.requires_grad_(True)
+                _adam_loop(model, teacher, g_params, lambda it: batches(cfg.iters + 1000 + it), cfg.route_iters,
+                           cfg.lr, cfg.feature_weight, info.device, log("routing"))
+        table = fuse_rectifiers(model)
+    model.eval()
+    validate = make_validator(load_pairs(cfg.val_data, deg, channels, split="eval") if cfg.val_data else None,
+                              deg, info)
+    validation = validate(model) if validate else None
+    extra: dict[str, Any] = {"task": deg.as_dict(), "quantized_from": str(cfg.checkpoint),
+                             "spr2q": {"variant": cfg.variant, "rank": cfg.rank, "group_size": cfg.group_size,
+                                       "routing_table": "routing.json" if table else None}}
+    if validation:
+        extra["validation"] = {"data": cfg.val_data, **validation}
+    provenance = {"trained_by": JOB, "command": command, "config": cfg.as_dict(),
+                  "train_images": [p.name for p in sampler.pairs]}
+    if table:
+        write_json(folder.root / "routing.json", {"layers": table})
+    save_checkpoint(model.cpu(), folder.root / "model.safetensors", provenance=provenance, extra=extra)
+    return PTQResult(model, validation, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _mean_gates(model: nn.Module, xs: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """Each layer's gate weights averaged over calibration batches (the start of static routing)."""
+    from .spr2q import rectified_layers
+
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, m in rectified_layers(model):
+        channel_dim = -1 if isinstance(m, nn.Linear) else 1
+
+        def pre(mod, args, name=name, channel_dim=channel_dim):
+            g = mod.rectifier.gates(args[0], channel_dim).mean(0)
+            sums[name] = sums.get(name, 0) + g
+
+        hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        for x in xs:
+            model(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / len(xs) for k, v in sums.items()}

@@ -296,8 +296,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
               help="spr2q: iterations of static routing calibration.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True,
               help="spr2q: weight of the block feature-alignment term of the hybrid loss.")
-@click.option("--spr2q-variant", type=click.Choice(["group", "single", "plain", "no-static"]), default="group",
-              show_default=True, help="spr2q ablations: plain PTQ, one rectifier, group without static routing.")
+@click.option("--spr2q-variant", type=click.Choice(["group", "single", "plain", "bounds", "no-static"]),
+              default="group", show_default=True,
+              help="spr2q ablations: plain PTQ, trained bounds only, one rectifier, group without static routing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out, iters, calib_batches, patch, batch,
              lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size, route_iters,

@@ -108,7 +108,8 @@ def test_training_rectifiers_lowers_the_hybrid_loss_versus_plain_ptq():
     assert rectified < plain
 
 
-@pytest.mark.parametrize("variant,routing_file", [("group", True), ("single", True), ("plain", False)])
+@pytest.mark.parametrize("variant,routing_file", [("group", True), ("single", True), ("plain", False),
+                                                  ("bounds", False)])
 def test_quantize_cli_spr2q(tmp_path, tiny_ckpt, variant, routing_file):
     import json
 

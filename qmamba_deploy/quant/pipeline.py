@@ -170,7 +170,7 @@ def quantize(cfg: QuantizeConfig, out: str | os.PathLike, command: str | None = 
 
 # ------------------------------------------------------------------------------ SPR²Q
 
-SPR2Q_VARIANTS = ("group", "single", "plain", "no-static")
+SPR2Q_VARIANTS = ("group", "single", "plain", "bounds", "no-static")
 
 
 @dataclass
@@ -182,7 +182,9 @@ class SPR2QConfig(QuantizeConfig):
     group_size: int = 4
     route_iters: int = 100
     feature_weight: float = 1.0  # λ of the block feature-alignment term
-    variant: str = "group"  # group | single (one rectifier, PQFR) | plain (PTQ only) | no-static (mean gate ĝ)
+    # group | single (one rectifier, PQFR) | plain (calibrated Q_{a,b} only) | bounds (Q_{a,b} bounds trained
+    # with the same budget and loss, no rectifier) | no-static (ĝ = the gate's calibration mean, not optimised)
+    variant: str = "group"
 
     def __post_init__(self):
         super().__post_init__()
@@ -204,7 +206,7 @@ def _adam_loop(student, teacher, params, batches, iters: int, lr: float, lam: fl
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         log(it, losses[-1])
     return losses
 
@@ -247,7 +249,13 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
 
     table: dict[str, Any] = {}
     torch.manual_seed(cfg.seed)
-    if cfg.variant != "plain":
+    if cfg.variant == "bounds":
+        model.eval()
+        bounds = [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
+        with _routing(model, "deterministic"), _routing(teacher, "deterministic"):
+            _adam_loop(model, teacher, bounds, batches, cfg.iters, cfg.lr, cfg.feature_weight, info.device,
+                       log("bounds"))
+    elif cfg.variant != "plain":
         n = 1 if cfg.variant == "single" else cfg.group_size
         attach_rectifiers(model, n=n, rank=cfg.rank)
         model.eval()  # the float weights are frozen and the quantizers initialised: no dropout / drop path

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .data.datasets import Pair, degrade_pair, to_tensor
 from .data.degrade import Degradation
-from .metrics import calculate_psnr, calculate_ssim
+from .metrics import calculate_psnr, calculate_ssim, to_uint8
 from .restore import restore_tensor
 
 
@@ -88,9 +88,8 @@ def score_image(output: np.ndarray, gt: np.ndarray, baseline: np.ndarray, name: 
 
 
 def to_uint8_image(t: torch.Tensor) -> np.ndarray:
-    """(1, C, H, W) float in [0, 1] -> uint8 HWC, BasicSR's tensor2img rounding."""
-    arr = t[0].detach().float().clamp_(0, 1).cpu().numpy().transpose(1, 2, 0)
-    return np.round(arr * 255.0).astype(np.uint8)
+    """(1, C, H, W) float in [0, 1] -> uint8 HWC, BasicSR's tensor2img rounding (``metrics.to_uint8``)."""
+    return to_uint8(t[0].permute(1, 2, 0))
 
 
 def evaluate_pairs(run: Callable[[torch.Tensor], torch.Tensor], pairs: Iterable[Pair], degradation: Degradation,

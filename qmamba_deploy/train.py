@@ -501,8 +501,9 @@ def _check_resumable(folder: RunFolder, cfg: TrainConfig, world_size: int) -> No
     if folder.last_checkpoint() is None or not folder.run.is_file():
         return
     previous = json.loads(folder.run.read_text())
-    keys = [k for k in cfg.as_dict() if k not in ("device", "val_every", "log_every", "save_every", "val_data")]
-    changed = [k for k in keys if previous.get("config", {}).get(k) != _jsonable(cfg.as_dict()[k])]
+    current = _jsonable(cfg.as_dict())
+    keys = [k for k in current if k not in ("device", "val_every", "log_every", "save_every", "val_data")]
+    changed = [k for k in keys if previous.get("config", {}).get(k) != current[k]]
     if previous.get("world_size") != world_size:
         changed.append(f"world size ({previous.get('world_size')} -> {world_size})")
     if changed:

@@ -29,7 +29,7 @@ import torch
 from ..errors import ImageError
 from .builtin import builtin_split
 from .degrade import Degradation
-from .io import list_images, read_image
+from .io import list_images, read_image, to_integer
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _to_uint8(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
         notes.append("16-bit input reduced to 8 bits (metrics follow the 8-bit convention of the papers)")
     if image.alpha is not None:
         notes.append("alpha channel ignored")
-    return np.round(image.pixels * 255.0).astype(np.uint8), notes
+    return to_integer(image.pixels, 8), notes
 
 
 def _lr_file(lr_dir: Path, stem: str, scale: int) -> Path | None:

@@ -130,30 +130,57 @@ class PTQResult:
     seconds: float
 
 
-def _quantize_ptq(cfg: QuantizeConfig, out: str | os.PathLike, command: str | None) -> PTQResult:
-    from ..checkpoints import save_checkpoint
+@dataclass
+class _Calibrated:
+    """A float model, its quantized copy calibrated on training patches, and what both were made from."""
+
+    info: DistInfo
+    deg: Any
+    teacher: nn.Module
+    model: nn.Module
+    sampler: Any
+    t0: float
+
+
+def _calibrated(cfg: QuantizeConfig) -> _Calibrated:
     from ..data.datasets import PatchSampler, load_pairs
 
     t0 = time.perf_counter()
     info = init_distributed(cfg.device)
     deg = cfg.degradation()
-    model = quantize_model(copy.deepcopy(_load_float(cfg)), cfg.qconfig()).to(info.device)
+    teacher = _load_float(cfg).to(info.device)
+    model = quantize_model(copy.deepcopy(teacher), cfg.qconfig()).to(info.device)
     channels = int(getattr(model, "in_chans", 3))
     sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.patch, cfg.batch,
                            seed=cfg.seed)
     calibrate(model, _calibration_batches(cfg, sampler), info.device)
-    validate = make_validator(load_pairs(cfg.val_data, deg, channels, split="eval") if cfg.val_data else None,
-                              deg, info)
-    validation = validate(model) if validate else None
-    if info.is_main:
-        folder = RunFolder(out)
-        extra: dict[str, Any] = {"task": deg.as_dict(), "quantized_from": str(cfg.checkpoint)}
+    return _Calibrated(info, deg, teacher, model, sampler, t0)
+
+
+def _validate_and_save(cfg: QuantizeConfig, c: _Calibrated, out: str | os.PathLike, command: str | None,
+                       extra: dict[str, Any] | None = None) -> PTQResult:
+    """Validate the finished quantized model and write ``out/model.safetensors`` (rank 0)."""
+    from ..checkpoints import save_checkpoint
+    from ..data.datasets import load_pairs
+
+    c.model.eval()
+    channels = int(getattr(c.model, "in_chans", 3))
+    validate = make_validator(load_pairs(cfg.val_data, c.deg, channels, split="eval") if cfg.val_data else None,
+                              c.deg, c.info)
+    validation = validate(c.model) if validate else None
+    if c.info.is_main:
+        fields: dict[str, Any] = {"task": c.deg.as_dict(), "quantized_from": str(cfg.checkpoint), **(extra or {})}
         if validation:
-            extra["validation"] = {"data": cfg.val_data, **validation}
+            fields["validation"] = {"data": cfg.val_data, **validation}
         provenance = {"trained_by": JOB, "command": command, "config": cfg.as_dict(),
-                      "calibration_batches": cfg.calib_batches, "train_images": [p.name for p in sampler.pairs]}
-        save_checkpoint(model.cpu(), folder.root / "model.safetensors", provenance=provenance, extra=extra)
-    return PTQResult(model, validation, time.perf_counter() - t0)
+                      "calibration_batches": cfg.calib_batches, "train_images": [p.name for p in c.sampler.pairs]}
+        save_checkpoint(c.model.cpu(), RunFolder(out).root / "model.safetensors", provenance=provenance,
+                        extra=fields)
+    return PTQResult(c.model, validation, time.perf_counter() - c.t0)
+
+
+def _quantize_ptq(cfg: QuantizeConfig, out: str | os.PathLike, command: str | None) -> PTQResult:
+    return _validate_and_save(cfg, _calibrated(cfg), out, command)
 
 
 def quantize(cfg: QuantizeConfig, out: str | os.PathLike, command: str | None = None,
@@ -219,20 +246,11 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
     ``spr2q``), ``out/routing.json`` (ĝ and the increment norm per layer) and
     ``out/log.jsonl``. One process; the float weights stay frozen.
     """
-    from ..checkpoints import save_checkpoint
-    from ..data.datasets import PatchSampler, load_pairs
     from ..manifest import write_json
     from .spr2q import attach_rectifiers, fuse_rectifiers, rectified_layers, route_statically
 
-    t0 = time.perf_counter()
-    info = init_distributed(cfg.device)
-    deg = cfg.degradation()
-    teacher = _load_float(cfg).to(info.device)
-    model = quantize_model(copy.deepcopy(teacher), cfg.qconfig()).to(info.device)
-    channels = int(getattr(model, "in_chans", 3))
-    sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.patch, cfg.batch,
-                           seed=cfg.seed)
-    calibrate(model, _calibration_batches(cfg, sampler), info.device)
+    c = _calibrated(cfg)
+    model, teacher, sampler, info = c.model, c.teacher, c.sampler, c.info
     folder = RunFolder(out)
     folder.root.mkdir(parents=True, exist_ok=True)
     if folder.log.exists():
@@ -275,21 +293,11 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
                 _adam_loop(model, teacher, g_params, lambda it: batches(cfg.iters + 1000 + it), cfg.route_iters,
                            cfg.lr, cfg.feature_weight, info.device, log("routing"))
         table = fuse_rectifiers(model)
-    model.eval()
-    validate = make_validator(load_pairs(cfg.val_data, deg, channels, split="eval") if cfg.val_data else None,
-                              deg, info)
-    validation = validate(model) if validate else None
-    extra: dict[str, Any] = {"task": deg.as_dict(), "quantized_from": str(cfg.checkpoint),
-                             "spr2q": {"variant": cfg.variant, "rank": cfg.rank, "group_size": cfg.group_size,
-                                       "routing_table": "routing.json" if table else None}}
-    if validation:
-        extra["validation"] = {"data": cfg.val_data, **validation}
-    provenance = {"trained_by": JOB, "command": command, "config": cfg.as_dict(),
-                  "train_images": [p.name for p in sampler.pairs]}
     if table:
         write_json(folder.root / "routing.json", {"layers": table})
-    save_checkpoint(model.cpu(), folder.root / "model.safetensors", provenance=provenance, extra=extra)
-    return PTQResult(model, validation, time.perf_counter() - t0)
+    spr2q = {"variant": cfg.variant, "rank": cfg.rank, "group_size": cfg.group_size,
+             "routing_table": "routing.json" if table else None}
+    return _validate_and_save(cfg, c, out, command, {"spr2q": spr2q})
 
 
 @torch.no_grad()
@@ -300,10 +308,8 @@ def _mean_gates(model: nn.Module, xs: list[torch.Tensor], device) -> dict[str, t
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for name, m in rectified_layers(model):
-        channel_dim = -1 if isinstance(m, nn.Linear) else 1
-
-        def pre(mod, args, name=name, channel_dim=channel_dim):
-            g = mod.rectifier.gates(args[0], channel_dim).mean(0)
+        def pre(mod, args, name=name):
+            g = mod.rectifier.gates(args[0], mod.CHANNEL_DIM).mean(0)
             sums[name] = sums.get(name, 0) + g
 
         hooks.append(m.register_forward_pre_hook(pre))

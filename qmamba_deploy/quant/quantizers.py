@@ -74,6 +74,12 @@ class Quantizer(nn.Module):
         if signed:  # the official code only ever sets the flag, never clears it
             self.signed.fill_(1.0)
 
+    def _init_lsq_step(self, x: torch.Tensor) -> None:
+        """LSQ's initialisation (LSQ, LSQ+, RFA): signedness, then α = 2·mean|x|/√Qp."""
+        self._decide_sign(x)
+        _, qp = self.grid()
+        self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
+
     def extra_repr(self) -> str:
         sign = {None: "auto", True: "signed", False: "unsigned"}[self.fixed_sign]
         return f"bits={self.bits}, sign={sign}, initialized={self.initialized}"
@@ -104,9 +110,7 @@ class LSQ(Quantizer):
             x = x + self.beta
         if self.training and not self.initialized:
             with torch.no_grad():
-                self._decide_sign(x)
-                _, qp = self.grid()
-                self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
+                self._init_lsq_step(x)
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()
         alpha = grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() * qp))
@@ -231,9 +235,8 @@ class RFA(Quantizer):
         x = x + self.beta
         if self.training and not self.initialized:
             with torch.no_grad():
-                self._decide_sign(x)
+                self._init_lsq_step(x)
                 qn, qp = self.grid()
-                self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
                 self.a.copy_(torch.arange(qn, qp + 1, dtype=torch.float32, device=x.device))
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()

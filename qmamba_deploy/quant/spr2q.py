@@ -119,8 +119,10 @@ class RectifierGroup(nn.Module):
 class SPR2QLinear(QuantLinear):
     """QuantLinear whose weight passes a rectifier group before its quantizer."""
 
+    CHANNEL_DIM = -1  # the input dimension the gate reads channels from
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.rectifier.gates(x, channel_dim=-1)
+        g = self.rectifier.gates(x, self.CHANNEL_DIM)
         w = self.rectifier.rectified(self.weight, g)  # (b, out, in)
         xq = self.linear_act_quant(x)
         wq = torch.stack([self.linear_weight_quant(w[i]) for i in range(w.shape[0])])
@@ -134,8 +136,10 @@ class SPR2QLinear(QuantLinear):
 class SPR2QConv2d(QuantConv2d):
     """QuantConv2d whose weight passes a rectifier group before its quantizer (per-sample weights)."""
 
+    CHANNEL_DIM = 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.rectifier.gates(x, channel_dim=1)
+        g = self.rectifier.gates(x, self.CHANNEL_DIM)
         w = self.rectifier.rectified(self.weight, g)  # (b, out, in/g, kh, kw)
         xq = self.conv_act_quant(x)
         b = x.shape[0]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from .errors import QMambaError
-from .quant.qconfig import METHODS as QUANT_METHODS
+from .data.degrade import TASKS
+from .quant.qconfig import METHODS as QUANT_METHODS, SPR2Q_VARIANTS
+from .train import LOSSES, SCHEDULES
 
 
 class _Group(click.Group):
@@ -117,8 +120,18 @@ def _command_line() -> str:
     return shlex.join(["qmamba-deploy", *argv])
 
 
+def _report(headline: str, result, out: str) -> None:
+    """What train and quantize print when done (rank 0 only under torchrun)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    click.echo(headline)
+    if result.validation:
+        click.echo("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
+    click.echo(f"model: {Path(out) / 'model.safetensors'}")
+
+
 _TASK_OPTIONS = [
-    click.option("--task", type=click.Choice(["sr", "denoise", "jpeg"]), default=None,
+    click.option("--task", type=click.Choice(TASKS), default=None,
                  help="Degradation: bicubic SR, Gaussian colour noise, or JPEG (default: from the checkpoint, else sr)."),
     click.option("--scale", type=int, default=None, help="SR factor (default: the model's)."),
     click.option("--sigma", type=float, default=None, help="Noise std on the 0..255 scale for --task denoise [25]."),
@@ -194,7 +207,7 @@ def evaluate(checkpoint, data, task, scale, sigma, quality, arch, kwargs, tile, 
 @main.command()
 @click.option("--arch", default="mambairv2-tiny-x2", show_default=True, help="Preset or official class name.")
 @click.option("--kwarg", "kwargs", multiple=True, help="Constructor override name=value (repeatable).")
-@click.option("--task", type=click.Choice(["sr", "denoise", "jpeg"]), default="sr", show_default=True)
+@click.option("--task", type=click.Choice(TASKS), default="sr", show_default=True)
 @click.option("--scale", type=int, default=None, help="SR factor (default: the preset's).")
 @click.option("--sigma", type=float, default=25.0, show_default=True, help="Noise std (denoise), 0..255 scale.")
 @click.option("--quality", type=int, default=40, show_default=True, help="JPEG quality (jpeg).")
@@ -206,7 +219,7 @@ def evaluate(checkpoint, data, task, scale, sigma, quality, arch, kwargs, tile, 
 @click.option("--patch", type=int, default=48, show_default=True, help="Model input patch size.")
 @click.option("--batch", type=int, default=8, show_default=True, help="Patches per step (per process).")
 @click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(["multistep", "cosine", "constant"]), default="multistep",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="multistep",
               show_default=True)
 @click.option("--milestones", default="0.5,0.8,0.9,0.95", show_default=True,
               help="multistep: fractions of --iters where the rate is multiplied by --gamma.")
@@ -214,7 +227,7 @@ def evaluate(checkpoint, data, task, scale, sigma, quality, arch, kwargs, tile, 
 @click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up iterations.")
 @click.option("--ema", type=float, default=0.0, show_default=True, help="EMA decay of the weights (0: off).")
 @click.option("--grad-clip", type=float, default=0.0, show_default=True, help="Max gradient norm (0: off).")
-@click.option("--loss", type=click.Choice(["l1", "charbonnier", "mse"]), default=None,
+@click.option("--loss", type=click.Choice(list(LOSSES)), default=None,
               help="Default: l1 for sr, charbonnier for denoise/jpeg.")
 @click.option("--init", type=click.Path(dir_okay=False), help="Start from these weights (fine-tuning).")
 @click.option("--val-every", type=int, default=0, show_default=True, help="Validate every N iterations (0: at the end).")
@@ -254,12 +267,8 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
         result = train_restoration(cfg, out, command=_command_line(), progress=not quiet)
     finally:
         cleanup_distributed()
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        click.echo(f"trained {result.iteration} iterations in {result.seconds:.0f} s"
-                   + (f" (resumed at {result.resumed_from})" if result.resumed_from else ""))
-        if result.validation:
-            click.echo("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
-        click.echo(f"model: {Path(out) / 'model.safetensors'}")
+    _report(f"trained {result.iteration} iterations in {result.seconds:.0f} s"
+            + (f" (resumed at {result.resumed_from})" if result.resumed_from else ""), result, out)
 
 
 @main.command()
@@ -282,7 +291,7 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="QAT learning rate of the weights.")
 @click.option("--quant-lr", type=float, default=None, help="QAT learning rate of quantizer parameters (default --lr).")
-@click.option("--schedule", type=click.Choice(["multistep", "cosine", "constant"]), default="multistep",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="multistep",
               show_default=True)
 @click.option("--distill", type=float, default=0.0, show_default=True,
               help="Weight of L1 to the float model's output in the QAT loss (0: ground truth only).")
@@ -296,7 +305,7 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
               help="spr2q: iterations of static routing calibration.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True,
               help="spr2q: weight of the block feature-alignment term of the hybrid loss.")
-@click.option("--spr2q-variant", type=click.Choice(["group", "single", "plain", "bounds", "no-static"]),
+@click.option("--spr2q-variant", type=click.Choice(SPR2Q_VARIANTS),
               default="group", show_default=True,
               help="spr2q ablations: plain PTQ, trained bounds only, one rectifier, group without static routing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -325,11 +334,7 @@ def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out,
         result = run_quantize(cfg, out, command=_command_line(), progress=not quiet)
     finally:
         cleanup_distributed()
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        click.echo(f"{cfg.qconfig().label} from {ckpt} in {result.seconds:.0f} s")
-        if result.validation:
-            click.echo("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
-        click.echo(f"model: {Path(out) / 'model.safetensors'}")
+    _report(f"{cfg.qconfig().label} from {ckpt} in {result.seconds:.0f} s", result, out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,7 @@ from ..errors import OptionError
 from ..train import (DistInfo, FitResult, Job, RunFolder, TrainConfig, _routing, init_distributed, make_validator,
                      run_job)
 from . import calibrating
-from .qconfig import QConfig, quantize_model
+from .qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
 from .quantizers import Quantizer
 
 JOB = "qmamba-deploy quantize"
@@ -196,8 +196,6 @@ def quantize(cfg: QuantizeConfig, out: str | os.PathLike, command: str | None = 
 
 
 # ------------------------------------------------------------------------------ SPR²Q
-
-SPR2Q_VARIANTS = ("group", "single", "plain", "bounds", "no-static")
 
 
 @dataclass

@@ -27,6 +27,8 @@ from .quantizers import DLS, LSQ, OBSERVERS, RFA, Observer
 QAT_METHODS = ("qmambair", "dls", "rfa", "lsq", "lsq+")
 PTQ_METHODS = OBSERVERS
 METHODS = QAT_METHODS + PTQ_METHODS  # what `quantize --method` offers
+#: `quantize --method spr2q --spr2q-variant`: the full method and its ablations
+SPR2Q_VARIANTS = ("group", "single", "plain", "bounds", "no-static")
 # "spr2q" (RECIPES below) is the qconfig of a fused SPR²Q checkpoint; its job is qmamba_deploy.quant.spr2q
 
 

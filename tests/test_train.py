@@ -116,7 +116,7 @@ def test_interrupted_run_resumes_to_the_same_weights(hr_folder, tmp_path, uninte
         ["iter_000006.state.pt", "iter_000008.state.pt"]
 
 
-def test_training_changes_the_weights_and_ema_differs(hr_folder, uninterrupted):
+def test_training_changes_the_weights_and_ships_the_ema(hr_folder, uninterrupted):
     manifest = json.loads((uninterrupted / "model.json").read_text())
     assert manifest["provenance"]["weights"] == "ema" and manifest["provenance"]["iterations"] == 8
     torch.manual_seed(0)

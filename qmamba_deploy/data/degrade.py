@@ -123,3 +123,22 @@ class Degradation:
         out.update({"sr": {"scale": self.scale}, "denoise": {"sigma": self.sigma},
                     "jpeg": {"quality": self.quality}}[self.task])
         return out
+
+
+def model_degradation(model, task: str | None = None, scale: int | None = None, sigma: float | None = None,
+                      quality: int | None = None) -> Degradation:
+    """The degradation a model restores: the flags given, else its manifest's ``task``, else SR at its scale."""
+    saved = (getattr(model, "manifest", None) or {}).get("task", {})
+    task = task or saved.get("task") or ("sr" if int(getattr(model, "upscale", 1)) > 1 else None)
+    if task is None:
+        raise OptionError("the checkpoint does not say whether it denoises or removes JPEG artifacts; "
+                          "pass --task denoise or --task jpeg")
+    up = int(getattr(model, "upscale", 1))
+    if task == "sr" and scale is not None and scale != up:
+        raise OptionError(f"--scale {scale} does not match the model, which upscales x{up}; "
+                          f"drop --scale or pass an x{scale} checkpoint")
+    if task != "sr" and up != 1:
+        raise OptionError(f"--task {task} needs a x1 model, but this one upscales x{up}; use --task sr")
+    return Degradation(task, up if task == "sr" else 1,
+                       sigma if sigma is not None else saved.get("sigma", 25.0),
+                       quality if quality is not None else saved.get("quality", 40))

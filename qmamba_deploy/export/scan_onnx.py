@@ -231,7 +231,7 @@ def _move_scans_to_contrib(graph: onnx.GraphProto) -> None:
 
 def ort_session_with_scan(model: Union[str, os.PathLike, onnx.ModelProto],
                           providers: Optional[Sequence[str]] = None,
-                          session_options: Any = None):
+                          session_options: Any = None, disabled_optimizers: Sequence[str] = ()):
     """An onnxruntime InferenceSession that runs the QMambaSelectiveScan nodes in Python.
 
     ``model`` is a path or a ModelProto; either way only an in-memory copy is changed
@@ -253,4 +253,5 @@ def ort_session_with_scan(model: Union[str, os.PathLike, onnx.ModelProto],
     options = session_options or ort.SessionOptions()
     options.register_custom_ops_library(_register_ort_python_op())
     return ort.InferenceSession(work.SerializeToString(), options,
-                                providers=list(providers or ["CPUExecutionProvider"]))
+                                providers=list(providers or ["CPUExecutionProvider"]),
+                                disabled_optimizers=list(disabled_optimizers) or None)

@@ -44,9 +44,18 @@ def quant_point(m: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if q is None else q(x)
 
 
-def _quant_projection(m, x: torch.Tensor, weight: torch.Tensor, act: str, wq: str) -> torch.Tensor:
-    """(B, K, D, L) x (K, C, D) -> (B, K, C, L) as Q-MambaIR computes it: matmul(act_q(x^T), weight_q(W^T))."""
-    y = torch.matmul(quant_point(m, act, x.permute(0, 1, 3, 2)), quant_point(m, wq, weight.permute(0, 2, 1)))
+def _quant_projection(m, x: torch.Tensor, weight: str, act: str, wq: str) -> torch.Tensor:
+    """(B, K, D, L) x (K, C, D) -> (B, K, C, L) as Q-MambaIR computes it: matmul(act_q(x^T), weight_q(W^T)).
+
+    In a deploy model (``qmamba_deploy.quant.deploy``) the weight point holds the folded
+    integer weight, already in the (K, D, C) layout, and computes the product itself.
+    """
+    xt = quant_point(m, act, x.permute(0, 1, 3, 2))
+    folded = m._modules.get(wq)
+    if hasattr(folded, "matmul"):
+        y = folded.matmul(xt)
+    else:
+        y = torch.matmul(xt, quant_point(m, wq, getattr(m, weight).permute(0, 2, 1)))
     return y.permute(0, 1, 3, 2)
 
 
@@ -62,15 +71,22 @@ def project_scan_inputs(m, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, m.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=2)
         return torch.einsum("bkrl,kdr->bkdl", dts, m.dt_projs_weight), bs, cs
-    x_dbl = _quant_projection(m, xs, m.x_proj_weight, "x_proj_act_q", "x_proj_weight_q")
+    x_dbl = _quant_projection(m, xs, "x_proj_weight", "x_proj_act_q", "x_proj_weight_q")
     dts, bs, cs = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=2)
-    return _quant_projection(m, dts, m.dt_projs_weight, "dt_proj_act_q", "dt_proj_weight_q"), bs, cs
+    return _quant_projection(m, dts, "dt_projs_weight", "dt_proj_act_q", "dt_proj_weight_q"), bs, cs
+
+
+def scan_A(m) -> torch.Tensor:
+    """The state matrix A = −exp(A_log) (D, N); a deploy model stores it precomputed as buffer ``A``."""
+    folded = m._buffers.get("A")
+    return folded if folded is not None else -torch.exp(m.A_logs.float())
 
 
 def run_scan(m, xs: torch.Tensor, dts: torch.Tensor, bs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
     """The selective scan of ``m`` (SS2D or SelectiveScan) on (B, K*d, L) inputs, in float32.
 
-    Every operand passes its quantization point (identity in a float model).
+    Every operand passes its quantization point (identity in a float model; a deploy
+    model has folded the parameter operands A, D and the bias into constants).
     """
     from ..ops import selective_scan
 
@@ -78,7 +94,7 @@ def run_scan(m, xs: torch.Tensor, dts: torch.Tensor, bs: torch.Tensor, cs: torch
     return selective_scan(
         q("xs_q", xs.float()),
         q("dts_q", dts.float()),
-        q("As_q", -torch.exp(m.A_logs.float())),
+        q("As_q", scan_A(m)),
         q("Bs_q", bs.float()),
         q("Cs_q", cs.float()),
         q("Ds_q", m.Ds.float()),

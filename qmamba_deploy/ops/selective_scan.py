@@ -30,9 +30,11 @@ the output has u's dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,9 @@ __all__ = [
     "chunked_linear_scan",
     "check_inputs",
     "SCAN_OP",
+    "selective_scan_portable",
+    "scan_backend",
+    "SCAN_BACKENDS",
 ]
 
 # Up to this length the plain loop beats the chunked path (measured at D=384, N=16 on a
@@ -461,6 +466,89 @@ _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
 SCAN_OP = getattr(getattr(torch.ops, contract.TORCH_NAMESPACE), contract.TORCH_OP_NAME)
 
 
+# --------------------------------------------------------------------------------------
+# portable path: standard ops only, for an ONNX graph without the custom node
+# --------------------------------------------------------------------------------------
+
+#: Steps per chunk of the portable scan (unrolled in the graph; the chunks run in an ONNX Scan).
+PORTABLE_CHUNK = 16
+
+
+def selective_scan_portable(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                            delta_bias: Tensor, delta_softplus: bool = True, chunk: int = PORTABLE_CHUNK) -> Tensor:
+    """The chunked algorithm of :func:`selective_scan_chunked` in export-friendly torch.
+
+    Same three steps, written for ``torch.export`` with a dynamic L: the T steps of a
+    chunk are unrolled (T is a constant), every chunk at once; the carry across the
+    dynamic number of chunks is a ``torch._higher_order_ops.scan``, which the ONNX
+    exporter turns into an ONNX ``Scan``. Only decay factors ≤ 1 are multiplied, so it
+    is as stable as the chunked path (no log-space cumsum). Float32 throughout.
+    """
+    from torch._higher_order_ops.scan import scan
+
+    bsz, dim, length = u.shape
+    k, n = B.shape[1], A.shape[1]
+    dk, T = dim // k, int(chunk)
+    uf, A32 = u.float(), A.float()
+    z = delta.float() + delta_bias.float()[:, None]
+    dt = F.softplus(z, beta=1.0, threshold=contract.SOFTPLUS_THRESHOLD) if delta_softplus else z
+    pad = (T - length % T) % T
+
+    def chunks(x: Tensor, rows: int) -> Tensor:                         # [B, rows*?, L] -> [B, K, rows, nc, T]
+        x = F.pad(x, (0, pad))
+        return x.reshape(bsz, k, rows, -1, T)
+
+    dt_c, du_c = chunks(dt, dk), chunks(dt * uf, dk)                    # [B, K, Dk, nc, T]
+    B_c = chunks(B.float().reshape(bsz, k * n, length), n)              # [B, K, N, nc, T]
+    C_c = chunks(C.float().reshape(bsz, k * n, length), n)
+    A_k = A32.reshape(k, dk, 1, n)                                      # state [B, K, Dk, nc, N]
+
+    # 1. local scan from zero states; keep each step's state and decay product
+    h = dt_c[..., 0].unsqueeze(-1) * torch.zeros_like(A_k)
+    P = torch.ones_like(h)
+    states, decays = [], []
+    for t in range(T):
+        a = torch.exp(dt_c[..., t].unsqueeze(-1) * A_k)
+        b_t = B_c[..., t].transpose(-1, -2).unsqueeze(2)               # [B, K, 1, nc, N]
+        h = a * h + du_c[..., t].unsqueeze(-1) * b_t
+        P = P * a
+        states.append(h)
+        decays.append(P)
+
+    # 2. carry across chunks: h_in[c+1] = P[c] h_in[c] + h_end[c]
+    def carry(h_prev: Tensor, xs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        p_end, h_end = xs
+        return p_end * h_prev + h_end, h_prev.clone()
+
+    _, h_in = scan(carry, torch.zeros_like(h[:, :, :, 0]), (P.movedim(3, 0), h.movedim(3, 0)))
+    h_in = h_in.movedim(0, 3)
+
+    # 3. y from the true states: local state + decay product x incoming state
+    ys = []
+    for t in range(T):
+        c_t = C_c[..., t].transpose(-1, -2).unsqueeze(2)
+        ys.append(((states[t] + decays[t] * h_in) * c_t).sum(-1))      # [B, K, Dk, nc]
+    y = torch.stack(ys, -1).reshape(bsz, dim, -1)[..., :length]
+    return (y + D.float()[:, None] * uf).to(u.dtype)
+
+
+SCAN_BACKENDS = ("op", "portable")
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("qmamba_scan_backend", default="op")
+
+
+@contextlib.contextmanager
+def scan_backend(name: str) -> Iterator[None]:
+    """Inside the block, :func:`selective_scan` runs ``name``: ``op`` (the custom op, exported as
+    one QMambaSelectiveScan node) or ``portable`` (standard ops only)."""
+    if name not in SCAN_BACKENDS:
+        raise ValueError(f"scan backend {name!r} is unknown; use {' or '.join(SCAN_BACKENDS)}")
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                    delta_softplus: bool = True) -> Tensor:
@@ -468,7 +556,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
     u, delta [B, D, L]; A [D, N] (negative); B, C [B, K, N, L]; D, delta_bias [D] (zeros
     when None). Returns y [B, D, L] in u's dtype. Exported to ONNX as one
-    ``QMambaSelectiveScan`` node (see :mod:`qmamba_deploy.export.scan_onnx`).
+    ``QMambaSelectiveScan`` node (see :mod:`qmamba_deploy.export.scan_onnx`), or as
+    standard ops inside ``scan_backend("portable")``.
     """
     check_inputs(u, delta, A, B, C, D, delta_bias)
     dim = u.shape[1]
@@ -476,4 +565,6 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         D = torch.zeros(dim, dtype=torch.float32, device=u.device)
     if delta_bias is None:
         delta_bias = torch.zeros(dim, dtype=torch.float32, device=u.device)
+    if _BACKEND.get() == "portable":
+        return selective_scan_portable(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))
     return SCAN_OP(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))

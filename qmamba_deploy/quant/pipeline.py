@@ -69,6 +69,16 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: str | t
     return n
 
 
+def ptq(model: nn.Module, qconfig: QConfig, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu"
+        ) -> nn.Module:
+    """A PTQ copy of a float ``model``: quantizers inserted, calibrated on ``batches``, frozen (eval mode)."""
+    if qconfig.recipe.qat:
+        raise OptionError(f"{qconfig.method} is a QAT method; PTQ needs one of minmax, percentile, mse")
+    q = quantize_model(copy.deepcopy(model), qconfig).to(device)
+    calibrate(q, batches, device)
+    return q.eval()
+
+
 def _calibration_batches(cfg: QuantizeConfig, sampler) -> Iterable[torch.Tensor]:
     # iterations beyond the training range: calibration never reuses a training batch
     return (sampler.batch(cfg.iters + i, 0)[0] for i in range(cfg.calib_batches))

@@ -35,8 +35,14 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Forward: x. Backward: gradient multiplied by g (LSQ's step-size gradient scale)."""
-    return (x - x * g).detach() + x * g
+    """Forward: exactly x. Backward: gradient multiplied by g (LSQ's step-size gradient scale).
+
+    Written as x + (x·g − x·g) so that the forward value is bit-identical to x (the
+    usual (x − x·g).detach() + x·g can be one ulp off, which would make folded scales
+    differ from the fake-quant ones).
+    """
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +127,39 @@ class LSQ(Quantizer):
 # ------------------------------------------------------------------------------- DLS
 
 
+#: DLS's eight learnable scalars, in the official order (α from weight1..4, β from weight21..24).
+DLS_WEIGHTS = ("weight1", "weight2", "weight3", "weight4", "weight21", "weight22", "weight23", "weight24")
+DLS_ALPHA_MIN = 1e-6
+
+
+def dls_scale_offset(x: torch.Tensor, w, bits: int, qp: int) -> tuple[torch.Tensor, ...]:
+    """DLS's (α, β, min(x), max(x)) for the live tensor ``x``; ``w`` maps DLS_WEIGHTS to scalars.
+
+    Shared by the training quantizer and the deploy module (``--dls dynamic``), so
+    that the exported in-graph statistics are the trained ones, operation for operation.
+    """
+    x_min, x_max = x.min(), x.max()
+    beta = w["weight21"] * x.mean() + w["weight22"] * x.std() + w["weight23"] * x_min + w["weight24"] * x_max
+    xb = x + beta
+    alpha = (w["weight1"] * xb.mean().abs() + w["weight2"] * xb.std() + w["weight3"] * xb.min()
+             + w["weight4"] * xb.max()).abs()
+    alpha = grad_scale(alpha, 1.0 / math.sqrt(x.numel() * qp))
+    alpha = torch.clamp(alpha, min=DLS_ALPHA_MIN)
+    cap = ((x_max - x_min) / 2 ** bits).detach()
+    # a constant tensor (cap 0) would divide by zero (NaN in the official code); any α
+    # reproduces it exactly through the final clamp, so take 1
+    alpha = torch.where(cap > 0, torch.minimum(alpha, cap), torch.ones_like(alpha))
+    return alpha, beta, x_min, x_max
+
+
+def dls_quantize(x: torch.Tensor, w, bits: int, grid: tuple[int, int]) -> torch.Tensor:
+    """x̂ = clamp(R(clamp((x + β)/α, Qn, Qp))·α − β, min(x), max(x)) with DLS's live α, β."""
+    qn, qp = grid
+    alpha, beta, x_min, x_max = dls_scale_offset(x, w, bits, qp)
+    out = round_ste(((x + beta) / alpha).clamp(qn, qp)) * alpha - beta
+    return torch.minimum(torch.maximum(out, x_min), x_max)
+
+
 class DLS(Quantizer):
     """Dynamic-balancing Learnable Scalar (Q-MambaIR's ``DDA_Quant``), per tensor, every call.
 
@@ -133,41 +172,29 @@ class DLS(Quantizer):
     """
 
     kind = "dls"
-    ALPHA_MIN = 1e-6
+    ALPHA_MIN = DLS_ALPHA_MIN
 
     def __init__(self, bits: int, signed: bool | None = None):
         super().__init__(bits, signed)
         qp = 2 ** (self.bits - 1) - 1
         init = {"weight1": 1.0 / qp, "weight2": 3.0 / qp, "weight3": 0.0, "weight4": 0.0,
                 "weight21": -1.0, "weight22": 0.0, "weight23": 0.0, "weight24": 0.0}
-        for name, value in init.items():
-            setattr(self, name, nn.Parameter(torch.tensor([value])))
+        for name in DLS_WEIGHTS:
+            setattr(self, name, nn.Parameter(torch.tensor([init[name]])))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in DLS_WEIGHTS}
 
     def scale_offset(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(α, β, min(x), max(x)) for the live tensor ``x`` (α clamped, gradient-scaled)."""
-        x_min, x_max = x.min(), x.max()
-        beta = self.weight21 * x.mean() + self.weight22 * x.std() + self.weight23 * x_min + self.weight24 * x_max
-        xb = x + beta
-        alpha = (self.weight1 * xb.mean().abs() + self.weight2 * xb.std() + self.weight3 * xb.min()
-                 + self.weight4 * xb.max()).abs()
-        _, qp = self.grid()
-        alpha = grad_scale(alpha, 1.0 / math.sqrt(x.numel() * qp))
-        alpha = torch.clamp(alpha, min=self.ALPHA_MIN)
-        cap = ((x_max - x_min) / 2 ** self.bits).detach()
-        # a constant tensor (cap 0) would divide by zero (NaN in the official code); any α
-        # reproduces it exactly through the final clamp, so take 1
-        alpha = torch.where(cap > 0, torch.minimum(alpha, cap), torch.ones_like(alpha))
-        return alpha, beta, x_min, x_max
+        return dls_scale_offset(x, self.weights(), self.bits, self.grid()[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self.initialized:
             with torch.no_grad():
                 self._decide_sign(x)
                 self.init_state.fill_(1.0)
-        alpha, beta, x_min, x_max = self.scale_offset(x)
-        qn, qp = self.grid()
-        out = round_ste(((x + beta) / alpha).clamp(qn, qp)) * alpha - beta
-        return torch.minimum(torch.maximum(out, x_min), x_max)
+        return dls_quantize(x, self.weights(), self.bits, self.grid())
 
 
 # ------------------------------------------------------------------------------- RFA

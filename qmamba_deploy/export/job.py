@@ -1,0 +1,308 @@
+"""The ``fold`` and ``export`` jobs: checkpoint -> deploy bundle -> ONNX -> validation report.
+
+``run_export`` is the main job of the product. From a float checkpoint (the embedded
+default when none is given) it quantizes with PTQ (W8A8 minmax unless told otherwise),
+from a quantized checkpoint it takes the quantizers as trained; either way it folds,
+freezes the static DLS scales, writes the bundle, exports the ONNX, validates it in
+ONNX Runtime against PyTorch on the built-in eval images and writes a report — all
+into one folder that appears complete or not at all (built beside it, then swapped in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, OptionError
+from ..manifest import make_manifest, write_json
+from ..quant.qconfig import PTQ_METHODS, QConfig
+from .onnx_export import ExportOptions, export_onnx
+
+#: What a finished export folder holds (the files a rerun may replace).
+EXPORT_FILES = ("bundle.safetensors", "bundle.json", "model.onnx", "model.json", "report.json", "report.md")
+NO_PTQ = "none"
+
+
+@dataclass
+class DeployConfig:
+    """How to get from a checkpoint (or a bundle) to a calibrated deploy model."""
+
+    checkpoint: str | None = None          # None: the embedded default for ``scale``
+    bundle: str | None = None              # start from a bundle instead of a checkpoint
+    scale: int | None = None
+    method: str = "minmax"                 # PTQ for float checkpoints; "none" keeps FP32
+    w_bits: int = 8
+    a_bits: int = 8
+    calib_batches: int = 8                 # PTQ observers and static DLS, training patches
+    calib_patch: int = 48
+    data: str = "builtin"                  # calibration images (training split)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.checkpoint and self.bundle:
+            raise OptionError("--checkpoint and --bundle both given; pass one (a bundle is already folded)")
+        if self.method not in PTQ_METHODS + (NO_PTQ,):
+            raise OptionError(f"--method {self.method!r} cannot run inside export; use {', '.join(PTQ_METHODS)} "
+                              f"or none (QAT methods: run `qmamba-deploy quantize` first, then export its "
+                              f"checkpoint)")
+        if self.method != NO_PTQ:
+            QConfig(self.method, self.w_bits, self.a_bits)  # validates the bit widths
+        if self.calib_batches < 1:
+            raise OptionError("--calib-batches must be at least 1")
+
+
+@dataclass
+class ExportConfig(DeployConfig):
+    scan: str = "plugin"
+    dls: str = "static"
+    int4_weights: bool = False
+    validate: bool = True
+    val_data: str = "builtin"
+    min_psnr_between: float = 50.0
+
+    def options(self) -> ExportOptions:
+        return ExportOptions(scan=self.scan, dls=self.dls, int4_weights=self.int4_weights)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.options()  # validates scan / dls
+        if self.int4_weights and not self.bundle and self.method != NO_PTQ and self.w_bits > 4:
+            raise OptionError(f"--int4-weights stores 4-bit weights, but --w-bits is {self.w_bits}; "
+                              f"pass --w-bits 4 (or 2), or drop --int4-weights")
+
+
+# ------------------------------------------------------------------------ output folder
+
+
+def _check_out(out: Path) -> None:
+    """Refuse early (before any work) an output folder that cannot be written or is not ours."""
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file; pass a folder")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        if foreign:
+            raise OptionError(f"--out {out} already holds files that are not an export ({', '.join(foreign[:3])}); "
+                              f"pass a new or empty folder")
+    parent = out.parent  # the folder is built beside OUT and renamed into place
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"--out {out}: {parent} is not writable; pass a folder you can write to")
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (else it is removed)."""
+    out = Path(out)
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ stages
+
+
+def load_source(cfg: DeployConfig) -> nn.Module:
+    """The model to fold: the checkpoint (PTQ-quantized when float and a method is set) or a bundle."""
+    from ..checkpoints import load_model
+    from ..defaults import default_checkpoint
+
+    if cfg.bundle:
+        from ..fold import load_bundle
+
+        return load_bundle(cfg.bundle)
+    path = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.scale)
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {path} is not a file; pass a .pth/.safetensors checkpoint")
+    model = load_model(path)
+    model.source_path = str(path)
+    if cfg.scale is not None and int(getattr(model, "upscale", 1)) != cfg.scale:
+        raise OptionError(f"--scale {cfg.scale} does not match {path}, which upscales x{model.upscale}")
+    if getattr(model, "qconfig", None) is None and cfg.method != NO_PTQ:
+        model = _ptq(model, cfg)
+    return model
+
+
+def _train_patches(model: nn.Module, cfg: DeployConfig, count: int, offset: int = 0) -> list[torch.Tensor]:
+    from ..data.datasets import PatchSampler, load_pairs
+    from ..data.degrade import model_degradation
+
+    deg = model_degradation(model)
+    channels = int(getattr(model, "in_chans", 3))
+    sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.calib_patch, 1,
+                           seed=cfg.seed, augment=False)
+    return [sampler.batch(offset + i, 0)[0] for i in range(count)]
+
+
+def _ptq(model: nn.Module, cfg: DeployConfig) -> nn.Module:
+    from ..quant.pipeline import ptq
+
+    q = ptq(model, QConfig(cfg.method, cfg.w_bits, cfg.a_bits), _train_patches(model, cfg, cfg.calib_batches))
+    q.arch_name, q.arch_kwargs = model.arch_name, model.arch_kwargs
+    q.manifest, q.source_path = model.manifest, model.source_path
+    return q
+
+
+def deploy_model(cfg: DeployConfig) -> tuple[nn.Module, nn.Module | None]:
+    """(deploy model, the fake-quant model it was folded from — None when starting from a bundle)."""
+    from ..fold import calibrate_dls, fold
+
+    source = load_source(cfg)
+    if cfg.bundle:
+        return source, None
+    deploy = fold(source)
+    # different patches than the PTQ observers saw
+    calibrate_dls(deploy, _train_patches(source, cfg, cfg.calib_batches, offset=1000),
+                  source=f"{cfg.data} training split, {cfg.calib_patch}px patches, seed {cfg.seed}")
+    deploy.source_path = getattr(source, "source_path", None)
+    return deploy, source
+
+
+def _provenance(cfg: DeployConfig, deploy: nn.Module, command: str | None) -> dict[str, Any]:
+    from ..manifest import sha256_file
+
+    src = getattr(deploy, "source_path", None)
+    return {"made_by": "qmamba-deploy", "command": command, "config": asdict(cfg), "checkpoint": src,
+            "checkpoint_sha256": sha256_file(src) if src and Path(src).is_file() else None}
+
+
+def run_fold(cfg: DeployConfig, out: str | os.PathLike, command: str | None = None) -> dict[str, Any]:
+    """``qmamba-deploy fold``: write OUT/bundle.safetensors + bundle.json; returns the manifest."""
+    from ..fold import save_bundle
+
+    if cfg.bundle:
+        raise OptionError("fold takes --checkpoint (a bundle is already folded)")
+    out = Path(out)
+    _check_out(out)
+    deploy, _ = deploy_model(cfg)
+    with staged_folder(out) as tmp:
+        manifest = save_bundle(deploy, tmp, _provenance(cfg, deploy, command))
+    return manifest
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    bundle: dict[str, Any]
+    onnx: dict[str, Any]
+    report: Any  # ValidationReport or None
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.report is None or self.report.passed
+
+
+def validation_outputs(deploy: nn.Module, fake: nn.Module | None, onnx_paths: dict[str, tuple[str, str]]):
+    """Outputs for validate_outputs: the fake-quant model (quality only), the deploy model per
+    DLS mode (references) and each ONNX (name -> (path, dls mode)) against its reference."""
+    from ..evaluate import model_runner
+    from ..fold import with_dls_mode
+    from ..runtime.ort import onnx_runner
+    from ..validate import Output
+
+    outputs = []
+    if fake is not None:
+        quantized = getattr(fake, "qconfig", None) is not None
+        outputs.append(Output("torch fake-quant" if quantized else "torch float", model_runner(fake)))
+    for mode in dict.fromkeys(mode for _, mode in onnx_paths.values()):
+        outputs.append(Output(f"torch deploy ({mode} DLS)", model_runner(with_dls_mode(deploy, mode))))
+    for name, (path, mode) in onnx_paths.items():
+        outputs.append(Output(name, onnx_runner(path), reference=f"torch deploy ({mode} DLS)", path=str(path)))
+    return outputs
+
+
+def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = None,
+               progress: bool = False) -> ExportResult:
+    """The main job; see the module docstring. Validation failures are in the result, not raised."""
+    from ..data.datasets import load_pairs
+    from ..data.degrade import model_degradation
+    from ..fold import save_bundle
+    from ..validate import validate_outputs
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_out(out)
+    deploy, fake = deploy_model(cfg)
+    if cfg.int4_weights:
+        from .onnx_export import _check_int4
+
+        _check_int4(deploy)
+    report = None
+    with staged_folder(out) as tmp:
+        bundle = save_bundle(deploy, tmp, _provenance(cfg, deploy, command))
+        onnx_manifest = export_onnx(deploy, tmp / "model.onnx", cfg.options(),
+                                    source={"bundle": "bundle.safetensors", "bundle_sha256": bundle["sha256"]})
+        if cfg.validate:
+            deg = model_degradation(deploy)
+            pairs = load_pairs(cfg.val_data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
+            name = f"onnxruntime ({cfg.scan} scan)"
+            outputs = validation_outputs(deploy, fake, {name: (str(tmp / "model.onnx"), cfg.dls)})
+            report = validate_outputs(outputs, pairs, deg, cfg.min_psnr_between, progress=progress)
+            for o in report.outputs:       # paths as they will be after the swap
+                o.path = str(out / Path(o.path).name) if o.path else None
+        summary = {"bundle": _bundle_summary(bundle), "onnx": _onnx_summary(onnx_manifest),
+                   "validation": report.as_dict() if report else None,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+        write_json(tmp / "report.json", make_manifest("qmamba-deploy export report", command=command,
+                                                      config=asdict(cfg), **summary))
+        (tmp / "report.md").write_text(export_markdown(cfg, bundle, onnx_manifest, report, command))
+    return ExportResult(out, bundle, onnx_manifest, report, time.perf_counter() - t0)
+
+
+def _bundle_summary(bundle: dict[str, Any]) -> dict[str, Any]:
+    return {"sha256": bundle["sha256"], "qconfig": bundle["qconfig"], "size": bundle["size"],
+            "dls_calibration": bundle["dls_calibration"], "sites": len(bundle["sites"])}
+
+
+def _onnx_summary(m: dict[str, Any]) -> dict[str, Any]:
+    g = m["graph"]
+    return {"sha256": m["sha256"], "options": m["options"], "nodes": g["nodes"], "scan_nodes": g["scan_nodes"],
+            "quantize_linear": g["quantize_linear"], "dequantize_linear": g["dequantize_linear"],
+            "integer_initializers": g["integer_initializers"], "int4_weights": m["int4_weights"]}
+
+
+def export_markdown(cfg: ExportConfig, bundle: dict[str, Any], onnx_manifest: dict[str, Any], report,
+                    command: str | None) -> str:
+    q = bundle["qconfig"]
+    label = f"{q['method']} W{q['w_bits']}A{q['a_bits']}" if q else "float (FP32)"
+    size = bundle["size"]
+    g = onnx_manifest["graph"]
+    lines = [
+        f"# Export report: {bundle['arch']} ({label})", "",
+        f"Command: `{command or 'run_export()'}`", "",
+        f"- bundle: {size['bundle_tensor_bytes'] / 1e6:.3f} MB of tensors vs {size['fp32_param_bytes'] / 1e6:.3f} MB "
+        f"FP32 parameters ({size['change_vs_fp32'] * 100:+.1f} %)",
+        f"- ONNX: scan `{cfg.scan}`, DLS `{cfg.dls}`, {g['nodes']} nodes, {g['quantize_linear']} QuantizeLinear, "
+        f"{g['dequantize_linear']} DequantizeLinear, {g['scan_nodes']} QMambaSelectiveScan, "
+        f"integer initializers {json.dumps(g['integer_initializers'])}",
+    ]
+    if report is not None:
+        lines += ["", f"## Validation ({'passed' if report.passed else 'FAILED'}: ONNX Runtime vs PyTorch, "
+                      f"threshold {report.min_psnr_between:g} dB PSNR-between)", "", "```", report.table(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["DeployConfig", "ExportConfig", "ExportResult", "run_export", "run_fold", "deploy_model", "load_source",
+           "staged_folder", "validation_outputs", "EXPORT_FILES"]

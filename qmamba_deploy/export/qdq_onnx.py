@@ -1,0 +1,43 @@
+"""ONNX translations of the quantize/dequantize ops (``qmamba_deploy.ops.qdq``).
+
+* ``qmamba::fake_quant(x, s, lo, hi, clip)`` -> [Clip(x, lo, hi)] -> QuantizeLinear(s, 0) ->
+  DequantizeLinear(s, 0): symmetric int8, zero point an int8 0 initializer.
+* ``qmamba::dequantize(q, s, axis)`` -> DequantizeLinear(q, s, 0, axis).
+
+The scales, bounds and integer weights are buffers of the deploy model, so they reach
+the graph as initializers: constant, as TensorRT requires.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from onnx import TensorProto, helper
+
+from ..ops.qdq import DEQUANTIZE_OP, FAKE_QUANT_OP
+
+
+def _zero_point(op):
+    return op.Constant(value=helper.make_tensor("zero_point", TensorProto.INT8, [], [0]))
+
+
+def _translate_fake_quant(x, scale, lo, hi, clip: bool = True):
+    from onnxscript import opset21 as op
+
+    zp = _zero_point(op)
+    if clip:
+        x = op.Clip(x, lo, hi)
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), scale, zp)
+
+
+def _translate_dequantize(q, scale, axis: int = 0):
+    from onnxscript import opset21 as op
+
+    if len(scale.shape or ()) == 0:
+        return op.DequantizeLinear(q, scale, _zero_point(op))
+    zp = op.Cast(op.ConstantOfShape(op.Shape(scale)), to=TensorProto.INT8)  # folded to an initializer
+    return op.DequantizeLinear(q, scale, zp, axis=axis)
+
+
+def qdq_translation_table() -> dict[Callable, Callable]:
+    return {FAKE_QUANT_OP.default: _translate_fake_quant, DEQUANTIZE_OP.default: _translate_dequantize}

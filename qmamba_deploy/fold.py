@@ -1,0 +1,520 @@
+"""Fold: a fake-quant model -> a deploy bundle (static integer weights, scales, a manifest).
+
+:func:`fold` walks the quantized sites of a model (QuantLinear / QuantConv2d and the
+scan modules), turns every quantizer into its deploy form (:mod:`qmamba_deploy.quant.deploy`)
+and returns a *deploy model*: the float architecture with integer weights, constant
+scales, explicit offsets and the scan's parameter operands precomputed. Its output
+equals the fake-quant model's (bit-exact for LSQ, RFA and PTQ weights; within float
+rounding where an offset is re-expressed) — with DLS in ``dynamic`` mode; ``static``
+mode replaces each DLS by the α, β that :func:`calibrate_dls` freezes.
+
+A bundle on disk is ``bundle.safetensors`` (the deploy model's tensors, every integer
+weight packed at its real bit width: four 2-bit or two 4-bit values per byte) and
+``bundle.json`` (the manifest: architecture, qconfig, one entry per site with its
+bits, grids and scales, the DLS calibration, sizes against FP32, checksums, tool
+versions). :func:`load_bundle` rebuilds the deploy model from the two files alone.
+The structure is rebuilt by the same :func:`convert` that fold uses, from the specs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, OptionError
+from .manifest import atomic_path, make_manifest, manifest_path, sha256_file, write_json
+from .quant.deploy import (ActQuant, DeployConv2d, DeployLinear, DLSAct, FoldedWeight, act_from_spec, act_grid,
+                           set_dls_mode, weight_from_spec)
+from .quant.layers import QuantConv2d, QuantLinear
+from .quant.quantizers import DLS, LSQ, RFA, Observer, Quantizer
+from .quant.qconfig import scan_modules
+
+BUNDLE_KIND = "qmamba-deploy bundle"
+BUNDLE_NAME = "bundle.safetensors"
+_META_KEY = "qmamba_deploy_bundle"
+PACKABLE_BITS = (2, 4, 8)
+#: Scan operands that are parameters: quantized once at fold time, stored as constants.
+PARAM_POINTS = ("As_q", "Ds_q", "dt_projs_bias_q")
+#: (weight point, parameter, permutation into the stored [..., in, out] layout)
+WEIGHT_POINTS = (("x_proj_weight_q", "x_proj_weight", (0, 2, 1)), ("dt_proj_weight_q", "dt_projs_weight", (0, 2, 1)))
+
+__all__ = ["fold", "convert", "calibrate_dls", "save_bundle", "load_bundle", "pack_bits", "unpack_bits",
+           "BUNDLE_KIND", "BUNDLE_NAME"]
+
+
+# ------------------------------------------------------------------------ quantizer -> codes
+
+
+def _bounded_cls():
+    from .quant.spr2q import BoundedQuant
+
+    return BoundedQuant
+
+
+@torch.no_grad()
+def weight_codes(wq: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(q, scale, offset, bits) with ŵ = scale·q + offset exactly as ``wq`` quantizes ``w``.
+
+    q is on the signed b-bit grid; an unsigned grid (SPR²Q's bounds) is moved down by
+    2^(b−1) steps and the shift goes into the offset.
+    """
+    if not isinstance(wq, Quantizer):
+        raise CheckpointError(f"weight quantizer {type(wq).__name__} is not foldable")
+    if not wq.initialized:
+        raise CheckpointError(f"a {wq.kind} weight quantizer was never initialised; calibrate or train the "
+                              f"quantized model before folding it")
+    zero = torch.zeros((), dtype=torch.float32)
+    if isinstance(wq, RFA):
+        qn, qp = wq.grid()
+        q = wq.hard_level(((w + wq.beta) / wq.alpha).clamp(qn, qp))
+        scale, offset, grid = wq.alpha, -wq.beta, (-(2 ** (wq.bits - 1)), 2 ** (wq.bits - 1) - 1)
+    elif isinstance(wq, LSQ):
+        beta = wq.beta if wq.beta is not None else zero
+        qn, qp = grid = wq.grid()
+        q = torch.round(((w + beta) / wq.alpha).clamp(qn, qp))
+        scale, offset = wq.alpha, -beta
+    elif isinstance(wq, Observer):
+        qn, qp = grid = wq.grid()
+        q = torch.round((w / wq.alpha).clamp(qn, qp))
+        scale, offset = wq.alpha, zero
+    elif isinstance(wq, _bounded_cls()):
+        s = wq.step()
+        clipped = torch.maximum(torch.minimum(w, wq.hi), wq.lo)
+        q = torch.round((clipped - wq.lo) / s)
+        scale, offset, grid = s, wq.lo, (0, 2 ** wq.bits - 1)
+    else:
+        raise CheckpointError(f"a {wq.kind} quantizer cannot quantize weights for deployment; "
+                              f"use rfa, lsq, a PTQ observer or SPR²Q bounds")
+    scale = scale.detach().reshape(()).float()
+    offset = offset.detach().reshape(()).float()
+    if grid[0] == 0:  # unsigned grid -> signed codes, shift into the offset
+        half = 2 ** (wq.bits - 1)
+        q = q - half
+        offset = offset + half * scale
+    return q.to(torch.int8), scale, offset, wq.bits
+
+
+@torch.no_grad()
+def act_quantizer(aq: nn.Module) -> nn.Module:
+    """The deploy form of an activation quantizer (values filled in)."""
+    if isinstance(aq, nn.Identity):
+        return aq
+    if not isinstance(aq, Quantizer):
+        raise CheckpointError(f"activation quantizer {type(aq).__name__} is not foldable")
+    if isinstance(aq, DLS):
+        out = DLSAct(aq.bits, aq.is_signed)
+        for name, value in aq.weights().items():
+            getattr(out, name).copy_(value.detach())
+        return out
+    if not aq.initialized:
+        raise CheckpointError(f"a {aq.kind} activation quantizer was never initialised; calibrate or train the "
+                              f"quantized model before folding it")
+    if isinstance(aq, LSQ):
+        scale, offset, signed = aq.alpha, (aq.beta if aq.beta is not None else None), aq.is_signed
+    elif isinstance(aq, Observer):
+        scale, offset, signed = aq.alpha, None, aq.is_signed
+    elif isinstance(aq, _bounded_cls()):
+        scale, offset, signed = aq.step(), -aq.lo, False
+    else:
+        raise CheckpointError(f"a {aq.kind} quantizer cannot quantize activations for deployment")
+    qmin, qmax, shift = act_grid(aq.bits, signed)
+    scale = scale.detach().reshape(()).float()
+    o = offset.detach().reshape(()).float() if offset is not None else torch.zeros(())
+    return ActQuant(aq.bits, qmin, qmax, has_offset=offset is not None or shift > 0).set(scale, o - shift * scale)
+
+
+# ------------------------------------------------------------------------ sites and specs
+
+
+def _points(m: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    return {n: m._modules[n] for n in names if n in m._modules}
+
+
+def _layer_spec(name: str, m: nn.Module, act: nn.Module, weight: FoldedWeight) -> dict[str, Any]:
+    act_spec = act.spec() if hasattr(act, "spec") else None
+    base = {"name": name, "act": act_spec, "weight": weight.spec(), "bias": m.bias is not None}
+    if isinstance(m, nn.Linear):
+        return {**base, "kind": "linear", "in": m.in_features, "out": m.out_features}
+    return {**base, "kind": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
+            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
+
+
+def _fold_layer(name: str, m: nn.Module) -> tuple[dict[str, Any], nn.Module]:
+    linear = isinstance(m, QuantLinear)
+    aq = m.linear_act_quant if linear else m.conv_act_quant
+    wq = m.linear_weight_quant if linear else m.conv_weight_quant
+    w = m.weight.detach().float()
+    layout = w.t() if linear else w                      # Linear: the [in, out] MatMul operand
+    q, scale, offset, bits = weight_codes(wq, layout)
+    weight = FoldedWeight(tuple(layout.shape), bits, axis=1 if linear else 0, has_offset=bool(offset != 0))
+    _fill_weight(weight, q, scale, offset)
+    _check_weight(name, weight, wq, w, layout)
+    act = act_quantizer(aq)
+    spec = _layer_spec(name, m, act, weight)
+    deploy = layer_from_spec(spec)
+    deploy.act, deploy.weight = act, weight
+    if m.bias is not None:
+        deploy.bias.data.copy_(m.bias.detach())
+    return spec, deploy
+
+
+def _fill_weight(weight: FoldedWeight, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+    weight.q.copy_(q)
+    weight.scale.copy_(scale)
+    weight.offset.copy_(offset)
+
+
+def _check_weight(name: str, weight: FoldedWeight, wq: nn.Module, w: torch.Tensor, layout: torch.Tensor) -> None:
+    """The folded weight must reproduce the fake-quant weight (guards the codes above)."""
+    with torch.no_grad():
+        expected = wq.eval()(layout)
+        err = (weight.value() - expected).abs().max().item()
+    tol = 1e-6 * max(1.0, w.abs().max().item())
+    if not err <= tol:
+        raise CheckpointError(f"{name}: the folded weight differs from the fake-quant one by {err:.3g}; "
+                              f"this quantizer state cannot be folded exactly")
+
+
+def layer_from_spec(spec: dict[str, Any]) -> nn.Module:
+    act, weight = act_from_spec(spec["act"]), weight_from_spec(spec["weight"])
+    if spec["kind"] == "linear":
+        return DeployLinear(spec["in"], spec["out"], spec["bias"], act, weight)
+    return DeployConv2d(spec["in"], spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"],
+                        spec["groups"], spec["bias"], act, weight)
+
+
+@torch.no_grad()
+def _fold_scan(name: str, m: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """Spec, folded parameter values (A, Ds, dt_projs_bias) and deploy point modules of a scan module."""
+    from .models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS, quant_point
+
+    for point in PROJ_QUANT_POINTS + SCAN_QUANT_POINTS:
+        q = m._modules.get(point)
+        if q is not None:
+            q.eval()
+    values = {
+        "A": quant_point(m, "As_q", -torch.exp(m.A_logs.detach().float())),
+        "Ds": quant_point(m, "Ds_q", m.Ds.detach().float()),
+        "dt_projs_bias": quant_point(m, "dt_projs_bias_q",
+                                     m.dt_projs_bias.detach().float().reshape(-1)).reshape(m.dt_projs_bias.shape),
+    }
+    points: dict[str, nn.Module] = {}
+    spec_points: dict[str, Any] = {}
+    for point, param, perm in WEIGHT_POINTS:
+        wq = m._modules.get(point)
+        if wq is None:
+            continue
+        layout = getattr(m, param).detach().float().permute(*perm)
+        q, scale, offset, bits = weight_codes(wq, layout)
+        weight = FoldedWeight(tuple(layout.shape), bits, axis=layout.dim() - 1, has_offset=bool(offset != 0))
+        _fill_weight(weight, q, scale, offset)
+        _check_weight(f"{name}.{point}", weight, wq, layout, layout)
+        points[point] = weight
+        spec_points[point] = {"weight": weight.spec()}
+    for point in PROJ_QUANT_POINTS + SCAN_QUANT_POINTS:
+        if point in points or point in PARAM_POINTS or point not in m._modules:
+            continue
+        act = act_quantizer(m._modules[point])
+        points[point] = act
+        spec_points[point] = {"act": act.spec() if hasattr(act, "spec") else None}
+    spec = {"name": name, "kind": "scan", "points": spec_points,
+            "folded_params": sorted(p for p in PARAM_POINTS if p in m._modules)}
+    return spec, values, points
+
+
+def convert(model: nn.Module, specs: list[dict[str, Any]]) -> nn.Module:
+    """Turn a float model into the deploy structure of ``specs`` (in place; values zero).
+
+    Quantized layers become DeployLinear / DeployConv2d; each scan module gets its
+    deploy points, a precomputed ``A`` buffer instead of ``A_logs``, and loses the
+    projection weights that live in folded form.
+    """
+    for spec in specs:
+        if spec["kind"] in ("linear", "conv2d"):
+            _set_module(model, spec["name"], layer_from_spec(spec))
+            continue
+        m = model.get_submodule(spec["name"])
+        for point in PARAM_POINTS:
+            m._modules.pop(point, None)
+        a_shape = m.A_logs.shape
+        del m.A_logs
+        m.register_buffer("A", torch.zeros(a_shape))
+        for point, param, _ in WEIGHT_POINTS:
+            if "weight" in spec["points"].get(point, {}):
+                delattr(m, param)
+                m.add_module(point, weight_from_spec(spec["points"][point]["weight"]))
+        for point, entry in spec["points"].items():
+            if "act" in entry:
+                m.add_module(point, act_from_spec(entry["act"]))
+    model.deploy_specs = specs
+    return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _fresh_float(model: nn.Module) -> nn.Module:
+    from .checkpoints import float_state_dict
+    from .models import build_model
+
+    arch, kwargs = getattr(model, "arch_name", None), getattr(model, "arch_kwargs", None)
+    if arch is None:
+        raise CheckpointError("the model has no arch_name; load it with load_model() before folding")
+    fresh = build_model(arch, **kwargs)
+    fresh.load_state_dict(float_state_dict(model.state_dict()), strict=True)
+    return fresh
+
+
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """The deploy model of a fake-quant (or float) model; DLS sites start in ``dynamic`` mode.
+
+    Raises CheckpointError for a quantizer that is not initialised or cannot be folded
+    (an SPR²Q model whose rectifiers were never fused, for instance).
+    """
+    model = model.eval()
+    specs: list[dict[str, Any]] = []
+    folded_layers: dict[str, nn.Module] = {}
+    scans: dict[str, tuple[dict[str, torch.Tensor], dict[str, nn.Module]]] = {}
+    covered: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            if any("rectifier" in n for n, _ in m.named_children()):
+                raise CheckpointError(f"{name} still has SPR²Q rectifiers; fuse them first "
+                                      f"(quantize --method spr2q fuses them at the end)")
+            spec, folded_layers[name] = _fold_layer(name, m)
+            specs.append(spec)
+            covered.update(id(q) for q in m.modules() if isinstance(q, Quantizer))
+    for name, m in scan_modules(model):
+        spec, values, points = _fold_scan(name, m)
+        specs.append(spec)
+        scans[name] = (values, points)
+        covered.update(id(q) for q in m.modules() if isinstance(q, Quantizer))
+    stray = [n for n, q in model.named_modules() if isinstance(q, Quantizer) and id(q) not in covered]
+    if stray:
+        raise CheckpointError(f"quantizers outside the known sites cannot be folded: {', '.join(stray[:3])}")
+
+    deploy = convert(_fresh_float(model), specs)
+    for name, layer in folded_layers.items():
+        _set_module(deploy, name, layer)
+    for name, (values, points) in scans.items():
+        m = deploy.get_submodule(name)
+        m.A.copy_(values["A"])
+        m.Ds.data.copy_(values["Ds"])
+        m.dt_projs_bias.data.copy_(values["dt_projs_bias"])
+        for point, module in points.items():
+            m.add_module(point, module)
+    deploy.arch_name, deploy.arch_kwargs = model.arch_name, model.arch_kwargs
+    deploy.qconfig = getattr(model, "qconfig", None)
+    deploy.manifest = dict(getattr(model, "manifest", {}) or {})
+    deploy.dls_calibration = None
+    return deploy.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------ static DLS
+
+
+STATIC_DLS_STATISTIC = "mean"
+
+
+@torch.no_grad()
+def calibrate_dls(deploy: nn.Module, batches: Iterable[torch.Tensor], source: str = "") -> dict[str, Any] | None:
+    """Freeze every DLS site's α, β for ``--dls static``: the mean of its live values over ``batches``.
+
+    Returns the calibration record (also stored on the model), or None when the
+    model has no DLS activation.
+    """
+    from .train import _routing
+
+    sites = [(n, m) for n, m in deploy.named_modules() if isinstance(m, DLSAct)]
+    if not sites:
+        return None
+    modes = {n: m.mode for n, m in sites}
+    for _, m in sites:
+        m.mode, m.recording = "dynamic", []
+    count = 0
+    try:
+        with _routing(deploy, "deterministic"):
+            for x in batches:
+                deploy(x)
+                count += 1
+    finally:
+        for n, m in sites:
+            seen, m.recording = m.recording, None
+            m.mode = modes[n]
+            if seen:
+                alphas, betas = zip(*seen)
+                m.static.set(statistics.fmean(alphas), statistics.fmean(betas))
+    if count == 0:
+        raise OptionError("DLS calibration got no images; pass at least one calibration batch")
+    deploy.dls_calibration = {"statistic": STATIC_DLS_STATISTIC, "batches": count, "source": source,
+                              "sites": len(sites)}
+    return deploy.dls_calibration
+
+
+def calibration_batches(deploy: nn.Module, count: int = 8, patch: int = 64, seed: int = 0, data: str = "builtin"):
+    """``count`` LR patches of the training split (never the eval images) for the model's task."""
+    from .data.datasets import PatchSampler, load_pairs
+    from .data.degrade import model_degradation
+
+    deg = model_degradation(deploy)
+    channels = int(getattr(deploy, "in_chans", 3))
+    sampler = PatchSampler(load_pairs(data, deg, channels, split="train"), deg, patch, 1, seed=seed, augment=False)
+    return [sampler.batch(i, 0)[0] for i in range(count)]
+
+
+# ------------------------------------------------------------------------ bundle I/O
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed b-bit codes (int8) -> uint8 bytes, 8/b codes per byte, first code in the low bits."""
+    if bits not in PACKABLE_BITS:
+        raise OptionError(f"{bits}-bit weights cannot be packed; bundles store 2, 4 or 8 bits")
+    half = 2 ** (bits - 1)
+    flat = q.flatten().to(torch.int16)
+    if flat.numel() and (int(flat.min()) < -half or int(flat.max()) > half - 1):
+        raise ValueError(f"codes out of the signed {bits}-bit range")
+    u = (flat + half).to(torch.uint8)
+    per = 8 // bits
+    pad = (-u.numel()) % per
+    u = torch.cat([u, u.new_zeros(pad)]).reshape(-1, per).to(torch.int32)
+    packed = torch.zeros(u.shape[0], dtype=torch.int32)
+    for i in range(per):
+        packed |= u[:, i] << (i * bits)
+    return packed.to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    per, half = 8 // bits, 2 ** (bits - 1)
+    p = packed.to(torch.int32)
+    codes = torch.stack([(p >> (i * bits)) & ((1 << bits) - 1) for i in range(per)], dim=1).flatten()
+    n = int(np.prod(shape)) if shape else 1
+    return (codes[:n] - half).to(torch.int8).reshape(shape)
+
+
+def _storage_bits(bits: int) -> int:
+    return next(b for b in PACKABLE_BITS if b >= bits)
+
+
+def _bundle_tensors(deploy: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, Any]] = {}
+    folded = {f"{n}.q": m for n, m in deploy.named_modules() if isinstance(m, FoldedWeight)}
+    for key, value in deploy.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        if key in folded:
+            bits = _storage_bits(folded[key].bits)
+            tensors[key + "_packed"] = pack_bits(value, bits)
+            packed[key] = {"bits": folded[key].bits, "storage_bits": bits, "shape": list(value.shape)}
+        else:
+            tensors[key] = value
+    return tensors, packed
+
+
+def _site_values(deploy: nn.Module) -> dict[str, dict[str, float]]:
+    """Every scale and offset, by module name (a copy of the tensors, for people and diff tools)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, m in deploy.named_modules():
+        if isinstance(m, FoldedWeight):
+            scale = m.scale.tolist()
+            out[name] = {"scale": scale, "offset": float(m.offset), "bits": m.bits}
+        elif isinstance(m, ActQuant):
+            out[name] = {"scale": float(m.scale), "offset": float(m.offset), "grid": [m.qmin, m.qmax], "bits": m.bits}
+    return out
+
+
+def float_bytes(deploy: nn.Module) -> int:
+    """FP32 size of the source model's parameters (what the bundle replaces)."""
+    from .models import build_model
+    from .models.registry import count_parameters
+
+    return 4 * count_parameters(build_model(deploy.arch_name, **deploy.arch_kwargs))
+
+
+def save_bundle(deploy: nn.Module, out_dir: str | os.PathLike, provenance: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Write ``out_dir/bundle.safetensors`` and ``bundle.json`` (atomically); returns the manifest."""
+    from safetensors.torch import save_file
+
+    from .checkpoints import _jsonable
+
+    path = Path(out_dir) / BUNDLE_NAME
+    tensors, packed = _bundle_tensors(deploy)
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    fp32 = float_bytes(deploy)
+    qconfig = getattr(deploy, "qconfig", None)
+    source = getattr(deploy, "manifest", {}) or {}
+    manifest = make_manifest(
+        BUNDLE_KIND, arch=deploy.arch_name, kwargs=_jsonable(deploy.arch_kwargs),
+        qconfig=qconfig.as_dict() if qconfig is not None else None,
+        task=source.get("task"), sites=deploy.deploy_specs, packed=packed, values=_site_values(deploy),
+        dls_calibration=getattr(deploy, "dls_calibration", None),
+        size={"bundle_tensor_bytes": weight_bytes, "fp32_param_bytes": fp32,
+              "change_vs_fp32": round(weight_bytes / fp32 - 1.0, 4)},
+        provenance=dict(provenance or {}),
+    )
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(manifest, sort_keys=True)})
+    manifest["sha256"] = sha256_file(path)
+    write_json(manifest_path(path), manifest)
+    return manifest
+
+
+def load_bundle(path: str | os.PathLike) -> nn.Module:
+    """The deploy model of a bundle (``bundle.safetensors`` or its folder); DLS in ``dynamic`` mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .models import build_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / BUNDLE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a bundle file; pass the bundle.safetensors that `fold` wrote "
+                              f"(or its folder)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        manifest = json.loads(meta[_META_KEY])
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path} is not a readable deploy bundle ({exc}); re-run `qmamba-deploy fold`") from None
+    if manifest.get("kind") != BUNDLE_KIND:
+        raise CheckpointError(f"{path} is a {manifest.get('kind')!r}, not a deploy bundle")
+    model = convert(build_model(manifest["arch"], **manifest["kwargs"]), manifest["sites"])
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(".q_packed"):
+            info = manifest["packed"][key[: -len("_packed")]]
+            state[key[: -len("_packed")]] = unpack_bits(value, info["storage_bits"], tuple(info["shape"]))
+        else:
+            state[key] = value
+    model.load_state_dict(state, strict=True)
+    from .quant import QConfig
+
+    model.arch_name, model.arch_kwargs = manifest["arch"], manifest["kwargs"]
+    model.qconfig = QConfig.from_dict(manifest["qconfig"]) if manifest.get("qconfig") else None
+    model.manifest = manifest
+    model.dls_calibration = manifest.get("dls_calibration")
+    return model.eval().requires_grad_(False)
+
+
+def with_dls_mode(deploy: nn.Module, mode: str) -> nn.Module:
+    """A copy of ``deploy`` with every DLS site in ``mode``; static needs a calibrated bundle."""
+    if mode == "static" and any(isinstance(m, DLSAct) for m in deploy.modules()) and not deploy.dls_calibration:
+        raise OptionError("--dls static needs DLS calibration; fold with calibration images (the default) "
+                          "or use --dls dynamic")
+    out = copy.deepcopy(deploy)
+    set_dls_mode(out, mode)
+    return out

@@ -1,0 +1,1 @@
+"""Runtimes the exported graphs run on: ONNX Runtime (here, on CPU) and TensorRT (on a GPU)."""

@@ -1,0 +1,162 @@
+"""Validate: the same images through PyTorch and through the exported graphs, side by side.
+
+Every *output* (a float NCHW -> float NCHW function: a torch model, an ONNX Runtime
+session) is scored against the ground truth (Y-PSNR / SSIM, BasicSR conventions).
+Every *candidate* output is also compared with its *reference* output on the same input:
+max and mean absolute difference and the PSNR between the two (on the float outputs
+clipped to [0, 1]). The report fails when a candidate's PSNR-between on some image is
+below ``min_psnr_between`` (or its max difference above ``max_abs``, when set).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from .data.datasets import Pair, degrade_pair, to_tensor
+from .data.degrade import Degradation
+from .evaluate import score_image, to_uint8_image
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_MIN_PSNR_BETWEEN = 50.0
+
+__all__ = ["Output", "OutputResult", "ValidationReport", "validate_outputs", "psnr_between",
+           "DEFAULT_MIN_PSNR_BETWEEN"]
+
+
+def psnr_between(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB, peak 1) between two float images clipped to [0, 1]; inf when identical."""
+    mse = float(((a.clamp(0, 1).double() - b.clamp(0, 1).double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@dataclass
+class Output:
+    """One thing to run: ``reference`` names the output it must agree with (None: a reference)."""
+
+    name: str
+    run: Runner
+    reference: str | None = None
+    path: str | None = None
+
+
+@dataclass
+class OutputResult:
+    name: str
+    reference: str | None
+    path: str | None
+    images: list[dict[str, Any]] = field(default_factory=list)
+    passed: bool | None = None
+
+    def mean(self, key: str) -> float:
+        return float(np.mean([im[key] for im in self.images]))
+
+    @property
+    def min_psnr_between(self) -> float | None:
+        return min(im["psnr_between"] for im in self.images) if self.reference else None
+
+    @property
+    def max_abs(self) -> float | None:
+        return max(im["max_abs"] for im in self.images) if self.reference else None
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"psnr": self.mean("psnr"), "ssim": self.mean("ssim")}
+        if self.reference:
+            out.update(min_psnr_between=_json_float(self.min_psnr_between), max_abs=self.max_abs,
+                       mean_abs=self.mean("mean_abs"))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "reference": self.reference, "path": self.path, "passed": self.passed,
+                "mean": self.summary(), "images": [{k: _json_float(v) for k, v in im.items()} for im in self.images]}
+
+
+def _json_float(v):
+    return "inf" if isinstance(v, float) and math.isinf(v) else v
+
+
+@dataclass
+class ValidationReport:
+    degradation: Degradation
+    outputs: list[OutputResult]
+    min_psnr_between: float
+    max_abs: float | None
+    baseline: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed is not False for o in self.outputs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "degradation": self.degradation.as_dict(),
+                "thresholds": {"min_psnr_between_db": self.min_psnr_between, "max_abs": self.max_abs},
+                "metric": "Y-PSNR/SSIM vs ground truth (BT.601, BasicSR conventions); PSNR-between on float "
+                          "outputs clipped to [0, 1]",
+                "baseline": self.baseline, "outputs": [o.as_dict() for o in self.outputs]}
+
+    def table(self) -> str:
+        head = (f"{'output':<30} {'Y-PSNR':>8} {'SSIM':>7} {'vs':<16} {'min PSNR-btw':>12} {'max |Δ|':>9} "
+                f"{'mean |Δ|':>9} {'':>4}")
+        rows = [head, "-" * len(head)]
+        for o in self.outputs:
+            s = o.summary()
+            if o.reference:
+                mp = o.min_psnr_between
+                mp_text = "identical" if math.isinf(mp) else f"{mp:.2f} dB"
+                cmp = f"{o.reference[:16]:<16} {mp_text:>12} {s['max_abs']:9.2e} {s['mean_abs']:9.2e}"
+                verdict = "ok" if o.passed else "FAIL"
+            else:
+                cmp, verdict = f"{'(reference)':<16} {'':>12} {'':>9} {'':>9}", ""
+            rows.append(f"{o.name[:30]:<30} {s['psnr']:8.4f} {s['ssim']:7.4f} {cmp} {verdict:>4}")
+        rows.append(f"{self.degradation.baseline_name + ' (baseline)':<30} {self.baseline['psnr']:8.4f} "
+                    f"{self.baseline['ssim']:7.4f}")
+        return "\n".join(rows)
+
+
+def validate_outputs(outputs: list[Output], pairs: Iterable[Pair], degradation: Degradation,
+                     min_psnr_between: float = DEFAULT_MIN_PSNR_BETWEEN, max_abs: float | None = None,
+                     seed: int = 0, progress: bool = False) -> ValidationReport:
+    """Run every output on every pair; compare candidates with their references."""
+    names = [o.name for o in outputs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"output names must be unique: {names}")
+    for o in outputs:
+        if o.reference is not None and o.reference not in names:
+            raise ValueError(f"{o.name}: reference {o.reference!r} is not one of the outputs")
+    results = {o.name: OutputResult(o.name, o.reference, o.path) for o in outputs}
+    base_psnr, base_ssim = [], []
+    pairs = list(pairs)
+    if progress:
+        from tqdm import tqdm
+
+        pairs = tqdm(pairs, desc="validate", unit="img", leave=False)
+    for pair in pairs:
+        lq = degrade_pair(pair, degradation, seed)
+        x = to_tensor(lq)
+        ys = {}
+        for o in outputs:
+            with torch.no_grad():
+                ys[o.name] = o.run(x).float().cpu()
+            if ys[o.name].shape[-2:] != pair.gt.shape[:2]:
+                raise ValueError(f"{o.name} returned {tuple(ys[o.name].shape)} for the {pair.gt.shape[1]}x"
+                                 f"{pair.gt.shape[0]} ground truth of {pair.name}")
+        for o in outputs:
+            score = score_image(to_uint8_image(ys[o.name]), pair.gt, degradation.baseline(lq), pair.name,
+                                lq.shape[:2], degradation.crop_border)
+            entry: dict[str, Any] = {"image": pair.name, "psnr": score.psnr, "ssim": score.ssim}
+            if o.reference is not None:
+                diff = (ys[o.name] - ys[o.reference]).abs()
+                entry.update(max_abs=float(diff.max()), mean_abs=float(diff.mean()),
+                             psnr_between=psnr_between(ys[o.name], ys[o.reference]))
+            results[o.name].images.append(entry)
+        base_psnr.append(score.psnr_baseline)
+        base_ssim.append(score.ssim_baseline)
+    for r in results.values():
+        if r.reference is not None:
+            r.passed = r.min_psnr_between >= min_psnr_between and (max_abs is None or r.max_abs <= max_abs)
+    return ValidationReport(degradation, list(results.values()), min_psnr_between, max_abs,
+                            {"psnr": float(np.mean(base_psnr)), "ssim": float(np.mean(base_ssim))})

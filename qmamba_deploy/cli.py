@@ -322,5 +322,126 @@ def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out,
     _report(f"{cfg.qconfig().label} from {ckpt} in {result.seconds:.0f} s", result, out)
 
 
+# ----------------------------------------------------------------------------- deployment
+
+
+def _deploy_options(f):
+    """Options shared by fold and export: where the model comes from and how PTQ calibrates it."""
+    from .quant.qconfig import PTQ_METHODS
+
+    options = [
+        click.option("--checkpoint", type=click.Path(dir_okay=False),
+                     help="Float or quantized checkpoint (default: the embedded model for --scale)."),
+        click.option("--scale", type=click.Choice(["2", "4"]), default=None,
+                     help="Which embedded model when --checkpoint is not given (default x2)."),
+        click.option("--method", type=click.Choice([*PTQ_METHODS, "none"]), default="minmax", show_default=True,
+                     help="PTQ for a float checkpoint ('none' keeps it FP32). A quantized checkpoint "
+                          "(from `quantize`) is folded as trained."),
+        click.option("--w-bits", type=int, default=8, show_default=True, help="PTQ weight bits."),
+        click.option("--a-bits", type=int, default=8, show_default=True, help="PTQ activation bits."),
+        click.option("--calib-batches", type=int, default=8, show_default=True,
+                     help="Training patches for the PTQ observers and for the static DLS scales."),
+        click.option("--data", default="builtin", show_default=True, help="Calibration images (training split)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _deploy_config(cls, checkpoint, scale, method, w_bits, a_bits, calib_batches, data, seed, **extra):
+    return cls(checkpoint=checkpoint, scale=int(scale) if scale else None, method=method, w_bits=w_bits,
+               a_bits=a_bits, calib_batches=calib_batches, data=data, seed=seed, **extra)
+
+
+@main.command()
+@_deploy_options
+@click.option("--out", default="out/bundle", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for bundle.safetensors + bundle.json.")
+def fold(out, **kw):
+    """Fold a (fake-)quantized checkpoint into a deploy bundle: packed integer weights + scales + manifest."""
+    from .export.job import DeployConfig, run_fold
+
+    manifest = run_fold(_deploy_config(DeployConfig, **kw), out, command=_command_line())
+    size = manifest["size"]
+    click.echo(f"{out}/bundle.safetensors: {len(manifest['sites'])} sites, {size['bundle_tensor_bytes'] / 1e6:.3f} MB "
+               f"vs {size['fp32_param_bytes'] / 1e6:.3f} MB FP32 ({size['change_vs_fp32'] * 100:+.1f} %)")
+
+
+@main.command()
+@_deploy_options
+@click.option("--bundle", type=click.Path(), help="Export a bundle written by `fold` (instead of --checkpoint).")
+@click.option("--scan", type=click.Choice(["plugin", "portable"]), default="plugin", show_default=True,
+              help="plugin: one QMambaSelectiveScan node per scan (our TensorRT plugin); portable: standard ONNX "
+                   "ops (an ONNX Scan over chunks) for runtimes without the plugin.")
+@click.option("--dls", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="DLS activations: static (calibrated scales, real INT8) or dynamic (in-graph statistics, exact).")
+@click.option("--int4-weights", is_flag=True, help="Store 2-D MatMul weights as INT4 (needs --w-bits <= 4).")
+@click.option("--out", default="out/export", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the bundle, model.onnx, model.json and the report (replaced as a whole).")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation.")
+@click.option("--val-data", default="builtin", show_default=True, help="Validation images (the eval split).")
+@click.option("--min-psnr-between", type=float, default=50.0, show_default=True,
+              help="Fail when ONNX Runtime and PyTorch differ by less than this PSNR on some image.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr_between, quiet, **kw):
+    """Checkpoint -> (PTQ) -> fold -> ONNX with Q/DQ and the scan op -> validated in ONNX Runtime.
+
+    With no arguments: the embedded x2 model, W8A8 minmax PTQ on the built-in images.
+    """
+    from .export.job import ExportConfig, run_export
+
+    cfg = _deploy_config(ExportConfig, bundle=bundle, scan=scan, dls=dls, int4_weights=int4_weights,
+                         validate=not no_validate, val_data=val_data, min_psnr_between=min_psnr_between, **kw)
+    result = run_export(cfg, out, command=_command_line(), progress=not quiet)
+    click.echo((result.out / "report.md").read_text())
+    if not result.passed:
+        click.secho(f"error: validation failed (PSNR-between below {min_psnr_between:g} dB); "
+                    f"see {result.out}/report.md", fg="red", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("onnx_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--bundle", type=click.Path(), help="The bundle the graphs came from (default: from model.json).")
+@click.option("--data", default="builtin", show_default=True, help="Images (the eval split of 'builtin').")
+@click.option("--min-psnr-between", type=float, default=50.0, show_default=True)
+@click.option("--max-abs", type=float, default=None, help="Also fail when a max |difference| exceeds this.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def validate(onnx_files, bundle, data, min_psnr_between, max_abs, json_out, quiet):
+    """Run the same images through PyTorch and each ONNX_FILE in ONNX Runtime; compare and score them."""
+    from .export.job import validate_files
+
+    report = validate_files(list(onnx_files), bundle, data, min_psnr_between, max_abs, progress=not quiet)
+    click.echo(report.table())
+    if json_out:
+        from .manifest import write_json
+
+        write_json(json_out, report.as_dict())
+    if not report.passed:
+        click.secho(f"error: validation failed (thresholds: {min_psnr_between:g} dB PSNR-between"
+                    + (f", max |Δ| {max_abs:g}" if max_abs is not None else "") + ")", fg="red", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@click.option("--no-parser", is_flag=True, help="Static checks only (skip the TensorRT parser).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the findings as JSON.")
+def lint(onnx_file, no_parser, json_out):
+    """Check ONNX_FILE against what TensorRT accepts (Q/DQ, plugin node, ops); parse it where TensorRT imports."""
+    from .export.lint import lint_onnx
+
+    report = lint_onnx(onnx_file, use_parser=not no_parser)
+    click.echo(report.text())
+    if json_out:
+        from .manifest import write_json
+
+        write_json(json_out, report.as_dict())
+    if not report.passed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

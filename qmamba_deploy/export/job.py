@@ -271,6 +271,39 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
     return ExportResult(out, bundle, onnx_manifest, report, time.perf_counter() - t0)
 
 
+def validate_files(paths: list[str], bundle: str | None = None, data: str = "builtin",
+                   min_psnr_between: float = 50.0, max_abs: float | None = None, progress: bool = False):
+    """``qmamba-deploy validate``: each exported ONNX against the torch deploy model of its bundle."""
+    from ..data.datasets import load_pairs
+    from ..data.degrade import model_degradation
+    from ..fold import load_bundle
+    from ..manifest import manifest_path
+    from ..validate import validate_outputs
+
+    graphs: dict[str, tuple[str, str]] = {}
+    bundles = set()
+    for path in paths:
+        if not Path(path).is_file():
+            raise OptionError(f"{path} is not a file; pass the .onnx that `qmamba-deploy export` wrote")
+        meta_path = manifest_path(path)
+        if not meta_path.is_file():
+            raise OptionError(f"{path} has no {meta_path.name} beside it; validate needs the manifest that "
+                              f"`export` writes (it names the bundle and the DLS mode)")
+        meta = json.loads(meta_path.read_text())
+        source = bundle or str(Path(path).parent / meta.get("source", {}).get("bundle", "bundle.safetensors"))
+        bundles.add(str(Path(source).resolve()))
+        opts = meta["options"]
+        graphs[f"onnxruntime: {Path(path).name} ({opts['scan']})"] = (path, opts["dls"])
+    if len(bundles) != 1:
+        raise OptionError(f"the graphs come from different bundles ({', '.join(sorted(bundles))}); validate them "
+                          f"one bundle at a time, or pass --bundle")
+    deploy = load_bundle(bundles.pop())
+    deg = model_degradation(deploy)
+    pairs = load_pairs(data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
+    return validate_outputs(validation_outputs(deploy, None, graphs), pairs, deg, min_psnr_between, max_abs,
+                            progress=progress)
+
+
 def _bundle_summary(bundle: dict[str, Any]) -> dict[str, Any]:
     return {"sha256": bundle["sha256"], "qconfig": bundle["qconfig"], "size": bundle["size"],
             "dls_calibration": bundle["dls_calibration"], "sites": len(bundle["sites"])}
@@ -305,4 +338,4 @@ def export_markdown(cfg: ExportConfig, bundle: dict[str, Any], onnx_manifest: di
 
 
 __all__ = ["DeployConfig", "ExportConfig", "ExportResult", "run_export", "run_fold", "deploy_model", "load_source",
-           "staged_folder", "validation_outputs", "EXPORT_FILES"]
+           "staged_folder", "validation_outputs", "validate_files", "EXPORT_FILES"]

@@ -364,7 +364,7 @@ def fold(out, **kw):
 
     manifest = run_fold(_deploy_config(DeployConfig, **kw), out, command=_command_line())
     size = manifest["size"]
-    click.echo(f"{out}/bundle.safetensors: {len(manifest['sites'])} sites, {size['bundle_tensor_bytes'] / 1e6:.3f} MB "
+    click.echo(f"{out}/bundle.safetensors: {len(manifest['sites'])} sites, {size['weight_bytes'] / 1e6:.3f} MB "
                f"vs {size['fp32_param_bytes'] / 1e6:.3f} MB FP32 ({size['change_vs_fp32'] * 100:+.1f} %)")
 
 

@@ -433,12 +433,24 @@ def _site_values(deploy: nn.Module) -> dict[str, dict[str, float]]:
     return out
 
 
-def float_bytes(deploy: nn.Module) -> int:
-    """FP32 size of the source model's parameters (what the bundle replaces)."""
+def _sizes(deploy: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Bundle bytes against the FP32 parameters they replace (the papers' storage figure).
+
+    ``weight_bytes`` counts what stands for parameters (packed integer weights, scales,
+    float parameters, the precomputed A) and leaves out the buffers the float model
+    carries as well (e.g. MambaIRv2's relative position index); ``bundle_tensor_bytes``
+    is everything.
+    """
     from .models import build_model
     from .models.registry import count_parameters
 
-    return 4 * count_parameters(build_model(deploy.arch_name, **deploy.arch_kwargs))
+    reference = build_model(deploy.arch_name, **deploy.arch_kwargs)
+    shared_buffers = {n for n, _ in reference.named_buffers()}
+    fp32 = 4 * count_parameters(reference)
+    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    weights = sum(b for k, b in nbytes.items() if k not in shared_buffers)
+    return {"weight_bytes": weights, "bundle_tensor_bytes": sum(nbytes.values()), "fp32_param_bytes": fp32,
+            "change_vs_fp32": round(weights / fp32 - 1.0, 4)}
 
 
 def save_bundle(deploy: nn.Module, out_dir: str | os.PathLike, provenance: dict[str, Any] | None = None
@@ -450,8 +462,6 @@ def save_bundle(deploy: nn.Module, out_dir: str | os.PathLike, provenance: dict[
 
     path = Path(out_dir) / BUNDLE_NAME
     tensors, packed = _bundle_tensors(deploy)
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    fp32 = float_bytes(deploy)
     qconfig = getattr(deploy, "qconfig", None)
     source = getattr(deploy, "manifest", {}) or {}
     manifest = make_manifest(
@@ -459,8 +469,7 @@ def save_bundle(deploy: nn.Module, out_dir: str | os.PathLike, provenance: dict[
         qconfig=qconfig.as_dict() if qconfig is not None else None,
         task=source.get("task"), sites=deploy.deploy_specs, packed=packed, values=_site_values(deploy),
         dls_calibration=getattr(deploy, "dls_calibration", None),
-        size={"bundle_tensor_bytes": weight_bytes, "fp32_param_bytes": fp32,
-              "change_vs_fp32": round(weight_bytes / fp32 - 1.0, 4)},
+        size=_sizes(deploy, tensors),
         provenance=dict(provenance or {}),
     )
     with atomic_path(path) as tmp:

@@ -124,7 +124,7 @@ def main() -> None:
             "model": row["model"], "tag": row["tag"], "config": row["label"], "scan": row["scan"],
             "dls": cfg.dls if res.bundle["dls_calibration"] else "-",
             "size_change": res.bundle["size"]["change_vs_fp32"],
-            "bundle_bytes": res.bundle["size"]["bundle_tensor_bytes"],
+            "bundle_bytes": res.bundle["size"]["weight_bytes"],
             "torch_psnr": fake.mean("psnr"), "torch_ssim": fake.mean("ssim"),
             "deploy_psnr": deploy.mean("psnr"), "ort_psnr": onnx_out.mean("psnr"), "ort_ssim": onnx_out.mean("ssim"),
             "min_psnr_between": onnx_out.min_psnr_between, "max_abs": onnx_out.max_abs,

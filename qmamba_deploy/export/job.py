@@ -96,8 +96,12 @@ def _check_out(out: Path) -> None:
     parent = out.parent  # the folder is built beside OUT and renamed into place
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OptionError(f"--out {out}: {parent} is not writable; pass a folder you can write to")
+    if not parent.is_dir():
+        raise OptionError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
+    try:  # permissions alone do not tell (root, read-only mounts, /proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".qmamba-probe-", dir=parent))
+    except OSError:
+        raise OptionError(f"--out {out}: {parent} is not writable; pass a folder you can write to") from None
 
 
 @contextlib.contextmanager
@@ -325,7 +329,7 @@ def export_markdown(cfg: ExportConfig, bundle: dict[str, Any], onnx_manifest: di
     lines = [
         f"# Export report: {bundle['arch']} ({label})", "",
         f"Command: `{command or 'run_export()'}`", "",
-        f"- bundle: {size['bundle_tensor_bytes'] / 1e6:.3f} MB of tensors vs {size['fp32_param_bytes'] / 1e6:.3f} MB "
+        f"- bundle: {size['weight_bytes'] / 1e6:.3f} MB of tensors vs {size['fp32_param_bytes'] / 1e6:.3f} MB "
         f"FP32 parameters ({size['change_vs_fp32'] * 100:+.1f} %)",
         f"- ONNX: scan `{cfg.scan}`, DLS `{cfg.dls}`, {g['nodes']} nodes, {g['quantize_linear']} QuantizeLinear, "
         f"{g['dequantize_linear']} DequantizeLinear, {g['scan_nodes']} QMambaSelectiveScan, "

@@ -1,0 +1,288 @@
+"""Export: Q/DQ ONNX (plugin and portable scan), INT4 weights, determinism, ORT parity, lint, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from qmamba_deploy.cli import main
+from qmamba_deploy.errors import OptionError
+from qmamba_deploy.export.lint import lint_onnx
+from qmamba_deploy.export.onnx_export import ExportOptions, export_onnx
+from qmamba_deploy.export.scan_onnx import scan_nodes
+from qmamba_deploy.fold import calibrate_dls, fold, with_dls_mode
+from qmamba_deploy.runtime.ort import onnx_runner
+from qmamba_deploy.validate import psnr_between
+
+from .test_fold import _quantized, _x
+
+
+@pytest.fixture(scope="module")
+def w4a4_v2():
+    """A folded, DLS-calibrated W4A4 Q-MambaIR tiny MambaIRv2 (offsets on every RFA weight)."""
+    deploy = fold(_quantized("v2", "qmambair", 4, 4, beta=0.01))
+    calibrate_dls(deploy, [_x(s, 24, 24) for s in range(2)])
+    return deploy
+
+
+def _zero_points(proto: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {t.name: t for t in proto.graph.initializer}
+    return [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in proto.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
+
+
+@pytest.mark.parametrize("scan,dls", [("plugin", "static"), ("plugin", "dynamic"), ("portable", "dynamic")])
+def test_w4a4_export_is_qdq_clean_and_matches_torch_in_onnxruntime(tmp_path, w4a4_v2, scan, dls):
+    path = tmp_path / "model.onnx"
+    manifest = export_onnx(w4a4_v2, path, ExportOptions(scan=scan, dls=dls))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.ir_version == 10 and {o.domain: o.version for o in proto.opset_import}[""] == 21
+    graph = manifest["graph"]
+    assert graph["dequantize_linear"] > 0 and graph["integer_initializers"].get("INT8", 0) > 0
+    assert graph["scan_nodes"] == (2 if scan == "plugin" else 0)
+    if scan == "portable":
+        assert "Scan" in graph["ops"]
+    # static DLS are real Q/DQ pairs; dynamic ones are float arithmetic (fewer QuantizeLinear)
+    static_q = export_onnx(w4a4_v2, tmp_path / "s.onnx", ExportOptions(dls="static"))["graph"]["quantize_linear"]
+    assert (graph["quantize_linear"] == static_q) == (dls == "static")
+    # symmetric everywhere: every zero point is an int8 0
+    zps = _zero_points(proto)
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
+    assert lint_onnx(path, use_parser=False).passed
+    # the graph computes what the deploy model computes, for other sizes and batch too
+    reference = with_dls_mode(w4a4_v2, dls)
+    run = onnx_runner(path)
+    for x in (_x(7), torch.rand(2, 3, 33, 17, generator=torch.Generator().manual_seed(3))):
+        with torch.no_grad():
+            y_ref = reference(x)
+        y = run(x)
+        assert y.shape == y_ref.shape
+        assert psnr_between(y, y_ref) >= 45.0
+
+
+def test_fp_export_of_the_embedded_default_is_exact_in_onnxruntime(tmp_path):
+    from qmamba_deploy import load_model
+    from qmamba_deploy.defaults import default_checkpoint
+
+    model = load_model(default_checkpoint(2))
+    deploy = fold(model)
+    manifest = export_onnx(deploy, tmp_path / "fp.onnx", ExportOptions(dls="dynamic"))
+    assert manifest["graph"]["quantize_linear"] == 0 and manifest["qconfig"] is None
+    x = _x(2, 24, 32)
+    with torch.no_grad():
+        ref = model(x)
+    assert (onnx_runner(tmp_path / "fp.onnx")(x) - ref).abs().max() <= 1e-4
+
+
+def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_onnx(w4a4_v2, a, ExportOptions())
+    export_onnx(w4a4_v2, b, ExportOptions())
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_int4_weights_are_blocked_int4_and_compute_the_same(tmp_path, w4a4_v2):
+    m8 = export_onnx(w4a4_v2, tmp_path / "int8.onnx", ExportOptions(dls="static"))
+    m4 = export_onnx(w4a4_v2, tmp_path / "int4.onnx", ExportOptions(dls="static", int4_weights=True))
+    assert m4["int4_weights"] > 0 and m4["graph"]["integer_initializers"]["INT4"] == m4["int4_weights"]
+    assert m8["graph"]["integer_initializers"].get("INT4", 0) == 0
+    proto = onnx.load(str(tmp_path / "int4.onnx"))
+    dq4 = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+           and any(a.name == "block_size" and a.i > 0 for a in n.attribute)]
+    assert len(dq4) == m4["int4_weights"]
+    assert (tmp_path / "int4.onnx").stat().st_size < (tmp_path / "int8.onnx").stat().st_size
+    x = _x(4)
+    y8, y4 = onnx_runner(tmp_path / "int8.onnx")(x), onnx_runner(tmp_path / "int4.onnx")(x)
+    assert psnr_between(y4, y8) >= 45.0  # same integers, same scales; only the kernels differ
+
+
+def test_int4_weights_refuse_wider_weights_and_leave_nothing(tmp_path):
+    deploy = fold(_quantized("v1", "minmax", 8, 8))
+    out = tmp_path / "m.onnx"
+    with pytest.raises(OptionError, match="at most 4 bits"):
+        export_onnx(deploy, out, ExportOptions(int4_weights=True))
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_options_are_checked():
+    with pytest.raises(OptionError, match="--scan"):
+        ExportOptions(scan="kernel")
+    with pytest.raises(OptionError, match="--dls"):
+        ExportOptions(dls="auto")
+    with pytest.raises(OptionError, match="opset"):
+        ExportOptions(opset=17)
+
+
+# --------------------------------------------------------------------------- lint
+
+
+def _qdq_model(zero_point=0, zp_type=TensorProto.INT8, dynamic_scale=False, extra_nodes=(), scale_len=0):
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], name="dq"), *extra_nodes]
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [scale_len] if scale_len else [],
+                               [0.1] * max(1, scale_len))
+    zp = helper.make_tensor("zp", zp_type, [scale_len] if scale_len else [], [zero_point] * max(1, scale_len))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    inits = [zp] if dynamic_scale else [scale, zp]
+    if dynamic_scale:
+        inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("kwargs,code", [
+    (dict(zero_point=3), "nonzero-zero-point"),
+    (dict(zp_type=TensorProto.UINT8), "unsigned-zero-point"),
+    (dict(dynamic_scale=True), "dynamic-scale"),
+    (dict(scale_len=4), "per-channel-activation"),
+    (dict(extra_nodes=[helper.make_node("Unique", ["y"], ["u"], name="u")]), "unsupported-op"),
+])
+def test_lint_flags_what_tensorrt_rejects(tmp_path, kwargs, code):
+    path = tmp_path / "bad.onnx"
+    onnx.save(_qdq_model(**kwargs), str(path))
+    report = lint_onnx(path, use_parser=False)
+    assert not report.passed and code in {f.code for f in report.errors}
+    clean = tmp_path / "ok.onnx"
+    onnx.save(_qdq_model(), str(clean))
+    assert lint_onnx(clean, use_parser=False).passed
+
+
+def test_lint_checks_the_plugin_node_against_the_contract(tmp_path, w4a4_v2):
+    path = tmp_path / "m.onnx"
+    export_onnx(w4a4_v2, path, ExportOptions())
+    proto = onnx.load(str(path))
+    node = scan_nodes(proto)[0]
+    kept = [a for a in node.attribute if a.name != "plugin_namespace"]   # one attribute missing ...
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    next(a for a in node.attribute if a.name == "plugin_version").s = b"2"  # ... and one wrong
+    topk = helper.make_node("TopK", ["output", "k"], ["v", "i"], name="topk")
+    proto.graph.node.append(topk)
+    proto.graph.initializer.append(helper.make_tensor("k", TensorProto.INT64, [1], [4096]))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    codes = [f.code for f in lint_onnx(bad, use_parser=False).errors]
+    assert codes.count("plugin-attribute") == 2 and "topk-k" in codes
+
+
+def test_lint_parses_with_tensorrt_where_available(tmp_path, w4a4_v2):
+    from qmamba_deploy.export.lint import _import_parser
+
+    if _import_parser()[1] is None:
+        pytest.skip("no TensorRT parser importable (pip install tensorrt-rtx-cu13 gives one that runs without a GPU)")
+    plugin, portable = tmp_path / "plugin.onnx", tmp_path / "portable.onnx"
+    export_onnx(w4a4_v2, plugin, ExportOptions(dls="static"))
+    export_onnx(w4a4_v2, portable, ExportOptions(dls="static", scan="portable"))
+    report = lint_onnx(portable)
+    assert report.passed and report.parser["parsed"], report.text()
+    report = lint_onnx(plugin)  # the plugin library is not loaded here: only "plugin not found" errors
+    assert report.passed and report.parser["plugin_not_loaded"] == 2 and report.parser["other_errors"] == 0
+
+
+# --------------------------------------------------------------------------- the export job and CLI
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+def test_default_export_writes_a_validated_folder_and_validate_and_lint_agree(tmp_path):
+    out = tmp_path / "export"
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "--out", str(out), "--quiet", "--calib-batches", "2"])
+    assert result.exit_code == 0, result.output
+    assert _files(out) == {"bundle.safetensors", "bundle.json", "model.onnx", "model.json", "report.json",
+                           "report.md"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["passed"] and report["bundle"]["qconfig"]["method"] == "minmax"
+    onnx_row = next(o for o in report["validation"]["outputs"] if o["reference"])
+    assert onnx_row["mean"]["min_psnr_between"] >= 50.0
+    assert report["bundle"]["size"]["change_vs_fp32"] < -0.4  # int8 weights, float head and tail
+    assert "onnxruntime" in result.output and "passed" in result.output
+    # validate and lint on what export wrote
+    result = runner.invoke(main, ["validate", str(out / "model.onnx"), "--quiet", "--json", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "v.json").read_text())["passed"]
+    result = runner.invoke(main, ["validate", str(out / "model.onnx"), "--quiet", "--min-psnr-between", "400",
+                                  "--max-abs", "0"])
+    assert result.exit_code == 1 and "validation failed" in result.output
+    result = runner.invoke(main, ["lint", str(out / "model.onnx"), "--no-parser"])
+    assert result.exit_code == 0, result.output
+    # a rerun replaces the folder as a whole
+    first = (out / "model.onnx").read_bytes()
+    result = runner.invoke(main, ["export", "--out", str(out), "--quiet", "--calib-batches", "2", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx").read_bytes() == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_fold_cli_writes_a_bundle_that_export_accepts(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["fold", "--out", str(tmp_path / "b"), "--w-bits", "4", "--a-bits", "8",
+                                  "--calib-batches", "2"])
+    assert result.exit_code == 0, result.output
+    assert "MB vs" in result.output and _files(tmp_path / "b") == {"bundle.safetensors", "bundle.json"}
+    result = runner.invoke(main, ["export", "--bundle", str(tmp_path / "b"), "--out", str(tmp_path / "e"),
+                                  "--quiet", "--int4-weights", "--scan", "portable"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "e" / "model.json").read_text())
+    assert meta["int4_weights"] > 0 and meta["graph"]["scan_nodes"] == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "no/such/model.safetensors"], "is not a file"),
+    (["--int4-weights"], "--w-bits is 8"),
+    (["--method", "qmambair"], "invalid value"),
+    (["--w-bits", "9"], "--w-bits 9 is out of range"),
+    (["--checkpoint", "x.safetensors", "--bundle", "y"], "both given"),
+    (["--scan", "kernel"], "invalid value"),
+])
+def test_export_errors_are_one_sentence_and_leave_no_files(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", "--out", str(out), "--quiet", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_export_refuses_an_unusable_output_folder(tmp_path):
+    runner = CliRunner()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = runner.invoke(main, ["export", "--out", str(foreign), "--quiet"])
+    assert result.exit_code == 2 and "not an export" in result.output
+    assert _files(foreign) == {"notes.txt"}
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    result = runner.invoke(main, ["export", "--out", str(a_file / "sub"), "--quiet"])
+    assert result.exit_code == 2 and "--out" in result.output
+    if os.geteuid() == 0 and os.access("/proc", os.W_OK):
+        unwritable = Path("/proc/qmamba-deploy-test-out")  # no one may create folders in /proc
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        unwritable = locked / "out"
+    result = runner.invoke(main, ["export", "--out", str(unwritable), "--quiet"])
+    assert result.exit_code == 2 and "not writable" in result.output
+    assert not unwritable.exists()
+
+
+def test_validate_and_lint_explain_bad_files(tmp_path):
+    runner = CliRunner()
+    bogus = tmp_path / "m.onnx"
+    bogus.write_bytes(b"\x00garbage")
+    result = runner.invoke(main, ["lint", str(bogus)])
+    assert result.exit_code == 2 and "not a readable ONNX model" in result.output
+    result = runner.invoke(main, ["validate", str(bogus)])
+    assert result.exit_code == 2 and "has no m.json beside it" in result.output

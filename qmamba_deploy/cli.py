@@ -382,7 +382,8 @@ def fold(out, **kw):
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation.")
 @click.option("--val-data", default="builtin", show_default=True, help="Validation images (the eval split).")
 @click.option("--min-psnr-between", type=float, default=50.0, show_default=True,
-              help="Fail when ONNX Runtime and PyTorch differ by less than this PSNR on some image.")
+              help="Fail when ONNX Runtime and PyTorch differ by less than this PSNR on some image (or by more "
+                   "than the model's own one-ulp sensitivity allows, when that is lower; see docs/export.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr_between, quiet, **kw):
     """Checkpoint -> (PTQ) -> fold -> ONNX with Q/DQ and the scan op -> validated in ONNX Runtime.

@@ -130,7 +130,7 @@ def test_restore_flag_errors(tmp_path, tiny_ckpt):
 
 
 def test_restore_with_the_embedded_default(tmp_path):
-    """The README's main command: restore with no checkpoint and no input."""
+    """restore with no checkpoint and no input: the embedded default on the built-in photos."""
     from qmamba_deploy.defaults import DEFAULT_MODELS, models_dir
 
     if not (models_dir() / DEFAULT_MODELS[2]).is_file():

@@ -95,6 +95,8 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
 
 def _to_int4(proto: onnx.ModelProto, weight_names: list[str], block: int = INT4_BLOCK) -> int:
     """Re-store the DQ weights named ``<w>.q`` as INT4 with a blocked scale along K; returns the count."""
+    import ml_dtypes
+
     graph = proto.graph
     inits = _initializers(graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -115,7 +117,7 @@ def _to_int4(proto: onnx.ModelProto, weight_names: list[str], block: int = INT4_
             continue
         k, n = q.shape
         blocked = np.full((math.ceil(k / block), n), scale, dtype=np.float32)
-        new_q = helper.make_tensor(q_init.name + "_int4", TensorProto.INT4, list(q.shape), q.flatten().tolist())
+        new_q = numpy_helper.from_array(q.astype(ml_dtypes.int4), q_init.name + "_int4")  # packed, 2 per byte
         new_s = numpy_helper.from_array(blocked, s_init.name + "_blocked_" + q_init.name)
         graph.initializer.extend([new_q, new_s])
         del node.input[:]

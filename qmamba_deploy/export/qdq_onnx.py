@@ -17,8 +17,10 @@ from onnx import TensorProto, helper
 from ..ops.qdq import DEQUANTIZE_OP, FAKE_QUANT_OP
 
 
-def _zero_point(op):
-    return op.Constant(value=helper.make_tensor("zero_point", TensorProto.INT8, [], [0]))
+def _zero_point(op, length: int | None = None):
+    """An int8 zero point of 0: a scalar, or ``length`` zeros for a per-channel scale."""
+    dims = [] if length is None else [length]
+    return op.Constant(value=helper.make_tensor("zero_point", TensorProto.INT8, dims, [0] * (length or 1)))
 
 
 def _translate_fake_quant(x, scale, lo, hi, clip: bool = True):
@@ -35,8 +37,7 @@ def _translate_dequantize(q, scale, axis: int = 0):
 
     if len(scale.shape or ()) == 0:
         return op.DequantizeLinear(q, scale, _zero_point(op))
-    zp = op.Cast(op.ConstantOfShape(op.Shape(scale)), to=TensorProto.INT8)  # folded to an initializer
-    return op.DequantizeLinear(q, scale, zp, axis=axis)
+    return op.DequantizeLinear(q, scale, _zero_point(op, int(scale.shape[0])), axis=axis)
 
 
 def qdq_translation_table() -> dict[Callable, Callable]:

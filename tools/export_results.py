@@ -154,8 +154,8 @@ def write_doc(results: list[dict], args) -> None:
         "*torch* is the fake-quant model (the float model for FP32) as `quantize` made it; *deploy* is the folded "
         "model in the exported DLS mode (what the ONNX means); *ORT* is the ONNX in ONNX Runtime. "
         "*PSNR-between* is ORT vs deploy on the float outputs (the lowest of the four images). *Floor* is the "
-        "deploy model against itself when every input value moves by one ulp (the lowest of the four): how "
-        "far a low-bit network's roundings and MambaIRv2's argmax routing amplify float noise. A row passes when "
+        "deploy model in float32 against the same model in float64 (the lowest of the four): how far a "
+        "low-bit network's roundings and MambaIRv2's argmax routing amplify float32 rounding. A row passes when "
         "PSNR-between >= min(50 dB, floor - 6 dB) on every image (qmamba_deploy/validate.py).",
         "",
         "| model | configuration | scan | DLS | bundle vs FP32 | torch Y-PSNR | deploy Y-PSNR | ORT Y-PSNR | "

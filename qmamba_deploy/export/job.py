@@ -11,6 +11,7 @@ into one folder that appears complete or not at all (built beside it, then swapp
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -231,7 +232,9 @@ def validation_outputs(deploy: nn.Module, fake: nn.Module | None, onnx_paths: di
         quantized = getattr(fake, "qconfig", None) is not None
         outputs.append(Output("torch fake-quant" if quantized else "torch float", model_runner(fake)))
     for mode in dict.fromkeys(mode for _, mode in onnx_paths.values()):
-        outputs.append(Output(f"torch deploy ({mode} DLS)", model_runner(with_dls_mode(deploy, mode))))
+        model = with_dls_mode(deploy, mode)
+        outputs.append(Output(f"torch deploy ({mode} DLS)", model_runner(model),
+                              exact=model_runner(copy.deepcopy(model).double())))
     for name, (path, mode) in onnx_paths.items():
         outputs.append(Output(name, onnx_runner(path), reference=f"torch deploy ({mode} DLS)", path=str(path)))
     return outputs

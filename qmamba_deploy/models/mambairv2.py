@@ -32,7 +32,7 @@ from .layers import (
     to_tokens,
 )
 from .routing import PROMPT_ORDERS, ROUTING_MODES, gather_tokens, route, semantic_order
-from .scan_params import init_scan_params, project_scan_inputs, run_scan
+from .scan_params import at_least_f32, init_scan_params, project_scan_inputs, run_scan
 
 
 # --------------------------------------------------------------------------- FFNs
@@ -185,7 +185,7 @@ class SelectiveScan(nn.Module):
         b, length, d = x.shape
         xs = x.permute(0, 2, 1).reshape(b, 1, d, length)
         dts, bs, cs = self.scan_inputs(xs)
-        cs = cs.float() + prompt.permute(0, 2, 1).reshape(b, 1, self.d_state, length).float()
+        cs = at_least_f32(cs) + at_least_f32(prompt.permute(0, 2, 1).reshape(b, 1, self.d_state, length))
         y = run_scan(self, xs.reshape(b, d, length), dts.reshape(b, d, length), bs, cs)
         return y.permute(0, 2, 1)
 

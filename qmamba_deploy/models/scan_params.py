@@ -76,28 +76,34 @@ def project_scan_inputs(m, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return _quant_projection(m, dts, "dt_projs_weight", "dt_proj_act_q", "dt_proj_weight_q"), bs, cs
 
 
+def at_least_f32(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 for a model run in double precision (validation's exact reference)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def scan_A(m) -> torch.Tensor:
     """The state matrix A = −exp(A_log) (D, N); a deploy model stores it precomputed as buffer ``A``."""
     folded = m._buffers.get("A")
-    return folded if folded is not None else -torch.exp(m.A_logs.float())
+    return folded if folded is not None else -torch.exp(at_least_f32(m.A_logs))
 
 
 def run_scan(m, xs: torch.Tensor, dts: torch.Tensor, bs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
     """The selective scan of ``m`` (SS2D or SelectiveScan) on (B, K*d, L) inputs, in float32.
 
-    Every operand passes its quantization point (identity in a float model; a deploy
+    Float64 stays float64 (a double-precision reference run); anything else computes in
+    float32. Every operand passes its quantization point (identity in a float model; a deploy
     model has folded the parameter operands A, D and the bias into constants).
     """
     from ..ops import selective_scan
 
     q = lambda name, x: quant_point(m, name, x)  # noqa: E731
     return selective_scan(
-        q("xs_q", xs.float()),
-        q("dts_q", dts.float()),
+        q("xs_q", at_least_f32(xs)),
+        q("dts_q", at_least_f32(dts)),
         q("As_q", scan_A(m)),
-        q("Bs_q", bs.float()),
-        q("Cs_q", cs.float()),
-        q("Ds_q", m.Ds.float()),
-        delta_bias=q("dt_projs_bias_q", m.dt_projs_bias.float().reshape(-1)),
+        q("Bs_q", at_least_f32(bs)),
+        q("Cs_q", at_least_f32(cs)),
+        q("Ds_q", at_least_f32(m.Ds)),
+        delta_bias=q("dt_projs_bias_q", at_least_f32(m.dt_projs_bias).reshape(-1)),
         delta_softplus=True,
     )

@@ -38,12 +38,12 @@ def _broadcast_scale(scale: Tensor, ndim: int, axis: int) -> Tensor:
 
 @torch.library.custom_op(f"{contract.TORCH_NAMESPACE}::dequantize", mutates_args=())
 def _dequantize(q: Tensor, scale: Tensor, axis: int) -> Tensor:
-    return q.to(torch.float32) * _broadcast_scale(scale.to(torch.float32), q.dim(), axis)
+    return q.to(scale.dtype) * _broadcast_scale(scale, q.dim(), axis)
 
 
 @_dequantize.register_fake
 def _(q, scale, axis):
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
 
 
 @torch.library.custom_op(f"{contract.TORCH_NAMESPACE}::fake_quant", mutates_args=())
@@ -76,7 +76,7 @@ FAKE_QUANT_OP = torch.ops.qmamba.fake_quant
 
 
 def dequantize(q: Tensor, scale: Tensor, axis: int = 0) -> Tensor:
-    """``q`` (int8) · ``scale`` (0-d, or 1-d along ``axis``) in float32."""
+    """``q`` (int8) · ``scale`` (0-d, or 1-d along ``axis``) in the scale's dtype (float32 in a graph)."""
     if q.dtype != torch.int8:
         raise TypeError(f"dequantize: expected an int8 tensor, got {q.dtype}")
     return DEQUANTIZE_OP(q, scale, int(axis))

@@ -106,8 +106,16 @@ def main() -> None:
     ap.add_argument("--spr2q", default=str(ROOT / "runs/spr2q/x4_w4a4_group4/model.safetensors"))
     ap.add_argument("--only", nargs="*", help="only these row tags")
     ap.add_argument("--out", default=str(ROOT / "docs/results-export.md"))
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the .json and the run folders")
     args = ap.parse_args()
 
+    if args.doc_only:
+        rows = json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
+        for r in rows:
+            for key in ("min_psnr_between", "floor"):
+                r[key] = float(r[key])  # "inf" strings back to floats
+        write_doc(rows, args)
+        return
     results = []
     for row in _rows(args):
         if args.only and row["tag"] not in args.only:
@@ -176,6 +184,22 @@ def write_doc(results: list[dict], args) -> None:
             lines.append(f"- {model}: static {s['ort_psnr']:.4f} dB vs dynamic {d['ort_psnr']:.4f} dB in ONNX "
                          f"Runtime: **{s['ort_psnr'] - d['ort_psnr']:+.3f} dB** for static scales "
                          f"(torch deploy: {s['deploy_psnr'] - d['deploy_psnr']:+.3f} dB).")
+    lines += ["", "## Per image: ONNX Runtime against the model's own float32 noise", "",
+              "PSNR between ORT and the deploy model, and between the deploy model in float32 and in float64 "
+              "(the floor), per eval image (from each row's `report.json` in the run folder).", "",
+              "| model | configuration | scan | DLS | image | ORT vs torch (dB) | float64 vs float32 torch (dB) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        report = Path(args.runs) / r["tag"] / "report.json"
+        if "W4A4" not in r["config"] or not report.is_file():
+            continue
+        outputs = json.loads(report.read_text())["validation"]["outputs"]
+        ref = next(o for o in outputs if o["name"].startswith("torch deploy"))
+        cand = next(o for o in outputs if o["reference"])
+        for a, b in zip(cand["images"], ref["images"]):
+            lines.append(f"| {r['model']} | {r['config']} | {r['scan']} | {r['dls']} | {a['image']} | "
+                         f"{_fmt_between(float(a['psnr_between']))} | "
+                         f"{_fmt_between(float(b['sensitivity_floor']))} |")
     lines.append("")
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(lines))

@@ -4,16 +4,18 @@
 
 For the real MambaIRv2-light x4 weights in FP32, W8A8 minmax PTQ and W4A4 Q-MambaIR (the
 QAT checkpoint of docs/results-quantization.md), each folded as `qmamba-deploy export` folds
-it (static DLS), every built-in eval image is run twice: as it is, and with every input value
-moved by one ulp (`torch.nextafter`) or by a relative 1e-7. The table gives the PSNR between
-the two outputs and how many routing decisions (argmax over the prompts, every ASSM, every
-token) changed. This is the floor `qmamba-deploy validate` measures: two runtimes that sum
-in different orders cannot agree better than this.
+it (static DLS), every built-in eval image is run as it is and then: with every input value
+moved by one ulp (`torch.nextafter`), moved by a relative 1e-7, and with the whole model in
+float64. The table gives the PSNR between the outputs and how many routing decisions
+(argmax over the prompts, every ASSM, every token) changed. The float64 row is the floor
+`qmamba-deploy validate` measures: two float32 runtimes that sum in different orders cannot
+agree better than this.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import platform
 from pathlib import Path
@@ -60,12 +62,15 @@ def main() -> None:
     for label, cfg in configs:
         deploy, _ = deploy_model(cfg)
         model = with_dls_mode(deploy, "static")
+        model64 = copy.deepcopy(model).double()
         for pair in pairs:
             x = to_tensor(degrade_pair(pair, deg, 0))
             y0, r0 = _routes(model, x)
-            for nudge, x1 in (("one ulp", torch.nextafter(x, torch.full_like(x, math.inf))),
-                              ("1e-7 relative", x * (1 + 1e-7))):
-                y1, r1 = _routes(model, x1)
+            for nudge, m, x1 in (("input + one ulp", model, torch.nextafter(x, torch.full_like(x, math.inf))),
+                                 ("input x (1 + 1e-7)", model, x * (1 + 1e-7)),
+                                 ("float64 arithmetic", model64, x.double())):
+                y1, r1 = _routes(m, x1)
+                y1 = y1.float()
                 flips = sum(int((a != b).sum()) for a, b in zip(r0, r1))
                 total = sum(a.numel() for a in r0)
                 rows.append((label, pair.name, nudge, psnr_between(y0, y1), flips, total))
@@ -74,7 +79,7 @@ def main() -> None:
              f"Produced by `python3 tools/quant_sensitivity.py` on {platform.processor() or platform.machine()} CPU "
              f"({torch.get_num_threads()} threads), torch {torch.__version__}. Deploy models as `export` folds them "
              "(static DLS); the built-in eval images, x4 (72 px LR inputs).", "",
-             "| model | image | input moved by | PSNR between the outputs (dB) | routing decisions changed |",
+             "| model | image | second run | PSNR between the outputs (dB) | routing decisions changed |",
              "|---|---|---|---|---|"]
     for label, image, nudge, p, flips, total in rows:
         ptxt = "identical" if math.isinf(p) else f"{p:.2f}"

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, OptionError
-from ..manifest import make_manifest, write_json
+from ..manifest import current_umask, make_manifest, write_json
 from ..quant.qconfig import PTQ_METHODS, QConfig
 from .onnx_export import ExportOptions, export_onnx
 
@@ -114,6 +114,7 @@ def staged_folder(out: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -77,9 +77,6 @@ class ExportConfig(DeployConfig):
     def __post_init__(self):
         super().__post_init__()
         self.options()  # validates scan / dls
-        if self.int4_weights and not self.bundle and self.method != NO_PTQ and self.w_bits > 4:
-            raise OptionError(f"--int4-weights stores 4-bit weights, but --w-bits is {self.w_bits}; "
-                              f"pass --w-bits 4 (or 2), or drop --int4-weights")
 
 
 # ------------------------------------------------------------------------ output folder
@@ -146,6 +143,9 @@ def load_source(cfg: DeployConfig) -> nn.Module:
     if cfg.scale is not None and int(getattr(model, "upscale", 1)) != cfg.scale:
         raise OptionError(f"--scale {cfg.scale} does not match {path}, which upscales x{model.upscale}")
     if getattr(model, "qconfig", None) is None and cfg.method != NO_PTQ:
+        if getattr(cfg, "int4_weights", False) and cfg.w_bits > 4:  # before PTQ spends any time
+            raise OptionError(f"--int4-weights stores 4-bit weights, but --w-bits is {cfg.w_bits}; "
+                              f"pass --w-bits 4 (or 2), or drop --int4-weights")
         model = _ptq(model, cfg)
     return model
 

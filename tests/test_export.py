@@ -324,3 +324,15 @@ def test_large_models_go_to_external_data(tmp_path, w4a4_v2, monkeypatch):
     with torch.no_grad():
         ref = with_dls_mode(w4a4_v2, "static")(x)
     assert psnr_between(onnx_runner(tmp_path / "m.onnx")(x), ref) >= 45.0
+
+
+def test_a_quantized_w4_checkpoint_exports_with_int4_weights(tmp_path):
+    from qmamba_deploy import save_checkpoint
+
+    q = _quantized("v2", "lsq", 4, 4)
+    save_checkpoint(q, tmp_path / "q.safetensors", extra={"task": {"task": "sr", "scale": 2}})
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(tmp_path / "q.safetensors"), "--int4-weights",
+                                       "--no-validate", "--out", str(tmp_path / "e"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "e" / "model.json").read_text())
+    assert meta["int4_weights"] > 0 and meta["qconfig"]["method"] == "lsq"

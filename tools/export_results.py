@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--qmambair", default=str(ROOT / "runs/quant/mambairv2_light_x4_qmambair_w4a4/model.safetensors"))
     ap.add_argument("--spr2q", default=str(ROOT / "runs/spr2q/x4_w4a4_group4/model.safetensors"))
     ap.add_argument("--only", nargs="*", help="only these row tags")
+    ap.add_argument("--skip", nargs="*", default=[], help="leave these row tags out")
     ap.add_argument("--out", default=str(ROOT / "docs/results-export.md"))
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the .json and the run folders")
     args = ap.parse_args()
@@ -118,7 +119,7 @@ def main() -> None:
         return
     results = []
     for row in _rows(args):
-        if args.only and row["tag"] not in args.only:
+        if (args.only and row["tag"] not in args.only) or row["tag"] in args.skip:
             continue
         cfg = ExportConfig(checkpoint=str(row["checkpoint"]), method=row.get("method", "minmax"),
                            scan=row["scan"], dls=row.get("dls", "static"), int4_weights=row.get("int4", False))

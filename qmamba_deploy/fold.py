@@ -36,6 +36,7 @@ from .quant.deploy import (ActQuant, DeployConv2d, DeployLinear, DLSAct, FoldedW
 from .quant.layers import QuantConv2d, QuantLinear
 from .quant.quantizers import DLS, LSQ, RFA, Observer, Quantizer
 from .quant.qconfig import scan_modules
+from .quant.spr2q import BoundedQuant
 
 BUNDLE_KIND = "qmamba-deploy bundle"
 BUNDLE_NAME = "bundle.safetensors"
@@ -51,12 +52,6 @@ __all__ = ["fold", "convert", "calibrate_dls", "save_bundle", "load_bundle", "pa
 
 
 # ------------------------------------------------------------------------ quantizer -> codes
-
-
-def _bounded_cls():
-    from .quant.spr2q import BoundedQuant
-
-    return BoundedQuant
 
 
 @torch.no_grad()
@@ -85,7 +80,7 @@ def weight_codes(wq: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         qn, qp = grid = wq.grid()
         q = torch.round((w / wq.alpha).clamp(qn, qp))
         scale, offset = wq.alpha, zero
-    elif isinstance(wq, _bounded_cls()):
+    elif isinstance(wq, BoundedQuant):
         s = wq.step()
         clipped = torch.maximum(torch.minimum(w, wq.hi), wq.lo)
         q = torch.round((clipped - wq.lo) / s)
@@ -121,7 +116,7 @@ def act_quantizer(aq: nn.Module) -> nn.Module:
         scale, offset, signed = aq.alpha, (aq.beta if aq.beta is not None else None), aq.is_signed
     elif isinstance(aq, Observer):
         scale, offset, signed = aq.alpha, None, aq.is_signed
-    elif isinstance(aq, _bounded_cls()):
+    elif isinstance(aq, BoundedQuant):
         scale, offset, signed = aq.step(), -aq.lo, False
     else:
         raise CheckpointError(f"a {aq.kind} quantizer cannot quantize activations for deployment")
@@ -360,17 +355,6 @@ def calibrate_dls(deploy: nn.Module, batches: Iterable[torch.Tensor], source: st
     deploy.dls_calibration = {"statistic": STATIC_DLS_STATISTIC, "batches": count, "source": source,
                               "sites": len(sites)}
     return deploy.dls_calibration
-
-
-def calibration_batches(deploy: nn.Module, count: int = 8, patch: int = 64, seed: int = 0, data: str = "builtin"):
-    """``count`` LR patches of the training split (never the eval images) for the model's task."""
-    from .data.datasets import PatchSampler, load_pairs
-    from .data.degrade import model_degradation
-
-    deg = model_degradation(deploy)
-    channels = int(getattr(deploy, "in_chans", 3))
-    sampler = PatchSampler(load_pairs(data, deg, channels, split="train"), deg, patch, 1, seed=seed, augment=False)
-    return [sampler.batch(i, 0)[0] for i in range(count)]
 
 
 # ------------------------------------------------------------------------ bundle I/O

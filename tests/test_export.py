@@ -17,6 +17,7 @@ from qmamba_deploy.cli import main
 from qmamba_deploy.errors import OptionError
 from qmamba_deploy.export.lint import lint_onnx
 from qmamba_deploy.export.onnx_export import ExportOptions, export_onnx
+from qmamba_deploy.export.qdq_onnx import qdq_translation_table
 from qmamba_deploy.export.scan_onnx import scan_nodes
 from qmamba_deploy.fold import calibrate_dls, fold, with_dls_mode
 from qmamba_deploy.runtime.ort import onnx_runner
@@ -299,8 +300,7 @@ def test_per_channel_weights_dequantize_on_the_output_axis(tmp_path):
     layer.arch_name, layer.arch_kwargs, layer.qconfig, layer.upscale = "test", {}, None, 1
     x = torch.randn(3, 5, 16, generator=g)
     prog = torch.onnx.export(layer, (x,), dynamo=True, opset_version=21, verbose=False,
-                             custom_translation_table=__import__(
-                                 "qmamba_deploy.export.qdq_onnx", fromlist=["x"]).qdq_translation_table())
+                             custom_translation_table=qdq_translation_table())
     proto = prog.model_proto
     proto.ir_version = 10
     dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear"

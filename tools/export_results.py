@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -124,10 +123,9 @@ def main() -> None:
         cfg = ExportConfig(checkpoint=str(row["checkpoint"]), method=row.get("method", "minmax"),
                            scan=row["scan"], dls=row.get("dls", "static"), int4_weights=row.get("int4", False))
         folder = Path(args.runs) / row["tag"]
-        t0 = time.perf_counter()
         if not _finished(folder, cfg):  # finished runs are reused (delete the folder to redo one)
             run_export(cfg, folder, command=f"tools/export_results.py ({row['tag']})")
-        results.append(_result(row, cfg, folder, time.perf_counter() - t0))
+        results.append(_result(row, cfg, folder))
         print(json.dumps(results[-1]), flush=True)
     write_doc(results, args)
 
@@ -139,7 +137,7 @@ def _finished(folder: Path, cfg: ExportConfig) -> bool:
     return report.is_file() and json.loads(report.read_text())["config"] == json.loads(json.dumps(asdict(cfg)))
 
 
-def _result(row: dict, cfg: ExportConfig, folder: Path, seconds: float) -> dict:
+def _result(row: dict, cfg: ExportConfig, folder: Path) -> dict:
     report = json.loads((folder / "report.json").read_text())
     bundle, onnx_meta = report["bundle"], report["onnx"]
     outputs = {o["name"]: o for o in report["validation"]["outputs"]}

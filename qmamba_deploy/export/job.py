@@ -241,11 +241,21 @@ def validation_outputs(deploy: nn.Module, fake: nn.Module | None, onnx_paths: di
     return outputs
 
 
-def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = None,
-               progress: bool = False) -> ExportResult:
-    """The main job; see the module docstring. Validation failures are in the result, not raised."""
+def _eval_pairs(deploy: nn.Module, data: str):
+    """(degradation, eval-split pairs) for the model's task."""
     from ..data.datasets import load_pairs
     from ..data.degrade import model_degradation
+
+    deg = model_degradation(deploy)
+    return deg, load_pairs(data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
+
+
+def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = None,
+               progress: bool = False) -> ExportResult:
+    """The main job; see the module docstring. Validation failures are in the result, not raised.
+
+    An export that fails (e.g. --int4-weights on 8-bit weights) fails inside the staged folder,
+    so nothing is left behind."""
     from ..fold import save_bundle
     from ..validate import validate_outputs
 
@@ -253,18 +263,13 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
     out = Path(out)
     _check_out(out)
     deploy, fake = deploy_model(cfg)
-    if cfg.int4_weights:
-        from .onnx_export import _check_int4
-
-        _check_int4(deploy)
     report = None
     with staged_folder(out) as tmp:
         bundle = save_bundle(deploy, tmp, _provenance(cfg, deploy, command))
         onnx_manifest = export_onnx(deploy, tmp / "model.onnx", cfg.options(),
                                     source={"bundle": "bundle.safetensors", "bundle_sha256": bundle["sha256"]})
         if cfg.validate:
-            deg = model_degradation(deploy)
-            pairs = load_pairs(cfg.val_data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
+            deg, pairs = _eval_pairs(deploy, cfg.val_data)
             name = f"onnxruntime ({cfg.scan} scan)"
             outputs = validation_outputs(deploy, fake, {name: (str(tmp / "model.onnx"), cfg.dls)})
             report = validate_outputs(outputs, pairs, deg, cfg.min_psnr_between, progress=progress)
@@ -282,8 +287,6 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
 def validate_files(paths: list[str], bundle: str | None = None, data: str = "builtin",
                    min_psnr_between: float = 50.0, max_abs: float | None = None, progress: bool = False):
     """``qmamba-deploy validate``: each exported ONNX against the torch deploy model of its bundle."""
-    from ..data.datasets import load_pairs
-    from ..data.degrade import model_degradation
     from ..fold import load_bundle
     from ..manifest import manifest_path
     from ..validate import validate_outputs
@@ -306,8 +309,7 @@ def validate_files(paths: list[str], bundle: str | None = None, data: str = "bui
         raise OptionError(f"the graphs come from different bundles ({', '.join(sorted(bundles))}); validate them "
                           f"one bundle at a time, or pass --bundle")
     deploy = load_bundle(bundles.pop())
-    deg = model_degradation(deploy)
-    pairs = load_pairs(data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
+    deg, pairs = _eval_pairs(deploy, data)
     return validate_outputs(validation_outputs(deploy, None, graphs), pairs, deg, min_psnr_between, max_abs,
                             progress=progress)
 

@@ -18,3 +18,7 @@ class ImageError(QMambaError, ValueError):
 
 class OptionError(QMambaError, ValueError):
     """A flag or argument value that cannot work (the message names the flag)."""
+
+
+class EnvironmentMissing(QMambaError, RuntimeError):
+    """A tool or library the command needs is not installed here (TensorRT, a GPU, nvcc)."""

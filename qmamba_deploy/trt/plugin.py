@@ -1,0 +1,134 @@
+"""The selective-scan plugin's sources and the builds that need no GPU.
+
+The sources live in ``trt_plugins/selective_scan/`` at the top of the repository:
+
+* ``include/qmamba/scan_math.h`` -- the recurrence and the kernel's tiling, written once
+  for the CUDA kernel and for plain C++;
+* ``src/selective_scan_kernel.cu`` -- the CUDA kernel (chunked parallel scan, carried state);
+* ``src/selective_scan_plugin.{h,cpp}`` -- the TensorRT IPluginV3 glue;
+* ``tests/host_harness.cpp`` -- the kernel's arithmetic replayed on the CPU;
+* ``tests/kernel_check.cu`` -- the kernel on a GPU against a float64 reference, timed.
+
+This module finds them, checksums them (the engine and package manifests record the
+checksum), and compiles what a machine without a GPU can compile: the host harness with
+a C++ compiler, and the kernel with its GPU check program with ``nvcc``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..errors import EnvironmentMissing
+
+__all__ = [
+    "PLUGIN_LIBRARY",
+    "plugin_source_dir",
+    "plugin_source_files",
+    "plugin_checksum",
+    "compile_host_harness",
+    "run_host_harness",
+    "nvcc_compile",
+    "DEFAULT_CUDA_ARCHS",
+]
+
+#: The shared library CMakeLists.txt builds.
+PLUGIN_LIBRARY = "libqmamba_scan_plugin.so"
+#: Orin (87), Ada (89), Hopper (90); Thor is 110 (CUDA 13 / JetPack 7), Blackwell 100.
+DEFAULT_CUDA_ARCHS: tuple[int, ...] = (87, 89, 90)
+_SOURCE_SUFFIXES = {".h", ".cu", ".cpp", ".txt", ".md"}
+
+
+def plugin_source_dir() -> Path:
+    """``trt_plugins/selective_scan`` ($QMAMBA_PLUGIN_SOURCE overrides)."""
+    override = os.environ.get("QMAMBA_PLUGIN_SOURCE")
+    root = Path(override) if override else Path(__file__).resolve().parents[2] / "trt_plugins" / "selective_scan"
+    if not (root / "include" / "qmamba" / "scan_math.h").is_file():
+        raise EnvironmentMissing(
+            f"the selective-scan plugin sources are not at {root}: run from a clone of the repository "
+            "(pip install -e .) or set QMAMBA_PLUGIN_SOURCE to its trt_plugins/selective_scan folder.")
+    return root
+
+
+def plugin_source_files(root: Optional[Path] = None) -> list[Path]:
+    """Every source file of the plugin, relative to its folder, sorted."""
+    root = root or plugin_source_dir()
+    return sorted(p.relative_to(root) for p in root.rglob("*")
+                  if p.is_file() and p.suffix in _SOURCE_SUFFIXES and "build" not in p.relative_to(root).parts)
+
+
+def plugin_checksum(root: Optional[Path] = None) -> str:
+    """sha256 over the plugin's source files (names and contents)."""
+    root = root or plugin_source_dir()
+    digest = hashlib.sha256()
+    for rel in plugin_source_files(root):
+        digest.update(rel.as_posix().encode() + b"\0")
+        digest.update((root / rel).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _tool(name: str, env_var: str) -> str:
+    path = os.environ.get(env_var) or shutil.which(name)
+    if not path:
+        raise EnvironmentMissing(f"`{name}` is not on PATH: install it or point {env_var} at it.")
+    return path
+
+
+def _run(cmd: Sequence[str], what: str) -> None:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
+
+
+def compile_host_harness(out: Path, root: Optional[Path] = None) -> Path:
+    """g++ (or $CXX) builds ``tests/host_harness.cpp`` into ``out``; returns the executable."""
+    root = root or plugin_source_dir()
+    exe = Path(out) / "host_harness"
+    cxx = _tool(os.environ.get("CXX", "g++"), "CXX")
+    _run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{root / 'include'}",
+          str(root / "tests" / "host_harness.cpp"), "-o", str(exe)], "compiling the host harness")
+    return exe
+
+
+def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus: bool = True,
+                     segments: int = 0) -> np.ndarray:
+    """Runs the harness on the op's inputs (contract names; D_skip/delta_bias may be None).
+
+    ``segments``: blocks per (batch, channel) sequence, as the kernel's two-pass mode cuts
+    it; 0 lets the harness choose as the launcher would on a 132-SM GPU (an H100)."""
+    u = np.ascontiguousarray(inputs["u"], dtype=np.float32)
+    batch, dim, length = u.shape
+    _, groups, state, _ = np.shape(inputs["B"])
+    optional = [inputs.get("D_skip"), inputs.get("delta_bias")]
+    header = np.array([batch, dim, groups, length, state, int(delta_softplus)]
+                      + [int(x is not None) for x in optional] + [segments], dtype=np.int32)
+    arrays = [inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"]] + [x for x in optional if x is not None]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+        with open(src, "wb") as f:
+            f.write(header.tobytes())
+            for a in arrays:
+                f.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+        _run([str(exe), str(src), str(dst)], "the host harness")
+        return np.fromfile(dst, dtype=np.float32).reshape(batch, dim, length)
+
+
+def nvcc_compile(out: Path, archs: Sequence[int] = (87, 90), root: Optional[Path] = None,
+                 arch_flags: Optional[Sequence[str]] = None) -> Path:
+    """nvcc builds ``kernel_check`` (the CUDA kernel + tests/kernel_check.cu) for the given SM
+    architectures; compiling and linking need no GPU, running it does."""
+    root = root or plugin_source_dir()
+    nvcc = _tool("nvcc", "NVCC")
+    exe = Path(out) / "kernel_check"
+    gencode = list(arch_flags) if arch_flags else [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    _run([nvcc, "-std=c++17", "-O3", "-Xcompiler=-Wall,-Wextra,-Werror", f"-I{root / 'include'}", *gencode,
+          str(root / "src" / "selective_scan_kernel.cu"), str(root / "tests" / "kernel_check.cu"), "-o", str(exe)],
+         "nvcc")
+    return exe

@@ -444,5 +444,122 @@ def lint(onnx_file, no_parser, json_out):
         sys.exit(1)
 
 
+def _profile(min_shape, opt_shape, max_shape):
+    from .bench import parse_shape
+    from .trt.engine import Profile
+
+    opt = parse_shape(opt_shape, "--opt")
+    return Profile(parse_shape(min_shape, "--min") if min_shape else opt, opt,
+                   parse_shape(max_shape, "--max") if max_shape else opt)
+
+
+def _profile_options(f):
+    f = click.option("--max", "max_shape", help="Largest input NxCxHxW of the profile (default: --opt).")(f)
+    f = click.option("--opt", "opt_shape", default="1x3x64x64", show_default=True,
+                     help="Input NxCxHxW TensorRT optimizes for.")(f)
+    f = click.option("--min", "min_shape", help="Smallest input NxCxHxW of the profile (default: --opt).")(f)
+    return f
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@_profile_options
+@click.option("--out", default="out/engine", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for model.engine + engine.json (replaced as a whole).")
+@click.option("--plugin", type=click.Path(dir_okay=False),
+              help="libqmamba_scan_plugin.so (default: $QMAMBA_PLUGIN_LIB or build/ of the CMake project).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Read when present, written after the build.")
+@click.option("--fp16", is_flag=True, help="TensorRT 10 only: weakly typed with FP16+INT8 flags (11 is strongly typed).")
+@click.option("--version-compatible", is_flag=True, help="Version-compatible engine; the plugin library is serialized in.")
+@click.option("--exclude-lean-runtime", is_flag=True, help="With --version-compatible: do not embed the lean runtime.")
+@click.option("--hardware-compatibility", type=click.Choice(["none", "ampere+", "same-cc"]), default="none",
+              show_default=True, help="Run the engine on other GPUs of the same (or Ampere+) architecture.")
+@click.option("--optimization-level", type=int, help="Builder optimization level 0..5 (TensorRT default 3).")
+@click.option("--workspace-mib", type=int, help="Workspace memory pool limit in MiB.")
+@click.option("--tensorrt", "trt_module", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt",
+              show_default=True, help="tensorrt (server GPUs, Jetson) or tensorrt_rtx (RTX GPUs; builds without one).")
+def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache, fp16, version_compatible,
+          exclude_lean_runtime, hardware_compatibility, optimization_level, workspace_mib, trt_module):
+    """Build a TensorRT engine from ONNX_FILE (the plugin loaded for QMambaSelectiveScan nodes)."""
+    from .trt.engine import BuildConfig, build_engine
+
+    cfg = BuildConfig(onnx_file, _profile(min_shape, opt_shape, max_shape), plugin=plugin, timing_cache=timing_cache,
+                      fp16=fp16, version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
+                      hardware_compatibility=hardware_compatibility, optimization_level=optimization_level,
+                      workspace_mib=workspace_mib, tensorrt=trt_module)
+    m = build_engine(cfg, out, command=_command_line())
+    click.echo(f"{out}/model.engine: {m['engine_bytes'] / 1e6:.2f} MB, {m['tensorrt']['module']} "
+               f"{m['tensorrt']['version']}, built in {m['build_seconds']:.1f} s")
+
+
+@main.command()
+@click.option("--engine", type=click.Path(dir_okay=False), help="A TensorRT engine (from `qmamba-deploy build`).")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="An exported ONNX (ONNX Runtime).")
+@click.option("--torch", "torch_ckpt", type=click.Path(dir_okay=False), help="A checkpoint run eagerly in PyTorch.")
+@click.option("--compare", nargs=2, type=click.Path(dir_okay=False), metavar="A.json B.json",
+              help="Print two bench results side by side with ratios B / A (runs nothing).")
+@click.option("--shape", default="1x3x64x64", show_default=True, help="Input NxCxHxW.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--iterations", type=int, default=20, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda for --engine, else cpu.")
+@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: the library's default).")
+@click.option("--cuda-graph", is_flag=True, help="--engine: replay the enqueue as a CUDA graph.")
+@click.option("--plugin", type=click.Path(dir_okay=False), help="--engine: the plugin library (default: as build).")
+@click.option("--tensorrt", "trt_module", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt",
+              show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+def bench(engine, onnx_file, torch_ckpt, compare, shape, warmup, iterations, device, threads, cuda_graph, plugin,
+          trt_module, json_out):
+    """Latency of an engine, an ONNX or a checkpoint, in one JSON schema; or --compare two results."""
+    from . import bench as b
+    from .errors import OptionError
+
+    chosen = [flag for flag, v in (("--engine", engine), ("--onnx", onnx_file), ("--torch", torch_ckpt),
+                                   ("--compare", compare)) if v]
+    if len(chosen) != 1:
+        raise OptionError(f"bench: pass exactly one of --engine, --onnx, --torch, --compare (got "
+                          f"{', '.join(chosen) or 'none'})")
+    if compare:
+        click.echo(b.compare_table(b.load_result(compare[0]), b.load_result(compare[1])))
+        return
+    settings = b.BenchSettings(shape=b.parse_shape(shape), warmup=warmup, iterations=iterations, threads=threads,
+                               device=device or ("cuda" if engine else "cpu"), cuda_graph=cuda_graph)
+    if engine:
+        from .trt.engine import bench_engine
+
+        result = bench_engine(engine, settings, plugin=plugin, tensorrt=trt_module)
+    elif onnx_file:
+        result = b.bench_onnx(onnx_file, settings)
+    else:
+        result = b.bench_torch(torch_ckpt, settings)
+    data = result.as_dict()
+    lat, thr = data["latency_ms"], data["throughput"]
+    click.echo(f"{data['backend']} {'x'.join(map(str, settings.shape))} -> {'x'.join(map(str, data['output']['shape']))}: "
+               f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms; "
+               f"{thr['images_per_s']:.2f} images/s, {thr['output_megapixels_per_s']:.3f} MP/s")
+    for note in data["notes"]:
+        click.echo(f"note: {note}")
+    if json_out:
+        from .manifest import write_json
+
+        write_json(json_out, data)
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@click.option("--target", type=click.Choice(["jetson-orin", "jetson-thor"]), required=True)
+@_profile_options
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write (and FOLDER.tar.gz beside it); "
+              "default out/package/qmamba-TARGET.")
+def package(onnx_file, target, min_shape, opt_shape, max_shape, out):
+    """Folder + tarball to build and check the engine on a Jetson: ONNX, plugin sources, scripts, references."""
+    from .trt.package import package as make_package
+
+    out = out or f"out/package/qmamba-{target}"
+    m = make_package(onnx_file, target, out, _profile(min_shape, opt_shape, max_shape), command=_command_line())
+    click.echo(f"{out}/ and {out}.tar.gz: {len(m['files'])} files for {target} (sm_{m['target']['cuda_arch']}); "
+               f"on the device: ./build_engine.sh && ./check_parity.sh")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

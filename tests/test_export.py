@@ -262,7 +262,7 @@ def test_export_refuses_an_unusable_output_folder(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     result = runner.invoke(main, ["export", "--out", str(foreign), "--quiet"])
-    assert result.exit_code == 2 and "not an export" in result.output
+    assert result.exit_code == 2 and "did not write" in result.output
     assert _files(foreign) == {"notes.txt"}
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

@@ -82,14 +82,14 @@ class ExportConfig(DeployConfig):
 # ------------------------------------------------------------------------ output folder
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, owned: tuple[str, ...] = EXPORT_FILES) -> None:
     """Refuse early (before any work) an output folder that cannot be written or is not ours."""
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; pass a folder")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in owned)
         if foreign:
-            raise OptionError(f"--out {out} already holds files that are not an export ({', '.join(foreign[:3])}); "
+            raise OptionError(f"--out {out} already holds files that this command did not write ({', '.join(foreign[:3])}); "
                               f"pass a new or empty folder")
     parent = out.parent  # the folder is built beside OUT and renamed into place
     while not parent.exists():
@@ -103,10 +103,12 @@ def _check_out(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | os.PathLike):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (else it is removed)."""
+def staged_folder(out: str | os.PathLike, owned: tuple[str, ...] = EXPORT_FILES):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (else it is removed).
+
+    ``owned``: the names the command writes; a folder holding anything else is refused."""
     out = Path(out)
-    _check_out(out)
+    _check_out(out, owned)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

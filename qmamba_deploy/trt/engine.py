@@ -1,0 +1,437 @@
+"""ONNX -> TensorRT engine (``build_engine``) and its benchmark (``bench_engine``).
+
+TensorRT is an optional extra, imported here only. Two Python modules are accepted:
+
+* ``tensorrt`` -- TensorRT 10.x or 11.x, the deployment target (server GPUs, Jetson);
+* ``tensorrt_rtx`` -- TensorRT for RTX. Its builder runs without a GPU (ahead-of-time
+  builds for RTX cards), which is how the build path is exercised in CI on portable graphs.
+
+Version differences are handled by asking the module, never by assuming: TensorRT 11 and
+TensorRT-RTX have no precision flags (networks are strongly typed; precision comes from
+the ONNX's Q/DQ nodes and tensor types), TensorRT 10 has them and also accepts
+``STRONGLY_TYPED``. A flag the installed TensorRT does not have is refused with its name,
+never silently dropped.
+
+The engine lands in one folder (``model.engine`` + ``engine.json``, written together or not
+at all); the manifest records the TensorRT module and version, the GPU, the ONNX and
+plugin checksums, the optimization profile and every builder setting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+from ..errors import EnvironmentMissing, OptionError
+from ..manifest import atomic_path, make_manifest, sha256_file, write_json
+from ..ops import contract
+
+__all__ = [
+    "TRT_MODULES",
+    "ENGINE_KIND",
+    "ENGINE_FILES",
+    "BuildConfig",
+    "Profile",
+    "import_tensorrt",
+    "find_plugin_library",
+    "build_engine",
+    "bench_engine",
+]
+
+TRT_MODULES = ("tensorrt", "tensorrt_rtx")
+ENGINE_KIND = "qmamba-deploy engine"
+ENGINE_FILE, ENGINE_MANIFEST = "model.engine", "engine.json"
+ENGINE_FILES = (ENGINE_FILE, ENGINE_MANIFEST)
+HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
+_INSTALL_HINT = {
+    "tensorrt": "install TensorRT 10/11 for your CUDA (pip install 'qmamba-deploy[trt]' with NVIDIA's index "
+                "reachable, or JetPack's python3-libnvinfer on Jetson)",
+    "tensorrt_rtx": "pip install tensorrt-rtx-cu13 (the [lint] extra)",
+}
+
+
+def import_tensorrt(module: str = "tensorrt") -> ModuleType:
+    """The TensorRT Python module, or one sentence saying how to get it."""
+    if module not in TRT_MODULES:
+        raise OptionError(f"--tensorrt {module}: pass one of {', '.join(TRT_MODULES)}")
+    try:
+        trt = importlib.import_module(module)
+        getattr(trt, "Builder")
+    except Exception as exc:  # the PyPI placeholders raise at import, some with odd types
+        raise EnvironmentMissing(f"TensorRT Python module `{module}` is not usable here "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+                                 f"{_INSTALL_HINT[module]}") from None
+    return trt
+
+
+def trt_version(trt: ModuleType) -> tuple[int, int]:
+    major, minor = (int(x) for x in trt.__version__.split(".")[:2])
+    return major, minor
+
+
+def _is_rtx(trt: ModuleType) -> bool:
+    return trt.__name__.split(".")[0] == "tensorrt_rtx"
+
+
+def find_plugin_library(explicit: Optional[str] = None) -> Optional[Path]:
+    """--plugin, else $QMAMBA_PLUGIN_LIB, else the CMake build folder next to the sources."""
+    from .plugin import PLUGIN_LIBRARY
+
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise OptionError(f"--plugin {path}: no such file; build it with "
+                              "`cmake -S trt_plugins/selective_scan -B build && cmake --build build`")
+        return path
+    env = os.environ.get("QMAMBA_PLUGIN_LIB")
+    if env:
+        if not Path(env).is_file():
+            raise OptionError(f"QMAMBA_PLUGIN_LIB={env}: no such file; unset it or point it at {PLUGIN_LIBRARY}")
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    for candidate in (root / "build" / PLUGIN_LIBRARY, root / "trt_plugins" / "selective_scan" / "build" / PLUGIN_LIBRARY):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile for the image input (NCHW)."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def __post_init__(self):
+        for name in ("min", "opt", "max"):
+            shape = getattr(self, name)
+            if len(shape) != 4 or min(shape) < 1:
+                raise OptionError(f"--{name} {shape}: pass NxCxHxW with positive sizes")
+        if not all(a <= b <= c for a, b, c in zip(self.min, self.opt, self.max)):
+            raise OptionError(f"--min {_fmt(self.min)} --opt {_fmt(self.opt)} --max {_fmt(self.max)}: "
+                              "each dimension must satisfy min <= opt <= max")
+        if len({self.min[1], self.opt[1], self.max[1]}) != 1:
+            raise OptionError("--min/--opt/--max: the channel count must be the same in all three")
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    onnx: str
+    profile: Profile
+    plugin: Optional[str] = None            # the plugin .so (found automatically when None)
+    timing_cache: Optional[str] = None      # read when present, written back after the build
+    fp16: bool = False                      # TensorRT 10 only: weakly typed + FP16/INT8 flags
+    version_compatible: bool = False        # + the plugin library serialized into the engine
+    exclude_lean_runtime: bool = False
+    hardware_compatibility: str = "none"    # none | ampere+ | same-cc
+    optimization_level: Optional[int] = None
+    workspace_mib: Optional[int] = None
+    tensorrt: str = "tensorrt"              # tensorrt | tensorrt_rtx
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.hardware_compatibility not in HARDWARE_LEVELS:
+            raise OptionError(f"--hardware-compatibility {self.hardware_compatibility}: pass one of "
+                              f"{', '.join(HARDWARE_LEVELS)}")
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise OptionError(f"--optimization-level {self.optimization_level}: pass 0..5")
+        if self.exclude_lean_runtime and not self.version_compatible:
+            raise OptionError("--exclude-lean-runtime only applies with --version-compatible")
+
+
+class _Logger:
+    """A TensorRT ILogger that keeps the messages (errors are quoted in our exceptions)."""
+
+    def __new__(cls, trt: ModuleType, echo_level: str = "WARNING"):
+        class Collect(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages: list[tuple[str, str]] = []
+
+            def log(self, severity, msg):
+                self.messages.append((str(severity).rsplit(".", 1)[-1], str(msg)))
+
+            def errors(self) -> list[str]:
+                return [m for s, m in self.messages if s in ("ERROR", "INTERNAL_ERROR")]
+
+        return Collect()
+
+
+def _flag(trt: ModuleType, name: str, option: str):
+    flag = getattr(trt.BuilderFlag, name, None)
+    if flag is None:
+        raise OptionError(f"{option}: TensorRT {trt.__version__} ({trt.__name__}) has no BuilderFlag.{name}; "
+                          "drop the option for this TensorRT")
+    return flag
+
+
+def _read_onnx_io(onnx_path: Path) -> tuple[str, list, bool]:
+    """The input name, its declared dims and whether the graph holds QMambaSelectiveScan nodes."""
+    import onnx
+
+    from ..export.scan_onnx import scan_nodes
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        raise OptionError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}); "
+                          "pass the model.onnx that `qmamba-deploy export` wrote") from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise OptionError(f"{onnx_path} has {len(inputs)} inputs; qmamba-deploy engines take one NCHW image input")
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0].name, dims, bool(scan_nodes(model))
+
+
+def _gpu_description() -> dict[str, Any]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    except Exception:  # a CPU torch, or no driver: the manifest says so
+        pass
+    return {"name": None, "compute_capability": None}
+
+
+def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str] = None) -> dict[str, Any]:
+    """Build ``out/model.engine`` + ``out/engine.json`` from ``cfg.onnx``; returns the manifest."""
+    from ..export.job import staged_folder
+    from .plugin import plugin_checksum
+
+    onnx_path = Path(cfg.onnx)
+    if not onnx_path.is_file():
+        raise OptionError(f"{onnx_path}: no such file; pass the model.onnx that `qmamba-deploy export` wrote")
+    input_name, dims, has_scan = _read_onnx_io(onnx_path)
+    if len(dims) != 4:
+        raise OptionError(f"{onnx_path}: input {input_name!r} has rank {len(dims)}; expected NCHW")
+    if isinstance(dims[1], int) and dims[1] != cfg.profile.opt[1]:
+        raise OptionError(f"--opt {_fmt(cfg.profile.opt)}: {onnx_path} takes {dims[1]} channels; "
+                          f"use {cfg.profile.opt[0]}x{dims[1]}x{cfg.profile.opt[2]}x{cfg.profile.opt[3]}")
+    plugin = find_plugin_library(cfg.plugin)
+    if has_scan and plugin is None:
+        raise OptionError(f"{onnx_path} has {contract.OP_TYPE} nodes and no plugin library was found: build it "
+                          "(cmake -S trt_plugins/selective_scan -B build && cmake --build build) and pass --plugin "
+                          "build/libqmamba_scan_plugin.so, or export with --scan portable")
+    if not has_scan and not cfg.plugin:
+        plugin = None  # a portable graph needs no plugin (one found lying around is not loaded)
+
+    trt = import_tensorrt(cfg.tensorrt)
+    version = trt_version(trt)
+    rtx = _is_rtx(trt)
+    strongly_typed_only = rtx or version[0] >= 11
+    if cfg.fp16 and strongly_typed_only:
+        raise OptionError(f"--fp16: TensorRT {trt.__version__} ({trt.__name__}) builds strongly typed networks only; "
+                          "precision comes from the ONNX (its Q/DQ nodes and tensor types). Drop --fp16")
+    logger = _Logger(trt)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:
+        raise EnvironmentMissing(f"TensorRT could not create a builder ({type(exc).__name__}): {trt.__name__} "
+                                 f"{trt.__version__} needs an NVIDIA GPU and driver here"
+                                 + ("" if rtx else "; build on the machine that will run the engine")) from None
+    if plugin is not None:
+        registry = builder.get_plugin_registry()
+        handle = registry.load_library(str(plugin))
+        if handle is None:
+            raise OptionError(f"--plugin {plugin}: TensorRT could not load it ({'; '.join(logger.errors()) or 'no detail'}); "
+                              "was it built for this TensorRT and CUDA?")
+
+    flags = 0
+    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if typed is not None and not cfg.fp16:
+        flags |= 1 << int(typed)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [f"{parser.get_error(i).node_operator() or '?'}: {parser.get_error(i).desc().strip()}"
+                  for i in range(parser.num_errors)]
+        raise OptionError(f"{onnx_path}: the TensorRT ONNX parser refused it ({'; '.join(errors[:3])}); "
+                          "run `qmamba-deploy lint` on it for the full list")
+
+    config = builder.create_builder_config()
+    settings: dict[str, Any] = {"strongly_typed": not cfg.fp16, "flags": []}
+    if cfg.fp16:
+        for name in ("FP16", "INT8"):
+            config.set_flag(_flag(trt, name, "--fp16"))
+            settings["flags"].append(name)
+    if cfg.version_compatible:
+        config.set_flag(_flag(trt, "VERSION_COMPATIBLE", "--version-compatible"))
+        settings["flags"].append("VERSION_COMPATIBLE")
+        if cfg.exclude_lean_runtime:
+            config.set_flag(_flag(trt, "EXCLUDE_LEAN_RUNTIME", "--exclude-lean-runtime"))
+            settings["flags"].append("EXCLUDE_LEAN_RUNTIME")
+        if plugin is not None:
+            config.plugins_to_serialize = [str(plugin)]
+            settings["plugins_serialized"] = [plugin.name]
+    if cfg.hardware_compatibility != "none":
+        levels = getattr(trt, "HardwareCompatibilityLevel", None)
+        level = getattr(levels, HARDWARE_LEVELS[cfg.hardware_compatibility], None) if levels else None
+        if level is None:
+            raise OptionError(f"--hardware-compatibility {cfg.hardware_compatibility}: TensorRT {trt.__version__} "
+                              "does not offer it; drop the option")
+        config.hardware_compatibility_level = level
+    settings["hardware_compatibility"] = cfg.hardware_compatibility
+    if cfg.optimization_level is not None:
+        config.builder_optimization_level = cfg.optimization_level
+        settings["optimization_level"] = cfg.optimization_level
+    if cfg.workspace_mib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
+        settings["workspace_mib"] = cfg.workspace_mib
+
+    name = network.get_input(0).name
+    profile = builder.create_optimization_profile()
+    profile.set_shape(name, cfg.profile.min, cfg.profile.opt, cfg.profile.max)
+    config.add_optimization_profile(profile)
+
+    if cfg.timing_cache and rtx:
+        settings["timing_cache"] = "none: TensorRT-RTX has no timing cache (its cache calls are no-ops)"
+    elif cfg.timing_cache:
+        cache_file = Path(cfg.timing_cache)
+        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+        if not config.set_timing_cache(cache, False):
+            raise OptionError(f"--timing-cache {cache_file}: TensorRT refused it (made by another TensorRT version "
+                              "or GPU?); delete the file to start a new cache")
+        settings["timing_cache"] = str(cache_file)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise OptionError(f"{onnx_path}: TensorRT failed to build an engine ({'; '.join(logger.errors()[-3:]) or 'no detail'})")
+
+    manifest = make_manifest(
+        ENGINE_KIND,
+        engine=ENGINE_FILE,
+        tensorrt={"module": trt.__name__, "version": trt.__version__},
+        gpu=_gpu_description(),
+        onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "input": name,
+              "scan": contract.OP_TYPE if has_scan else "portable"},
+        plugin=None if plugin is None else {
+            "library": str(plugin), "sha256": sha256_file(plugin), "source_sha256": _source_checksum(plugin_checksum),
+            "name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
+        profile={"input": name, "min": list(cfg.profile.min), "opt": list(cfg.profile.opt), "max": list(cfg.profile.max)},
+        settings=settings,
+        build_seconds=round(seconds, 3),
+        engine_bytes=int(serialized.nbytes),
+        command=command,
+    )
+    with staged_folder(out, owned=ENGINE_FILES) as tmp:
+        (tmp / ENGINE_FILE).write_bytes(bytes(memoryview(serialized)))
+        manifest["sha256"] = sha256_file(tmp / ENGINE_FILE)
+        write_json(tmp / ENGINE_MANIFEST, manifest)
+    if cfg.timing_cache and not rtx:
+        with atomic_path(cfg.timing_cache) as tmp_cache:
+            tmp_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    return manifest
+
+
+def _source_checksum(fn) -> Optional[str]:
+    try:
+        return fn()
+    except EnvironmentMissing:  # installed without the sources: the library checksum still identifies it
+        return None
+
+
+def read_engine_manifest(engine: Path) -> dict[str, Any]:
+    side = engine.with_name(ENGINE_MANIFEST)
+    return json.loads(side.read_text()) if side.is_file() else {}
+
+
+def bench_engine(engine_path: str | os.PathLike, settings, plugin: Optional[str] = None,
+                 tensorrt: str = "tensorrt"):
+    """TensorRT: warm-up, N timed iterations (CUDA events on the stream), optional CUDA graph.
+
+    Buffers, stream, events and the CUDA graph come from torch's CUDA runtime (a CUDA build
+    of torch is needed, as on any GPU box or JetPack)."""
+    from ..bench import BenchResult, _describe_file, time_cuda
+
+    path = Path(engine_path)
+    if not path.is_file():
+        raise OptionError(f"--engine {path}: no such file; build one with `qmamba-deploy build`")
+    if settings.device != "cuda":
+        raise OptionError("--engine runs on the GPU: pass --device cuda (the default for --engine)")
+    manifest = read_engine_manifest(path)
+    trt = import_tensorrt(tensorrt)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EnvironmentMissing(f"--engine: torch {torch.__version__} sees no CUDA device; bench --engine uses "
+                                 "torch's CUDA runtime for buffers and timing: run on the GPU machine with a CUDA "
+                                 "build of torch")
+    logger = _Logger(trt)
+    runtime = trt.Runtime(logger)
+    lib = find_plugin_library(plugin)
+    if lib is None and (manifest.get("plugin") or {}).get("library"):
+        lib = Path(manifest["plugin"]["library"]) if Path(manifest["plugin"]["library"]).is_file() else None
+    if lib is not None:
+        runtime.get_plugin_registry().load_library(str(lib))
+    if "VERSION_COMPATIBLE" in (manifest.get("settings") or {}).get("flags", []):
+        runtime.engine_host_code_allowed = True
+    free_before, _ = torch.cuda.mem_get_info()
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise OptionError(f"--engine {path}: TensorRT {trt.__version__} could not load it "
+                          f"({'; '.join(logger.errors()[-2:]) or 'no detail'}); engines are specific to the "
+                          "TensorRT version and GPU that built them (and need the plugin: --plugin)")
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if n not in inputs]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise OptionError(f"--engine {path}: expected one input and one output, found {inputs} -> {outputs}")
+    if not context.set_input_shape(inputs[0], settings.shape):
+        prof = [tuple(s) for s in engine.get_tensor_profile_shape(inputs[0], 0)]
+        raise OptionError(f"--shape {_fmt(settings.shape)} is outside the engine's profile "
+                          f"(min {_fmt(prof[0])}, max {_fmt(prof[2])}); pass a shape inside it or rebuild")
+    dtypes = {n: _torch_dtype(torch, trt, engine.get_tensor_dtype(n)) for n in names}
+    x = settings.example().to("cuda", dtypes[inputs[0]])
+    y = torch.empty(tuple(context.get_tensor_shape(outputs[0])), dtype=dtypes[outputs[0]], device="cuda")
+    context.set_tensor_address(inputs[0], x.data_ptr())
+    context.set_tensor_address(outputs[0], y.data_ptr())
+    stream = torch.cuda.Stream()
+
+    def enqueue():
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execute failed: {'; '.join(logger.errors()[-2:])}")
+
+    run = enqueue
+    if settings.cuda_graph:
+        with torch.cuda.stream(stream):
+            enqueue()  # TensorRT allocates what it needs on the first launch, outside the capture
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            enqueue()
+        run = graph.replay
+    times, _ = time_cuda(run, settings, stream)
+    free_after, _ = torch.cuda.mem_get_info()
+    device_memory = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
+    memory = {"peak_bytes": int(free_before - free_after), "engine_device_memory_bytes": device_memory,
+              "what": "device memory taken by the engine, context and buffers (cudaMemGetInfo before/after)"}
+    major, minor = torch.cuda.get_device_capability()
+    device = {"type": "cuda", "name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+              "threads": None}
+    target = _describe_file(path, ENGINE_MANIFEST)
+    target["tensorrt_runtime"] = trt.__version__
+    return BenchResult("tensorrt", target, device, settings, tuple(y.shape), times, memory)
+
+
+def _torch_dtype(torch, trt, dtype):
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8, trt.int32: torch.int32}
+    if dtype not in table:
+        raise OptionError(f"engine I/O type {dtype} is not supported by bench; export float32 or float16 I/O")
+    return table[dtype]

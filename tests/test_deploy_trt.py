@@ -326,6 +326,8 @@ def test_package_build_script_calls_cmake_and_trtexec(packaged, tmp_path, trt_ba
     assert "--setPluginsToSerialize" not in build[0]
     r = subprocess.run(["bash", "-n", str(out / "check_parity.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # polygraphy dlopens plugins: the self-registering build
+    assert "--plugins plugin/build/libqmamba_scan_plugin_static.so" in (out / "check_parity.sh").read_text()
 
 
 def test_package_refuses_bad_input(tmp_path, exported):

@@ -274,7 +274,9 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
         if cfg.exclude_lean_runtime:
             config.set_flag(_flag(trt, "EXCLUDE_LEAN_RUNTIME", "--exclude-lean-runtime"))
             settings["flags"].append("EXCLUDE_LEAN_RUNTIME")
-        if plugin is not None:
+        if plugin is not None and not cfg.exclude_lean_runtime:
+            # As trtexec: an engine without the lean runtime loads in the full runtime, where the
+            # plugin is loaded from the file (--plugin); an embedded copy would register twice.
             config.plugins_to_serialize = [str(plugin)]
             settings["plugins_serialized"] = [plugin.name]
     if cfg.hardware_compatibility != "none":
@@ -414,7 +416,7 @@ def bench_engine(engine_path: str | os.PathLike, settings, plugin: Optional[str]
             enqueue()  # TensorRT allocates what it needs on the first launch, outside the capture
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):  # as trtexec
             enqueue()
         run = graph.replay
     times, _ = time_cuda(run, settings, stream)

@@ -31,7 +31,7 @@ from ..errors import OptionError
 from ..manifest import atomic_path, make_manifest, sha256_file, write_json
 from ..ops import contract
 from .engine import Profile, _fmt, _read_onnx_io
-from .plugin import PLUGIN_LIBRARY, plugin_checksum, plugin_source_dir, plugin_source_files
+from .plugin import PLUGIN_LIBRARY, PLUGIN_LIBRARY_DLOPEN, plugin_checksum, plugin_source_dir, plugin_source_files
 
 __all__ = ["TARGETS", "Target", "PACKAGE_KIND", "package", "verify_package"]
 
@@ -81,10 +81,11 @@ if [ "$HAS_SCAN" = 1 ]; then
     PLUGIN_FLAGS+=(--versionCompatible --setPluginsToSerialize=plugin/build/{library})
   fi
 fi
-# TensorRT 10 needs --stronglyTyped for precision to come from the Q/DQ nodes; 11 always is.
+# Precision comes from the Q/DQ nodes: TensorRT 10 needs --stronglyTyped (11 always is strongly
+# typed and deprecates the flag); when the version cannot be read the flag is passed.
 version=$("$TRTEXEC" --help 2>&1 | sed -n 's/.*TensorRT v\\([0-9]\\{{5,\\}}\\).*/\\1/p' | head -n 1)
-TYPED=()
-if [ -n "$version" ] && [ "$((version / 10000))" -lt 11 ]; then TYPED=(--stronglyTyped); fi
+TYPED=(--stronglyTyped)
+if [ -n "$version" ] && [ "$((version / 10000))" -ge 11 ]; then TYPED=(); fi
 "$TRTEXEC" --onnx=model.onnx "${{PLUGIN_FLAGS[@]}}" "${{TYPED[@]}}" \\
   --minShapes={input}:{min} --optShapes={input}:{opt} --maxShapes={input}:{max} \\
   --timingCacheFile=timing.cache --saveEngine=model.engine "$@"
@@ -99,7 +100,8 @@ cd "$(dirname "$0")"
 ATOL="${{ATOL:-{atol}}}"
 HAS_SCAN={has_scan}
 PLUGINS=()
-if [ "$HAS_SCAN" = 1 ]; then PLUGINS=(--plugins plugin/build/{library}); fi
+# polygraphy loads plugins with dlopen: the self-registering build of the plugin.
+if [ "$HAS_SCAN" = 1 ]; then PLUGINS=(--plugins plugin/build/{dlopen_library}); fi
 polygraphy run model.engine --model-type engine --trt "${{PLUGINS[@]}}" \\
   --load-inputs reference/inputs.json --load-outputs reference/outputs.json \\
   --atol "$ATOL" --rtol 0 --check-error-stat mean "$@"
@@ -193,7 +195,8 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
             (tmp / "plugin" / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / rel, tmp / "plugin" / rel)
         shapes = {"input": input_name, "min": _fmt(profile.min), "opt": _fmt(profile.opt), "max": _fmt(profile.max)}
-        fill = dict(target=tgt.name, arch=tgt.cuda_arch, library=PLUGIN_LIBRARY, has_scan=int(has_scan),
+        fill = dict(target=tgt.name, arch=tgt.cuda_arch, library=PLUGIN_LIBRARY, dlopen_library=PLUGIN_LIBRARY_DLOPEN,
+                    has_scan=int(has_scan),
                     atol=PARITY_ATOL, **shapes)
         _write_script(tmp / "build_engine.sh", _BUILD_SH.format(**fill))
         _write_script(tmp / "check_parity.sh", _CHECK_SH.format(**fill))

@@ -30,6 +30,7 @@ from ..errors import EnvironmentMissing
 
 __all__ = [
     "PLUGIN_LIBRARY",
+    "PLUGIN_LIBRARY_DLOPEN",
     "plugin_source_dir",
     "plugin_source_files",
     "plugin_checksum",
@@ -39,8 +40,10 @@ __all__ = [
     "DEFAULT_CUDA_ARCHS",
 ]
 
-#: The shared library CMakeLists.txt builds.
+#: The libraries CMakeLists.txt builds: for TensorRT's own loader (getCreators; `build --plugin`,
+#: trtexec --dynamicPlugins) and self-registering for dlopen (polygraphy --plugins, --staticPlugins).
 PLUGIN_LIBRARY = "libqmamba_scan_plugin.so"
+PLUGIN_LIBRARY_DLOPEN = "libqmamba_scan_plugin_static.so"
 #: Orin (87), Ada (89), Hopper (90); Thor is 110 (CUDA 13 / JetPack 7), Blackwell 100.
 DEFAULT_CUDA_ARCHS: tuple[int, ...] = (87, 89, 90)
 _SOURCE_SUFFIXES = {".h", ".cu", ".cpp", ".txt", ".md"}

@@ -6,12 +6,11 @@
 //     --setPluginsToSerialize): it calls setLoggerFinder() and getCreators() below;
 //   * the application dlopens it (trtexec --staticPlugins, ctypes.CDLL): a static object
 //     registers the creator with getPluginRegistry() while the library loads.
-// When TensorRT loads a self-registering build itself, the creator was registered at load
-// before TensorRT registers what getCreators() returns; getCreators() therefore withdraws the
-// load-time registration first, so that exactly one registration exists either way (the
-// duplicate would make TensorRT refuse the library). Not yet checked against a TensorRT
-// runtime. Built with QMAMBA_SELF_REGISTER=0 (CMake -DQMAMBA_SELF_REGISTER=OFF) the library
-// only has the entry points and needs no libnvinfer.
+// The two paths need two builds of this file (CMakeLists.txt): libqmamba_scan_plugin.so
+// (QMAMBA_SELF_REGISTER=0: entry points only, no libnvinfer) for TensorRT's own loading, and
+// libqmamba_scan_plugin_static.so (self-registering) for dlopen. Loading one library both ways
+// would register the creator twice, which TensorRT refuses; NVIDIA's own plugin libraries keep
+// the two mechanisms apart the same way.
 #include "selective_scan_plugin.h"
 
 #include <cstdio>
@@ -25,7 +24,7 @@
 #include "qmamba/selective_scan.h"
 
 #ifndef QMAMBA_SELF_REGISTER
-#define QMAMBA_SELF_REGISTER 1
+#define QMAMBA_SELF_REGISTER 0
 #endif
 
 namespace qmamba {
@@ -541,18 +540,11 @@ public:
 
     ~SelfRegistration()
     {
-        release();
-    }
-
-    //! Takes the creator back out of the registry (once).
-    void release() noexcept
-    {
         nvinfer1::IPluginRegistry* registry = getPluginRegistry();
         if (mRegistered && registry != nullptr)
         {
             registry->deregisterCreator(theCreator());
         }
-        mRegistered = false;
     }
 
     SelfRegistration(SelfRegistration const&) = delete;
@@ -562,36 +554,30 @@ private:
     bool mRegistered{false};
 };
 
-SelfRegistration gSelfRegistration;
+SelfRegistration const gSelfRegistration;
 
 } // namespace
 #endif // QMAMBA_SELF_REGISTER
-
-//! Called when TensorRT loads the library itself (IPluginRegistry::loadLibrary, trtexec
-//! --dynamicPlugins, plugins serialized into an engine): TensorRT then registers what
-//! getCreators returns, so the registration made at load is withdrawn first; otherwise the
-//! second registration of the same name/version/namespace fails and so does the load.
-void handOverCreators() noexcept
-{
-#if QMAMBA_SELF_REGISTER
-    gSelfRegistration.release();
-#endif
-}
 
 } // namespace qmamba
 
 // =============================================================================================
 // Plugin-library entry points
 
+//! Keeps the first finder TensorRT gives: each loadLibrary (builder, runtime, the lean runtime
+//! of a version-compatible engine) calls this again, and a later caller may be unloaded first.
 extern "C" void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 {
     std::lock_guard<std::mutex> lock(qmamba::gLoggerMutex);
-    qmamba::gLoggerFinder = finder;
+    if (qmamba::gLoggerFinder == nullptr && finder != nullptr)
+    {
+        qmamba::gLoggerFinder = finder;
+    }
 }
 
+//! TensorRT registers what this returns (in the registry that loaded the library); no side effects.
 extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    qmamba::handOverCreators();
     static nvinfer1::IPluginCreatorInterface* const creators[] = {&qmamba::theCreator()};
     nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
     return creators;

@@ -223,6 +223,12 @@ def test_build_with_tensorrt_rtx_writes_engine_manifest_and_timing_cache(tmp_pat
     assert m["settings"]["strongly_typed"] and m["settings"]["hardware_compatibility"] == "ampere+"
     assert m["plugin"] is None and m["onnx"]["scan"] == "portable"
     assert "no timing cache" in m["settings"]["timing_cache"] and not cache.exists()  # RTX has none: said, not faked
+    # builder options that TensorRT-RTX has reach the manifest
+    vc = build_engine(BuildConfig(str(onnx_path), cfg.profile, version_compatible=True, exclude_lean_runtime=True,
+                                  optimization_level=1,
+                                  workspace_mib=64, tensorrt="tensorrt_rtx"), tmp_path / "vc")
+    assert vc["settings"]["flags"] == ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"] and "plugins_serialized" not in vc["settings"]
+    assert vc["settings"]["optimization_level"] == 1 and vc["settings"]["workspace_mib"] == 64
     # strongly typed TensorRT: --fp16 is refused, not silently dropped
     with pytest.raises(OptionError, match="strongly typed networks only"):
         build_engine(BuildConfig(str(onnx_path), cfg.profile, fp16=True, tensorrt="tensorrt_rtx"), tmp_path / "e2")

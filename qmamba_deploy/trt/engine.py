@@ -252,7 +252,7 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
 
     flags = 0
     typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if typed is not None and not cfg.fp16:
+    if typed is not None and not cfg.fp16 and (rtx or version[0] < 11):  # 11: always strongly typed, flag deprecated
         flags |= 1 << int(typed)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

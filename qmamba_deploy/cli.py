@@ -13,6 +13,8 @@ from .errors import QMambaError
 from .data.degrade import TASKS
 from .quant.qconfig import METHODS as QUANT_METHODS, SPR2Q_VARIANTS
 from .train import LOSSES, SCHEDULES
+from .trt.engine import HARDWARE_LEVELS, TRT_MODULES
+from .trt.package import TARGETS as PACKAGE_TARGETS
 
 
 class _Group(click.Group):
@@ -472,11 +474,11 @@ def _profile_options(f):
 @click.option("--fp16", is_flag=True, help="TensorRT 10 only: weakly typed with FP16+INT8 flags (11 is strongly typed).")
 @click.option("--version-compatible", is_flag=True, help="Version-compatible engine; the plugin library is serialized in.")
 @click.option("--exclude-lean-runtime", is_flag=True, help="With --version-compatible: do not embed the lean runtime.")
-@click.option("--hardware-compatibility", type=click.Choice(["none", "ampere+", "same-cc"]), default="none",
+@click.option("--hardware-compatibility", type=click.Choice(list(HARDWARE_LEVELS)), default="none",
               show_default=True, help="Run the engine on other GPUs of the same (or Ampere+) architecture.")
 @click.option("--optimization-level", type=int, help="Builder optimization level 0..5 (TensorRT default 3).")
 @click.option("--workspace-mib", type=int, help="Workspace memory pool limit in MiB.")
-@click.option("--tensorrt", "trt_module", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt",
+@click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default="tensorrt",
               show_default=True, help="tensorrt (server GPUs, Jetson) or tensorrt_rtx (RTX GPUs; builds without one).")
 def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache, fp16, version_compatible,
           exclude_lean_runtime, hardware_compatibility, optimization_level, workspace_mib, trt_module):
@@ -505,7 +507,7 @@ def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache,
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: the library's default).")
 @click.option("--cuda-graph", is_flag=True, help="--engine: replay the enqueue as a CUDA graph.")
 @click.option("--plugin", type=click.Path(dir_okay=False), help="--engine: the plugin library (default: as build).")
-@click.option("--tensorrt", "trt_module", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt",
+@click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default="tensorrt",
               show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
 def bench(engine, onnx_file, torch_ckpt, compare, shape, warmup, iterations, device, threads, cuda_graph, plugin,
@@ -547,7 +549,7 @@ def bench(engine, onnx_file, torch_ckpt, compare, shape, warmup, iterations, dev
 
 @main.command()
 @click.argument("onnx_file", type=click.Path(dir_okay=False))
-@click.option("--target", type=click.Choice(["jetson-orin", "jetson-thor"]), required=True)
+@click.option("--target", type=click.Choice(list(PACKAGE_TARGETS)), required=True)
 @_profile_options
 @click.option("--out", type=click.Path(file_okay=False), help="Folder to write (and FOLDER.tar.gz beside it); "
               "default out/package/qmamba-TARGET.")

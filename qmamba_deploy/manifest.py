@@ -61,9 +61,14 @@ def current_umask() -> int:
     return mask
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (complete or absent)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def make_manifest(kind: str, **fields: Any) -> dict[str, Any]:

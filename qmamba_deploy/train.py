@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, OptionError
-from .manifest import atomic_path, make_manifest, write_json
+from .manifest import atomic_path, make_manifest, write_json, write_text
 
 RUN_KIND = "qmamba-deploy/train-run"
 STATE_KIND = "qmamba-deploy/train-state"
@@ -275,8 +275,7 @@ class RunFolder:
             return
         keep = [line for line in self.log.read_text().splitlines()
                 if line.strip() and json.loads(line).get("iter", 0) <= upto]
-        with atomic_path(self.log) as tmp:
-            tmp.write_text("".join(line + "\n" for line in keep))
+        write_text(self.log, "".join(line + "\n" for line in keep))
 
 
 def _save(folder: RunFolder, it: int, model: nn.Module, optimizer, ema: EMA | None, ship: nn.Module,

@@ -176,6 +176,14 @@ def test_build_without_tensorrt_says_so(tmp_path, monkeypatch):
     assert not (tmp_path / "e").exists()
 
 
+def test_build_refuses_a_bad_out_folder_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # the folder is checked before TensorRT is even needed
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    r = CliRunner().invoke(main, ["build", str(_conv_onnx(tmp_path / "m.onnx")), "--out", str(a_file)])
+    assert r.exit_code == 2 and "--out" in r.output and "is a file" in r.output
+
+
 def test_profiles_are_checked():
     with pytest.raises(OptionError, match="min <= opt <= max"):
         Profile((1, 3, 64, 64), (1, 3, 32, 32), (1, 3, 128, 128))

@@ -139,3 +139,12 @@ def test_plugin_checksum_covers_every_source(tmp_path):
     assert plugin.plugin_checksum(copy) == plugin.plugin_checksum(root)
     (copy / "include" / "qmamba" / "scan_math.h").write_text("// edited\n", encoding="utf-8")
     assert plugin.plugin_checksum(copy) != plugin.plugin_checksum(root)
+
+
+def test_cmake_builds_the_libraries_the_python_side_names():
+    """The library names live in CMakeLists.txt and in qmamba_deploy.trt.plugin: they must agree."""
+    import re
+
+    text = (plugin.plugin_source_dir() / "CMakeLists.txt").read_text()
+    targets = re.findall(r"^\s*qmamba_plugin_library\((\w+) ", text, re.M)
+    assert sorted(f"lib{t}.so" for t in targets) == sorted([plugin.PLUGIN_LIBRARY, plugin.PLUGIN_LIBRARY_DLOPEN])

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from qmamba_deploy.bench import compare
-from qmamba_deploy.manifest import atomic_path
+from qmamba_deploy.manifest import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT.parent / "shared" / "checkpoints" / "mambairv2_light_x4.safetensors"
@@ -102,10 +102,8 @@ def main() -> None:
         "Any two rows can be compared with `qmamba-deploy bench --compare A.json B.json` from their JSON "
         "(docs/results-bench.json holds every result).",
     ]
-    with atomic_path(args.out) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    with atomic_path(args.out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
+    write_text(args.out, "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

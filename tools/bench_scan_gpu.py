@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qmamba_deploy.manifest import atomic_path
+from qmamba_deploy.manifest import write_text
 from qmamba_deploy.ops.selective_scan import selective_scan_chunked
 from qmamba_deploy.trt import plugin
 
@@ -92,10 +92,8 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['side']}x{r['side']} | {r['io']} | {r['segments']} | "
                      f"{r['max_rel_error']:.1e} | {r['ms_one_pass']:.3f} | {r['ms']:.3f} | {torch_col} | {speed} | "
                      f"{r['GBps']:.0f} | {r['fraction_of_peak'] * 100:.0f} % |")
-    with atomic_path(args.out) as t:
-        t.write_text("\n".join(lines) + "\n")
-    with atomic_path(args.out.with_suffix(".json")) as t:
-        t.write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(args.out, "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

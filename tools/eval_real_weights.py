@@ -21,7 +21,7 @@ from qmamba_deploy import load_model
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
-from qmamba_deploy.manifest import atomic_path
+from qmamba_deploy.manifest import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,7 @@ def main() -> None:
                      f"{r['gain_db']:+.2f} | {r['seconds']:.1f} |")
     lines += ["", "Reference (checkpoints/README.md, official code + BasicSR): example.png x2 33.0933 / 0.9277 vs "
               "bicubic 29.9143 / 0.8853; x4 29.3833 / 0.8275 vs 25.5842 / 0.7433.", ""]
-    with atomic_path(args.out) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
 
 

@@ -30,7 +30,7 @@ import torch
 
 from qmamba_deploy import build_model, save_checkpoint
 from qmamba_deploy.export.job import ExportConfig, run_export
-from qmamba_deploy.manifest import atomic_path
+from qmamba_deploy.manifest import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -213,10 +213,9 @@ def write_doc(results: list[dict], args) -> None:
                          f"{_fmt_between(float(a['psnr_between']))} | "
                          f"{_fmt_between(float(b['sensitivity_floor']))} |")
     lines.append("")
-    with atomic_path(args.out) as tmp:
-        tmp.write_text("\n".join(lines))
-    with atomic_path(Path(args.out).with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"rows": results}, indent=2, default=str).replace("Infinity", '"inf"'))
+    write_text(args.out, "\n".join(lines))
+    write_text(Path(args.out).with_suffix(".json"),
+               json.dumps({"rows": results}, indent=2, default=str).replace("Infinity", '"inf"'))
     print(f"wrote {args.out}")
 
 

@@ -24,7 +24,7 @@ from qmamba_deploy import load_model
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
-from qmamba_deploy.manifest import atomic_path
+from qmamba_deploy.manifest import write_text
 from qmamba_deploy.quant.pipeline import QuantizeConfig, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,10 +99,9 @@ def main() -> None:
         lines.append(f"| {r['label']} | {'yes' if r['qat'] else 'no'} | {r['psnr']:.4f} | {r['ssim']:.4f} | "
                      f"{r['psnr'] - fp_psnr:+.3f} | {r['seconds']:.0f} |")
     lines.append("")
-    with atomic_path(args.out) as tmp:
-        tmp.write_text("\n".join(lines))
-    with atomic_path(Path(args.out).with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"iters": args.iters, "checkpoint": args.checkpoint, "rows": results}, indent=2))
+    write_text(args.out, "\n".join(lines))
+    write_text(Path(args.out).with_suffix(".json"),
+               json.dumps({"iters": args.iters, "checkpoint": args.checkpoint, "rows": results}, indent=2))
     print(f"wrote {args.out}")
 
 

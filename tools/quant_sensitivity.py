@@ -26,7 +26,7 @@ from qmamba_deploy.data.datasets import degrade_pair, load_pairs, to_tensor
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.export.job import DeployConfig, deploy_model
 from qmamba_deploy.fold import with_dls_mode
-from qmamba_deploy.manifest import atomic_path
+from qmamba_deploy.manifest import write_text
 from qmamba_deploy.validate import psnr_between
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +85,7 @@ def main() -> None:
         ptxt = "identical" if math.isinf(p) else f"{p:.2f}"
         lines.append(f"| {label} | {image} | {nudge} | {ptxt} | {flips:,} of {total:,} |")
     lines.append("")
-    with atomic_path(args.out) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
 
 

@@ -25,7 +25,7 @@ from qmamba_deploy import load_model
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
-from qmamba_deploy.manifest import atomic_path
+from qmamba_deploy.manifest import write_text
 from qmamba_deploy.quant.pipeline import SPR2QConfig, quantize_spr2q
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +102,8 @@ def main() -> None:
         delta = r["psnr"] - r.get("fp_psnr", r["psnr"])
         lines.append(f"| x{r['scale']} | {r['label']} | {r['psnr']:.4f} | {r['ssim']:.4f} | {delta:+.3f} |")
     lines.append("")
-    with atomic_path(args.out) as tmp:
-        tmp.write_text("\n".join(lines))
-    with atomic_path(Path(args.out).with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"args": vars(args), "rows": results}, indent=2))
+    write_text(args.out, "\n".join(lines))
+    write_text(Path(args.out).with_suffix(".json"), json.dumps({"args": vars(args), "rows": results}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -82,7 +82,7 @@ class ExportConfig(DeployConfig):
 # ------------------------------------------------------------------------ output folder
 
 
-def _check_out(out: Path, owned: tuple[str, ...] = EXPORT_FILES) -> None:
+def check_out_folder(out: Path, owned: tuple[str, ...] = EXPORT_FILES) -> None:
     """Refuse early (before any work) an output folder that cannot be written or is not ours."""
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; pass a folder")
@@ -108,7 +108,7 @@ def staged_folder(out: str | os.PathLike, owned: tuple[str, ...] = EXPORT_FILES)
 
     ``owned``: the names the command writes; a folder holding anything else is refused."""
     out = Path(out)
-    _check_out(out, owned)
+    check_out_folder(out, owned)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -202,7 +202,7 @@ def run_fold(cfg: DeployConfig, out: str | os.PathLike, command: str | None = No
     if cfg.bundle:
         raise OptionError("fold takes --checkpoint (a bundle is already folded)")
     out = Path(out)
-    _check_out(out)
+    check_out_folder(out)
     deploy, _ = deploy_model(cfg)
     with staged_folder(out) as tmp:
         manifest = save_bundle(deploy, tmp, _provenance(cfg, deploy, command))
@@ -263,7 +263,7 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
 
     t0 = time.perf_counter()
     out = Path(out)
-    _check_out(out)
+    check_out_folder(out)
     deploy, fake = deploy_model(cfg)
     report = None
     with staged_folder(out) as tmp:

@@ -228,14 +228,21 @@ def _static_checks(model: onnx.ModelProto, report: LintReport) -> None:
 
 
 def _import_parser():
-    for module in ("tensorrt", "tensorrt_rtx"):
+    """The first usable TensorRT module (full TensorRT, else TensorRT-RTX), or (None, None)."""
+    from ..errors import EnvironmentMissing
+    from ..trt.engine import TRT_MODULES, import_tensorrt
+
+    for module in TRT_MODULES:
         try:
-            trt = __import__(module)
-            trt.Builder  # the PyPI placeholders import but have no Builder
-            return module, trt
-        except (ImportError, AttributeError):
+            return module, import_tensorrt(module)
+        except EnvironmentMissing:
             continue
     return None, None
+
+
+def _plugin_not_found(error: dict[str, Any]) -> bool:
+    """A parser error that only says our plugin library was not loaded."""
+    return error["op"] == contract.OP_TYPE and "Plugin not found" in error["message"]
 
 
 def parse_with_tensorrt(path: str) -> dict[str, Any] | None:
@@ -243,15 +250,9 @@ def parse_with_tensorrt(path: str) -> dict[str, Any] | None:
     module, trt = _import_parser()
     if trt is None:
         return None
-    class Collect(trt.ILogger):  # keeps the parser's messages out of the user's terminal
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
+    from ..trt.engine import collecting_logger
 
-        def log(self, severity, msg):
-            self.messages.append(str(msg))
-
-    logger = Collect()
+    logger = collecting_logger(trt)  # keeps the parser's messages out of the user's terminal
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
@@ -260,7 +261,7 @@ def parse_with_tensorrt(path: str) -> dict[str, Any] | None:
     for i in range(parser.num_errors):
         e = parser.get_error(i)
         errors.append({"node": e.node_name(), "op": e.node_operator(), "message": e.desc().strip()})
-    plugin_missing = [e for e in errors if e["op"] == contract.OP_TYPE and "Plugin not found" in e["message"]]
+    plugin_missing = [e for e in errors if _plugin_not_found(e)]
     return {"module": module, "version": trt.__version__, "parsed": parsed, "errors": errors,
             "plugin_not_loaded": len(plugin_missing), "other_errors": len(errors) - len(plugin_missing),
             "layers": network.num_layers if parsed else None}
@@ -287,6 +288,6 @@ def lint_onnx(path: str | os.PathLike, use_parser: bool = True) -> LintReport:
                 report.add("info", "plugin-not-loaded", f"the parser found no {contract.OP_TYPE} plugin for "
                            f"{p['plugin_not_loaded']} nodes (expected unless the plugin library is loaded)")
             for e in p["errors"]:
-                if not (e["op"] == contract.OP_TYPE and "Plugin not found" in e["message"]):
+                if not _plugin_not_found(e):
                     report.add("error", "parser", e["message"].splitlines()[0][:300], e["node"] or None)
     return report

@@ -39,6 +39,7 @@ __all__ = [
     "BuildConfig",
     "Profile",
     "import_tensorrt",
+    "collecting_logger",
     "find_plugin_library",
     "build_engine",
     "bench_engine",
@@ -120,6 +121,10 @@ class Profile:
         if len({self.min[1], self.opt[1], self.max[1]}) != 1:
             raise OptionError("--min/--opt/--max: the channel count must be the same in all three")
 
+    def as_dict(self, input_name: str) -> dict[str, Any]:
+        """The profile as the engine and package manifests record it."""
+        return {"input": input_name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
 
 def _fmt(shape) -> str:
     return "x".join(str(d) for d in shape)
@@ -150,22 +155,22 @@ class BuildConfig:
             raise OptionError("--exclude-lean-runtime only applies with --version-compatible")
 
 
-class _Logger:
-    """A TensorRT ILogger that keeps the messages (errors are quoted in our exceptions)."""
+def collecting_logger(trt: ModuleType):
+    """A TensorRT ILogger that keeps the messages out of the user's terminal; ``errors()``
+    lists the error messages (quoted in our exceptions)."""
 
-    def __new__(cls, trt: ModuleType, echo_level: str = "WARNING"):
-        class Collect(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.messages: list[tuple[str, str]] = []
+    class Collect(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[str, str]] = []
 
-            def log(self, severity, msg):
-                self.messages.append((str(severity).rsplit(".", 1)[-1], str(msg)))
+        def log(self, severity, msg):
+            self.messages.append((str(severity).rsplit(".", 1)[-1], str(msg)))
 
-            def errors(self) -> list[str]:
-                return [m for s, m in self.messages if s in ("ERROR", "INTERNAL_ERROR")]
+        def errors(self) -> list[str]:
+            return [m for s, m in self.messages if s in ("ERROR", "INTERNAL_ERROR")]
 
-        return Collect()
+    return Collect()
 
 
 def _flag(trt: ModuleType, name: str, option: str):
@@ -209,9 +214,9 @@ def _gpu_description() -> dict[str, Any]:
 
 def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str] = None) -> dict[str, Any]:
     """Build ``out/model.engine`` + ``out/engine.json`` from ``cfg.onnx``; returns the manifest."""
-    from ..export.job import staged_folder
-    from .plugin import plugin_checksum
+    from ..export.job import check_out_folder, staged_folder
 
+    check_out_folder(Path(out), ENGINE_FILES)  # before the build, which can take minutes
     onnx_path = Path(cfg.onnx)
     if not onnx_path.is_file():
         raise OptionError(f"{onnx_path}: no such file; pass the model.onnx that `qmamba-deploy export` wrote")
@@ -236,7 +241,7 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
     if cfg.fp16 and strongly_typed_only:
         raise OptionError(f"--fp16: TensorRT {trt.__version__} ({trt.__name__}) builds strongly typed networks only; "
                           "precision comes from the ONNX (its Q/DQ nodes and tensor types). Drop --fp16")
-    logger = _Logger(trt)
+    logger = collecting_logger(trt)
     try:
         builder = trt.Builder(logger)
     except Exception as exc:
@@ -323,9 +328,9 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
         onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "input": name,
               "scan": contract.OP_TYPE if has_scan else "portable"},
         plugin=None if plugin is None else {
-            "library": str(plugin), "sha256": sha256_file(plugin), "source_sha256": _source_checksum(plugin_checksum),
+            "library": str(plugin), "sha256": sha256_file(plugin), "source_sha256": _source_checksum(),
             "name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
-        profile={"input": name, "min": list(cfg.profile.min), "opt": list(cfg.profile.opt), "max": list(cfg.profile.max)},
+        profile=cfg.profile.as_dict(name),
         settings=settings,
         build_seconds=round(seconds, 3),
         engine_bytes=int(serialized.nbytes),
@@ -341,9 +346,11 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
     return manifest
 
 
-def _source_checksum(fn) -> Optional[str]:
+def _source_checksum() -> Optional[str]:
+    from .plugin import plugin_checksum
+
     try:
-        return fn()
+        return plugin_checksum()
     except EnvironmentMissing:  # installed without the sources: the library checksum still identifies it
         return None
 
@@ -374,7 +381,7 @@ def bench_engine(engine_path: str | os.PathLike, settings, plugin: Optional[str]
         raise EnvironmentMissing(f"--engine: torch {torch.__version__} sees no CUDA device; bench --engine uses "
                                  "torch's CUDA runtime for buffers and timing: run on the GPU machine with a CUDA "
                                  "build of torch")
-    logger = _Logger(trt)
+    logger = collecting_logger(trt)
     runtime = trt.Runtime(logger)
     lib = find_plugin_library(plugin)
     if lib is None and (manifest.get("plugin") or {}).get("library"):

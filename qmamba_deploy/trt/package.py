@@ -222,7 +222,7 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
                     "namespace": contract.PLUGIN_NAMESPACE, "library": PLUGIN_LIBRARY,
                     "source_sha256": plugin_checksum(src), "files": [f"plugin/{r.as_posix()}" for r in plugin_files]}
             if has_scan else None,
-            profile={"input": input_name, "min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
+            profile=profile.as_dict(input_name),
             reference=reference,
             parity={"tool": "polygraphy", "check_error_stat": "mean", "atol": PARITY_ATOL},
             commands={"build": "./build_engine.sh", "check": "./check_parity.sh"},

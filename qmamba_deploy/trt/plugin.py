@@ -37,15 +37,12 @@ __all__ = [
     "compile_host_harness",
     "run_host_harness",
     "nvcc_compile",
-    "DEFAULT_CUDA_ARCHS",
 ]
 
 #: The libraries CMakeLists.txt builds: for TensorRT's own loader (getCreators; `build --plugin`,
 #: trtexec --dynamicPlugins) and self-registering for dlopen (polygraphy --plugins, --staticPlugins).
 PLUGIN_LIBRARY = "libqmamba_scan_plugin.so"
 PLUGIN_LIBRARY_DLOPEN = "libqmamba_scan_plugin_static.so"
-#: Orin (87), Ada (89), Hopper (90); Thor is 110 (CUDA 13 / JetPack 7), Blackwell 100.
-DEFAULT_CUDA_ARCHS: tuple[int, ...] = (87, 89, 90)
 _SOURCE_SUFFIXES = {".h", ".cu", ".cpp", ".txt", ".md"}
 
 

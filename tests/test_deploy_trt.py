@@ -374,3 +374,13 @@ def test_package_of_a_portable_graph_needs_no_plugin(exported, tmp_path):
     assert not any(ln.startswith("cmake") for ln in lines)
     build = [ln for ln in lines if ln.startswith("trtexec --onnx")]
     assert len(build) == 1 and "--dynamicPlugins" not in build[0] and "--stronglyTyped" in build[0]
+
+
+def test_reference_input_fills_any_profile_shape_like_the_eval_data():
+    from qmamba_deploy.trt.package import _reference_input
+
+    for shape, scale in (((1, 3, 24, 24), 2), ((2, 3, 300, 200), 2), ((1, 1, 16, 16), 4)):
+        x = _reference_input(shape, scale)
+        assert x.shape == shape and x.dtype == np.float32  # 300 x 2 = 600 px: larger than the 512 px photo
+        assert np.array_equal(x * 255.0, np.round(x * 255.0))  # LR rounded to uint8, as the eval data
+        assert x.std() > 0.05

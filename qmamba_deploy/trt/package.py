@@ -127,20 +127,24 @@ Profile: min {min}, opt {opt}, max {max} (rebuild with other shapes by editing b
 
 
 def _reference_input(shape: tuple[int, ...], upscale: int) -> np.ndarray:
-    """One real photo (scikit-image's astronaut), bicubic-downscaled like the eval data, at ``shape``."""
+    """One real photo (scikit-image's astronaut) at ``shape``, made like the eval data: an HR crop
+    MATLAB-bicubic-downscaled by the model's scale and rounded to uint8 (``data.degrade``)."""
     from ..data.builtin import centre_crop, sample_photo
-    from ..data.imresize import imresize
+    from ..data.datasets import to_tensor
+    from ..data.degrade import bicubic_down, bicubic_up
 
     batch, channels, h, w = shape
-    photo = sample_photo("astronaut")
     scale = max(int(upscale or 1), 1)
-    hr = centre_crop(photo, max(h, w) * scale)[: h * scale, : w * scale].astype(np.float32) / 255.0
-    lr = imresize(hr, 1.0 / scale) if scale > 1 else hr
-    lr = np.clip(lr, 0.0, 1.0)
+    photo = sample_photo("astronaut")
+    side = max(h, w) * scale
+    if min(photo.shape[:2]) < side:  # large profiles: enlarge the 512 px photo first
+        photo = bicubic_up(photo, -(-side // min(photo.shape[:2])))
+    hr = np.ascontiguousarray(centre_crop(photo, side)[: h * scale, : w * scale])
+    lr = bicubic_down(hr, scale) if scale > 1 else hr
     if channels == 1:
-        lr = lr.mean(axis=2, keepdims=True)
-    chw = np.ascontiguousarray(lr[:, :, :channels].transpose(2, 0, 1), dtype=np.float32)
-    return np.repeat(chw[None], batch, axis=0)
+        lr = np.round(lr.mean(axis=2, keepdims=True)).astype(np.uint8)
+    x = to_tensor(lr[:, :, :channels]).numpy()
+    return np.repeat(x, batch, axis=0)
 
 
 def _reference_files(onnx_path: Path, input_name: str, x: np.ndarray, folder: Path) -> dict[str, Any]:

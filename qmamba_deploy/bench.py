@@ -1,9 +1,9 @@
 """Latency benchmarks with one JSON schema for PyTorch, ONNX Runtime and TensorRT.
 
-``bench_torch`` (eager, CPU or CUDA), ``bench_onnx`` (ONNX Runtime, CPU or CUDA provider)
-and ``bench_engine`` (TensorRT, ``qmamba_deploy.trt.engine``) all return a :class:`BenchResult`
-whose ``as_dict()`` has the same keys, so two runs compare side by side
-(:func:`compare`, ``qmamba-deploy bench --compare A.json B.json``):
+:func:`bench` opens any artifact as a runner (``runtime.open_runner``: a checkpoint or bundle
+in PyTorch, an ONNX in ONNX Runtime, an engine in TensorRT) and :func:`bench_runner` times it
+with one loop; the :class:`BenchResult` has the same keys whatever the backend, so two runs
+compare side by side (:func:`compare`, ``qmamba-deploy bench --compare A.json B.json``):
 
 * ``backend``, ``target`` (file, sha256, what the manifest beside it says), ``device``;
 * ``input`` / ``output`` shapes, ``settings`` (warm-up, iterations, threads, CUDA graph);
@@ -12,8 +12,9 @@ whose ``as_dict()`` has the same keys, so two runs compare side by side
 * ``memory``: the peak the backend can report (GPU: peak device memory; CPU: the
   process's peak resident set, which includes the Python interpreter and libraries).
 
-Timing: CPU runs time each iteration with ``time.perf_counter``; CUDA runs with CUDA
-events on the stream. The input is a fixed pseudo-random image in [0, 1) (seed 0):
+Timing: runners without a CUDA stream are timed with ``time.perf_counter`` per iteration;
+CUDA runners with CUDA events on the runner's stream, on buffers already on the device. The
+input is a fixed pseudo-random image in [0, 1) (seed 0):
 MambaIR's cost does not depend on the content.
 """
 
@@ -22,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 from .errors import OptionError
 from .manifest import make_manifest, sha256_file
+from .runtime import Runner, artifact_kind, open_runner
 
 __all__ = [
     "BENCH_KIND",
@@ -41,8 +41,10 @@ __all__ = [
     "BenchResult",
     "parse_shape",
     "latency_stats",
-    "bench_torch",
-    "bench_onnx",
+    "bench",
+    "bench_runner",
+    "describe_target",
+    "time_host",
     "time_cuda",
     "load_result",
     "compare",
@@ -50,7 +52,6 @@ __all__ = [
 ]
 
 BENCH_KIND = "qmamba-deploy bench"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PERCENTILES = (50, 90, 99)
 
 
@@ -131,156 +132,87 @@ class BenchResult:
         )
 
 
-def _describe_file(path: Path, manifest_name: Optional[str] = None) -> dict[str, Any]:
-    """The file, its checksum and the fields of the manifest beside it that identify the model."""
-    info: dict[str, Any] = {"path": str(path), "sha256": sha256_file(path)}
-    side = path.with_name(manifest_name) if manifest_name else path.with_suffix(".json")
-    if side.is_file():
-        try:
-            m = json.loads(side.read_text())
-        except (OSError, ValueError):
-            m = {}
-        for key in ("kind", "arch", "qconfig", "upscale", "options", "plugin", "tensorrt", "profile", "precision"):
-            if key in m:
-                info[key] = m[key]
+def describe_target(runner: Runner) -> dict[str, Any]:
+    """The file, its checksum, the manifest fields beside it that identify the model, and what the
+    runner says of itself (arch, precision, provider, TensorRT version)."""
+    path = runner.path
+    info: dict[str, Any] = {"path": str(path) if path else None}
+    if path is not None and path.is_file():
+        info["sha256"] = sha256_file(path)
+        side = manifest_beside(path)
+        if side is not None:
+            try:
+                m = json.loads(side.read_text())
+            except (OSError, ValueError):
+                m = {}
+            for key in ("kind", "arch", "qconfig", "upscale", "options", "plugin", "tensorrt", "profile"):
+                if isinstance(m, dict) and key in m:
+                    info[key] = m[key]
+    described = runner.describe()
+    info.update(artifact=runner.kind, arch=runner.info.arch, precision=runner.info.precision)
+    for key in ("providers", "backend_version", "dls", "scan", "module"):
+        if described.get(key) is not None:
+            info[key] = described[key]
     return info
 
 
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+def manifest_beside(path: Path) -> Optional[Path]:
+    """The JSON manifest of an artifact: ``engine.json`` for engines, ``x.json`` for ``x.*``."""
+    for side in (path.with_name("engine.json"), path.with_suffix(".json")):
+        if side.is_file() and (side.name != "engine.json" or path.suffix in (".engine", ".plan", ".trt")):
+            return side
+    return None
 
 
-def _cpu_memory() -> dict[str, Any]:
-    return {"peak_bytes": _peak_rss_bytes(), "what": "process peak resident set (includes Python and libraries)"}
-
-
-def _time_cpu(run: Callable[[], Any], settings: BenchSettings) -> tuple[list[float], Any]:
-    out = None
+def time_host(run: Callable[[], Any], settings: BenchSettings) -> list[float]:
+    """Times ``run`` with the host clock (CPU backends: their calls return when done)."""
     for _ in range(settings.warmup):
-        out = run()
+        run()
     times = []
     for _ in range(settings.iterations):
         start = time.perf_counter()
-        out = run()
+        run()
         times.append((time.perf_counter() - start) * 1000.0)
-    return times, out
+    return times
 
 
-def time_cuda(run: Callable[[], Any], settings: BenchSettings, stream=None) -> tuple[list[float], Any]:
-    """Times ``run`` with CUDA events recorded on ``stream`` (default: the current stream)."""
-    stream = stream or torch.cuda.current_stream()
-    out = None
+def time_cuda(run: Callable[[], Any], settings: BenchSettings, stream) -> list[float]:
+    """Times ``run`` with CUDA events recorded on ``stream``."""
     with torch.cuda.stream(stream):
         for _ in range(settings.warmup):
-            out = run()
+            run()
         stream.synchronize()
         times = []
         for _ in range(settings.iterations):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            out = run()
+            run()
             end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))
-    return times, out
+    return times
 
 
-def _need_cuda(flag: str) -> None:
-    if not torch.cuda.is_available():
-        raise OptionError(f"{flag}: no CUDA device is visible to torch {torch.__version__} here; "
-                          "run on a GPU machine with a CUDA build of torch, or pass --device cpu")
+def bench_runner(runner: Runner, settings: BenchSettings) -> BenchResult:
+    """One timing loop for every backend: the runner's :meth:`~Runner.bench_step` on a fixed
+    input, timed by CUDA events on the runner's stream when it has one, else the host clock."""
+    if settings.cuda_graph and runner.kind != "tensorrt":
+        raise OptionError("--cuda-graph applies to TensorRT engines only")
+    with runner:
+        step, out_shape = runner.bench_step(settings.example())
+        stream = runner.stream
+        times = time_cuda(step, settings, stream) if stream is not None else time_host(step, settings)
+        return BenchResult(runner.kind, describe_target(runner), runner.device_info(), settings, out_shape, times,
+                           runner.memory(), list(runner.notes))
 
 
-def _cpu_device(threads: int) -> dict[str, Any]:
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": threads or None}
-
-
-def bench_torch(checkpoint: str | os.PathLike, settings: BenchSettings, **model_kwargs: Any) -> BenchResult:
-    """Eager PyTorch: the checkpoint (float or fake-quantized) as ``load_model`` builds it."""
-    from .checkpoints import load_model
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise OptionError(f"--torch {path}: no such file; pass a .safetensors/.pth checkpoint")
-    if settings.cuda_graph:
-        raise OptionError("--cuda-graph applies to --engine only")
-    model = load_model(path, **model_kwargs)
-    x = settings.example()
-    threads_before = torch.get_num_threads()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    try:
-        if settings.device == "cuda":
-            _need_cuda("--device cuda")
-            model, x = model.cuda(), x.cuda()
-            torch.cuda.reset_peak_memory_stats()
-            with torch.inference_mode():
-                times, y = time_cuda(lambda: model(x), settings)
-            memory = {"peak_bytes": int(torch.cuda.max_memory_allocated()), "what": "torch peak CUDA memory allocated"}
-            device = {"type": "cuda", "name": torch.cuda.get_device_name(), "threads": None}
-        else:
-            with torch.inference_mode():
-                times, y = _time_cpu(lambda: model(x), settings)
-            memory = _cpu_memory()
-            device = _cpu_device(torch.get_num_threads())
-    finally:
-        torch.set_num_threads(threads_before)
-    target = _describe_file(path)
-    target.update({"arch": type(model).__name__, "precision": "fake-quant" if _is_quantized(model) else "fp32"})
-    return BenchResult("torch", target, device, settings, tuple(y.shape), times, memory)
-
-
-def _is_quantized(model: torch.nn.Module) -> bool:
-    from .quant.layers import QuantLinear, QuantConv2d
-
-    return any(isinstance(m, (QuantLinear, QuantConv2d)) for m in model.modules())
-
-
-_ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def bench_onnx(onnx_path: str | os.PathLike, settings: BenchSettings) -> BenchResult:
-    """ONNX Runtime with the validation session settings (``runtime/ort.py``).
-
-    QMambaSelectiveScan nodes run as the Python custom op (torch's chunked scan) there is
-    no native ORT kernel for; a ``--scan portable`` graph runs in ORT alone."""
-    import onnxruntime as ort
-
-    from .runtime.ort import ort_session
-
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise OptionError(f"--onnx {path}: no such file; pass the model.onnx that `qmamba-deploy export` wrote")
-    if settings.cuda_graph:
-        raise OptionError("--cuda-graph applies to --engine only")
-    provider = _ORT_PROVIDERS[settings.device]
-    if provider not in ort.get_available_providers():
-        raise OptionError(f"--device {settings.device}: this onnxruntime has no {provider} "
-                          f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
-                          "in place of onnxruntime (the [gpu] extra) or pass --device cpu")
-    session = ort_session(path, providers=[provider], threads=settings.threads)
-    name = session.get_inputs()[0].name
-    feed = {name: settings.example().numpy()}
-    times, outs = _time_cpu(lambda: session.run(None, feed), settings)  # run() returns host arrays: synchronous
-    scans = _scan_node_count(path)
-    notes = []
-    if scans:
-        notes.append(f"{scans} QMambaSelectiveScan nodes ran as ONNX Runtime Python custom ops (torch chunked scan)")
-    device = _cpu_device(settings.threads) if settings.device == "cpu" else {"type": "cuda", "name": provider,
-                                                                             "threads": None}
-    memory = _cpu_memory() if settings.device == "cpu" else {"peak_bytes": None, "what": "not reported by ONNX Runtime"}
-    target = _describe_file(path, "model.json")
-    target["provider"] = provider
-    return BenchResult("onnxruntime", target, device, settings, tuple(outs[0].shape), times, memory, notes)
-
-
-def _scan_node_count(path: Path) -> int:
-    import onnx
-
-    from .export.scan_onnx import scan_nodes
-
-    return len(scan_nodes(onnx.load(str(path), load_external_data=False)))
+def bench(path: str | os.PathLike, settings: BenchSettings, kind: Optional[str] = None, **options: Any) -> BenchResult:
+    """``qmamba-deploy bench``: open ``path`` as a runner (``runtime.open_runner``) and time it."""
+    found, _ = artifact_kind(path)
+    if settings.cuda_graph and found != "engine":
+        raise OptionError("--cuda-graph applies to TensorRT engines only")
+    options = {"device": settings.device, "threads": settings.threads, "cuda_graph": settings.cuda_graph, **options}
+    return bench_runner(open_runner(path, kind=kind, **options), settings)
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:

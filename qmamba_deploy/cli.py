@@ -77,25 +77,57 @@ def presets():
     click.echo(preset_table())
 
 
+def _model_option(default_help: str):
+    return click.option("--model", "--checkpoint", "model", type=click.Path(),
+                        help="What to run: a checkpoint (.pth/.safetensors), a deploy bundle (bundle.safetensors or "
+                             f"its folder), an ONNX (.onnx) or a TensorRT engine (.engine); {default_help}")
+
+
+def _runner_options(f):
+    """How to run --model: device, and the options only some kinds take."""
+    options = [
+        click.option("--arch", help="Checkpoints: official class name or preset (default: detected)."),
+        click.option("--kwarg", "kwargs", multiple=True, help="Checkpoints: constructor override name=value (repeatable)."),
+        click.option("--dls", type=click.Choice(["static", "dynamic"]), default=None,
+                     help="Bundles: DLS mode (default: static when calibrated)."),
+        click.option("--device", default=None,
+                     help="cpu or cuda (torch also cuda:N); default: cuda for engines, cpu otherwise."),
+        click.option("--plugin", type=click.Path(dir_okay=False),
+                     help="Engines: the plugin library (default: the one engine.json names, $QMAMBA_PLUGIN_LIB, build/)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _open_runner(model, arch=None, kwargs=(), dls=None, device=None, plugin=None, **extra):
+    from .runtime import open_runner
+
+    return open_runner(model, arch=arch, kwargs=_parse_kwargs(kwargs), dls=dls, device=device, plugin=plugin, **extra)
+
+
+def _describe_runner(runner) -> str:
+    info = runner.info
+    return (f"model: {info.arch or 'unknown network'} x{info.scale} {info.precision} from {runner.path} "
+            f"({runner.kind} on {runner.device}; accepts {runner.limits.describe()})")
+
+
 @main.command()
-@click.option("--checkpoint", type=click.Path(dir_okay=False),
-              help="Weights (.pth/.safetensors); default: the embedded model in models/.")
+@_model_option("default: the embedded model in models/.")
 @click.option("--input", "input_", default="builtin", show_default=True,
               help="An image, a folder of images, or 'builtin' (sample photos from scikit-image).")
 @click.option("--output", default="out/restore", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the restored PNGs.")
-@click.option("--arch", help="Official class name or preset (default: detected).")
-@click.option("--kwarg", "kwargs", multiple=True, help="Constructor override name=value (repeatable).")
+@_runner_options
 @click.option("--tile", type=int, default=256, show_default=True,
-              help="Tile size in input pixels for large images (0: whole image at once).")
+              help="Tile size in input pixels for large images (0: whole image at once, or the largest tile the "
+                   "artifact takes).")
 @click.option("--overlap", type=int, default=16, show_default=True, help="Tile overlap in input pixels.")
 @click.option("--bit-depth", type=click.Choice(["auto", "8", "16"]), default="auto", show_default=True,
               help="Output PNG bit depth (auto: as the input).")
 @click.option("--suffix", default="", help="Appended to each output file stem.")
-@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1, ...).")
-def restore(checkpoint, input_, output, arch, kwargs, tile, overlap, bit_depth, suffix, device):
-    """Restore images with a model (super-resolution, denoising or JPEG removal)."""
-    from .checkpoints import load_model
+def restore(model, input_, output, arch, kwargs, dls, device, plugin, tile, overlap, bit_depth, suffix):
+    """Restore images with a model of any kind (super-resolution, denoising or JPEG removal)."""
     from .data.builtin import restore_samples
     from .data.io import list_images
     from .defaults import default_checkpoint
@@ -103,12 +135,12 @@ def restore(checkpoint, input_, output, arch, kwargs, tile, overlap, bit_depth, 
 
     if tile and overlap >= tile:
         raise click.BadParameter(f"{overlap} must be smaller than --tile {tile}", param_hint="--overlap")
-    ckpt = checkpoint or default_checkpoint()
-    model = load_model(ckpt, arch=arch, **_parse_kwargs(kwargs)).to(device)
+    path = model or default_checkpoint()
     sources = restore_samples() if input_ == "builtin" else list_images(input_)
-    results = restore_files(model, sources, output, tile=tile or None, overlap=overlap,
-                            bit_depth=None if bit_depth == "auto" else int(bit_depth), suffix=suffix, device=device)
-    click.echo(f"model: {model.arch_name} x{model.upscale} from {ckpt}")
+    with _open_runner(path, arch, kwargs, dls, device, plugin) as runner:
+        results = restore_files(runner, sources, output, tile=tile or None, overlap=overlap,
+                                bit_depth=None if bit_depth == "auto" else int(bit_depth), suffix=suffix)
+        click.echo(_describe_runner(runner))
     for r in results:
         notes = f"  ({'; '.join(r.notes)})" if r.notes else ""
         click.echo(f"{r.source} {r.input_size[1]}x{r.input_size[0]} -> {r.output} "
@@ -154,41 +186,46 @@ def _degradation(model, task, scale, sigma, quality):
 
 
 @main.command(name="eval")
-@click.option("--checkpoint", type=click.Path(dir_okay=False),
-              help="Weights (.pth/.safetensors); default: the embedded model for --scale (x2 or x4).")
+@_model_option("default: the embedded model for --scale (x2 or x4).")
 @click.option("--data", default="builtin", show_default=True,
               help="'builtin' (the fixed eval split), a folder of HR images, or a BasicSR benchmark folder "
                    "(HR/ + LR_bicubic/X<s>/).")
 @_task_options
-@click.option("--arch", help="Official class name or preset (default: from the manifest or detected).")
-@click.option("--kwarg", "kwargs", multiple=True, help="Constructor override name=value (repeatable).")
-@click.option("--tile", type=int, default=0, show_default=True, help="Tile size in input pixels (0: whole images).")
+@_runner_options
+@click.option("--tile", type=int, default=0, show_default=True,
+              help="Tile size in input pixels (0: whole images, or the largest tile the artifact takes).")
+@click.option("--overlap", type=int, default=16, show_default=True, help="Tile overlap in input pixels.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic noise (denoise).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
-@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, ...).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate(checkpoint, data, task, scale, sigma, quality, arch, kwargs, tile, seed, json_out, device, quiet):
-    """PSNR/SSIM of a model on a dataset, beside the bicubic / noisy / JPEG baseline."""
-    from .checkpoints import load_model
+def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device, plugin, tile, overlap, seed,
+             json_out, quiet):
+    """PSNR/SSIM of a model of any kind on a dataset, beside the bicubic / noisy / JPEG baseline."""
     from .data.datasets import load_pairs
+    from .data.degrade import degradation_for
     from .defaults import default_checkpoint
     from .evaluate import evaluate_model
     from .manifest import make_manifest, write_json
 
-    ckpt = checkpoint or default_checkpoint(scale)
-    model = load_model(ckpt, arch=arch, **_parse_kwargs(kwargs)).to(device)
-    deg = _degradation(model, task, scale, sigma, quality)
-    pairs = load_pairs(data, deg, channels=int(getattr(model, "in_chans", 3)), split="eval")
-    report = evaluate_model(model, pairs, deg, device=device, tile=tile or None, seed=seed, progress=not quiet)
-    click.echo(f"model: {model.arch_name} from {ckpt}")
+    if tile and overlap >= tile:
+        raise click.BadParameter(f"{overlap} must be smaller than --tile {tile}", param_hint="--overlap")
+    path = model or default_checkpoint(scale)
+    with _open_runner(path, arch, kwargs, dls, device, plugin) as runner:
+        info = runner.info
+        deg = degradation_for(info.scale, info.task, task, scale, sigma, quality)
+        pairs = load_pairs(data, deg, channels=info.in_chans, split="eval")
+        report = evaluate_model(runner, pairs, deg, tile=tile or None, overlap=overlap, seed=seed,
+                                progress=not quiet)
+        described = runner.describe()
+        click.echo(_describe_runner(runner))
     click.echo(f"data: {data} ({len(pairs)} images), {deg.label}, {report.metric}, crop_border {deg.crop_border}")
     click.echo(report.table())
     notes = sorted({f"{p.name}: {n}" for p in pairs for n in p.notes})
     for note in notes:
         click.echo(f"note: {note}")
     if json_out:
-        write_json(json_out, make_manifest("qmamba-deploy/eval-report", checkpoint=str(ckpt), data=data,
-                                           command=_command_line(), **report.as_dict()))
+        write_json(json_out, make_manifest("qmamba-deploy/eval-report", model=str(path), artifact=described,
+                                           data=data, command=_command_line(), **report.as_dict()))
 
 
 @main.command()
@@ -405,18 +442,25 @@ def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr
 
 
 @main.command()
-@click.argument("onnx_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--bundle", type=click.Path(), help="The bundle the graphs came from (default: from model.json).")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL...")
+@click.option("--bundle", type=click.Path(), help="The bundle the models came from (default: from their manifests).")
 @click.option("--data", default="builtin", show_default=True, help="Images (the eval split of 'builtin').")
 @click.option("--min-psnr-between", type=float, default=50.0, show_default=True)
 @click.option("--max-abs", type=float, default=None, help="Also fail when a max |difference| exceeds this.")
+@click.option("--device", default=None, help="Where to run (default: engines and their reference on cuda, "
+                                             "ONNX Runtime on cpu).")
+@click.option("--plugin", type=click.Path(dir_okay=False), help="Engines: the plugin library.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def validate(onnx_files, bundle, data, min_psnr_between, max_abs, json_out, quiet):
-    """Run the same images through PyTorch and each ONNX_FILE in ONNX Runtime; compare and score them."""
-    from .export.job import validate_files
+def validate(models, bundle, data, min_psnr_between, max_abs, device, plugin, json_out, quiet):
+    """Run the same images through PyTorch and each MODEL (ONNX in ONNX Runtime, engines in TensorRT); compare.
 
-    report = validate_files(list(onnx_files), bundle, data, min_psnr_between, max_abs, progress=not quiet)
+    Each MODEL (.onnx or .engine, any mix) is compared with the PyTorch deploy model of the bundle it
+    was made from; `qmamba-deploy validate model.engine` is the on-GPU parity check of an engine."""
+    from .validate import validate_artifacts
+
+    report = validate_artifacts(list(models), bundle, data, min_psnr_between, max_abs, device=device, plugin=plugin,
+                                progress=not quiet)
     click.echo(report.table())
     if json_out:
         from .manifest import write_json
@@ -495,45 +539,46 @@ def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache,
 
 
 @main.command()
-@click.option("--engine", type=click.Path(dir_okay=False), help="A TensorRT engine (from `qmamba-deploy build`).")
-@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="An exported ONNX (ONNX Runtime).")
-@click.option("--torch", "torch_ckpt", type=click.Path(dir_okay=False), help="A checkpoint run eagerly in PyTorch.")
+@_model_option("or use --compare.")
+@click.option("--engine", type=click.Path(dir_okay=False), help="Same as --model, for a TensorRT engine.")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="Same as --model, for an ONNX.")
+@click.option("--torch", "torch_ckpt", type=click.Path(dir_okay=False), help="Same as --model, for a checkpoint.")
 @click.option("--compare", nargs=2, type=click.Path(dir_okay=False), metavar="A.json B.json",
               help="Print two bench results side by side with ratios B / A (runs nothing).")
 @click.option("--shape", default="1x3x64x64", show_default=True, help="Input NxCxHxW.")
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--iterations", type=int, default=20, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda for --engine, else cpu.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda for engines, else cpu.")
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: the library's default).")
-@click.option("--cuda-graph", is_flag=True, help="--engine: replay the enqueue as a CUDA graph.")
-@click.option("--plugin", type=click.Path(dir_okay=False), help="--engine: the plugin library (default: as build).")
-@click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default="tensorrt",
-              show_default=True)
+@click.option("--cuda-graph", is_flag=True, help="Engines: replay the enqueue as a CUDA graph.")
+@click.option("--plugin", type=click.Path(dir_okay=False), help="Engines: the plugin library (default: as build).")
+@click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default=None,
+              help="Engines: the TensorRT module (default: the one engine.json records, else tensorrt).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
-def bench(engine, onnx_file, torch_ckpt, compare, shape, warmup, iterations, device, threads, cuda_graph, plugin,
-          trt_module, json_out):
-    """Latency of an engine, an ONNX or a checkpoint, in one JSON schema; or --compare two results."""
+def bench(model, engine, onnx_file, torch_ckpt, compare, shape, warmup, iterations, device, threads, cuda_graph,
+          plugin, trt_module, json_out):
+    """Latency of any model (checkpoint, bundle, ONNX, engine) in one JSON schema; or --compare two results."""
     from . import bench as b
     from .errors import OptionError
+    from .runtime import artifact_kind
 
-    chosen = [flag for flag, v in (("--engine", engine), ("--onnx", onnx_file), ("--torch", torch_ckpt),
-                                   ("--compare", compare)) if v]
+    chosen = [(flag, v, kind) for flag, v, kind in (("--model", model, None), ("--engine", engine, "engine"),
+                                                    ("--onnx", onnx_file, "onnx"), ("--torch", torch_ckpt, None),
+                                                    ("--compare", compare, None)) if v]
     if len(chosen) != 1:
-        raise OptionError(f"bench: pass exactly one of --engine, --onnx, --torch, --compare (got "
-                          f"{', '.join(chosen) or 'none'})")
+        raise OptionError(f"bench: pass exactly one of --model, --engine, --onnx, --torch, --compare (got "
+                          f"{', '.join(flag for flag, _, _ in chosen) or 'none'})")
+    flag, path, expected = chosen[0]
     if compare:
         click.echo(b.compare_table(b.load_result(compare[0]), b.load_result(compare[1])))
         return
+    found, _ = artifact_kind(path)
+    if flag == "--torch" and found not in ("checkpoint", "bundle"):
+        raise OptionError(f"--torch {path} is a{'n' if found[0] in 'aeiou' else ''} {found}; --torch runs "
+                          f"checkpoints and bundles in PyTorch (pass --model for any kind)")
     settings = b.BenchSettings(shape=b.parse_shape(shape), warmup=warmup, iterations=iterations, threads=threads,
-                               device=device or ("cuda" if engine else "cpu"), cuda_graph=cuda_graph)
-    if engine:
-        from .trt.engine import bench_engine
-
-        result = bench_engine(engine, settings, plugin=plugin, tensorrt=trt_module)
-    elif onnx_file:
-        result = b.bench_onnx(onnx_file, settings)
-    else:
-        result = b.bench_torch(torch_ckpt, settings)
+                               device=device or ("cuda" if found == "engine" else "cpu"), cuda_graph=cuda_graph)
+    result = b.bench(path, settings, kind=expected, plugin=plugin, tensorrt=trt_module)
     data = result.as_dict()
     lat, thr = data["latency_ms"], data["throughput"]
     click.echo(f"{data['backend']} {'x'.join(map(str, settings.shape))} -> {'x'.join(map(str, data['output']['shape']))}: "

@@ -20,6 +20,7 @@ from .data.datasets import Pair, degrade_pair, to_tensor
 from .data.degrade import Degradation
 from .metrics import calculate_psnr, calculate_ssim, to_uint8
 from .restore import restore_tensor
+from .runtime import Runner
 
 
 @dataclass
@@ -113,22 +114,28 @@ def evaluate_pairs(run: Callable[[torch.Tensor], torch.Tensor], pairs: Iterable[
     return EvalReport(degradation, scores)
 
 
-def model_runner(model: nn.Module, device: str | torch.device = "cpu", tile: int | None = None,
+def model_runner(model: nn.Module | Runner, device: str | torch.device = "cpu", tile: int | None = None,
                  overlap: int = 16) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A float NCHW -> float NCHW function running ``model`` (tiled when ``tile`` is set)."""
+    """A float NCHW -> float NCHW function running ``model`` (an nn.Module on ``device``, or an
+    open Runner within its limits), tiled when ``tile`` is set."""
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
+        if isinstance(model, Runner):
+            return restore_tensor(model, x, tile=tile, overlap=overlap)
         return restore_tensor(model, x.to(device), tile=tile, overlap=overlap).cpu()
 
     return run
 
 
-def evaluate_model(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, device="cpu",
-                   tile: int | None = None, seed: int = 0, progress: bool = False) -> EvalReport:
+def evaluate_model(model: nn.Module | Runner, pairs: Iterable[Pair], degradation: Degradation, device="cpu",
+                   tile: int | None = None, seed: int = 0, progress: bool = False, overlap: int = 16) -> EvalReport:
+    """Score a model (an nn.Module, put in eval mode for the run) or an open Runner."""
+    if isinstance(model, Runner):
+        return evaluate_pairs(model_runner(model, tile=tile, overlap=overlap), pairs, degradation, seed, progress)
     was_training = model.training
     model.eval()
     try:
-        return evaluate_pairs(model_runner(model, device, tile), pairs, degradation, seed, progress)
+        return evaluate_pairs(model_runner(model, device, tile, overlap), pairs, degradation, seed, progress)
     finally:
         model.train(was_training)

@@ -22,22 +22,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
+import torch.nn as nn
+
 from .data.datasets import Pair, degrade_pair, to_tensor
 from .data.degrade import Degradation
+from .errors import OptionError
 from .evaluate import score_image, to_uint8_image
+from .runtime import Runner, ShapeLimits, TorchRunner
+from .runtime.tiling import tiled_run
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+RunFn = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_MIN_PSNR_BETWEEN = 50.0
 #: How far below the reference's own one-ulp sensitivity a candidate may fall.
 SENSITIVITY_MARGIN_DB = 6.0
 
 __all__ = ["Output", "OutputResult", "ValidationReport", "validate_outputs", "psnr_between",
-           "DEFAULT_MIN_PSNR_BETWEEN"]
+           "DEFAULT_MIN_PSNR_BETWEEN", "validate_artifacts", "reference_outputs", "candidate", "Candidate"]
 
 
 def psnr_between(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,10 +57,10 @@ class Output:
     """One thing to run: ``reference`` names the output it must agree with (None: a reference)."""
 
     name: str
-    run: Runner
+    run: RunFn
     reference: str | None = None
     path: str | None = None
-    exact: Runner | None = None  # the same computation in float64 (references): gives the floor
+    exact: RunFn | None = None  # the same computation in float64 (references): gives the floor
 
 
 @dataclass
@@ -198,3 +204,146 @@ def validate_outputs(outputs: list[Output], pairs: Iterable[Pair], degradation: 
                         and (max_abs is None or r.max_abs <= max_abs))
     return ValidationReport(degradation, list(results.values()), min_psnr_between, max_abs,
                             {"psnr": float(np.mean(base_psnr)), "ssim": float(np.mean(base_ssim))})
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def tiled(run: RunFn, scale: int, limits: ShapeLimits | None) -> RunFn:
+    """``run`` over whole images, or over the tiles ``limits`` require (the same tiles for every
+    output, so a reference and its candidate see the same pixels)."""
+    if limits is None or (limits.min_hw == (1, 1) and limits.max_hw == (None, None) and not limits.max_batch):
+        return run
+    return lambda x: tiled_run(run, x, scale, limits=limits)
+
+
+def reference_outputs(deploy: nn.Module, modes: Iterable[str], device: str = "cpu") -> list[Output]:
+    """The deploy model in each DLS mode, as references (with their float64 twin for the floor)."""
+    from .fold import with_dls_mode
+
+    outputs = []
+    for mode in dict.fromkeys(modes):
+        runner = TorchRunner.from_module(with_dls_mode(deploy, mode), name=f"torch deploy ({mode} DLS)",
+                                         device=device).open()
+        outputs.append(Output(runner.name, runner, exact=runner.exact()))
+    return outputs
+
+
+def common_limits(runners: Iterable[Runner]) -> ShapeLimits | None:
+    """The sizes every runner accepts (None: no runner has limits)."""
+    out = None
+    for r in runners:
+        out = r.limits if out is None else out.narrowed(r.limits)
+    return out
+
+
+@dataclass
+class Candidate:
+    """An artifact to validate: its runner, the bundle it was made from and its DLS mode."""
+
+    path: str
+    kind: str
+    bundle: str
+    dls: str
+    scan: str | None
+
+
+def _recorded_source(path: Path, kind: str) -> dict[str, Any]:
+    """bundle (absolute path), bundle_sha256, dls, scan as the artifact's manifest records them."""
+    from .runtime.ort import read_onnx_manifest
+    from .runtime.tensorrt import read_engine_manifest
+
+    if kind == "engine":
+        m = read_engine_manifest(path)
+        if (m.get("source") or {}).get("bundle"):
+            return m["source"]
+        # the ONNX it was built from: as engine.json records it, else beside it (trtexec in a Jetson package)
+        onnx = [Path(p) for p in ((m.get("onnx") or {}).get("path"), path.with_name("model.onnx")) if p]
+        onnx = [p for p in onnx if p.is_file() and p.with_suffix(".json").is_file()]
+        if not onnx:
+            raise OptionError(f"{path}: neither an engine.json naming its bundle nor a model.onnx + model.json "
+                              f"beside it; pass --bundle")
+        path, kind = onnx[0], "onnx"
+    m = read_onnx_manifest(path)
+    if not m:
+        raise OptionError(f"{path} has no {path.with_suffix('.json').name} beside it; validate needs the manifest "
+                          f"that `export` writes "
+                          f"(it names the bundle and the DLS mode), or pass --bundle")
+    source, options = m.get("source") or {}, m.get("options") or {}
+    bundle = source.get("bundle", "bundle.safetensors")
+    return {"bundle": str((path.parent / bundle).resolve()), "bundle_sha256": source.get("bundle_sha256"),
+            "dls": options.get("dls", "static"), "scan": options.get("scan")}
+
+
+def candidate(path: str, bundle: str | None = None) -> Candidate:
+    """What ``path`` (an ONNX or an engine) is validated against."""
+    from .manifest import sha256_file
+    from .runtime import artifact_kind
+
+    kind, target = artifact_kind(path)
+    if kind not in ("onnx", "engine"):
+        raise OptionError(f"{path} is a {kind}; validate compares exported graphs (.onnx) and engines with the "
+                          f"PyTorch model of their bundle (for a {kind}'s quality, use `qmamba-deploy eval`)")
+    try:
+        source = _recorded_source(target, kind)
+    except OptionError:
+        if not bundle:
+            raise
+        source = {"dls": "static", "scan": None}
+    if bundle:
+        chosen = Path(bundle)
+        chosen = chosen / "bundle.safetensors" if chosen.is_dir() else chosen
+    else:
+        chosen = Path(source["bundle"])
+        if not chosen.is_file():
+            raise OptionError(f"{path} was made from the bundle {chosen}, which is not there; pass --bundle")
+        want = source.get("bundle_sha256")
+        if want and sha256_file(chosen) != want:
+            raise OptionError(f"{chosen} changed since {path} was made from it (its sha256 differs from the "
+                              f"manifest's); re-export, or pass --bundle to compare with it anyway")
+    return Candidate(str(target), kind, str(chosen.resolve()), source.get("dls") or "static", source.get("scan"))
+
+
+def validate_artifacts(paths: list[str], bundle: str | None = None, data: str = "builtin",
+                       min_psnr_between: float = DEFAULT_MIN_PSNR_BETWEEN, max_abs: float | None = None,
+                       device: str | None = None, plugin: str | None = None, tensorrt: str | None = None,
+                       progress: bool = False) -> ValidationReport:
+    """``qmamba-deploy validate``: ONNX graphs (ONNX Runtime) and engines (TensorRT) against the
+    PyTorch deploy model of their bundle (on CUDA when a candidate is an engine and a GPU is here)."""
+    from .data.datasets import load_pairs
+    from .data.degrade import model_degradation
+    from .fold import load_bundle
+    from .runtime import open_runner
+
+    cands = [candidate(p, bundle) for p in paths]
+    bundles = {c.bundle for c in cands}
+    if len(bundles) != 1:
+        raise OptionError(f"the artifacts come from different bundles ({', '.join(sorted(bundles))}); validate them "
+                          f"one bundle at a time, or pass --bundle")
+    deploy = load_bundle(bundles.pop())
+    on_gpu = any(c.kind == "engine" for c in cands) and torch.cuda.is_available()
+    ref_device = device or ("cuda" if on_gpu else "cpu")
+    runners = []
+    for c in cands:
+        options = {"plugin": plugin, "tensorrt": tensorrt} if c.kind == "engine" else {}
+        cand_device = device or ("cuda" if c.kind == "engine" else "cpu")
+        runners.append(open_runner(c.path, device=cand_device, **options).open())
+    try:
+        limits = common_limits(runners)
+        scale = int(getattr(deploy, "upscale", 1))
+        outputs = []
+        for ref in reference_outputs(deploy, [c.dls for c in cands], ref_device):
+            outputs.append(Output(ref.name, tiled(ref.run, scale, limits), exact=tiled(ref.exact, scale, limits)))
+        names = set()
+        for c, r in zip(cands, runners):
+            name = f"{r.kind}: {Path(c.path).name}" + (f" ({c.scan})" if c.scan else "")
+            name = name if name not in names else f"{name} [{c.path}]"
+            names.add(name)
+            outputs.append(Output(name, tiled(r.run, scale, limits), reference=f"torch deploy ({c.dls} DLS)",
+                                  path=c.path))
+        deg = model_degradation(deploy)
+        pairs = load_pairs(data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
+        return validate_outputs(outputs, pairs, deg, min_psnr_between, max_abs, progress=progress)
+    finally:
+        for r in runners:
+            r.close()

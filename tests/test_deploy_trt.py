@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from qmamba_deploy.bench import BENCH_KIND, BenchSettings, bench_onnx, bench_torch, compare, parse_shape
+from qmamba_deploy.bench import BENCH_KIND, BenchSettings, bench, compare, parse_shape
 from qmamba_deploy.cli import main
 from qmamba_deploy.errors import EnvironmentMissing, OptionError
 from qmamba_deploy.trt import engine as trt_engine
@@ -93,8 +93,8 @@ def test_parse_shape_accepts_nchw_and_names_the_flag():
 
 
 def test_bench_torch_and_onnx_share_one_schema_and_compare(exported, tmp_path):
-    a = bench_torch(exported["checkpoint"], TINY_SETTINGS).as_dict()
-    b = bench_onnx(exported["plugin"], TINY_SETTINGS).as_dict()
+    a = bench(exported["checkpoint"], TINY_SETTINGS).as_dict()
+    b = bench(exported["plugin"], TINY_SETTINGS).as_dict()
     assert a.keys() == b.keys()
     for r in (a, b):
         assert r["kind"] == BENCH_KIND and r["input"]["shape"] == [1, 3, 16, 16]
@@ -139,18 +139,20 @@ def test_compare_warns_about_unlike_runs():
 def test_bench_cli_refuses_bad_arguments(tmp_path):
     runner = CliRunner()
     none = runner.invoke(main, ["bench"])
-    assert none.exit_code == 2 and "exactly one of --engine, --onnx, --torch, --compare" in none.output
+    assert none.exit_code == 2 and "exactly one of --model, --engine, --onnx, --torch, --compare" in none.output
     two = runner.invoke(main, ["bench", "--onnx", "a.onnx", "--torch", "b.pth"])
     assert two.exit_code == 2 and "--onnx, --torch" in two.output
     missing = runner.invoke(main, ["bench", "--onnx", str(tmp_path / "none.onnx")])
-    assert missing.exit_code == 2 and "no such file" in missing.output
+    assert missing.exit_code == 2 and "does not exist" in missing.output
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"kind": "something else"}))
     cmp_bad = runner.invoke(main, ["bench", "--compare", str(bad), str(bad)])
     assert cmp_bad.exit_code == 2 and "not a `qmamba-deploy bench --json` result" in cmp_bad.output
+    bad_onnx = tmp_path / "x.onnx"
+    bad_onnx.write_bytes(b"\x08\x07")
     for args, message in ((["--iterations", "0"], "--iterations 0"), (["--shape", "3x3"], "--shape"),
-                          (["--cuda-graph"], "--cuda-graph applies to --engine only")):
-        r = runner.invoke(main, ["bench", "--onnx", str(bad), *args])
+                          (["--cuda-graph"], "--cuda-graph applies to TensorRT engines only")):
+        r = runner.invoke(main, ["bench", "--onnx", str(bad_onnx), *args])
         assert r.exit_code == 2 and message in r.output, r.output
 
 
@@ -159,7 +161,7 @@ def test_bench_engine_says_why_it_cannot_run_here(tmp_path, monkeypatch):
     engine.write_bytes(b"not an engine")
     runner = CliRunner()
     cpu = runner.invoke(main, ["bench", "--engine", str(engine), "--device", "cpu"])
-    assert cpu.exit_code == 2 and "--engine runs on the GPU" in cpu.output
+    assert cpu.exit_code == 2 and "a TensorRT engine runs on the GPU; pass --device cuda" in cpu.output
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without TensorRT
     r = runner.invoke(main, ["bench", "--engine", str(engine)])
     assert r.exit_code == 2
@@ -277,9 +279,16 @@ def test_package_tarball_unpacks_complete_and_consistent(packaged, tmp_path):
     assert manifest["target"]["cuda_arch"] == "87"
     for rel in ("model.onnx", "model.json", "build_engine.sh", "check_parity.sh", "reference/inputs.json",
                 "reference/outputs.json", "plugin/CMakeLists.txt", "plugin/include/qmamba/scan_math.h",
-                "plugin/src/selective_scan_kernel.cu", "README.md"):
+                "plugin/src/selective_scan_kernel.cu", "README.md", "bundle.safetensors", "bundle.json"):
         assert rel in manifest["files"], rel
     assert not any(f.startswith("plugin/tests/") for f in manifest["files"])
+    assert "qmamba-deploy validate model.engine --bundle bundle.safetensors" in (unpacked / "README.md").read_text()
+    # an engine trtexec builds in the package is validated against the packaged bundle (no engine.json)
+    from qmamba_deploy.validate import candidate
+
+    (unpacked / "model.engine").write_bytes(b"\x01built on the device")
+    found = candidate(str(unpacked / "model.engine"))
+    assert (found.kind, Path(found.bundle), found.dls) == ("engine", unpacked / "bundle.safetensors", "static")
     assert os.access(unpacked / "build_engine.sh", os.X_OK)
     # SHA256SUMS agrees with the files (what README tells the user to run on the device)
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=unpacked, capture_output=True, text=True)

@@ -16,7 +16,8 @@ from .conftest import parity_case
 
 @pytest.mark.parametrize("case,scans", [("mambair_light_x2_tiny", 4), ("mambairv2_light_x2_tiny", 4)])
 def test_fp_model_exports_with_scan_nodes(tmp_path, case, scans):
-    from qmamba_deploy.export.scan_onnx import export_with_scan, ort_session_with_scan, scan_nodes
+    from qmamba_deploy.export.scan_onnx import export_with_scan, scan_nodes
+    from qmamba_deploy.runtime.ort import ort_session_with_scan
 
     config, sd, x, expected = parity_case(case)
     model = load_model(sd, arch=config["class"], **config["kwargs"])

@@ -103,6 +103,10 @@ def test_restore_bad_inputs(tmp_path, tiny_ckpt):
     assert result.exit_code == 2 and "model takes grayscale" in result.output
 
     result = CliRunner().invoke(main, ["restore", "--checkpoint", str(rgb), "--output", str(out)])
+    assert result.exit_code == 2 and "rgb.png is an image, not a model" in result.output
+    bad_ckpt = tmp_path / "broken.pth"
+    bad_ckpt.write_bytes(b"PK\x03\x04 truncated zip")
+    result = CliRunner().invoke(main, ["restore", "--checkpoint", str(bad_ckpt), "--output", str(out)])
     assert result.exit_code == 2 and "could not be read as a torch checkpoint" in result.output
 
 

@@ -180,7 +180,8 @@ def test_onnx_export_one_node_and_ort(tmp_path):
     onnx = pytest.importorskip("onnx")
     softplus = False
     pytest.importorskip("onnxruntime_extensions")
-    from qmamba_deploy.export.scan_onnx import export_with_scan, ort_session_with_scan
+    from qmamba_deploy.export.scan_onnx import export_with_scan
+    from qmamba_deploy.runtime.ort import ort_session_with_scan
 
     model = _TinyScan(softplus=softplus).eval()
     g = torch.Generator().manual_seed(4)
@@ -220,7 +221,8 @@ def test_onnx_export_one_node_and_ort(tmp_path):
 
 def test_onnx_softplus_attribute_and_proto_input():
     pytest.importorskip("onnxruntime_extensions")
-    from qmamba_deploy.export.scan_onnx import export_with_scan, ort_session_with_scan, scan_nodes
+    from qmamba_deploy.export.scan_onnx import export_with_scan, scan_nodes
+    from qmamba_deploy.runtime.ort import ort_session_with_scan
 
     model = _TinyScan(softplus=True).eval()
     args = (torch.randn(1, 8, 16), torch.randn(1, 8, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16))
@@ -237,7 +239,8 @@ def test_onnx_softplus_attribute_and_proto_input():
 def test_onnx_float16_model_runs_in_ort():
     """float16 I/O: the ORT session wraps the float32 Python kernel in Casts."""
     pytest.importorskip("onnxruntime_extensions")
-    from qmamba_deploy.export.scan_onnx import export_with_scan, ort_session_with_scan
+    from qmamba_deploy.export.scan_onnx import export_with_scan
+    from qmamba_deploy.runtime.ort import ort_session_with_scan
 
     model = _TinyScan(softplus=True).eval()
     g = torch.Generator().manual_seed(5)

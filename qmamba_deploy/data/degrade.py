@@ -128,15 +128,23 @@ class Degradation:
 def model_degradation(model, task: str | None = None, scale: int | None = None, sigma: float | None = None,
                       quality: int | None = None) -> Degradation:
     """The degradation a model restores: the flags given, else its manifest's ``task``, else SR at its scale."""
-    saved = (getattr(model, "manifest", None) or {}).get("task", {})
-    task = task or saved.get("task") or ("sr" if int(getattr(model, "upscale", 1)) > 1 else None)
+    return degradation_for(int(getattr(model, "upscale", 1)), (getattr(model, "manifest", None) or {}).get("task"),
+                           task, scale, sigma, quality)
+
+
+def degradation_for(upscale: int, saved: dict | None, task: str | None = None, scale: int | None = None,
+                    sigma: float | None = None, quality: int | None = None) -> Degradation:
+    """The degradation for a model of scale ``upscale`` whose manifest says ``saved`` (its ``task``
+    entry, or None), with the flags given taking precedence."""
+    saved = saved or {}
+    up = int(upscale)
+    task = task or saved.get("task") or ("sr" if up > 1 else None)
     if task is None:
-        raise OptionError("the checkpoint does not say whether it denoises or removes JPEG artifacts; "
+        raise OptionError("the model does not say whether it denoises or removes JPEG artifacts; "
                           "pass --task denoise or --task jpeg")
-    up = int(getattr(model, "upscale", 1))
     if task == "sr" and scale is not None and scale != up:
         raise OptionError(f"--scale {scale} does not match the model, which upscales x{up}; "
-                          f"drop --scale or pass an x{scale} checkpoint")
+                          f"drop --scale or pass an x{scale} model")
     if task != "sr" and up != 1:
         raise OptionError(f"--task {task} needs a x1 model, but this one upscales x{up}; use --task sr")
     return Degradation(task, up if task == "sr" else 1,

@@ -11,7 +11,6 @@ into one folder that appears complete or not at all (built beside it, then swapp
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -224,22 +223,18 @@ class ExportResult:
 
 def validation_outputs(deploy: nn.Module, fake: nn.Module | None, onnx_paths: dict[str, tuple[str, str]]):
     """Outputs for validate_outputs: the fake-quant model (quality only), the deploy model per
-    DLS mode (references) and each ONNX (name -> (path, dls mode)) against its reference."""
-    from ..evaluate import model_runner
-    from ..fold import with_dls_mode
-    from ..runtime.ort import onnx_runner
-    from ..validate import Output
+    DLS mode (references) and each ONNX (name -> (path, dls mode)) in ONNX Runtime against its reference."""
+    from ..runtime import OrtRunner, TorchRunner
+    from ..validate import Output, reference_outputs
 
     outputs = []
     if fake is not None:
         quantized = getattr(fake, "qconfig", None) is not None
-        outputs.append(Output("torch fake-quant" if quantized else "torch float", model_runner(fake)))
-    for mode in dict.fromkeys(mode for _, mode in onnx_paths.values()):
-        model = with_dls_mode(deploy, mode)
-        outputs.append(Output(f"torch deploy ({mode} DLS)", model_runner(model),
-                              exact=model_runner(copy.deepcopy(model).double())))
+        name = "torch fake-quant" if quantized else "torch float"
+        outputs.append(Output(name, TorchRunner.from_module(fake, name).open()))
+    outputs += reference_outputs(deploy, [mode for _, mode in onnx_paths.values()])
     for name, (path, mode) in onnx_paths.items():
-        outputs.append(Output(name, onnx_runner(path), reference=f"torch deploy ({mode} DLS)", path=str(path)))
+        outputs.append(Output(name, OrtRunner(path).open(), reference=f"torch deploy ({mode} DLS)", path=str(path)))
     return outputs
 
 
@@ -286,36 +281,6 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
     return ExportResult(out, bundle, onnx_manifest, report, time.perf_counter() - t0)
 
 
-def validate_files(paths: list[str], bundle: str | None = None, data: str = "builtin",
-                   min_psnr_between: float = 50.0, max_abs: float | None = None, progress: bool = False):
-    """``qmamba-deploy validate``: each exported ONNX against the torch deploy model of its bundle."""
-    from ..fold import load_bundle
-    from ..manifest import manifest_path
-    from ..validate import validate_outputs
-
-    graphs: dict[str, tuple[str, str]] = {}
-    bundles = set()
-    for path in paths:
-        if not Path(path).is_file():
-            raise OptionError(f"{path} is not a file; pass the .onnx that `qmamba-deploy export` wrote")
-        meta_path = manifest_path(path)
-        if not meta_path.is_file():
-            raise OptionError(f"{path} has no {meta_path.name} beside it; validate needs the manifest that "
-                              f"`export` writes (it names the bundle and the DLS mode)")
-        meta = json.loads(meta_path.read_text())
-        source = bundle or str(Path(path).parent / meta.get("source", {}).get("bundle", "bundle.safetensors"))
-        bundles.add(str(Path(source).resolve()))
-        opts = meta["options"]
-        graphs[f"onnxruntime: {Path(path).name} ({opts['scan']})"] = (path, opts["dls"])
-    if len(bundles) != 1:
-        raise OptionError(f"the graphs come from different bundles ({', '.join(sorted(bundles))}); validate them "
-                          f"one bundle at a time, or pass --bundle")
-    deploy = load_bundle(bundles.pop())
-    deg, pairs = _eval_pairs(deploy, data)
-    return validate_outputs(validation_outputs(deploy, None, graphs), pairs, deg, min_psnr_between, max_abs,
-                            progress=progress)
-
-
 def _bundle_summary(bundle: dict[str, Any]) -> dict[str, Any]:
     return {"sha256": bundle["sha256"], "qconfig": bundle["qconfig"], "size": bundle["size"],
             "dls_calibration": bundle["dls_calibration"], "sites": len(bundle["sites"])}
@@ -350,4 +315,4 @@ def export_markdown(cfg: ExportConfig, bundle: dict[str, Any], onnx_manifest: di
 
 
 __all__ = ["DeployConfig", "ExportConfig", "ExportResult", "run_export", "run_fold", "deploy_model", "load_source",
-           "staged_folder", "validation_outputs", "validate_files", "EXPORT_FILES"]
+           "staged_folder", "validation_outputs", "EXPORT_FILES"]

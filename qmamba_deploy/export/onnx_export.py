@@ -149,6 +149,19 @@ def graph_summary(proto: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
+def input_limits(deploy: nn.Module) -> dict[str, Any]:
+    """The input sizes the exported graph handles (``model.json``'s ``limits``).
+
+    MambaIRv2 pads each side up to a multiple of its window by appending one mirrored copy; a
+    side shorter than half a window would need several copies, a loop the trace fixes at zero
+    turns (the example input is larger), so the graph takes sides >= ceil(window / 2). MambaIR
+    (no window) takes any size."""
+    window = getattr(deploy, "window_size", None)
+    side = -(-int(window) // 2) if window else 1
+    return {"min_hw": [side, side], "max_hw": [None, None], "max_batch": None,
+            "window": int(window) if window else None}
+
+
 def _metadata(proto: onnx.ModelProto, deploy: nn.Module, options: ExportOptions) -> None:
     from .. import __version__
 
@@ -234,6 +247,7 @@ def export_onnx(deploy: nn.Module, path: str | os.PathLike, options: ExportOptio
         task=(getattr(deploy, "manifest", {}) or {}).get("task"), upscale=int(getattr(deploy, "upscale", 1)),
         options=options.as_dict(), dls_sites=dls_sites, int4_weights=converted,
         inputs={INPUT_NAME: ["batch", int(getattr(deploy, "in_chans", 3)), "height", "width"]},
+        limits=input_limits(deploy),
         outputs={OUTPUT_NAME: ["batch", int(getattr(deploy, "in_chans", 3)), "height*s", "width*s"]},
         graph=summary, external_data=external, source=dict(source or {}),
         plugin={"name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION,

@@ -65,3 +65,9 @@ def node_attributes(delta_softplus: bool = True) -> dict[str, int | str]:
     values: dict[str, int | str] = {a.name: a.default for a in ATTRIBUTES}
     values["delta_softplus"] = int(bool(delta_softplus))
     return values
+
+#: The plugin libraries trt_plugins/selective_scan/CMakeLists.txt builds from one set of sources:
+#: for TensorRT's own loader (getCreators; `build --plugin`, trtexec --dynamicPlugins) and
+#: self-registering for dlopen (polygraphy --plugins, trtexec --staticPlugins).
+PLUGIN_LIBRARY = "libqmamba_scan_plugin.so"
+PLUGIN_LIBRARY_DLOPEN = "libqmamba_scan_plugin_static.so"

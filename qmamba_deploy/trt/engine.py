@@ -1,6 +1,6 @@
-"""ONNX -> TensorRT engine (``build_engine``) and its benchmark (``bench_engine``).
+"""ONNX -> TensorRT engine (``build_engine``); running it is ``runtime.tensorrt.TrtRunner``.
 
-TensorRT is an optional extra, imported here only. Two Python modules are accepted:
+TensorRT is an optional extra, imported lazily (``runtime/tensorrt.py``). Two Python modules are accepted:
 
 * ``tensorrt`` -- TensorRT 10.x or 11.x, the deployment target (server GPUs, Jetson);
 * ``tensorrt_rtx`` -- TensorRT for RTX. Its builder runs without a GPU (ahead-of-time
@@ -14,13 +14,13 @@ never silently dropped.
 
 The engine lands in one folder (``model.engine`` + ``engine.json``, written together or not
 at all); the manifest records the TensorRT module and version, the GPU, the ONNX and
-plugin checksums, the optimization profile and every builder setting.
+plugin checksums, the optimization profile and every builder setting, and what the runner
+needs from the ONNX's manifest: the model (scale, channels, task, precision), the input sizes
+the graph handles, and the bundle it came from (``validate`` compares the engine with it).
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,6 +31,10 @@ from typing import Any, Optional
 from ..errors import EnvironmentMissing, OptionError
 from ..manifest import atomic_path, make_manifest, sha256_file, write_json
 from ..ops import contract
+from ..runtime.base import ModelInfo, fmt_shape
+from ..runtime.ort import read_onnx_manifest
+from ..runtime.tensorrt import (ENGINE_FILE, ENGINE_FILES, ENGINE_KIND, ENGINE_MANIFEST, TRT_MODULES,
+                                collecting_logger, find_plugin_library, import_tensorrt, is_rtx, trt_version)
 
 __all__ = [
     "TRT_MODULES",
@@ -42,64 +46,9 @@ __all__ = [
     "collecting_logger",
     "find_plugin_library",
     "build_engine",
-    "bench_engine",
 ]
 
-TRT_MODULES = ("tensorrt", "tensorrt_rtx")
-ENGINE_KIND = "qmamba-deploy engine"
-ENGINE_FILE, ENGINE_MANIFEST = "model.engine", "engine.json"
-ENGINE_FILES = (ENGINE_FILE, ENGINE_MANIFEST)
 HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
-_INSTALL_HINT = {
-    "tensorrt": "install TensorRT 10/11 for your CUDA (pip install 'qmamba-deploy[trt]' with NVIDIA's index "
-                "reachable, or JetPack's python3-libnvinfer on Jetson)",
-    "tensorrt_rtx": "pip install tensorrt-rtx-cu13 (the [lint] extra)",
-}
-
-
-def import_tensorrt(module: str = "tensorrt") -> ModuleType:
-    """The TensorRT Python module, or one sentence saying how to get it."""
-    if module not in TRT_MODULES:
-        raise OptionError(f"--tensorrt {module}: pass one of {', '.join(TRT_MODULES)}")
-    try:
-        trt = importlib.import_module(module)
-        getattr(trt, "Builder")
-    except Exception as exc:  # the PyPI placeholders raise at import, some with odd types
-        raise EnvironmentMissing(f"TensorRT Python module `{module}` is not usable here "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
-                                 f"{_INSTALL_HINT[module]}") from None
-    return trt
-
-
-def trt_version(trt: ModuleType) -> tuple[int, int]:
-    major, minor = (int(x) for x in trt.__version__.split(".")[:2])
-    return major, minor
-
-
-def _is_rtx(trt: ModuleType) -> bool:
-    return trt.__name__.split(".")[0] == "tensorrt_rtx"
-
-
-def find_plugin_library(explicit: Optional[str] = None) -> Optional[Path]:
-    """--plugin, else $QMAMBA_PLUGIN_LIB, else the CMake build folder next to the sources."""
-    from .plugin import PLUGIN_LIBRARY
-
-    if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise OptionError(f"--plugin {path}: no such file; build it with "
-                              "`cmake -S trt_plugins/selective_scan -B build && cmake --build build`")
-        return path
-    env = os.environ.get("QMAMBA_PLUGIN_LIB")
-    if env:
-        if not Path(env).is_file():
-            raise OptionError(f"QMAMBA_PLUGIN_LIB={env}: no such file; unset it or point it at {PLUGIN_LIBRARY}")
-        return Path(env)
-    root = Path(__file__).resolve().parents[2]
-    for candidate in (root / "build" / PLUGIN_LIBRARY, root / "trt_plugins" / "selective_scan" / "build" / PLUGIN_LIBRARY):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 @dataclass(frozen=True)
@@ -116,7 +65,7 @@ class Profile:
             if len(shape) != 4 or min(shape) < 1:
                 raise OptionError(f"--{name} {shape}: pass NxCxHxW with positive sizes")
         if not all(a <= b <= c for a, b, c in zip(self.min, self.opt, self.max)):
-            raise OptionError(f"--min {_fmt(self.min)} --opt {_fmt(self.opt)} --max {_fmt(self.max)}: "
+            raise OptionError(f"--min {fmt_shape(self.min)} --opt {fmt_shape(self.opt)} --max {fmt_shape(self.max)}: "
                               "each dimension must satisfy min <= opt <= max")
         if len({self.min[1], self.opt[1], self.max[1]}) != 1:
             raise OptionError("--min/--opt/--max: the channel count must be the same in all three")
@@ -124,10 +73,6 @@ class Profile:
     def as_dict(self, input_name: str) -> dict[str, Any]:
         """The profile as the engine and package manifests record it."""
         return {"input": input_name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-
-def _fmt(shape) -> str:
-    return "x".join(str(d) for d in shape)
 
 
 @dataclass(frozen=True)
@@ -153,24 +98,6 @@ class BuildConfig:
             raise OptionError(f"--optimization-level {self.optimization_level}: pass 0..5")
         if self.exclude_lean_runtime and not self.version_compatible:
             raise OptionError("--exclude-lean-runtime only applies with --version-compatible")
-
-
-def collecting_logger(trt: ModuleType):
-    """A TensorRT ILogger that keeps the messages out of the user's terminal; ``errors()``
-    lists the error messages (quoted in our exceptions)."""
-
-    class Collect(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[str, str]] = []
-
-        def log(self, severity, msg):
-            self.messages.append((str(severity).rsplit(".", 1)[-1], str(msg)))
-
-        def errors(self) -> list[str]:
-            return [m for s, m in self.messages if s in ("ERROR", "INTERNAL_ERROR")]
-
-    return Collect()
 
 
 def _flag(trt: ModuleType, name: str, option: str):
@@ -224,7 +151,7 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
     if len(dims) != 4:
         raise OptionError(f"{onnx_path}: input {input_name!r} has rank {len(dims)}; expected NCHW")
     if isinstance(dims[1], int) and dims[1] != cfg.profile.opt[1]:
-        raise OptionError(f"--opt {_fmt(cfg.profile.opt)}: {onnx_path} takes {dims[1]} channels; "
+        raise OptionError(f"--opt {fmt_shape(cfg.profile.opt)}: {onnx_path} takes {dims[1]} channels; "
                           f"use {cfg.profile.opt[0]}x{dims[1]}x{cfg.profile.opt[2]}x{cfg.profile.opt[3]}")
     plugin = find_plugin_library(cfg.plugin)
     if has_scan and plugin is None:
@@ -236,7 +163,7 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
 
     trt = import_tensorrt(cfg.tensorrt)
     version = trt_version(trt)
-    rtx = _is_rtx(trt)
+    rtx = is_rtx(trt)
     strongly_typed_only = rtx or version[0] >= 11
     if cfg.fp16 and strongly_typed_only:
         raise OptionError(f"--fp16: TensorRT {trt.__version__} ({trt.__name__}) builds strongly typed networks only; "
@@ -331,6 +258,7 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
             "library": str(plugin), "sha256": sha256_file(plugin), "source_sha256": _source_checksum(),
             "name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
         profile=cfg.profile.as_dict(name),
+        **_from_onnx_manifest(onnx_path),
         settings=settings,
         build_seconds=round(seconds, 3),
         engine_bytes=int(serialized.nbytes),
@@ -346,6 +274,28 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
     return manifest
 
 
+def _from_onnx_manifest(onnx_path: Path) -> dict[str, Any]:
+    """What the engine's runner and ``validate`` need from the export manifest beside the ONNX:
+    the model (scale, channels, task, precision), the sizes the graph handles, and the bundle
+    (absolute path and checksum) with the scan and DLS modes the graph was exported with."""
+    m = read_onnx_manifest(onnx_path)
+    if not m:
+        return {}
+    channels = (m.get("inputs") or {}).get("input", [None, 3])[1]
+    limits = m.get("limits") or {}
+    source = m.get("source") or {}
+    options = m.get("options") or {}
+    bundle = source.get("bundle")
+    return {
+        "model": ModelInfo(arch=m.get("arch"), scale=int(m.get("upscale", 1)), in_chans=int(channels or 3),
+                           task=m.get("task"), qconfig=m.get("qconfig"), window_size=limits.get("window")).as_dict(),
+        "limits": limits or None,
+        "source": {"bundle": str((onnx_path.parent / bundle).resolve()) if bundle else None,
+                   "bundle_sha256": source.get("bundle_sha256"), "scan": options.get("scan"),
+                   "dls": options.get("dls")},
+    }
+
+
 def _source_checksum() -> Optional[str]:
     from .plugin import plugin_checksum
 
@@ -353,94 +303,3 @@ def _source_checksum() -> Optional[str]:
         return plugin_checksum()
     except EnvironmentMissing:  # installed without the sources: the library checksum still identifies it
         return None
-
-
-def read_engine_manifest(engine: Path) -> dict[str, Any]:
-    side = engine.with_name(ENGINE_MANIFEST)
-    return json.loads(side.read_text()) if side.is_file() else {}
-
-
-def bench_engine(engine_path: str | os.PathLike, settings, plugin: Optional[str] = None,
-                 tensorrt: str = "tensorrt"):
-    """TensorRT: warm-up, N timed iterations (CUDA events on the stream), optional CUDA graph.
-
-    Buffers, stream, events and the CUDA graph come from torch's CUDA runtime (a CUDA build
-    of torch is needed, as on any GPU box or JetPack)."""
-    from ..bench import BenchResult, _describe_file, time_cuda
-
-    path = Path(engine_path)
-    if not path.is_file():
-        raise OptionError(f"--engine {path}: no such file; build one with `qmamba-deploy build`")
-    if settings.device != "cuda":
-        raise OptionError("--engine runs on the GPU: pass --device cuda (the default for --engine)")
-    manifest = read_engine_manifest(path)
-    trt = import_tensorrt(tensorrt)
-    import torch
-
-    if not torch.cuda.is_available():
-        raise EnvironmentMissing(f"--engine: torch {torch.__version__} sees no CUDA device; bench --engine uses "
-                                 "torch's CUDA runtime for buffers and timing: run on the GPU machine with a CUDA "
-                                 "build of torch")
-    logger = collecting_logger(trt)
-    runtime = trt.Runtime(logger)
-    lib = find_plugin_library(plugin)
-    if lib is None and (manifest.get("plugin") or {}).get("library"):
-        lib = Path(manifest["plugin"]["library"]) if Path(manifest["plugin"]["library"]).is_file() else None
-    if lib is not None:
-        runtime.get_plugin_registry().load_library(str(lib))
-    if "VERSION_COMPATIBLE" in (manifest.get("settings") or {}).get("flags", []):
-        runtime.engine_host_code_allowed = True
-    free_before, _ = torch.cuda.mem_get_info()
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise OptionError(f"--engine {path}: TensorRT {trt.__version__} could not load it "
-                          f"({'; '.join(logger.errors()[-2:]) or 'no detail'}); engines are specific to the "
-                          "TensorRT version and GPU that built them (and need the plugin: --plugin)")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if n not in inputs]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise OptionError(f"--engine {path}: expected one input and one output, found {inputs} -> {outputs}")
-    if not context.set_input_shape(inputs[0], settings.shape):
-        prof = [tuple(s) for s in engine.get_tensor_profile_shape(inputs[0], 0)]
-        raise OptionError(f"--shape {_fmt(settings.shape)} is outside the engine's profile "
-                          f"(min {_fmt(prof[0])}, max {_fmt(prof[2])}); pass a shape inside it or rebuild")
-    dtypes = {n: _torch_dtype(torch, trt, engine.get_tensor_dtype(n)) for n in names}
-    x = settings.example().to("cuda", dtypes[inputs[0]])
-    y = torch.empty(tuple(context.get_tensor_shape(outputs[0])), dtype=dtypes[outputs[0]], device="cuda")
-    context.set_tensor_address(inputs[0], x.data_ptr())
-    context.set_tensor_address(outputs[0], y.data_ptr())
-    stream = torch.cuda.Stream()
-
-    def enqueue():
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execute failed: {'; '.join(logger.errors()[-2:])}")
-
-    run = enqueue
-    if settings.cuda_graph:
-        with torch.cuda.stream(stream):
-            enqueue()  # TensorRT allocates what it needs on the first launch, outside the capture
-        stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):  # as trtexec
-            enqueue()
-        run = graph.replay
-    times, _ = time_cuda(run, settings, stream)
-    free_after, _ = torch.cuda.mem_get_info()
-    device_memory = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
-    memory = {"peak_bytes": int(free_before - free_after), "engine_device_memory_bytes": device_memory,
-              "what": "device memory taken by the engine, context and buffers (cudaMemGetInfo before/after)"}
-    major, minor = torch.cuda.get_device_capability()
-    device = {"type": "cuda", "name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
-              "threads": None}
-    target = _describe_file(path, ENGINE_MANIFEST)
-    target["tensorrt_runtime"] = trt.__version__
-    return BenchResult("tensorrt", target, device, settings, tuple(y.shape), times, memory)
-
-
-def _torch_dtype(torch, trt, dtype):
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8, trt.int32: torch.int32}
-    if dtype not in table:
-        raise OptionError(f"engine I/O type {dtype} is not supported by bench; export float32 or float16 I/O")
-    return table[dtype]

@@ -11,6 +11,7 @@
     reference/outputs.json        ONNX Runtime's output for it (polygraphy RunResults JSON)
     manifest.json                 target, JetPack/TensorRT expectations, profile, checksums
     README.md                     the three commands to run on the device
+    bundle.safetensors/.json      the deploy bundle (validate compares the engine with its PyTorch model)
 
 Engines are specific to a GPU and a TensorRT version, so the engine is built on the
 device; what ships is everything the build and the parity check need.
@@ -28,9 +29,11 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import OptionError
+from ..fold import BUNDLE_NAME
 from ..manifest import atomic_path, make_manifest, sha256_file, write_json
 from ..ops import contract
-from .engine import Profile, _fmt, _read_onnx_io
+from ..runtime.base import fmt_shape
+from .engine import Profile, _read_onnx_io
 from .plugin import PLUGIN_LIBRARY, PLUGIN_LIBRARY_DLOPEN, plugin_checksum, plugin_source_dir, plugin_source_files
 
 __all__ = ["TARGETS", "Target", "PACKAGE_KIND", "package", "verify_package"]
@@ -122,6 +125,15 @@ sha256sum -c SHA256SUMS        # the files are the ones packaged
 trtexec --loadEngine=model.engine {plugin_flag}--shapes={input}:{opt}   # latency
 ```
 
+With qmamba-deploy installed on the device (`pip install qmamba-deploy` beside JetPack's TensorRT and a
+CUDA build of torch), the engine runs like every other artifact (the plugin is found in plugin/build/):
+
+```bash
+qmamba-deploy validate model.engine --bundle bundle.safetensors   # eval images: engine vs PyTorch on the GPU
+qmamba-deploy restore --model model.engine --input photo.png --output restored/   # any size: tiled to the profile
+qmamba-deploy bench --model model.engine --shape {opt}
+```
+
 Profile: min {min}, opt {opt}, max {max} (rebuild with other shapes by editing build_engine.sh).
 """
 
@@ -178,7 +190,7 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
         raise OptionError(f"{onnx_path}: no such file; pass the model.onnx that `qmamba-deploy export` wrote")
     input_name, dims, has_scan = _read_onnx_io(onnx_path)
     if isinstance(dims[1], int) and dims[1] != profile.opt[1]:
-        raise OptionError(f"--opt {_fmt(profile.opt)}: {onnx_path} takes {dims[1]} channels")
+        raise OptionError(f"--opt {fmt_shape(profile.opt)}: {onnx_path} takes {dims[1]} channels")
     side = onnx_path.with_name("model.json")
     onnx_manifest = _load_json(side) if side.is_file() else {}
     if onnx_path.stat().st_size > 2 ** 31 or any(onnx_path.parent.glob(onnx_path.name + ".data")):
@@ -188,17 +200,22 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
     if tarball.exists() and not tarball.is_file():
         raise OptionError(f"--out {out}: {tarball} exists and is not a file; remove it")
     owned = ("model.onnx", "model.json", "plugin", "build_engine.sh", "check_parity.sh", "reference", MANIFEST,
-             "README.md", "SHA256SUMS")
+             "README.md", "SHA256SUMS", BUNDLE_NAME, "bundle.json")
+    bundle = onnx_path.parent / str((onnx_manifest.get("source") or {}).get("bundle") or BUNDLE_NAME)
     with staged_folder(out, owned=owned) as tmp:
         shutil.copyfile(onnx_path, tmp / "model.onnx")
         if onnx_manifest:
             shutil.copyfile(side, tmp / "model.json")
+        if onnx_manifest and bundle.is_file() and bundle.with_suffix(".json").is_file():
+            # `qmamba-deploy validate model.engine` on the device compares with the bundle's PyTorch model
+            shutil.copyfile(bundle, tmp / BUNDLE_NAME)
+            shutil.copyfile(bundle.with_suffix(".json"), tmp / "bundle.json")
         src = plugin_source_dir()
         plugin_files = [rel for rel in plugin_source_files(src) if rel.parts[0] != "tests"]
         for rel in plugin_files:
             (tmp / "plugin" / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / rel, tmp / "plugin" / rel)
-        shapes = {"input": input_name, "min": _fmt(profile.min), "opt": _fmt(profile.opt), "max": _fmt(profile.max)}
+        shapes = {"input": input_name, "min": fmt_shape(profile.min), "opt": fmt_shape(profile.opt), "max": fmt_shape(profile.max)}
         fill = dict(target=tgt.name, arch=tgt.cuda_arch, library=PLUGIN_LIBRARY, dlopen_library=PLUGIN_LIBRARY_DLOPEN,
                     has_scan=int(has_scan),
                     atol=PARITY_ATOL, **shapes)

@@ -27,6 +27,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import EnvironmentMissing
+from ..ops.contract import PLUGIN_LIBRARY, PLUGIN_LIBRARY_DLOPEN
 
 __all__ = [
     "PLUGIN_LIBRARY",
@@ -39,10 +40,6 @@ __all__ = [
     "nvcc_compile",
 ]
 
-#: The libraries CMakeLists.txt builds: for TensorRT's own loader (getCreators; `build --plugin`,
-#: trtexec --dynamicPlugins) and self-registering for dlopen (polygraphy --plugins, --staticPlugins).
-PLUGIN_LIBRARY = "libqmamba_scan_plugin.so"
-PLUGIN_LIBRARY_DLOPEN = "libqmamba_scan_plugin_static.so"
 _SOURCE_SUFFIXES = {".h", ".cu", ".cpp", ".txt", ".md"}
 
 

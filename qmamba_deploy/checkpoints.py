@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,8 +43,16 @@ def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors, refused globals, truncated files
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a refused global: the file holds objects, maybe code
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects beyond tensors{what}, which qmamba-deploy never unpickles; "
+            f"pass a .pth saved with torch.save(model.state_dict()) or a .safetensors file") from None
+    except Exception as exc:  # zip errors, truncated files
         raise CheckpointError(
             f"checkpoint {path} could not be read as a torch checkpoint ({_first_line(exc)}); "
             f"pass a .pth saved with torch.save of a state_dict, or a .safetensors file"
@@ -63,14 +73,35 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
         ) from None
     manifest = None
     side = manifest_path(path)
-    if side.is_file():
-        try:
-            manifest = json.loads(side.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"manifest {side} is not valid JSON ({exc}); delete or fix it") from None
-    elif _META_KEY in metadata:
-        manifest = json.loads(metadata[_META_KEY])
+    try:
+        if side.is_file():
+            manifest, where = json.loads(side.read_text()), side
+        elif _META_KEY in metadata:
+            manifest, where = json.loads(metadata[_META_KEY]), path
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"manifest {side if side.is_file() else path} is not valid JSON ({exc}); "
+                              f"delete or fix it") from None
+    if manifest is not None:
+        _check_manifest(manifest, where)
     return unwrap_state_dict(sd, source=str(path)), manifest
+
+
+def _check_manifest(manifest: Any, where: Path) -> None:
+    """The fields load_model reads have the types it expects (else one sentence)."""
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = f"it is a JSON {type(manifest).__name__}, not an object"
+    elif "arch" in manifest and not isinstance(manifest["arch"], str):
+        problem = "'arch' is not a string"
+    elif "kwargs" in manifest and not isinstance(manifest["kwargs"], dict):
+        problem = "'kwargs' is not an object"
+    elif manifest.get("qconfig") is not None and not isinstance(manifest["qconfig"], dict):
+        problem = "'qconfig' is not an object"
+    elif manifest.get("task") is not None and not isinstance(manifest["task"], dict):
+        problem = "'task' is not an object"
+    if problem:
+        raise CheckpointError(f"manifest {where} is damaged ({problem}); delete it to load the weights alone, "
+                              f"or re-save the checkpoint")
 
 
 def unwrap_state_dict(obj: Any, source: str = "state_dict", prefer_ema: bool = False) -> StateDict:
@@ -90,6 +121,16 @@ def unwrap_state_dict(obj: Any, source: str = "state_dict", prefer_ema: bool = F
                 f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; pass a plain state_dict")
         out[key[len("module."):] if key.startswith("module.") else key] = value
     return out
+
+
+def check_finite(tensors: Mapping[str, Any], source: str) -> None:
+    """One CheckpointError naming the first tensor that holds NaN or infinity (float tensors and arrays)."""
+    for key, value in tensors.items():
+        t = torch.as_tensor(value) if not torch.is_tensor(value) else value
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {key!r} holds {bad} NaN/infinite values of {t.numel()}; the "
+                                  f"file is damaged or the training diverged: use another checkpoint")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -257,7 +298,11 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
     if manifest is not None and manifest.get("qconfig"):
         from .quant import QConfig
 
-        qconfig = QConfig.from_dict(manifest["qconfig"])
+        try:
+            qconfig = QConfig.from_dict(manifest["qconfig"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{source}: its manifest's qconfig is not one qmamba-deploy knows ({exc}); "
+                                  f"re-save the checkpoint") from None
     elif is_quantized_state_dict(sd):
         qconfig = detect_qconfig(sd, source)
         provenance["qconfig_from"] = "detected (Q-MambaIR layout)"
@@ -280,6 +325,7 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
 
         quantize_model(model, qconfig)
     check_state_dict(model, sd, source, strict=strict)
+    check_finite(sd, source)
     model.load_state_dict(sd, strict=strict)
     model.provenance = provenance
     model.manifest = manifest or {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -17,19 +19,34 @@ from .trt.engine import HARDWARE_LEVELS, TRT_MODULES
 from .trt.package import TARGETS as PACKAGE_TARGETS
 
 
+def _quiet_libraries() -> None:
+    """Keep other libraries' advice out of the user's terminal: torch.export's deprecation
+    notices and the ONNX exporter's "torchvision is not installed" log lines say nothing about
+    the user's model or command."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class _Group(click.Group):
-    """Prints user errors (QMambaError) as one line, exit status 2, no traceback."""
+    """Prints user errors (QMambaError) as one line, exit status 2, no traceback; Ctrl-C exits 130."""
 
     def parse_args(self, ctx, args):
         ctx.meta["qmamba_argv"] = list(args)  # for the provenance of what a command writes
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
+        _quiet_libraries()
         try:
             return super().invoke(ctx)
         except QMambaError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("interrupted: nothing half-written was kept", fg="red", err=True)
+            sys.exit(130)
 
 
 def _parse_kwargs(items: tuple[str, ...]) -> dict:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoints import check_finite
 from .errors import CheckpointError, OptionError
 from .manifest import atomic_path, make_manifest, manifest_path, sha256_file, write_json
 from .quant.deploy import (ActQuant, DeployConv2d, DeployLinear, DLSAct, FoldedWeight, act_from_spec, act_grid,
@@ -469,6 +470,7 @@ def load_bundle(path: str | os.PathLike) -> nn.Module:
     from safetensors.torch import load_file
 
     from .models import build_model
+    from .quant import QConfig
 
     path = Path(path)
     if path.is_dir():
@@ -483,21 +485,29 @@ def load_bundle(path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{path} is not a readable deploy bundle ({exc}); re-run `qmamba-deploy fold`") from None
-    if manifest.get("kind") != BUNDLE_KIND:
-        raise CheckpointError(f"{path} is a {manifest.get('kind')!r}, not a deploy bundle")
-    model = convert(build_model(manifest["arch"], **manifest["kwargs"]), manifest["sites"])
-    state: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        if key.endswith(".q_packed"):
-            info = manifest["packed"][key[: -len("_packed")]]
-            state[key[: -len("_packed")]] = unpack_bits(value, info["storage_bits"], tuple(info["shape"]))
-        else:
-            state[key] = value
-    model.load_state_dict(state, strict=True)
-    from .quant import QConfig
-
+    if not isinstance(manifest, dict) or manifest.get("kind") != BUNDLE_KIND:
+        kind = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{path} is a {kind!r}, not a deploy bundle")
+    check_finite(tensors, str(path))
+    try:
+        if not isinstance(manifest.get("kwargs"), dict) or not isinstance(manifest.get("arch"), str):
+            raise ValueError("its manifest has no architecture name and argument dict")
+        model = convert(build_model(manifest["arch"], **manifest["kwargs"]), manifest["sites"])
+        state: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            if key.endswith(".q_packed"):
+                info = manifest["packed"][key[: -len("_packed")]]
+                state[key[: -len("_packed")]] = unpack_bits(value, info["storage_bits"], tuple(info["shape"]))
+            else:
+                state[key] = value
+        model.load_state_dict(state, strict=True)
+        qconfig = QConfig.from_dict(manifest["qconfig"]) if manifest.get("qconfig") else None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: the bundle does not describe a model that can be built ({text}); "
+                              f"re-run `qmamba-deploy fold`") from None
     model.arch_name, model.arch_kwargs = manifest["arch"], manifest["kwargs"]
-    model.qconfig = QConfig.from_dict(manifest["qconfig"]) if manifest.get("qconfig") else None
+    model.qconfig = qconfig
     model.manifest = manifest
     model.dls_calibration = manifest.get("dls_calibration")
     return model.eval().requires_grad_(False)

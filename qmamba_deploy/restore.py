@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data.io import Image, read_image, write_image
-from .errors import ImageError
+from .artifacts import check_outputs
+from .data.io import DEFAULT_MAX_PIXELS, Image, read_image, write_image
+from .errors import ImageError, OptionError
 from .runtime import Runner
 from .runtime.tiling import plan_tiles, tiled_run
 
@@ -76,28 +77,57 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     return np.clip(cv2.resize(alpha, (w * scale, h * scale), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
 
 
+def _stem(source: Path | Image) -> str:
+    return Path(source.path.split(":", 1)[-1]).stem if isinstance(source, Image) else Path(source).stem
+
+
+def output_paths(sources: list[Path | Image], output_dir: str | os.PathLike, suffix: str = "") -> list[Path]:
+    """Where each source is written; one sentence when two sources would be written to the same
+    file (``a.png`` and ``a.jpg``) or an output would replace one of the input files."""
+    outs = [Path(output_dir) / f"{_stem(s)}{suffix}.png" for s in sources]
+    seen: dict[Path, Path | Image] = {}
+    for source, out in zip(sources, outs):
+        if out in seen:
+            first = seen[out]
+            names = [getattr(x, "path", x) for x in (first, source)]
+            raise OptionError(f"{names[0]} and {names[1]} would both be written to {out}; restore them into "
+                              f"separate --output folders, or rename one")
+        seen[out] = source
+    check_outputs({"--input": [s for s in sources if not isinstance(s, Image)]}, files={"--output": outs})
+    return outs
+
+
 def restore_files(runner: Runner, sources: list[Path | Image], output_dir: str | os.PathLike,
                   tile: int | None = None, overlap: int = 16, bit_depth: int | None = None, suffix: str = "",
-                  progress: bool = True) -> list[RestoreResult]:
+                  progress: bool = True, failures: list[tuple[str, str]] | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[RestoreResult]:
     """Restore each source (a file, read when its turn comes, or a decoded Image) with an open
-    runner into ``output_dir`` as PNG (same stem + suffix)."""
-    output_dir = Path(output_dir)
+    runner into ``output_dir`` as PNG (same stem + suffix).
+
+    Output names are checked before any work (:func:`output_paths`). A source that cannot be read
+    or restored raises an ImageError, or, when ``failures`` is a list, is recorded there as
+    (source, sentence) and the others still run."""
+    outs = output_paths(sources, output_dir, suffix)
     scale = runner.scale
     results = []
-    it: Iterable = sources
+    it: Iterable = list(zip(sources, outs))
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(sources, desc="restore", unit="img")
-    for source in it:
-        image = source if isinstance(source, Image) else read_image(source)
-        pixels, notes = restore_image(runner, image, tile=tile, overlap=overlap, progress=progress)
-        alpha = None
-        if image.alpha is not None:
-            alpha = upscale_alpha(image.alpha, scale)
-            notes.append("alpha channel upscaled with bicubic and kept")
-        stem = Path(image.path.split(":", 1)[-1]).stem
-        out = output_dir / f"{stem}{suffix}.png"
-        write_image(out, pixels, bit_depth or image.bit_depth, alpha)
+        it = tqdm(it, desc="restore", unit="img")
+    for source, out in it:
+        try:
+            image = source if isinstance(source, Image) else read_image(source, max_pixels)
+            pixels, notes = restore_image(runner, image, tile=tile, overlap=overlap, progress=progress)
+            alpha = None
+            if image.alpha is not None:
+                alpha = upscale_alpha(image.alpha, scale)
+                notes.append("alpha channel upscaled with bicubic and kept")
+            write_image(out, pixels, bit_depth or image.bit_depth, alpha)
+        except ImageError as exc:
+            if failures is None:
+                raise
+            failures.append((str(getattr(source, "path", source)), str(exc)))
+            continue
         results.append(RestoreResult(image.path, str(out), image.pixels.shape[:2], pixels.shape[:2], notes))
     return results

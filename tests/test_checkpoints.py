@@ -60,8 +60,14 @@ def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"params": Evil()}, f)
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="holds Python objects beyond tensors, which qmamba-deploy never "
+                                              "unpickles") as info:
         read_checkpoint(path)
+    assert "weights_only" not in str(info.value)  # torch's advice to unpickle anyway is never repeated
+    torch.save({"params": Evil()}, path)  # torch's own format names the refused global
+    with pytest.raises(CheckpointError, match=r"beyond tensors \((builtins\.)?print\)") as info:
+        read_checkpoint(path)
+    assert "weights_only" not in str(info.value)
 
 
 @pytest.mark.parametrize("name,payload", [("corrupt.pth", b"\x00not a checkpoint" * 10),

@@ -29,7 +29,7 @@ import torch
 from ..errors import ImageError
 from .builtin import builtin_split
 from .degrade import Degradation
-from .io import list_images, read_image, to_integer
+from .io import DEFAULT_MAX_PIXELS, list_images, read_image, to_integer
 
 
 @dataclass
@@ -56,9 +56,9 @@ def to_channels(img: np.ndarray, channels: int) -> tuple[np.ndarray, str | None]
     raise ImageError(f"cannot convert a {have}-channel image to {channels} channels")
 
 
-def _to_uint8(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+def _to_uint8(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
     """Read an image file as uint8 HWC RGB/gray; 16-bit and alpha are converted with a note."""
-    image = read_image(path)
+    image = read_image(path, max_pixels)
     notes = []
     if image.bit_depth == 16:
         notes.append("16-bit input reduced to 8 bits (metrics follow the 8-bit convention of the papers)")
@@ -79,13 +79,28 @@ def is_benchmark_layout(path: str | os.PathLike) -> bool:
     return (Path(path) / "HR").is_dir() and (Path(path) / "LR_bicubic").is_dir()
 
 
-def load_pairs(source: str, degradation: Degradation, channels: int = 3, split: str = "eval") -> list[Pair]:
+def load_pairs(source: str, degradation: Degradation, channels: int = 3, split: str = "eval",
+               failures: list[tuple[str, str]] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Pair]:
     """The images of ``source`` ('builtin', a folder, an image, or a benchmark folder).
 
     For SR the LR of each pair is filled in (read from the benchmark layout
     or made by bicubic downscaling); for denoise/JPEG it is left None and made
-    by :func:`degrade_pair` / the sampler.
+    by :func:`degrade_pair` / the sampler. An image that cannot be used (unreadable, too
+    large, too small to score) raises an ImageError, or, when ``failures`` is a list, is
+    recorded there as (file, sentence) and skipped.
     """
+    def attempt(path, make):
+        try:
+            pair = make()
+            check_scorable(pair, degradation)
+            if degradation.task == "sr" and pair.lq is None:
+                pair.lq = degradation.apply(pair.gt)
+            pairs.append(pair)
+        except ImageError as exc:
+            if failures is None:
+                raise
+            failures.append((str(path), str(exc)))
+
     pairs: list[Pair] = []
     if source == "builtin":
         for name, arr in builtin_split(split):
@@ -98,31 +113,60 @@ def load_pairs(source: str, degradation: Degradation, channels: int = 3, split: 
         lr_dir = Path(source) / "LR_bicubic" / f"X{degradation.scale}"
         if not lr_dir.is_dir():
             raise ImageError(f"{lr_dir} does not exist; the benchmark folder has no x{degradation.scale} LR images")
-        for path in list_images(Path(source) / "HR"):
+
+        def benchmark_pair(path):
             lr_path = _lr_file(lr_dir, path.stem, degradation.scale)
             if lr_path is None:
                 raise ImageError(f"{lr_dir} has no LR image for {path.name} "
                                  f"(expected {path.stem}x{degradation.scale}.png or {path.stem}.png)")
-            gt, notes = _to_uint8(path)
-            lq, lr_notes = _to_uint8(lr_path)
+            gt, notes = _to_uint8(path, max_pixels)
+            lq, lr_notes = _to_uint8(lr_path, max_pixels)
             gt, note = to_channels(degradation.prepare(gt), channels)
             lq, _ = to_channels(lq, channels)
             s = degradation.scale
             if lq.shape[0] * s != gt.shape[0] or lq.shape[1] * s != gt.shape[1]:
                 raise ImageError(f"{lr_path} is {lq.shape[1]}x{lq.shape[0]} but {path} (mod-cropped) is "
                                  f"{gt.shape[1]}x{gt.shape[0]}; they are not an x{s} pair")
-            pairs.append(Pair(path.stem, gt, lq, notes + lr_notes + ([note] if note else [])))
+            return Pair(path.stem, gt, lq, notes + lr_notes + ([note] if note else []))
+
+        for path in list_images(Path(source) / "HR"):
+            attempt(path, lambda: benchmark_pair(path))
+        _all_failed(pairs, failures, source)
         return pairs
     else:
-        for path in list_images(source):
-            gt, notes = _to_uint8(path)
+        def plain_pair(path):
+            gt, notes = _to_uint8(path, max_pixels)
             gt, note = to_channels(gt, channels)
-            pairs.append(Pair(path.stem, gt, notes=notes + ([note] if note else [])))
+            return Pair(path.stem, np.ascontiguousarray(degradation.prepare(gt)), notes=notes + ([note] if note else []))
+
+        for path in list_images(source):
+            attempt(path, lambda: plain_pair(path))
+        _all_failed(pairs, failures, source)
+        return pairs
     for pair in pairs:
         pair.gt = np.ascontiguousarray(degradation.prepare(pair.gt))
         if degradation.task == "sr":
             pair.lq = degradation.apply(pair.gt)
     return pairs
+
+
+#: BasicSR's SSIM uses an 11x11 window without padding.
+SSIM_WINDOW = 11
+
+
+def check_scorable(pair: Pair, degradation: Degradation) -> None:
+    """One ImageError when an image is too small to score (the border crop plus the SSIM window)."""
+    need = 2 * degradation.crop_border + SSIM_WINDOW
+    h, w = pair.gt.shape[:2]
+    if h < need or w < need:
+        raise ImageError(f"{pair.name} is {w}x{h} pixels; scoring {degradation.label} needs at least {need}x{need} "
+                         f"({degradation.crop_border}-pixel border crop, {SSIM_WINDOW}-pixel SSIM window): "
+                         f"use larger images")
+
+
+def _all_failed(pairs: list[Pair], failures: list | None, source: str) -> None:
+    if not pairs and failures:
+        raise ImageError(f"no image of {source} could be used ({len(failures)} failed; first: {failures[0][1]})")
 
 
 def _seed_for(*parts: object) -> int:

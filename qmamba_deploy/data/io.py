@@ -9,6 +9,7 @@ Writing rounds like BasicSR's ``tensor2img`` (clip, scale, round).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from ..errors import ImageError
 from ..manifest import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: Images larger than this are refused before they are decoded (``--max-megapixels`` raises it):
+#: a 10-kilobyte PNG can claim 100000 x 100000 pixels.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 @dataclass
@@ -40,14 +44,40 @@ def _cv2():
     return cv2
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Decode an image file; one clear ImageError for anything unusable."""
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) as the file's header claims it, read without decoding the pixels (None: unknown)."""
+    from PIL import Image as PILImage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's own decompression-bomb warning: we decide below
+            with PILImage.open(path) as im:
+                return tuple(int(v) for v in im.size)  # type: ignore[return-value]
+    except Exception:  # not a format PIL reads, or a damaged header: OpenCV decides
+        return None
+
+
+def check_pixels(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """One ImageError when the header claims more pixels than ``max_pixels``."""
+    size = header_size(path)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(f"{path} is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} megapixels), above the "
+                         f"limit of {max_pixels / 1e6:g} megapixels; pass --max-megapixels "
+                         f"{-(-size[0] * size[1] // 1_000_000)} to allow it")
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+    """Decode an image file; one clear ImageError for anything unusable (sizes checked first)."""
     cv2 = _cv2()
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {path} does not exist")
+    check_pixels(path, max_pixels)
     data = np.fromfile(str(path), dtype=np.uint8)
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error:  # OpenCV's own limits (e.g. its pixel cap) on a file PIL could not read
+        arr = None
     if arr is None:
         raise ImageError(
             f"{path} is not an image OpenCV can decode; pass a PNG, JPEG, BMP, TIFF or WebP file")

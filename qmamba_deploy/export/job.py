@@ -10,11 +10,8 @@ into one folder that appears complete or not at all (built beside it, then swapp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +20,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..artifacts import check_out_folder, check_outputs, staged_folder
 from ..errors import CheckpointError, OptionError
-from ..manifest import current_umask, make_manifest, write_json
+from ..manifest import make_manifest, write_json
 from ..quant.qconfig import PTQ_METHODS, QConfig
 from .onnx_export import ExportOptions, export_onnx
 
@@ -60,6 +58,12 @@ class DeployConfig:
         if self.calib_batches < 1:
             raise OptionError("--calib-batches must be at least 1")
 
+    def inputs(self) -> dict[str, str | None]:
+        """What the job reads (flag -> path), for :func:`~qmamba_deploy.artifacts.check_outputs`."""
+        files = {"--checkpoint": self.checkpoint, "--bundle": self.bundle, "--data": self.data,
+                 "--val-data": getattr(self, "val_data", None)}
+        return {flag: p for flag, p in files.items() if p and p != "builtin"}
+
 
 @dataclass
 class ExportConfig(DeployConfig):
@@ -76,52 +80,6 @@ class ExportConfig(DeployConfig):
     def __post_init__(self):
         super().__post_init__()
         self.options()  # validates scan / dls
-
-
-# ------------------------------------------------------------------------ output folder
-
-
-def check_out_folder(out: Path, owned: tuple[str, ...] = EXPORT_FILES) -> None:
-    """Refuse early (before any work) an output folder that cannot be written or is not ours."""
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {out} is a file; pass a folder")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in owned)
-        if foreign:
-            raise OptionError(f"--out {out} already holds files that this command did not write ({', '.join(foreign[:3])}); "
-                              f"pass a new or empty folder")
-    parent = out.parent  # the folder is built beside OUT and renamed into place
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OptionError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
-    try:  # permissions alone do not tell (root, read-only mounts, /proc): try it
-        os.rmdir(tempfile.mkdtemp(prefix=".qmamba-probe-", dir=parent))
-    except OSError:
-        raise OptionError(f"--out {out}: {parent} is not writable; pass a folder you can write to") from None
-
-
-@contextlib.contextmanager
-def staged_folder(out: str | os.PathLike, owned: tuple[str, ...] = EXPORT_FILES):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (else it is removed).
-
-    ``owned``: the names the command writes; a folder holding anything else is refused."""
-    out = Path(out)
-    check_out_folder(out, owned)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ stages
@@ -201,9 +159,10 @@ def run_fold(cfg: DeployConfig, out: str | os.PathLike, command: str | None = No
     if cfg.bundle:
         raise OptionError("fold takes --checkpoint (a bundle is already folded)")
     out = Path(out)
-    check_out_folder(out)
+    check_outputs(cfg.inputs(), folders={"--out": out})
+    check_out_folder(out, EXPORT_FILES)
     deploy, _ = deploy_model(cfg)
-    with staged_folder(out) as tmp:
+    with staged_folder(out, EXPORT_FILES) as tmp:
         manifest = save_bundle(deploy, tmp, _provenance(cfg, deploy, command))
     return manifest
 
@@ -258,10 +217,11 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
 
     t0 = time.perf_counter()
     out = Path(out)
-    check_out_folder(out)
+    check_outputs(cfg.inputs(), folders={"--out": out})
+    check_out_folder(out, EXPORT_FILES)
     deploy, fake = deploy_model(cfg)
     report = None
-    with staged_folder(out) as tmp:
+    with staged_folder(out, EXPORT_FILES) as tmp:
         bundle = save_bundle(deploy, tmp, _provenance(cfg, deploy, command))
         onnx_manifest = export_onnx(deploy, tmp / "model.onnx", cfg.options(),
                                     source={"bundle": "bundle.safetensors", "bundle_sha256": bundle["sha256"]})
@@ -315,4 +275,4 @@ def export_markdown(cfg: ExportConfig, bundle: dict[str, Any], onnx_manifest: di
 
 
 __all__ = ["DeployConfig", "ExportConfig", "ExportResult", "run_export", "run_fold", "deploy_model", "load_source",
-           "staged_folder", "validation_outputs", "EXPORT_FILES"]
+           "validation_outputs", "EXPORT_FILES"]

@@ -9,6 +9,8 @@ parameter counts are pinned by the tests.
 from __future__ import annotations
 
 import difflib
+import inspect
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,13 +118,64 @@ def resolve_arch(arch: str, kwargs: dict[str, Any] | None = None) -> tuple[str, 
     )
 
 
+#: Official option-file arguments the classes accept and ignore (training-only or unused at inference).
+IGNORED_KWARGS = frozenset({"type", "drop_rate", "attn_drop_rate", "drop_path_rate", "qk_scale"})
+#: Inclusive ranges of the arguments that size a network: a value outside them (a hostile or
+#: corrupted manifest, a typo in --kwarg) is refused before anything is allocated.
+INT_RANGES = {"embed_dim": (1, 4096), "d_state": (1, 256), "window_size": (1, 256), "inner_rank": (1, 4096),
+              "num_tokens": (1, 4096), "in_chans": (1, 4), "upscale": (1, 8), "img_size": (1, 8192),
+              "convffn_kernel_size": (1, 31), "patch_size": (1, 16)}
+LIST_RANGES = {"depths": (1, 64), "num_heads": (1, 64)}  # each entry; at most 16 entries
+FLOAT_RANGES = {"mlp_ratio": (0.01, 16.0), "img_range": (1e-6, 1e6)}
+
+
+def _short(value: Any) -> str:
+    return reprlib.repr(value)
+
+
+def constructor_arguments(name: str) -> set[str]:
+    """The constructor arguments of an official class (its own and its bases')."""
+    names: set[str] = set()
+    for cls in ARCHS[name].__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None or cls is nn.Module:
+            continue
+        names |= {p.name for p in inspect.signature(init).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+    return names
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """ValueError naming the argument when one is unknown, of the wrong type or out of range."""
+    known = constructor_arguments(name)
+    for key, value in kwargs.items():
+        if key not in known and key not in IGNORED_KWARGS:
+            close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ValueError(f"{name} has no argument {key!r}{hint}")
+        if key in INT_RANGES:
+            lo, hi = INT_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{key}={_short(value)} is not an integer in {lo}..{hi}")
+        elif key in LIST_RANGES:
+            lo, hi = LIST_RANGES[key]
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 16 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value):
+                raise ValueError(f"{key}={_short(value)} is not a list of 1..16 integers in {lo}..{hi}")
+        elif key in FLOAT_RANGES:
+            lo, hi = FLOAT_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{key}={_short(value)} is not a number in {lo:g}..{hi:g}")
+
+
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """Build an untrained model from an official class name or a preset name.
 
     The module records ``arch_name`` and ``arch_kwargs`` so that checkpoints
-    and manifests can describe it.
+    and manifests can describe it. Arguments are checked first (:func:`check_kwargs`).
     """
     name, full = resolve_arch(arch, kwargs)
+    check_kwargs(name, full)
     model = ARCHS[name](**full)
     model.arch_name = name
     model.arch_kwargs = full

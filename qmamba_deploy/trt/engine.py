@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
+from ..artifacts import check_out_folder, check_outputs, staged_folder
 from ..errors import EnvironmentMissing, OptionError
 from ..manifest import atomic_path, make_manifest, sha256_file, write_json
 from ..ops import contract
@@ -141,8 +142,8 @@ def _gpu_description() -> dict[str, Any]:
 
 def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str] = None) -> dict[str, Any]:
     """Build ``out/model.engine`` + ``out/engine.json`` from ``cfg.onnx``; returns the manifest."""
-    from ..export.job import check_out_folder, staged_folder
-
+    check_outputs({"ONNX_FILE": cfg.onnx, "--plugin": cfg.plugin, "--timing-cache": cfg.timing_cache},
+                  folders={"--out": out})
     check_out_folder(Path(out), ENGINE_FILES)  # before the build, which can take minutes
     onnx_path = Path(cfg.onnx)
     if not onnx_path.is_file():

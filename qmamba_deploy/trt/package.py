@@ -20,6 +20,8 @@ device; what ships is everything the build and the parity check need.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..artifacts import check_outputs, staged_folder
 from ..errors import OptionError
 from ..fold import BUNDLE_NAME
 from ..manifest import atomic_path, make_manifest, sha256_file, write_json
@@ -72,16 +75,17 @@ _BUILD_SH = """#!/usr/bin/env bash
 set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
-CUDA_ARCH="${{CUDA_ARCH:-{arch}}}"
+DEFAULT_ARCH={arch}
+CUDA_ARCH="${{CUDA_ARCH:-$DEFAULT_ARCH}}"
 HAS_SCAN={has_scan}   # 1: the graph has QMambaSelectiveScan nodes (the plugin is built and loaded)
 PLUGIN_FLAGS=()
 if [ "$HAS_SCAN" = 1 ]; then
   cmake -S plugin -B plugin/build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" \\
     ${{TENSORRT_ROOT:+-DTENSORRT_ROOT="$TENSORRT_ROOT"}}
   cmake --build plugin/build -j"$(nproc)"
-  PLUGIN_FLAGS=(--dynamicPlugins=plugin/build/{library})
+  PLUGIN_FLAGS=({dynamic_plugins})
   if [ "${{VERSION_COMPATIBLE:-0}}" = 1 ]; then
-    PLUGIN_FLAGS+=(--versionCompatible --setPluginsToSerialize=plugin/build/{library})
+    PLUGIN_FLAGS+=(--versionCompatible {serialize_plugins})
   fi
 fi
 # Precision comes from the Q/DQ nodes: TensorRT 10 needs --stronglyTyped (11 always is strongly
@@ -90,7 +94,7 @@ version=$("$TRTEXEC" --help 2>&1 | sed -n 's/.*TensorRT v\\([0-9]\\{{5,\\}}\\).*
 TYPED=(--stronglyTyped)
 if [ -n "$version" ] && [ "$((version / 10000))" -ge 11 ]; then TYPED=(); fi
 "$TRTEXEC" --onnx=model.onnx "${{PLUGIN_FLAGS[@]}}" "${{TYPED[@]}}" \\
-  --minShapes={input}:{min} --optShapes={input}:{opt} --maxShapes={input}:{max} \\
+  {min_shapes} {opt_shapes} {max_shapes} \\
   --timingCacheFile=timing.cache --saveEngine=model.engine "$@"
 echo "built model.engine; check it with ./check_parity.sh"
 """
@@ -100,11 +104,12 @@ _CHECK_SH = """#!/usr/bin/env bash
 # (reference/outputs.json, made on the packaging machine). Mean |difference| <= ATOL.
 set -euo pipefail
 cd "$(dirname "$0")"
-ATOL="${{ATOL:-{atol}}}"
+DEFAULT_ATOL={atol}
+ATOL="${{ATOL:-$DEFAULT_ATOL}}"
 HAS_SCAN={has_scan}
 PLUGINS=()
 # polygraphy loads plugins with dlopen: the self-registering build of the plugin.
-if [ "$HAS_SCAN" = 1 ]; then PLUGINS=(--plugins plugin/build/{dlopen_library}); fi
+if [ "$HAS_SCAN" = 1 ]; then PLUGINS=(--plugins {dlopen_path}); fi
 polygraphy run model.engine --model-type engine --trt "${{PLUGINS[@]}}" \\
   --load-inputs reference/inputs.json --load-outputs reference/outputs.json \\
   --atol "$ATOL" --rtol 0 --check-error-stat mean "$@"
@@ -118,11 +123,11 @@ Target: {target}, CUDA arch sm_{arch}, JetPack {jetpack}, TensorRT {tensorrt}, C
 On the device:
 
 ```bash
-tar xzf {name}.tar.gz && cd {name}
+tar xzf {tarball} && cd {name}
 sha256sum -c SHA256SUMS        # the files are the ones packaged
 ./build_engine.sh              # plugin (CMake) + engine (trtexec), about minutes
-./check_parity.sh              # polygraphy: engine vs ONNX Runtime reference, mean |diff| <= {atol}
-trtexec --loadEngine=model.engine {plugin_flag}--shapes={input}:{opt}   # latency
+./check_parity.sh              # polygraphy: engine vs ONNX Runtime reference, mean |diff| <= {atol_text}
+trtexec --loadEngine=model.engine {plugin_flag}{shapes}   # latency
 ```
 
 With qmamba-deploy installed on the device (`pip install qmamba-deploy` beside JetPack's TensorRT and a
@@ -131,7 +136,7 @@ CUDA build of torch), the engine runs like every other artifact (the plugin is f
 ```bash
 qmamba-deploy validate model.engine --bundle bundle.safetensors   # eval images: engine vs PyTorch on the GPU
 qmamba-deploy restore --model model.engine --input photo.png --output restored/   # any size: tiled to the profile
-qmamba-deploy bench --model model.engine --shape {opt}
+qmamba-deploy bench --model model.engine --shape {opt_word}
 ```
 
 Profile: min {min}, opt {opt}, max {max} (rebuild with other shapes by editing build_engine.sh).
@@ -180,8 +185,6 @@ def _reference_files(onnx_path: Path, input_name: str, x: np.ndarray, folder: Pa
 def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profile: Profile,
             command: Optional[str] = None) -> dict[str, Any]:
     """Write the package folder ``out`` and ``out.tar.gz``; returns the manifest."""
-    from ..export.job import staged_folder
-
     if target not in TARGETS:
         raise OptionError(f"--target {target}: pass one of {', '.join(TARGETS)}")
     tgt = TARGETS[target]
@@ -189,6 +192,7 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
     if not onnx_path.is_file():
         raise OptionError(f"{onnx_path}: no such file; pass the model.onnx that `qmamba-deploy export` wrote")
     input_name, dims, has_scan = _read_onnx_io(onnx_path)
+    check_name(input_name, f"{onnx_path}: the graph's input name")
     if isinstance(dims[1], int) and dims[1] != profile.opt[1]:
         raise OptionError(f"--opt {fmt_shape(profile.opt)}: {onnx_path} takes {dims[1]} channels")
     side = onnx_path.with_name("model.json")
@@ -197,6 +201,7 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
         raise OptionError(f"{onnx_path} uses external data; package supports single-file ONNX models")
     out = Path(out)
     tarball = out.with_name(out.name + ".tar.gz")
+    check_outputs({"ONNX_FILE": onnx_path}, files={"--out (tarball)": tarball}, folders={"--out": out})
     if tarball.exists() and not tarball.is_file():
         raise OptionError(f"--out {out}: {tarball} exists and is not a file; remove it")
     owned = ("model.onnx", "model.json", "plugin", "build_engine.sh", "check_parity.sh", "reference", MANIFEST,
@@ -215,21 +220,27 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
         for rel in plugin_files:
             (tmp / "plugin" / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / rel, tmp / "plugin" / rel)
-        shapes = {"input": input_name, "min": fmt_shape(profile.min), "opt": fmt_shape(profile.opt), "max": fmt_shape(profile.max)}
-        fill = dict(target=tgt.name, arch=tgt.cuda_arch, library=PLUGIN_LIBRARY, dlopen_library=PLUGIN_LIBRARY_DLOPEN,
-                    has_scan=int(has_scan),
-                    atol=PARITY_ATOL, **shapes)
-        _write_script(tmp / "build_engine.sh", _BUILD_SH.format(**fill))
-        _write_script(tmp / "check_parity.sh", _CHECK_SH.format(**fill))
+        lib, dlopen_lib = f"plugin/build/{PLUGIN_LIBRARY}", f"plugin/build/{PLUGIN_LIBRARY_DLOPEN}"
+        shapes = {"min": fmt_shape(profile.min), "opt": fmt_shape(profile.opt), "max": fmt_shape(profile.max)}
+        # The one quoting rule: every value in a shell line is one shlex-quoted word.
+        words = shell_words(
+            arch=tgt.cuda_arch, has_scan=int(has_scan), atol=PARITY_ATOL,
+            dynamic_plugins=f"--dynamicPlugins={lib}", serialize_plugins=f"--setPluginsToSerialize={lib}",
+            dlopen_path=dlopen_lib, opt_word=shapes["opt"], shapes=f"--shapes={input_name}:{shapes['opt']}",
+            tarball=f"{out.name}.tar.gz", name=out.name,
+            **{f"{k}_shapes": f"--{k}Shapes={input_name}:{v}" for k, v in shapes.items()})
+        comments = dict(target=tgt.name)
+        _write_script(tmp / "build_engine.sh", _BUILD_SH.format(**comments, **words))
+        _write_script(tmp / "check_parity.sh", _CHECK_SH.format(**comments, **words))
         reference = _reference_files(onnx_path, input_name, _reference_input(profile.opt, onnx_manifest.get("upscale", 1)),
                                      tmp / "reference")
         qc = onnx_manifest.get("qconfig") or {}
         precision = f"W{qc['w_bits']}A{qc['a_bits']} {qc.get('method', '')}".strip() if qc else "fp32"
         (tmp / "README.md").write_text(_README.format(
-            name=out.name, arch_name=onnx_manifest.get("arch", "model"), precision=precision,
+            **words, target=tgt.name, arch_name=prose(onnx_manifest.get("arch", "model")), precision=prose(precision),
             scan=contract.OP_TYPE if has_scan else "portable", jetpack=tgt.jetpack, tensorrt=tgt.tensorrt,
-            cuda=tgt.cuda, plugin_flag=f"--dynamicPlugins=plugin/build/{PLUGIN_LIBRARY} " if has_scan else "",
-            **fill))
+            cuda=tgt.cuda, plugin_flag=words["dynamic_plugins"] + " " if has_scan else "",
+            min=shapes["min"], opt=shapes["opt"], max=shapes["max"], atol_text=PARITY_ATOL))
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         checksums = {rel: sha256_file(tmp / rel) for rel in files}
         (tmp / "SHA256SUMS").write_text("".join(f"{h}  {rel}\n" for rel, h in checksums.items()))
@@ -257,6 +268,29 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
                     if path.is_file():
                         tar.add(path, arcname=f"{out.name}/{path.relative_to(tmp).as_posix()}", filter=_normalise)
     return manifest
+
+
+#: What an ONNX input name may hold to be written into the package's scripts (trtexec's
+#: --minShapes=NAME:DIMS syntax also reserves ':' and ','); anything else refuses the graph.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
+
+
+def check_name(value: str, what: str) -> str:
+    if not SAFE_NAME.match(value):
+        raise OptionError(f"{what} {value!r} has characters that are unsafe in the package's shell scripts "
+                          f"(allowed: letters, digits, _ . + -); re-export the graph with qmamba-deploy "
+                          f"(its input is named 'input') or rename it")
+    return value
+
+
+def shell_words(**values: Any) -> dict[str, str]:
+    """Each value as one shell word (shlex.quote): nothing in it is expanded or executed."""
+    return {k: shlex.quote(str(v)) for k, v in values.items()}
+
+
+def prose(value: Any) -> str:
+    """A manifest value written into README prose: printable, no markup or line breaks."""
+    return re.sub(r"[^A-Za-z0-9 _.+/()-]", "?", str(value))[:80]
 
 
 def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:

@@ -1,12 +1,17 @@
 """The selective-scan plugin's CUDA side, checked without a GPU.
 
-* the host harness (tests/host_harness.cpp: scan_math.h replayed with the kernel's tiling,
-  warp scans and carried state) matches the Python reference scan to 1e-5;
+* the host harness (tests/host_harness.cpp: scan_math.h replayed with the kernel's layout: 8
+  channels x 16 lanes per block, 16 steps per lane, the vector or scalar path of each row, B and
+  C staged through a shared-memory image, the 16-lane scans in shuffle order, growing maps,
+  carried states, the two passes) matches the float64 reference scan to 1e-5;
+* the staging and lane index functions are conflict-free bijections (--check-layout);
+* the launcher's segment plan follows the GPU's occupancy (--plan);
 * nvcc compiles the kernel for Orin (sm_87) and Hopper (sm_90).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -17,8 +22,10 @@ import torch
 from qmamba_deploy.ops.selective_scan import selective_scan_ref
 from qmamba_deploy.trt import plugin
 
-# kTile in scan_math.h: lengths around it exercise the carried state.
-TILE = 128 * 8
+# kTile in scan_math.h (16 lanes x 16 steps): lengths around it exercise the carried state.
+TILE = 16 * 16
+# The tile of the previous kernel (128 threads x 8 steps): its cases are kept.
+OLD_TILE = 128 * 8
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +55,27 @@ def _reference(case, softplus):
                               as64["delta_bias"], delta_softplus=softplus).numpy()
 
 
+def _numpy(case):
+    return {k: (v.numpy() if v is not None else None) for k, v in case.items()}
+
+
+def _rel_error(got, want):
+    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+
+
 CASES = [
     # batch, dim, groups, length, state, softplus, skip, bias, delta_shift
     (1, 4, 1, 1, 1, True, True, True, 0.0),
     (2, 8, 4, 37, 8, True, True, True, 0.0),
-    (1, 6, 2, TILE - 1, 10, False, True, True, 0.0),
-    (1, 4, 4, TILE + 1, 16, True, False, False, 0.0),
-    (2, 4, 2, 2 * TILE + 300, 16, True, True, True, 0.0),
+    (1, 6, 2, OLD_TILE - 1, 10, False, True, True, 0.0),
+    (1, 4, 4, OLD_TILE + 1, 16, True, False, False, 0.0),
+    (2, 4, 2, 2 * OLD_TILE + 300, 16, True, True, True, 0.0),
     (1, 3, 1, 700, 4, True, True, True, 25.0),   # dt past the softplus threshold
+    # the new tile: one step short of it, one past it; several blocks of 8 channels per group,
+    # a last block of a group with fewer channels (Dk = 10), an odd L
+    (1, 24, 1, TILE - 1, 8, True, True, True, 0.0),
+    (1, 20, 2, TILE + 1, 8, True, True, True, 0.0),
+    (2, 16, 1, 3 * TILE + 77, 10, True, True, True, -3.0),  # small dt: slow decay over tiles
 ]
 
 
@@ -63,32 +83,126 @@ CASES = [
 def test_host_harness_matches_reference(harness, batch, dim, groups, length, state, softplus, skip, bias, shift):
     case = _case(batch, dim, groups, length, state, seed=length + state, with_skip=skip, with_bias=bias,
                  delta_shift=shift)
-    if not softplus:  # dt = delta + bias must stay positive for a decaying state
+    if not softplus:  # dt = delta + bias stays positive: decaying states (growing ones: below)
         case["delta"] = case["delta"].abs() * 0.1
         case["delta_bias"] = case["delta_bias"].abs()
-    got = plugin.run_host_harness(harness, {k: (v.numpy() if v is not None else None) for k, v in case.items()},
-                                  delta_softplus=softplus)
-    want = _reference(case, softplus)
-    scale = max(1.0, float(np.abs(want).max()))
-    assert np.abs(got - want).max() / scale <= 1e-5
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=softplus)
+    assert _rel_error(got, _reference(case, softplus)) <= 1e-5
+
+
+@pytest.mark.parametrize("state", range(1, 17))
+def test_host_harness_every_state_size(harness, state):
+    """Every instantiated N, in one pass and in two (pass 1's maps of N states)."""
+    case = _case(1, 12, 2, 2 * TILE + 40, state, seed=100 + state)
+    case["A"] = case["A"] * 0.05  # slow decay: the carried states and segment maps matter
+    want = _reference(case, True)
+    for segments in (1, 3):
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
+        assert stats["segments"] == segments
+        assert _rel_error(got, want) <= 1e-5, segments
+
+
+@pytest.mark.parametrize("elem_bytes", [4, 2])
+def test_host_harness_misaligned_and_odd_lengths(harness, elem_bytes):
+    """Base pointers off a 16-byte boundary and an L that is no multiple of the vector width:
+    rows take the scalar path where the kernel's vector loads would be misaligned."""
+    case = _case(2, 16, 2, 2 * TILE + 13, 8, seed=7)
+    want = _reference(case, True)
+    aligned, shifted = {}, {}
+    got = plugin.run_host_harness(harness, _numpy(case), elem_bytes=elem_bytes, stats=aligned)
+    assert _rel_error(got, want) <= 1e-5
+    offsets = {"u": 1, "delta": 3, "B": 2, "C": 1, "y": 5}
+    got = plugin.run_host_harness(harness, _numpy(case), elem_bytes=elem_bytes, offsets=offsets, stats=shifted)
+    assert _rel_error(got, want) <= 1e-5
+    # odd L: every 16 / elem_bytes-th row is aligned, the others take the scalar path (the
+    # offsets move which ones); the last, partial tile is scalar
+    for stats in (aligned, shifted):
+        assert stats["vector"] > 0 and stats["scalar"] > 0
+
+
+def test_host_harness_vector_path_when_aligned(harness):
+    """L a multiple of the tile, aligned tensors: every lane access and staging chunk is a 16-byte one."""
+    case = _case(1, 8, 1, 2 * TILE, 4, seed=9)
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), stats=stats, segments=1)
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+    assert stats["scalar"] == 0 and stats["vector"] > 0
+    misaligned = {}
+    plugin.run_host_harness(harness, _numpy(case), stats=misaligned, segments=1, offsets={"u": 2})
+    assert misaligned["scalar"] > 0
 
 
 @pytest.mark.parametrize("segments", [1, 2, 3, 4])
 def test_host_harness_segmented_scan_matches_reference(harness, segments):
     """The two-pass mode (a sequence cut into segments of whole tiles, one block each)."""
-    case = _case(1, 4, 2, 2 * TILE + 300, 8, seed=11)
+    case = _case(1, 4, 2, 2 * OLD_TILE + 300, 8, seed=11)
     case["A"] = case["A"] * 0.01  # slow decay: every segment depends on the ones before it
-    inputs = {k: v.numpy() for k, v in case.items()}
-    got = plugin.run_host_harness(harness, inputs, segments=segments)
-    want = _reference(case, True)
-    assert np.abs(got - want).max() / max(1.0, float(np.abs(want).max())) <= 1e-5
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
+    assert stats["segments"] == segments
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+
+
+def test_host_harness_many_segments(harness):
+    """More segments than lanes: each lane composes a run of maps before the tree."""
+    case = _case(1, 8, 1, 40 * TILE, 4, seed=12)
+    case["A"] = case["A"] * 0.001
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), segments=40, stats=stats)
+    assert stats["segments"] == 40
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+
+
+def _growing_case(length, state=4, dim=8):
+    """delta_softplus = 0 with dt = -0.8 and A = -1: every decay is e^0.8 > 1. u is 0 but for the
+    last 60 steps (h stays 0 until then), where the state grows to ~e^48: finite, but the
+    composed decay of 8 lanes (e^(0.8 * 128)) or of a segment overflows, and inf * 0 is NaN."""
+    case = _case(1, dim, 1, length, state, seed=21)
+    case["u"][..., :length - 60] = 0.0
+    case["delta"] = torch.full_like(case["delta"], -0.8)
+    case["delta_bias"] = torch.zeros_like(case["delta_bias"])
+    case["A"] = -torch.ones_like(case["A"]) - 0.01 * torch.arange(state)
+    return case
+
+
+@pytest.mark.parametrize("segments", [1, 2, 3])
+def test_host_harness_growing_decays(harness, segments):
+    """Growing maps run as the plain recurrence (and invalidate pass 1's maps): the result stays
+    finite and matches the reference where composing maps would overflow."""
+    case = _growing_case(4 * TILE - 300)
+    want = _reference(case, False)
+    assert np.isfinite(want).all() and np.abs(want).max() > 1e10
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+    assert np.isfinite(got).all()
+    assert _rel_error(got, want) <= 1e-5
+
+
+def test_host_harness_growing_in_some_tiles_only(harness):
+    """Mixed signs: dt < 0 only in the second tile (fast path before and after it)."""
+    case = _case(1, 8, 1, 3 * TILE, 8, seed=22)
+    case["delta"] = case["delta"].abs() * 0.2
+    case["delta"][..., TILE:2 * TILE] *= -0.1
+    case["delta_bias"] = torch.zeros_like(case["delta_bias"])
+    want = _reference(case, False)
+    for segments in (1, 3):
+        got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+        assert _rel_error(got, want) <= 1e-5, segments
+
+
+def test_host_harness_positive_A_grows_with_softplus(harness):
+    """A > 0 (outside the models' A = -exp(A_log)) with softplus on: dt > 0 grows too."""
+    case = _case(1, 8, 1, TILE + 100, 4, seed=23)
+    case["A"] = torch.full_like(case["A"], 0.01)
+    got = plugin.run_host_harness(harness, _numpy(case), segments=2)
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
 
 
 def test_host_harness_differs_when_the_carry_is_wrong(harness):
     """The comparison can fail: a case whose second tile depends on the first one's state."""
     case = _case(1, 2, 1, TILE + 50, 4, seed=3)
     case["A"] = torch.full_like(case["A"], -1e-4)  # slow decay: the carried state matters
-    inputs = {k: v.numpy() for k, v in case.items()}
+    inputs = _numpy(case)
     want = _reference(case, True)
     got = plugin.run_host_harness(harness, inputs, segments=1)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
@@ -100,9 +214,54 @@ def test_host_harness_differs_when_the_carry_is_wrong(harness):
 
 
 def test_host_harness_rejects_bad_dims(harness, tmp_path):
-    inputs = {k: (v.numpy() if v is not None else None) for k, v in _case(1, 6, 4, 5, 2, seed=0).items()}
+    inputs = _numpy(_case(1, 6, 4, 5, 2, seed=0))
     with pytest.raises(RuntimeError, match="multiple of the groups"):
         plugin.run_host_harness(harness, inputs)
+    with pytest.raises(RuntimeError, match="at most 1 segments"):
+        plugin.run_host_harness(harness, _numpy(_case(1, 4, 1, 100, 2, seed=0)), segments=2)
+
+
+def test_layout_is_conflict_free(harness):
+    run = subprocess.run([str(harness), "--check-layout"], capture_output=True, text=True)
+    assert run.returncode == 0 and "layout ok" in run.stdout, run.stdout
+
+
+def _plan(harness, batch, dim, groups, length, state, sms, blocks_per_sm):
+    run = subprocess.run([str(harness), "--plan", *map(str, (batch, dim, groups, length, state, sms, blocks_per_sm))],
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout)
+
+
+def test_segments_follow_occupancy_and_fill_the_gpu(harness):
+    """MambaIRv2-light (D = 48, K = 1, N = 8, 128x128: L = 16384): at batch 1 its 6 blocks per
+    segment cannot fill an H100, so the sequence is cut; at batch 64 (384 blocks, one partial
+    wave of 528 slots) a second pass costs more than it fills."""
+    light = (48, 1, 16384, 8)
+    one = _plan(harness, 1, *light, 132, 4)
+    assert one["blocks_per_segment"] == 6 and one["segments"] > 32
+    assert one["segments"] <= one["max_segments"]
+    assert _plan(harness, 64, *light, 132, 4)["segments"] == 1
+    # fewer resident blocks per SM (real occupancy) or fewer SMs: no more segments (Orin's 16 SMs
+    # are filled by batch 8 alone)
+    for batch in (1, 2, 8):
+        assert _plan(harness, batch, *light, 132, 2)["segments"] <= _plan(harness, batch, *light, 132, 4)["segments"]
+    assert _plan(harness, 1, *light, 132, 1)["segments"] < _plan(harness, 1, *light, 132, 4)["segments"]
+    assert _plan(harness, 8, *light, 16, 4)["segments"] == 1 < _plan(harness, 8, *light, 132, 4)["segments"]
+    # the tail wave: 96 blocks per segment on 528 slots -> 11 segments = 2 full waves
+    assert _plan(harness, 16, *light, 132, 4)["segments"] * 96 % 528 == 0
+
+
+def test_workspace_fits_every_plan_of_smaller_shapes(harness):
+    """getWorkspaceSize sizes for the profile's largest shapes; every smaller batch and length the
+    launcher may then cut into more segments must fit (maps [B, D, N, S - 1])."""
+    dim, groups, state = 48, 1, 8
+    most = _plan(harness, 8, dim, groups, 65536, state, 132, 4)
+    for batch in (1, 2, 3, 8):
+        for length in (256, 5000, 65536):
+            for sms, per_sm in ((132, 4), (16, 4), (512, 16)):
+                p = _plan(harness, batch, dim, groups, length, state, sms, per_sm)
+                assert p["segments"] <= p["max_segments"]
+                assert batch * dim * state * (p["segments"] - 1) * 8 <= most["workspace_bytes"]
 
 
 @pytest.mark.slow
@@ -133,7 +292,7 @@ def test_plugin_checksum_covers_every_source(tmp_path):
     root = plugin.plugin_source_dir()
     files = {p.as_posix() for p in plugin.plugin_source_files(root)}
     assert {"include/qmamba/scan_math.h", "src/selective_scan_kernel.cu", "tests/host_harness.cpp",
-            "CMakeLists.txt"} <= files
+            "CMakeLists.txt", "src/exports.map"} <= files
     copy = tmp_path / "src"
     shutil.copytree(root, copy)
     assert plugin.plugin_checksum(copy) == plugin.plugin_checksum(root)

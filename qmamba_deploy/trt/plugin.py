@@ -17,6 +17,7 @@ a C++ compiler, and the kernel with its GPU check program with ``nvcc``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ __all__ = [
 #: trtexec --dynamicPlugins) and self-registering for dlopen (polygraphy --plugins, --staticPlugins).
 PLUGIN_LIBRARY = "libqmamba_scan_plugin.so"
 PLUGIN_LIBRARY_DLOPEN = "libqmamba_scan_plugin_static.so"
-_SOURCE_SUFFIXES = {".h", ".cu", ".cpp", ".txt", ".md"}
+_SOURCE_SUFFIXES = {".h", ".cu", ".cpp", ".txt", ".md", ".map"}  # .map: the linker version script
 
 
 def plugin_source_dir() -> Path:
@@ -81,10 +82,11 @@ def _tool(name: str, env_var: str) -> str:
     return path
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
+def _run(cmd: Sequence[str], what: str) -> str:
     proc = subprocess.run(list(cmd), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
 
 
 def compile_host_harness(out: Path, root: Optional[Path] = None) -> Path:
@@ -97,18 +99,37 @@ def compile_host_harness(out: Path, root: Optional[Path] = None) -> Path:
     return exe
 
 
+#: The harness's default GPU for choosing segments as the launcher would: an H100 (132 SMs) at
+#: the kernel's 4 resident blocks per SM (its __launch_bounds__ minimum).
+HARNESS_SM_COUNT = 132
+HARNESS_BLOCKS_PER_SM = 4
+_TENSOR_OFFSETS = ("u", "delta", "B", "C", "y")
+
+
 def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus: bool = True,
-                     segments: int = 0) -> np.ndarray:
+                     segments: int = 0, elem_bytes: int = 4, offsets: Optional[Mapping[str, int]] = None,
+                     sm_count: int = HARNESS_SM_COUNT, blocks_per_sm: int = HARNESS_BLOCKS_PER_SM,
+                     stats: Optional[dict] = None) -> np.ndarray:
     """Runs the harness on the op's inputs (contract names; D_skip/delta_bias may be None).
 
-    ``segments``: blocks per (batch, channel) sequence, as the kernel's two-pass mode cuts
-    it; 0 lets the harness choose as the launcher would on a 132-SM GPU (an H100)."""
+    ``segments``: blocks per (batch, channel) sequence, as the kernel's two-pass mode cuts it; 0
+    lets the harness choose as the launcher would on ``sm_count`` SMs with ``blocks_per_sm``
+    resident blocks. ``elem_bytes`` (4: fp32 I/O, 2: fp16 I/O) and ``offsets`` (elements between a
+    16-byte boundary and the base pointer of u, delta, B, C or y) decide which rows the kernel
+    reads with 16-byte vector loads; the values stay float32. ``stats`` receives the plan and the
+    counts of vector and scalar accesses."""
     u = np.ascontiguousarray(inputs["u"], dtype=np.float32)
     batch, dim, length = u.shape
     _, groups, state, _ = np.shape(inputs["B"])
     optional = [inputs.get("D_skip"), inputs.get("delta_bias")]
+    offsets = dict(offsets or {})
+    unknown = set(offsets) - set(_TENSOR_OFFSETS)
+    if unknown:
+        raise ValueError(f"offsets for unknown tensors {sorted(unknown)}; known: {_TENSOR_OFFSETS}")
     header = np.array([batch, dim, groups, length, state, int(delta_softplus)]
-                      + [int(x is not None) for x in optional] + [segments], dtype=np.int32)
+                      + [int(x is not None) for x in optional] + [segments, elem_bytes]
+                      + [offsets.get(name, 0) for name in _TENSOR_OFFSETS] + [sm_count, blocks_per_sm],
+                      dtype=np.int32)
     arrays = [inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"]] + [x for x in optional if x is not None]
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
@@ -116,7 +137,9 @@ def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus
             f.write(header.tobytes())
             for a in arrays:
                 f.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-        _run([str(exe), str(src), str(dst)], "the host harness")
+        out = _run([str(exe), str(src), str(dst)], "the host harness")
+        if stats is not None:
+            stats.update(json.loads(out.strip().splitlines()[-1]))
         return np.fromfile(dst, dtype=np.float32).reshape(batch, dim, length)
 
 

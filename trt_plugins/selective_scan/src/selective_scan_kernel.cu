@@ -25,6 +25,13 @@ using scan::kLanes;
 using scan::kThreads;
 using scan::kTile;
 
+//! One 16-byte global store (st.global.v4: the compiler otherwise splits a store whose four
+//! values do not sit in consecutive registers into 4-byte stores).
+__device__ __forceinline__ void store16(void* p, unsigned x, unsigned y, unsigned z, unsigned w)
+{
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
+}
+
 template <typename T>
 struct Io;
 
@@ -59,11 +66,11 @@ struct Io<float>
     {
         if (vec && count == kItems)
         {
-            float4* p = reinterpret_cast<float4*>(row + t);
 #pragma unroll
             for (int v = 0; v < kItems / 4; ++v)
             {
-                p[v] = make_float4(in[4 * v], in[4 * v + 1], in[4 * v + 2], in[4 * v + 3]);
+                store16(row + t + 4 * v, __float_as_uint(in[4 * v]), __float_as_uint(in[4 * v + 1]),
+                    __float_as_uint(in[4 * v + 2]), __float_as_uint(in[4 * v + 3]));
             }
             return;
         }
@@ -134,18 +141,17 @@ struct Io<__half>
     {
         if (vec && count == kItems)
         {
-            uint4* p = reinterpret_cast<uint4*>(row + t);
 #pragma unroll
             for (int v = 0; v < kItems / 8; ++v)
             {
-                uint4 w;
-                __half2* h = reinterpret_cast<__half2*>(&w);
+                unsigned w[4];
 #pragma unroll
                 for (int q = 0; q < 4; ++q)
                 {
-                    h[q] = __floats2half2_rn(in[8 * v + 2 * q], in[8 * v + 2 * q + 1]);
+                    __half2 const h = __floats2half2_rn(in[8 * v + 2 * q], in[8 * v + 2 * q + 1]);
+                    w[q] = *reinterpret_cast<unsigned const*>(&h);
                 }
-                p[v] = w;
+                store16(row + t + 8 * v, w[0], w[1], w[2], w[3]);
             }
             return;
         }
@@ -195,6 +201,7 @@ struct alignas(16) Shared
     float carry[kChannels][N];
     float d_skip[kChannels];
     float bias[kChannels];
+    float dt_sum[kThreads]; //!< each lane's sum of dt in the current tile (read once per state)
 };
 
 //! The block's B (and C when kOutput) rows for steps [t0, t0 + kTile) into shared memory.
@@ -207,11 +214,12 @@ __device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int3
     scan::Dims const& d = args.dims;
     int64_t const end = d.length;
     int64_t const group = scan::offset_bknl(d, b, k, 0);
-    T const* const rows[2] = {static_cast<T const*>(args.B) + group, static_cast<T const*>(args.C) + group};
+    T const* const b_rows = static_cast<T const*>(args.B) + group;
+    T const* const c_rows = static_cast<T const*>(args.C) + group;
     for (int f = static_cast<int>(threadIdx.x); f < kRows * kPerRow; f += kThreads)
     {
         int const row = f / kPerRow; // 0 .. N-1: B, N .. 2N-1: C
-        T const* src = rows[row / N] + static_cast<int64_t>(row % N) * end;
+        T const* src = (row < N ? b_rows : c_rows) + static_cast<int64_t>(row < N ? row : row - N) * end;
         scan::StageItem const item = scan::stage_item(f % kPerRow, kElems);
         float* dst = sm.bc + scan::stage_row(row) + item.offset;
         int64_t const t = t0 + item.step;
@@ -265,15 +273,17 @@ struct LaneCtx
 //! the states at `end` there. kOutput: writes y. `signs_seen` collects dt signs per state that
 //! grew (bit n). `dt_total` accumulates the lane's dt.
 template <typename T, int N, bool kOutput>
-__device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& at, int64_t begin, int64_t end,
+__device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& at, uint32_t begin, uint32_t end,
     unsigned* grew, float* dt_total)
 {
     scan::Dims const& d = args.dims;
-    for (int64_t t0 = begin; t0 < end; t0 += kTile)
+    // Positions in a row fit 32 bits (L < 2^31, so t0 + kTile < 2^32): fewer registers through
+    // the state loop than 64-bit ones.
+    for (uint32_t t0 = begin; t0 < end; t0 += kTile)
     {
         // Row pointers per tile (cheap) rather than kept across the state loop (registers).
         int64_t const row_off = scan::offset_bdl(d, at.b, at.active ? at.c : 0);
-        int64_t const t = t0 + static_cast<int64_t>(at.lane) * kItems;
+        uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
         int const count = at.active ? scan::steps_before(t, end) : 0;
         scan::LaneSteps s;
         {
@@ -285,10 +295,13 @@ __device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& a
             Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta);
             scan::prepare_steps(raw_u, raw_delta, count, sm.bias[at.ch], sm.d_skip[at.ch], args.delta_softplus, s);
         }
-        float const dt_sum = scan::lane_dt_sum(s);
-        if (!kOutput)
         {
-            *dt_total += dt_sum;
+            float const dt_sum = scan::lane_dt_sum(s);
+            sm.dt_sum[threadIdx.x] = dt_sum; // not kept in a register through the state loop
+            if (!kOutput)
+            {
+                *dt_total += dt_sum;
+            }
         }
         unsigned const signs = scan::dt_signs(s);
         unsigned const neg = __ballot_sync(0xffffffffu, (signs & 1u) != 0) & at.mask;
@@ -299,7 +312,8 @@ __device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& a
         stage_tile<T, N, kOutput>(args, at.b, at.k, t0, sm);
         __syncthreads();
 
-        if (at.active)
+        // Every lane runs the state loop, also those of a channel past the group's end (they
+        // scan zeros and store nothing), so that the shuffles below involve the whole warp.
         {
 #pragma unroll 1
             for (int n = 0; n < N; ++n)
@@ -307,20 +321,22 @@ __device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& a
                 float const a2 = sm.a2[at.ch][n];
                 float const carry = at.lane == 0 ? sm.carry[at.ch][n] : 0.0f; // lane 0 starts from it
                 float a[kItems];
-                float bb[kItems];
-                scan::step_maps(s, a2, staged_row(sm, n, at.lane), a, bb);
+                scan::step_decays(s, a2, a);
+                StagedRow const b_row = staged_row(sm, n, at.lane);
                 StagedRow const c_row = staged_row(sm, N + n, at.lane);
                 float h_start; // the state before the lane's first step
                 float h_end;   // lane kLanes - 1: the state after the tile
-                if (scan::grows(a2, channel_signs))
+                // Both channels of the warp take the same path (the plain recurrence when either
+                // one's maps grow), so that the shuffles are warp-wide.
+                if (__any_sync(0xffffffffu, scan::grows(a2, channel_signs)))
                 {
                     // The plain recurrence, lane after lane (every lane walks its steps from
                     // the state broadcast so far; lane src's result goes on): no composed map.
-                    if (!kOutput)
+                    if (!kOutput && scan::grows(a2, channel_signs))
                     {
-                        *grew |= 1u << n;
+                        *grew |= 1u << n; // this channel's segment map would not be safe to compose
                     }
-                    float h = __shfl_sync(at.mask, carry, 0, kLanes);
+                    float h = __shfl_sync(0xffffffffu, carry, 0, kLanes);
                     h_start = h;
 #pragma unroll 1
                     for (int src = 0; src < kLanes; ++src)
@@ -329,13 +345,13 @@ __device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& a
                         {
                             h_start = h;
                         }
-                        h = __shfl_sync(at.mask, scan::replay(h, a, bb, scan::NoRow{}, nullptr), src, kLanes);
+                        h = __shfl_sync(0xffffffffu, scan::replay(h, a, s.dtu, b_row, scan::NoRow{}, nullptr), src, kLanes);
                     }
                     h_end = h;
                 }
                 else
                 {
-                    Affine f = scan::lane_map(a, bb, a2, dt_sum);
+                    Affine f = scan::lane_map(a, s.dtu, b_row, a2, sm.dt_sum[threadIdx.x]);
                     if (at.lane == 0)
                     {
                         f.b = f.a * carry + f.b; // the carried state enters as lane 0's start
@@ -343,32 +359,34 @@ __device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& a
 #pragma unroll
                     for (int off = 1; off < kLanes; off *= 2)
                     {
-                        float const up_b = __shfl_up_sync(at.mask, f.b, off, kLanes);
-                        float const up_a = off < kLanes / 2 ? __shfl_up_sync(at.mask, f.a, off, kLanes) : 1.0f;
+                        float const up_b = __shfl_up_sync(0xffffffffu, f.b, off, kLanes);
+                        float const up_a = off < kLanes / 2 ? __shfl_up_sync(0xffffffffu, f.a, off, kLanes) : 1.0f;
                         if (at.lane >= off)
                         {
                             f.b = f.a * up_b + f.b;
                             f.a = f.a * up_a; // dead after the last round
                         }
                     }
-                    float const before = __shfl_up_sync(at.mask, f.b, 1, kLanes);
+                    float const before = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
                     h_start = at.lane == 0 ? carry : before;
                     h_end = f.b;
                 }
                 if (kOutput)
                 {
-                    scan::replay(h_start, a, bb, c_row, s.y);
+                    scan::replay(h_start, a, s.dtu, b_row, c_row, s.y);
                 }
-                __syncwarp(at.mask); // lane 0 has read sm.carry[ch][n]
+                __syncwarp(); // lane 0 has read sm.carry[ch][n]
                 if (at.lane == kLanes - 1)
                 {
                     sm.carry[at.ch][n] = h_end;
                 }
             }
-            if (kOutput)
+            if (kOutput && at.active)
             {
                 T* y_row = static_cast<T*>(args.y) + scan::offset_bdl(d, at.b, at.c);
-                Io<T>::store(y_row, t, count, aligned_row(y_row), s.y);
+                // t and count again rather than kept in registers through the state loop
+                uint32_t const t_out = t0 + static_cast<uint32_t>(at.lane) * kItems;
+                Io<T>::store(y_row, t_out, scan::steps_before(t_out, end), aligned_row(y_row), s.y);
             }
         }
     }
@@ -453,8 +471,10 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
     }
     __syncthreads();
 
-    int64_t const begin = static_cast<int64_t>(bc.segment) * plan.segment_length;
-    int64_t const end = begin + plan.segment_length < d.length ? begin + plan.segment_length : d.length;
+    // [begin, end) of the row; 32 bits suffice (L < 2^31)
+    uint32_t const begin = static_cast<uint32_t>(static_cast<int64_t>(bc.segment) * plan.segment_length);
+    uint32_t const end = static_cast<uint32_t>(
+        begin + plan.segment_length < d.length ? begin + plan.segment_length : static_cast<int64_t>(d.length));
     unsigned grew = 0;
     float dt_total = 0.0f;
     if (kMaps)
@@ -487,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
                 sm.carry[i / N][i % N] = 0.0f;
             }
             __syncthreads();
-            scan_tiles<T, N, false>(args, sm, at, 0, begin, &grew, &dt_total);
+            scan_tiles<T, N, false>(args, sm, at, 0u, begin, &grew, &dt_total);
         }
         __syncthreads();
     }

@@ -216,9 +216,17 @@ struct Block
             for (int ch = 0; ch < at.channels; ++ch)
             {
                 LaneSteps* s = steps + ch * kLanes;
+                int const pair = ch ^ 1; // the other channel of the warp (a channel past the group's end never grows)
                 for (int n = 0; n < d.state; ++n)
                 {
-                    scan_state(ch, n, s, dt_sum + ch * kLanes, channel_signs[ch], output);
+                    // __any_sync over the warp: both channels run the plain recurrence when either grows
+                    bool const serial = grows(sm.a2[ch][n], channel_signs[ch])
+                        || (pair < at.channels && grows(sm.a2[pair][n], channel_signs[pair]));
+                    if (grows(sm.a2[ch][n], channel_signs[ch]))
+                    {
+                        grew[ch] |= 1u << n;
+                    }
+                    scan_state(ch, n, s, dt_sum + ch * kLanes, serial, output);
                 }
                 if (output)
                 {
@@ -239,27 +247,27 @@ struct Block
         }
     }
 
-    //! One state of one channel for one tile: the body of the kernel's state loop.
-    void scan_state(int ch, int n, LaneSteps* s, float const* dt_sum, unsigned channel_signs, bool output)
+    //! One state of one channel for one tile: the body of the kernel's state loop. `serial`: the
+    //! plain recurrence, lane after lane (this channel's or the warp's other channel's maps grow).
+    void scan_state(int ch, int n, LaneSteps* s, float const* dt_sum, bool serial, bool output)
     {
         float const a2 = sm.a2[ch][n];
         float const carry = sm.carry[ch][n];
         float a[kLanes][kItems];
-        float bb[kLanes][kItems];
         float h_start[kLanes];
         float h_end = 0.0f;
         for (int lane = 0; lane < kLanes; ++lane)
         {
-            step_maps(s[lane], a2, HostRow{sm.bc.data() + stage_row(n), lane}, a[lane], bb[lane]);
+            step_decays(s[lane], a2, a[lane]);
         }
-        if (grows(a2, channel_signs))
+        auto const b_row = [&](int lane) { return HostRow{sm.bc.data() + stage_row(n), lane}; };
+        if (serial)
         {
-            grew[ch] |= 1u << n;
             float h = carry;
             for (int src = 0; src < kLanes; ++src)
             {
                 h_start[src] = h;
-                h = replay(h, a[src], bb[src], NoRow{}, nullptr);
+                h = replay(h, a[src], s[src].dtu, b_row(src), NoRow{}, nullptr);
             }
             h_end = h;
         }
@@ -268,7 +276,7 @@ struct Block
             Affine f[kLanes];
             for (int lane = 0; lane < kLanes; ++lane)
             {
-                f[lane] = lane_map(a[lane], bb[lane], a2, dt_sum[lane]);
+                f[lane] = lane_map(a[lane], s[lane].dtu, b_row(lane), a2, dt_sum[lane]);
             }
             f[0].b = f[0].a * carry + f[0].b;
             for (int off = 1; off < kLanes; off *= 2) // __shfl_up_sync rounds
@@ -293,8 +301,8 @@ struct Block
         {
             for (int lane = 0; lane < kLanes; ++lane)
             {
-                replay(h_start[lane], a[lane], bb[lane], HostRow{sm.bc.data() + stage_row(in.d.state + n), lane},
-                    s[lane].y);
+                replay(h_start[lane], a[lane], s[lane].dtu, b_row(lane),
+                    HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
             }
         }
         sm.carry[ch][n] = h_end;

@@ -223,37 +223,17 @@ QMAMBA_HD bool grows(float a2, unsigned channel_signs)
     return (a2 < 0.0f && (channel_signs & 1u) != 0) || (a2 > 0.0f && (channel_signs & 2u) != 0);
 }
 
-//! One state's step maps for the lane's steps: a = exp2(dt A2), b = dt u B (b_row: the lane's
-//! staged B, read by chunks as in replay()).
-template <typename Row>
-QMAMBA_HD void step_maps(LaneSteps const& s, float a2, Row const& b_row, float* a, float* b)
+//! One state's decays for the lane's steps, a = exp2(dt A2): the one exp2 per state and step,
+//! kept in registers from compose to replay. The other half of a step map, b = dt u B, is formed
+//! where it is used (lane_map, replay) from dt u and the staged B: 16 more registers for b would
+//! not leave the kernel a margin under 128.
+QMAMBA_HD void step_decays(LaneSteps const& s, float a2, float* a)
 {
     QMAMBA_UNROLL
-    for (int part = 0; part < kItems / 4; ++part)
+    for (int i = 0; i < kItems; ++i)
     {
-        float bv[4];
-        b_row.chunk(part, bv);
-        QMAMBA_UNROLL
-        for (int e = 0; e < 4; ++e)
-        {
-            int const i = 4 * part + e;
-            a[i] = fast_exp2(s.dt[i] * a2);
-            b[i] = s.dtu[i] * bv[e];
-        }
+        a[i] = fast_exp2(s.dt[i] * a2);
     }
-}
-
-//! The composed map of the lane's steps: b-part by the recurrence from a zero state, a-part
-//! exp2(A2 * sum dt) (one exp2 instead of 15 dependent multiplies).
-QMAMBA_HD Affine lane_map(float const* a, float const* b, float a2, float dt_sum)
-{
-    float g = b[0];
-    QMAMBA_UNROLL
-    for (int i = 1; i < kItems; ++i)
-    {
-        g = a[i] * g + b[i];
-    }
-    return Affine{fast_exp2(a2 * dt_sum), g};
 }
 
 //! Stands for "no C row": replay() then only advances the state.
@@ -261,33 +241,42 @@ struct NoRow
 {
 };
 
-//! Replays the lane's steps from state h, adding C h to y when `c_row` is a row (an object
-//! whose chunk(part) returns the lane's C values 4 part .. 4 part + 3, so that the GPU reads
-//! them with one 16-byte shared load each, just before it needs them); returns the state after
-//! the lane's steps.
-template <typename Row>
-QMAMBA_HD float replay(float h, float const* a, float const* b, Row const& c_row, float* y)
+//! Walks the lane's steps from state h with decays a and b = dtu * B (b_row: the lane's staged B
+//! row, read by chunks: chunk(part, out) gives its values 4 part .. 4 part + 3, one 16-byte
+//! shared load on the GPU), adding C h to y when `c_row` is a row. Returns the state after them.
+template <typename BRow, typename CRow>
+QMAMBA_HD float replay(float h, float const* a, float const* dtu, BRow const& b_row, CRow const& c_row, float* y)
 {
     QMAMBA_UNROLL
-    for (int part = 0; part < kItems / 4; ++part)
+    for (int part = 0; part < kItems / kChunk; ++part)
     {
-        float c[4] = {};
-        if constexpr (!std::is_same<Row, NoRow>::value)
+        float bv[kChunk];
+        float cv[kChunk] = {};
+        b_row.chunk(part, bv);
+        if constexpr (!std::is_same<CRow, NoRow>::value)
         {
-            c_row.chunk(part, c);
+            c_row.chunk(part, cv);
         }
         QMAMBA_UNROLL
-        for (int e = 0; e < 4; ++e)
+        for (int e = 0; e < kChunk; ++e)
         {
-            int const i = 4 * part + e;
-            h = a[i] * h + b[i];
-            if constexpr (!std::is_same<Row, NoRow>::value)
+            int const i = kChunk * part + e;
+            h = a[i] * h + dtu[i] * bv[e];
+            if constexpr (!std::is_same<CRow, NoRow>::value)
             {
-                y[i] += c[e] * h;
+                y[i] += cv[e] * h;
             }
         }
     }
     return h;
+}
+
+//! The composed map of the lane's steps: b-part by the recurrence from a zero state (a replay
+//! from 0 without output), a-part exp2(A2 * sum dt) (one exp2 instead of 15 dependent multiplies).
+template <typename BRow>
+QMAMBA_HD Affine lane_map(float const* a, float const* dtu, BRow const& b_row, float a2, float dt_sum)
+{
+    return Affine{fast_exp2(a2 * dt_sum), replay(0.0f, a, dtu, b_row, NoRow{}, nullptr)};
 }
 
 // ---------------------------------------------------------------------------------------------

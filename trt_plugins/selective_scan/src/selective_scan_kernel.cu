@@ -216,13 +216,17 @@ __device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int3
     int64_t const group = scan::offset_bknl(d, b, k, 0);
     T const* const b_rows = static_cast<T const*>(args.B) + group;
     T const* const c_rows = static_cast<T const*>(args.C) + group;
-    for (int f = static_cast<int>(threadIdx.x); f < kRows * kPerRow; f += kThreads)
+    // Thread f of the block stages chunk f % kPerRow of rows f / kPerRow, + kThreads / kPerRow, ...
+    // (the f = thread + kThreads r assignment of the host harness): the chunk, its step and its
+    // place in a staged row are the same for all of the thread's rows.
+    static_assert(kThreads % kPerRow == 0, "a thread stages the same chunk of every row it stages");
+    scan::StageItem const item = scan::stage_item(static_cast<int>(threadIdx.x) % kPerRow, kElems);
+    int64_t const t = t0 + item.step;
+    for (int row = static_cast<int>(threadIdx.x) / kPerRow; row < kRows; row += kThreads / kPerRow)
     {
-        int const row = f / kPerRow; // 0 .. N-1: B, N .. 2N-1: C
+        // rows 0 .. N-1: B, N .. 2N-1: C
         T const* src = (row < N ? b_rows : c_rows) + static_cast<int64_t>(row < N ? row : row - N) * end;
-        scan::StageItem const item = scan::stage_item(f % kPerRow, kElems);
         float* dst = sm.bc + scan::stage_row(row) + item.offset;
-        int64_t const t = t0 + item.step;
         if constexpr (kElems == 4)
         {
             Io<T>::stage(src, t, end, aligned_row(src), dst);

@@ -184,8 +184,10 @@ QMAMBA_HD void prepare_steps(float const* u, float const* delta, int count, floa
     QMAMBA_UNROLL
     for (int i = 0; i < kItems; ++i)
     {
+        // step_size on every item, then a select (no branch around the softplus on the GPU)
         bool const valid = i < count;
-        float const dt = valid ? step_size(delta[i], bias, use_softplus) : 0.0f;
+        float const step = step_size(valid ? delta[i] : 0.0f, bias, use_softplus);
+        float const dt = valid ? step : 0.0f;
         float const uu = valid ? u[i] : 0.0f;
         s.dt[i] = dt;
         s.dtu[i] = dt * uu;

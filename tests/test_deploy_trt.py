@@ -279,7 +279,8 @@ def test_package_tarball_unpacks_complete_and_consistent(packaged, tmp_path):
     assert manifest["target"]["cuda_arch"] == "87"
     for rel in ("model.onnx", "model.json", "build_engine.sh", "check_parity.sh", "reference/inputs.json",
                 "reference/outputs.json", "plugin/CMakeLists.txt", "plugin/include/qmamba/scan_math.h",
-                "plugin/src/selective_scan_kernel.cu", "README.md", "bundle.safetensors", "bundle.json"):
+                "plugin/src/selective_scan_kernel.cu", "plugin/src/exports.map", "README.md", "bundle.safetensors",
+                "bundle.json"):
         assert rel in manifest["files"], rel
     assert not any(f.startswith("plugin/tests/") for f in manifest["files"])
     assert "qmamba-deploy validate model.engine --bundle bundle.safetensors" in (unpacked / "README.md").read_text()

@@ -184,10 +184,19 @@ using namespace nvinfer1;
 namespace ct = qmamba::contract;
 
 static qmamba::ScanArgs gArgs{};
+static int gDescribeCalls = 0;
 cudaError_t qmamba::launch_selective_scan(qmamba::ScanArgs const& args, cudaStream_t)
 {
     gArgs = args;
     return args.dims.state == 13 ? cudaErrorInvalidValue : cudaSuccess;  // 13: a failing launch
+}
+cudaError_t qmamba::describe_device(qmamba::DeviceInfo* info)
+{
+    ++gDescribeCalls;
+    info->sm_count = 132;
+    for (int io = 0; io < 2; ++io)
+        for (int n = 0; n < qmamba::scan::kMaxState; ++n) info->blocks_per_sm[io][n] = 4 + io * 16 + n;
+    return cudaSuccess;
 }
 char const* cudaGetErrorName(cudaError_t) { return "cudaErrorInvalidValue"; }
 char const* cudaGetErrorString(cudaError_t) { return "invalid argument"; }
@@ -337,7 +346,22 @@ int main()
     for (int i = 0; i < 7; ++i) io[i].max = most[i];
     qmamba::scan::Dims const mostScan{2, 8, 2, 5000, 4};
     CHECK(build->getWorkspaceSize(io, 7, io + 7, 1) == qmamba::scan::workspace_bytes(mostScan));
-    CHECK(qmamba::scan::workspace_bytes(mostScan) == 2u * 8 * 5 * 4 * sizeof(qmamba::scan::Affine));  // 5 tiles
+    // [B, D, N, S] maps, S at most the 20 tiles of 256 steps
+    CHECK(qmamba::scan::workspace_bytes(mostScan) == 2u * 8 * 4 * 20 * sizeof(qmamba::scan::Affine));
+    for (int i = 0; i < 7; ++i) io[i].desc.dims = shapes[i];  // the valid build-time shapes again
+    errors.clear();
+    CHECK(build->configurePlugin(io, 7, io + 7, 1) == 0 && errors.empty());
+
+    // The kernel's grid limit at the profile's largest batch is refused at build time:
+    // 2^30 batches x K = 2 groups x 1 block of 8 channels = 2^31 blocks.
+    io[ct::kINPUT_U].max.d[0] = io[ct::kINPUT_DELTA].max.d[0] = int64_t{1} << 30;
+    io[ct::kINPUT_B].max.d[0] = io[ct::kINPUT_C].max.d[0] = int64_t{1} << 30;
+    CHECK(build->configurePlugin(io, 7, io + 7, 1) != 0 && errors.find("2^31 - 1") != std::string::npos);
+    CHECK(errors.find("batch 1073741824") != std::string::npos);
+    io[ct::kINPUT_U].max.d[0] = io[ct::kINPUT_DELTA].max.d[0] = (int64_t{1} << 30) - 1;
+    io[ct::kINPUT_B].max.d[0] = io[ct::kINPUT_C].max.d[0] = (int64_t{1} << 30) - 1;
+    errors.clear();
+    CHECK(build->configurePlugin(io, 7, io + 7, 1) == 0 && errors.empty());
 
     // Concrete shapes at run time, then the kernel arguments.
     PluginTensorDesc desc[8]{};
@@ -371,12 +395,22 @@ int main()
     CHECK(gArgs.C == inputs[ct::kINPUT_C] && gArgs.y == outputs[0]);
     CHECK(gArgs.D_skip == static_cast<void const*>(buffers[ct::kINPUT_D_SKIP]));
     CHECK(gArgs.delta_bias == static_cast<void const*>(buffers[ct::kINPUT_DELTA_BIAS]));
+    CHECK(gArgs.sm_count == 0 && gDescribeCalls == 0);  // not attached: the launcher asks the runtime
     desc[ct::kINPUT_B].dims.d[2] = 13;  // the stub fails this launch
     CHECK(runtime->enqueue(desc, desc + 7, inputs, outputs, nullptr, nullptr) != 0);
     CHECK(errors.find("cudaErrorInvalidValue") != std::string::npos);
 
     std::unique_ptr<IPluginV3> attached(runtime->attachToContext(nullptr));
     CHECK(attached != nullptr && attached.get() != plugin.get());
+    CHECK(gDescribeCalls == 1);
+    // An attached plugin passes the cached SM count and the occupancy of (fp16, N = 4): no query per enqueue.
+    auto* attachedRuntime = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    desc[ct::kINPUT_B].dims.d[2] = 4;
+    for (int i = 0; i < 3; ++i) CHECK(attachedRuntime->enqueue(desc, desc + 7, inputs, outputs, workspace, nullptr) == 0);
+    CHECK(gDescribeCalls == 1 && gArgs.sm_count == 132 && gArgs.blocks_per_sm == 4 + 16 + 3);
+    std::unique_ptr<IPluginV3> cloned(attached->clone());  // TensorRT may clone an attached plugin
+    auto* clonedRuntime = static_cast<IPluginV3OneRuntime*>(cloned->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    CHECK(clonedRuntime->enqueue(desc, desc + 7, inputs, outputs, workspace, nullptr) == 0 && gArgs.sm_count == 132);
     std::printf("glue ok\n");
     return 0;
 }
@@ -404,6 +438,7 @@ STUB_KERNEL = r"""
 // Stands in for the CUDA kernel and runtime so that the glue links into a loadable library.
 #include "qmamba/selective_scan.h"
 cudaError_t qmamba::launch_selective_scan(qmamba::ScanArgs const&, cudaStream_t) { return cudaSuccess; }
+cudaError_t qmamba::describe_device(qmamba::DeviceInfo*) { return cudaErrorNoDevice; }
 extern "C" char const* cudaGetErrorName(cudaError_t) { return "stub"; }
 extern "C" char const* cudaGetErrorString(cudaError_t) { return "stub"; }
 """
@@ -443,3 +478,46 @@ def test_tensorrt_rtx_loads_the_library_and_finds_the_creator(trt_include, tmp_p
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip() == str([(contract.PLUGIN_NAME, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE)])
+
+
+def _dynamic_symbols(lib: Path) -> list[tuple[str, str, str]]:
+    """(binding, section index, name) of each dynamic symbol (readelf --dyn-syms)."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("no readelf on PATH")
+    out = subprocess.run([readelf, "--dyn-syms", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 8 and parts[0].rstrip(":").isdigit():
+            rows.append((parts[4], parts[6], parts[7]))
+    return rows
+
+
+@header_dir
+def test_plugin_library_is_unloadable(trt_include, tmp_path):
+    """The library built with CMakeLists.txt's flags (-fno-gnu-unique, src/exports.map) has no
+    STB_GNU_UNIQUE symbol, which would keep dlclose from ever unloading it, and exports only the
+    two entry points; without those flags GCC's libstdc++ makes UNIQUE symbols (the control)."""
+    cmake = (PLUGIN / "CMakeLists.txt").read_text()
+    assert "check_cxx_compiler_flag(-fno-gnu-unique" in cmake and "--version-script=${QMAMBA_EXPORTS_MAP}" in cmake
+    assert 'QMAMBA_EXPORTS_MAP "${CMAKE_CURRENT_SOURCE_DIR}/src/exports.map"' in cmake
+    cxx, cuda = _toolchain(trt_include)
+    (tmp_path / "stub.cpp").write_text(STUB_KERNEL)
+    libs = {}
+    for flagged in (False, True):
+        flags = ["-O2", "-DQMAMBA_SELF_REGISTER=0"] + (["-fno-gnu-unique"] if flagged else [])
+        plugin_obj, stub_obj = tmp_path / f"plugin{flagged}.o", tmp_path / f"stub{flagged}.o"
+        _compile(cxx, trt_include, cuda, PLUGIN_CPP, plugin_obj, *flags)
+        _compile(cxx, trt_include, cuda, tmp_path / "stub.cpp", stub_obj, *flags)
+        lib = tmp_path / f"lib{flagged}.so"
+        link = [cxx, "-shared", str(plugin_obj), str(stub_obj), "-o", str(lib)]
+        if flagged:
+            link.append(f"-Wl,--version-script={PLUGIN / 'src' / 'exports.map'}")
+        result = subprocess.run(link, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        libs[flagged] = _dynamic_symbols(lib)
+    assert any(binding == "UNIQUE" for binding, _, _ in libs[False]), libs[False]
+    assert not any(binding == "UNIQUE" for binding, _, _ in libs[True]), libs[True]
+    defined = sorted(name for _, ndx, name in libs[True] if ndx != "UND")
+    assert defined == ["getCreators", "setLoggerFinder"], defined

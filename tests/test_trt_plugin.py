@@ -1,12 +1,17 @@
 """The selective-scan plugin's CUDA side, checked without a GPU.
 
-* the host harness (tests/host_harness.cpp: scan_math.h replayed with the kernel's tiling,
-  warp scans and carried state) matches the Python reference scan to 1e-5;
+* the host harness (tests/host_harness.cpp: scan_math.h replayed with the kernel's layout: 8
+  channels x 16 lanes per block, 16 steps per lane, the vector or scalar path of each row, B and
+  C staged through a shared-memory image, the 16-lane scans in shuffle order, growing maps,
+  carried states, the two passes) matches the float64 reference scan to 1e-5;
+* the staging and lane index functions are conflict-free bijections (--check-layout);
+* the launcher's segment plan follows the GPU's occupancy (--plan);
 * nvcc compiles the kernel for Orin (sm_87) and Hopper (sm_90).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -17,8 +22,10 @@ import torch
 from qmamba_deploy.ops.selective_scan import selective_scan_ref
 from qmamba_deploy.trt import plugin
 
-# kTile in scan_math.h: lengths around it exercise the carried state.
-TILE = 128 * 8
+# kTile in scan_math.h (16 lanes x 16 steps): lengths around it exercise the carried state.
+TILE = 16 * 16
+# The tile of the previous kernel (128 threads x 8 steps): its cases are kept.
+OLD_TILE = 128 * 8
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +55,27 @@ def _reference(case, softplus):
                               as64["delta_bias"], delta_softplus=softplus).numpy()
 
 
+def _numpy(case):
+    return {k: (v.numpy() if v is not None else None) for k, v in case.items()}
+
+
+def _rel_error(got, want):
+    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+
+
 CASES = [
     # batch, dim, groups, length, state, softplus, skip, bias, delta_shift
     (1, 4, 1, 1, 1, True, True, True, 0.0),
     (2, 8, 4, 37, 8, True, True, True, 0.0),
-    (1, 6, 2, TILE - 1, 10, False, True, True, 0.0),
-    (1, 4, 4, TILE + 1, 16, True, False, False, 0.0),
-    (2, 4, 2, 2 * TILE + 300, 16, True, True, True, 0.0),
+    (1, 6, 2, OLD_TILE - 1, 10, False, True, True, 0.0),
+    (1, 4, 4, OLD_TILE + 1, 16, True, False, False, 0.0),
+    (2, 4, 2, 2 * OLD_TILE + 300, 16, True, True, True, 0.0),
     (1, 3, 1, 700, 4, True, True, True, 25.0),   # dt past the softplus threshold
+    # the new tile: one step short of it, one past it; several blocks of 8 channels per group,
+    # a last block of a group with fewer channels (Dk = 10), an odd L
+    (1, 24, 1, TILE - 1, 8, True, True, True, 0.0),
+    (1, 20, 2, TILE + 1, 8, True, True, True, 0.0),
+    (2, 16, 1, 3 * TILE + 77, 10, True, True, True, -3.0),  # small dt: slow decay over tiles
 ]
 
 
@@ -63,32 +83,130 @@ CASES = [
 def test_host_harness_matches_reference(harness, batch, dim, groups, length, state, softplus, skip, bias, shift):
     case = _case(batch, dim, groups, length, state, seed=length + state, with_skip=skip, with_bias=bias,
                  delta_shift=shift)
-    if not softplus:  # dt = delta + bias must stay positive for a decaying state
+    if not softplus:  # dt = delta + bias stays positive: decaying states (growing ones: below)
         case["delta"] = case["delta"].abs() * 0.1
         case["delta_bias"] = case["delta_bias"].abs()
-    got = plugin.run_host_harness(harness, {k: (v.numpy() if v is not None else None) for k, v in case.items()},
-                                  delta_softplus=softplus)
-    want = _reference(case, softplus)
-    scale = max(1.0, float(np.abs(want).max()))
-    assert np.abs(got - want).max() / scale <= 1e-5
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=softplus)
+    assert _rel_error(got, _reference(case, softplus)) <= 1e-5
+
+
+@pytest.mark.parametrize("state", range(1, 17))
+def test_host_harness_every_state_size(harness, state):
+    """Every instantiated N, in one pass and in two (pass 1's maps of N states)."""
+    case = _case(1, 12, 2, 2 * TILE + 40, state, seed=100 + state)
+    case["A"] = case["A"] * 0.05  # slow decay: the carried states and segment maps matter
+    want = _reference(case, True)
+    for segments in (1, 3):
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
+        assert stats["segments"] == segments
+        assert _rel_error(got, want) <= 1e-5, segments
+
+
+@pytest.mark.parametrize("elem_bytes", [4, 2])
+def test_host_harness_misaligned_and_odd_lengths(harness, elem_bytes):
+    """Base pointers off a 16-byte boundary and an L that is no multiple of the vector width:
+    rows take the scalar path where the kernel's vector loads would be misaligned."""
+    case = _case(2, 16, 2, 2 * TILE + 13, 8, seed=7)
+    want = _reference(case, True)
+    aligned, shifted = {}, {}
+    got = plugin.run_host_harness(harness, _numpy(case), elem_bytes=elem_bytes, stats=aligned)
+    assert _rel_error(got, want) <= 1e-5
+    offsets = {"u": 1, "delta": 3, "B": 2, "C": 1, "y": 5}
+    got = plugin.run_host_harness(harness, _numpy(case), elem_bytes=elem_bytes, offsets=offsets, stats=shifted)
+    assert _rel_error(got, want) <= 1e-5
+    # odd L: every 16 / elem_bytes-th row is aligned, the others take the scalar path (the
+    # offsets move which ones); the last, partial tile is scalar
+    for stats in (aligned, shifted):
+        assert stats["vector"] > 0 and stats["scalar"] > 0
+
+
+def test_host_harness_vector_path_when_aligned(harness):
+    """L a multiple of the tile, aligned tensors: every lane access and staging chunk is a 16-byte one."""
+    case = _case(1, 8, 1, 2 * TILE, 4, seed=9)
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), stats=stats, segments=1)
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+    assert stats["scalar"] == 0 and stats["vector"] > 0
+    misaligned = {}
+    plugin.run_host_harness(harness, _numpy(case), stats=misaligned, segments=1, offsets={"u": 2})
+    assert misaligned["scalar"] > 0
 
 
 @pytest.mark.parametrize("segments", [1, 2, 3, 4])
 def test_host_harness_segmented_scan_matches_reference(harness, segments):
     """The two-pass mode (a sequence cut into segments of whole tiles, one block each)."""
-    case = _case(1, 4, 2, 2 * TILE + 300, 8, seed=11)
+    case = _case(1, 4, 2, 2 * OLD_TILE + 300, 8, seed=11)
     case["A"] = case["A"] * 0.01  # slow decay: every segment depends on the ones before it
-    inputs = {k: v.numpy() for k, v in case.items()}
-    got = plugin.run_host_harness(harness, inputs, segments=segments)
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
+    assert stats["segments"] == segments
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+
+
+def test_host_harness_many_segments(harness):
+    """More segments than lanes: each lane composes a run of maps before the tree."""
+    case = _case(1, 8, 1, 40 * TILE, 4, seed=12)
+    case["A"] = case["A"] * 0.001
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), segments=40, stats=stats)
+    assert stats["segments"] == 40
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+
+
+def _growing_case(length, state=4, dim=8):
+    """delta_softplus = 0 with dt = -0.8 and A = -1: every decay is e^0.8 > 1. u is 0 but for the
+    last 60 steps (h stays 0 until then), where the state grows to ~e^48: finite, but the
+    composed decay of 8 lanes (e^(0.8 * 128)) or of a segment overflows, and inf * 0 is NaN."""
+    case = _case(1, dim, 1, length, state, seed=21)
+    case["u"][..., :length - 60] = 0.0
+    case["delta"] = torch.full_like(case["delta"], -0.8)
+    case["delta_bias"] = torch.zeros_like(case["delta_bias"])
+    case["A"] = -torch.ones_like(case["A"]) - 0.01 * torch.arange(state)
+    return case
+
+
+@pytest.mark.parametrize("segments", [1, 2, 3])
+def test_host_harness_growing_decays(harness, segments):
+    """Growing maps run as the plain recurrence (and invalidate pass 1's maps): the result stays
+    finite and matches the reference where composing maps would overflow."""
+    case = _growing_case(4 * TILE - 300)
+    want = _reference(case, False)
+    assert np.isfinite(want).all() and np.abs(want).max() > 1e10
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+    assert np.isfinite(got).all()
+    assert _rel_error(got, want) <= 1e-5
+
+
+def test_host_harness_growing_in_some_tiles_only(harness):
+    """Mixed signs: dt < 0 only in the second tile (fast path before and after it)."""
+    case = _case(1, 8, 1, 3 * TILE, 8, seed=22)
+    case["delta"] = case["delta"].abs() * 0.2
+    case["delta"][..., TILE:2 * TILE] *= -0.1
+    case["delta_bias"] = torch.zeros_like(case["delta_bias"])
+    want = _reference(case, False)
+    for segments in (1, 3):
+        got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+        assert _rel_error(got, want) <= 1e-5, segments
+
+
+def test_host_harness_positive_A_grows_with_softplus(harness):
+    """A > 0 (outside the models' A = -exp(A_log)) with softplus on: dt > 0 grows too. Only
+    channels 0 and 5 grow: their warp partners (1 and 4) run the plain recurrence with them and
+    keep valid segment maps."""
+    case = _case(1, 8, 1, 3 * TILE + 100, 4, seed=23)
+    case["A"][[0, 5]] = 0.01
     want = _reference(case, True)
-    assert np.abs(got - want).max() / max(1.0, float(np.abs(want).max())) <= 1e-5
+    for segments in (1, 3):
+        got = plugin.run_host_harness(harness, _numpy(case), segments=segments)
+        assert _rel_error(got, want) <= 1e-5, segments
 
 
 def test_host_harness_differs_when_the_carry_is_wrong(harness):
     """The comparison can fail: a case whose second tile depends on the first one's state."""
     case = _case(1, 2, 1, TILE + 50, 4, seed=3)
     case["A"] = torch.full_like(case["A"], -1e-4)  # slow decay: the carried state matters
-    inputs = {k: v.numpy() for k, v in case.items()}
+    inputs = _numpy(case)
     want = _reference(case, True)
     got = plugin.run_host_harness(harness, inputs, segments=1)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
@@ -100,23 +218,102 @@ def test_host_harness_differs_when_the_carry_is_wrong(harness):
 
 
 def test_host_harness_rejects_bad_dims(harness, tmp_path):
-    inputs = {k: (v.numpy() if v is not None else None) for k, v in _case(1, 6, 4, 5, 2, seed=0).items()}
+    inputs = _numpy(_case(1, 6, 4, 5, 2, seed=0))
     with pytest.raises(RuntimeError, match="multiple of the groups"):
         plugin.run_host_harness(harness, inputs)
+    with pytest.raises(RuntimeError, match="at most 1 segments"):
+        plugin.run_host_harness(harness, _numpy(_case(1, 4, 1, 100, 2, seed=0)), segments=2)
+
+
+def test_layout_is_conflict_free(harness):
+    run = subprocess.run([str(harness), "--check-layout"], capture_output=True, text=True)
+    assert run.returncode == 0 and "layout ok" in run.stdout, run.stdout
+
+
+def _plan(harness, batch, dim, groups, length, state, sms, blocks_per_sm):
+    run = subprocess.run([str(harness), "--plan", *map(str, (batch, dim, groups, length, state, sms, blocks_per_sm))],
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout)
+
+
+def test_segments_follow_occupancy_and_fill_the_gpu(harness):
+    """MambaIRv2-light (D = 48, K = 1, N = 8, 128x128: L = 16384): at batch 1 its 6 blocks per
+    segment cannot fill an H100, so the sequence is cut; at batch 64 (384 blocks, one partial
+    wave of 528 slots) a second pass costs more than it fills."""
+    light = (48, 1, 16384, 8)
+    one = _plan(harness, 1, *light, 132, 4)
+    assert one["blocks_per_segment"] == 6 and one["segments"] > 32
+    assert one["segments"] <= one["max_segments"]
+    assert _plan(harness, 64, *light, 132, 4)["segments"] == 1
+    # fewer resident blocks per SM (real occupancy) or fewer SMs: no more segments (Orin's 16 SMs
+    # are filled by batch 8 alone)
+    for batch in (1, 2, 8):
+        assert _plan(harness, batch, *light, 132, 2)["segments"] <= _plan(harness, batch, *light, 132, 4)["segments"]
+    assert _plan(harness, 1, *light, 132, 1)["segments"] < _plan(harness, 1, *light, 132, 4)["segments"]
+    assert _plan(harness, 8, *light, 16, 4)["segments"] == 1 < _plan(harness, 8, *light, 132, 4)["segments"]
+    # the tail wave: 96 blocks per segment on 528 slots -> 11 segments = 2 full waves
+    assert _plan(harness, 16, *light, 132, 4)["segments"] * 96 % 528 == 0
+
+
+def test_workspace_fits_every_plan_of_smaller_shapes(harness):
+    """getWorkspaceSize sizes for the profile's largest shapes; every smaller batch and length the
+    launcher may then cut into more segments must fit (maps [B, D, N, S - 1])."""
+    dim, groups, state = 48, 1, 8
+    most = _plan(harness, 8, dim, groups, 65536, state, 132, 4)
+    for batch in (1, 2, 3, 8):
+        for length in (256, 5000, 65536):
+            for sms, per_sm in ((132, 4), (16, 4), (512, 16)):
+                p = _plan(harness, batch, dim, groups, length, state, sms, per_sm)
+                assert p["segments"] <= p["max_segments"]
+                assert batch * dim * state * (p["segments"] - 1) * 8 <= most["workspace_bytes"]
 
 
 @pytest.mark.slow
 def test_nvcc_compiles_the_kernel_for_orin_and_hopper(tmp_path):
+    """One compile (~2 min on 2 cores) for sm_87 and sm_90, every N and both I/O types, checked
+    with ptxas's report and the SASS (tools/ptxas_report.py prints the same as a table):
+    <= 128 registers and no spill or stack for every kernel, 128-bit global loads (LDG.E.128) in
+    both passes and 128-bit stores (STG.E.128) of y, no local memory."""
     if not shutil.which("nvcc"):
         pytest.skip("nvcc is not installed: the CUDA kernel cannot be compiled here")
-    exe = plugin.nvcc_compile(tmp_path, archs=(87, 90))
-    cuobjdump = shutil.which("cuobjdump")
-    if cuobjdump:  # the kernels are in the binary for both architectures
-        listing = subprocess.run([cuobjdump, "--list-elf", str(exe)], capture_output=True, text=True)
-        assert "sm_87" in listing.stdout and "sm_90" in listing.stdout, listing.stdout
+    log: list = []
+    exe = plugin.nvcc_compile(tmp_path, archs=(87, 90), ptxas_log=log)
+    with_sass = plugin.cuda_binary("cuobjdump") is not None and plugin.cuda_binary("nvdisasm") is not None
+    rows = plugin.kernel_report(log[0], exe if with_sass else None)
+    expected = {(arch, io, n, kernel) for arch in ("sm_87", "sm_90") for io in ("fp32", "fp16")
+                for n in range(1, 17) for kernel in ("scan", "maps")}
+    assert {(r.arch, r.io, r.state, r.kernel) for r in rows} == expected
+    problems = [f"{r.arch} {r.io} N={r.state} {r.kernel}: {p}" for r in rows for p in r.problems()]
+    assert not problems, "\n".join(problems)
+    if with_sass:
+        assert all(r.sass["MUFU.EX2"] > 0 and r.sass["LDS.128"] > 0 and r.sass["STS.128"] > 0 for r in rows)
+    else:
+        pytest.skip("ptxas figures checked; no cuobjdump/nvdisasm for the SASS (pip install nvidia-cuda-cuobjdump "
+                    "nvidia-cuda-nvdisasm)")
     if not torch.cuda.is_available():  # without a GPU the check program must stop with a CUDA message, not crash
         run = subprocess.run([str(exe), "1", "8", "1", "100", "4"], capture_output=True, text=True)
         assert run.returncode == 2 and "kernel_check:" in run.stderr, run.stderr
+
+
+def test_kernel_report_reads_ptxas_and_flags_problems():
+    """The parser behind the register check: it reads ptxas's lines and its verdict can fail."""
+    text = """ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelIfLi8ELb0EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_90'
+ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelIfLi8ELb0EEEvNS_8ScanArgsENS_4scan4PlanE
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 17472 bytes smem
+ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelI6__halfLi16ELb1EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_87'
+ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelI6__halfLi16ELb1EEEvNS_8ScanArgsENS_4scan4PlanE
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 33856 bytes smem
+"""
+    a, b = plugin.parse_ptxas(text)
+    assert (a.arch, a.io, a.state, a.kernel, a.registers, a.spill_stores, a.stack, a.smem) == (
+        "sm_90", "fp32", 8, "scan", 128, 4, 8, 17472)
+    assert (b.arch, b.io, b.state, b.kernel, b.registers) == ("sm_87", "fp16", 16, "maps", 168)
+    assert a.problems() == ["spills 4/4 bytes, stack 8 bytes"]
+    assert b.problems() == ["168 registers > 128"]
+    b.registers, b.sass = 100, {"LDG.E.128": 0, "STG.E.128": 0, "LDL": 0, "STL": 0}
+    assert b.problems() == ["no 128-bit global load (LDG.E.128) in the SASS"]
 
 
 @pytest.mark.gpu
@@ -124,8 +321,9 @@ def test_kernel_matches_the_reference_on_the_gpu(tmp_path):
     if not torch.cuda.is_available() or not shutil.which("nvcc"):
         pytest.skip("needs an NVIDIA GPU and nvcc")
     exe = plugin.nvcc_compile(tmp_path, arch_flags=["-arch=native"])
-    for args in (["2", "8", "4", "37", "8"], ["1", "6", "2", "2348", "16"], ["1", "4", "1", "5000", "10", "fp16"]):
-        run = subprocess.run([str(exe), *args, "3"], capture_output=True, text=True)
+    for args in ("2 8 4 37 8 fp32 3", "1 6 2 2348 16 fp32 3", "1 4 1 5000 10 fp16 3",
+                 "1 48 1 4096 8 fp32 3 0 --offset 1", "1 16 1 3000 4 fp32 3 0 --grow"):
+        run = subprocess.run([str(exe), *args.split()], capture_output=True, text=True)
         assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -133,7 +331,7 @@ def test_plugin_checksum_covers_every_source(tmp_path):
     root = plugin.plugin_source_dir()
     files = {p.as_posix() for p in plugin.plugin_source_files(root)}
     assert {"include/qmamba/scan_math.h", "src/selective_scan_kernel.cu", "tests/host_harness.cpp",
-            "CMakeLists.txt"} <= files
+            "CMakeLists.txt", "src/exports.map"} <= files
     copy = tmp_path / "src"
     shutil.copytree(root, copy)
     assert plugin.plugin_checksum(copy) == plugin.plugin_checksum(root)
@@ -148,3 +346,56 @@ def test_cmake_builds_the_libraries_the_python_side_names():
     text = (plugin.plugin_source_dir() / "CMakeLists.txt").read_text()
     targets = re.findall(r"^\s*qmamba_plugin_library\((\w+) ", text, re.M)
     assert sorted(f"lib{t}.so" for t in targets) == sorted([plugin.PLUGIN_LIBRARY, plugin.PLUGIN_LIBRARY_DLOPEN])
+
+
+GPU_CHECK = plugin.plugin_source_dir().parents[1] / "tools" / "gpu_kernel_check.sh"
+
+FAKE_KERNEL_CHECK = """#!/usr/bin/env bash
+# stands in for kernel_check: prints its JSON line; "fails" for the --grow case when asked to
+if [[ "${FAIL_GROW:-0}" == 1 && " $* " == *" --grow "* ]]; then echo bad; exit 1; fi
+echo '{"gpu": "fake", "cc": "9.0", "sms": 132, "blocks_per_sm": 4, "B": '$1', "D": '$2', "K": '$3', "L": '$4', "N": '$5', "io": "fp32", "softplus": true, "grow": false, "offset": 0, "segments": 3, "max_rel_error": 1e-7, "max_rel_error_one_pass": 1e-7, "tolerance": 1e-5, "ms": 0.01, "ms_one_pass": 0.02, "bytes": 1000, "GBps": 100.0, "GBps_one_pass": 50.0, "peak_GBps": 3350.0, "fraction_of_peak": 0.03, "fraction_of_peak_one_pass": 0.015}'
+"""
+
+
+def _fake_tools(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Fake H200'\n")
+    (bin_dir / "compute-sanitizer").write_text("#!/bin/sh\n# drop the sanitizer options, run the program\n"
+                                               "while [ \"${1#--}\" != \"$1\" ]; do case $1 in --tool|--error-exitcode"
+                                               "|--racecheck-report) shift 2;; *) shift;; esac; done\nexec \"$@\"\n")
+    exe = tmp_path / "kernel_check"
+    exe.write_text(FAKE_KERNEL_CHECK)
+    for f in (*bin_dir.iterdir(), exe):
+        f.chmod(0o755)
+    return bin_dir, exe
+
+
+def test_gpu_kernel_check_script_fails_clearly_without_a_gpu(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("nvidia-smi is installed here")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    run = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "no NVIDIA GPU" in run.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "error"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_gpu_kernel_check_script_runs_and_summarises(tmp_path, fail):
+    """The script's plumbing with a fake GPU, kernel_check and compute-sanitizer: every run is in
+    summary.json/summary.md, and one failing run makes the exit status 1."""
+    bin_dir, exe = _fake_tools(tmp_path)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "KERNEL_CHECK": str(exe),
+           "FAIL_GROW": "1" if fail else "0", "ITERATIONS": "2"}
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(GPU_CHECK), str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == (1 if fail else 0), run.stdout + run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    names = {r["name"] for r in summary["runs"]}
+    assert {"v2light_128_fp32", "v2light_128_fp16", "edge_grow_fp32", "sanitize_racecheck_grow",
+            "sanitize_memcheck_fp16_offset", "sanitize_synccheck_fp32"} <= names
+    assert summary["status"] == ("failed" if fail else "passed")
+    assert {r["name"] for r in summary["runs"] if r["rc"] != 0} == (
+        {"edge_grow_fp32", "edge_grow_fp16", "sanitize_memcheck_grow", "sanitize_racecheck_grow",
+         "sanitize_synccheck_grow"} if fail else set())
+    assert "| v2light_128_fp32 | 0 | 1 | 48 | 1 | 16384 | 8 |" in (out / "summary.md").read_text()

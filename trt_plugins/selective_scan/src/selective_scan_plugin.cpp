@@ -265,6 +265,7 @@ SelectiveScanPluginCreator& theCreator()
 
 SelectiveScanPlugin::SelectiveScanPlugin(bool deltaSoftplus)
     : mDeltaSoftplus(deltaSoftplus ? 1 : 0)
+    , mDevice()
     , mSerializedField()
     , mSerializedFields()
 {
@@ -275,6 +276,7 @@ SelectiveScanPlugin::SelectiveScanPlugin(bool deltaSoftplus)
 SelectiveScanPlugin::SelectiveScanPlugin(SelectiveScanPlugin const& other)
     : SelectiveScanPlugin(other.mDeltaSoftplus != 0)
 {
+    mDevice = other.mDevice;
 }
 
 nvinfer1::IPluginCapability* SelectiveScanPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
@@ -365,6 +367,31 @@ bool SelectiveScanPlugin::supportsFormatCombination(
     }
 }
 
+namespace {
+
+//! The dims of the kernel call at the profile's largest shapes, or false when one is unknown.
+bool largestScan(nvinfer1::DynamicPluginTensorDesc const* in, scan::Dims& most)
+{
+    Dims const& u = in[kINPUT_U].max;
+    Dims const& b = in[kINPUT_B].max;
+    if (u.nbDims != 3 || b.nbDims != 4)
+    {
+        return false;
+    }
+    for (int64_t const v : {u.d[0], u.d[1], u.d[2], b.d[1], b.d[2]})
+    {
+        if (v < 0 || v > std::numeric_limits<int32_t>::max())
+        {
+            return false;
+        }
+    }
+    most = scan::Dims{static_cast<int32_t>(u.d[0]), static_cast<int32_t>(u.d[1]), static_cast<int32_t>(b.d[1]),
+        static_cast<int32_t>(u.d[2]), static_cast<int32_t>(b.d[2])};
+    return true;
+}
+
+} // namespace
+
 int32_t SelectiveScanPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
     nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
@@ -373,7 +400,25 @@ int32_t SelectiveScanPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc c
         report(Severity::kERROR, ioCountError);
         return 1;
     }
-    return checkShapes([in](int32_t i) -> Dims const& { return in[i].desc.dims; }, out[kOUTPUT_Y].desc.dims);
+    if (checkShapes([in](int32_t i) -> Dims const& { return in[i].desc.dims; }, out[kOUTPUT_Y].desc.dims) != 0)
+    {
+        return 1;
+    }
+    // The kernel's limits (the number of blocks of one launch, which grows with the batch) at the
+    // profile's largest shapes: refused when the engine is built, not at the first enqueue.
+    scan::Dims most{};
+    if (largestScan(in, most) && most.batch > 0 && most.dim > 0 && most.groups > 0 && most.dim % most.groups == 0)
+    {
+        if (char const* why = scan::check_dims(most))
+        {
+            report(Severity::kERROR, [why, &most] {
+                return std::string(why) + " (profile's largest shapes: batch " + std::to_string(most.batch) + ", D "
+                    + std::to_string(most.dim) + ", K " + std::to_string(most.groups) + ")";
+            });
+            return 1;
+        }
+    }
+    return 0;
 }
 
 size_t SelectiveScanPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -384,11 +429,8 @@ size_t SelectiveScanPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc c
         return 0;
     }
     // The segment maps of the two-pass mode (scan_math.h), at the profile's largest shapes.
-    Dims const& u = inputs[kINPUT_U].max;
-    Dims const& b = inputs[kINPUT_B].max;
-    scan::Dims const most{static_cast<int32_t>(u.d[0]), static_cast<int32_t>(u.d[1]), static_cast<int32_t>(b.d[1]),
-        static_cast<int32_t>(u.d[2]), static_cast<int32_t>(b.d[2])};
-    return scan::check_dims(most) == nullptr ? scan::workspace_bytes(most) : 0;
+    scan::Dims most{};
+    return largestScan(inputs, most) && scan::check_dims(most) == nullptr ? scan::workspace_bytes(most) : 0;
 }
 
 int32_t SelectiveScanPlugin::onShapeChange(
@@ -430,6 +472,9 @@ int32_t SelectiveScanPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc
     args.delta_bias = static_cast<float const*>(inputs[kINPUT_DELTA_BIAS]);
     args.y = outputs[kOUTPUT_Y];
     args.workspace = workspace; // sized by getWorkspaceSize for the profile's largest shapes
+    args.sm_count = mDevice.sm_count; // from attachToContext; 0: the launcher asks the runtime
+    bool const known = args.dims.state >= 1 && args.dims.state <= scan::kMaxState;
+    args.blocks_per_sm = known ? mDevice.blocks_per_sm[static_cast<int>(args.io)][args.dims.state - 1] : 0;
 
     cudaError_t const status = launch_selective_scan(args, stream);
     if (status != cudaSuccess)
@@ -445,7 +490,16 @@ int32_t SelectiveScanPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc
 
 nvinfer1::IPluginV3* SelectiveScanPlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
 {
-    return clone(); // no per-context resources
+    // The context runs on the current device: its SM count and the kernel's occupancy are
+    // queried once here, so that enqueue() makes no device-attribute or occupancy query.
+    SelectiveScanPlugin* attached = new (std::nothrow) SelectiveScanPlugin(*this);
+    if (attached != nullptr && describe_device(&attached->mDevice) != cudaSuccess)
+    {
+        attached->mDevice = DeviceInfo{}; // the launcher will ask the runtime itself
+        report(Severity::kWARNING,
+            [] { return std::string("could not query the GPU's SM count and occupancy; enqueue will ask each time"); });
+    }
+    return attached;
 }
 
 nvinfer1::PluginFieldCollection const* SelectiveScanPlugin::getFieldsToSerialize() noexcept

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "qmamba/plugin_contract.h"
+#include "qmamba/selective_scan.h"
 
 #if NV_TENSORRT_MAJOR < 10
 #error "the QMambaSelectiveScan plugin needs TensorRT 10 or newer (IPluginV3)"
@@ -23,7 +24,9 @@
 
 namespace qmamba {
 
-//! One QMambaSelectiveScan layer. The only state is the delta_softplus field.
+//! One QMambaSelectiveScan layer. The only serialized state is the delta_softplus field; a
+//! plugin attached to an execution context also holds the GPU's description (SM count, the
+//! kernel's occupancy), queried once in attachToContext instead of on every enqueue.
 class SelectiveScanPlugin : public nvinfer1::IPluginV3,
                             public nvinfer1::IPluginV3OneCore,
                             public nvinfer1::IPluginV3OneBuild,
@@ -68,6 +71,7 @@ public:
 
 private:
     int32_t mDeltaSoftplus; //!< 0 or 1; int32 because it is serialized as a kINT32 field
+    DeviceInfo mDevice;     //!< sm_count 0 until attachToContext (the launcher then asks the runtime)
     nvinfer1::PluginField mSerializedField;
     nvinfer1::PluginFieldCollection mSerializedFields;
 };

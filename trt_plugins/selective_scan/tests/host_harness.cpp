@@ -1,15 +1,31 @@
-// Host harness: runs the kernel's arithmetic (scan_math.h) on the CPU, replaying the
-// CUDA block's tiling, warp scans and carried state step for step, so that the Python
-// tests can compare it with the reference scan (tests/test_trt_plugin.py).
+// Host harness: runs the kernel's arithmetic (scan_math.h) on the CPU, replaying the CUDA
+// block's layout step for step, so that the Python tests can compare it with the reference scan
+// (tests/test_trt_plugin.py): 8 channels x 16 lanes per block, 16 steps per lane, the vector or
+// scalar path each row's (simulated) address takes, B and C staged into a shared-memory image
+// with the kernel's index functions, the 16-lane scans in shuffle order, growing maps run lane
+// after lane, carried states, and the two passes with their workspace maps.
 //
 //   host_harness IN.bin OUT.bin
+//   host_harness --check-layout
+//   host_harness --plan B D K L N SM_COUNT BLOCKS_PER_SM
 //
-// IN.bin: int32 B, D, K, L, N, delta_softplus, has_D_skip, has_delta_bias, segments (0: as
-// the launcher would choose for a GPU with `sm_count` = 132 SMs, an H100); then float32
-// u [B,D,L], delta [B,D,L], A [D,N], B [B,K,N,L], C [B,K,N,L], D_skip [D] and
-// delta_bias [D] when present. OUT.bin: float32 y [B,D,L].
+// IN.bin: int32 B, D, K, L, N, delta_softplus, has_D_skip, has_delta_bias, segments (0: as the
+// launcher chooses with sm_count and blocks_per_sm below), elem_bytes (4: fp32 I/O, 2: fp16 I/O;
+// it decides vector widths and alignment, the values are float32 either way), the element
+// offsets of the base pointers of u, delta, B, C and y from a 16-byte boundary (to replay
+// misaligned tensors), sm_count, blocks_per_sm; then float32 u [B,D,L], delta [B,D,L],
+// A [D,N], B [B,K,N,L], C [B,K,N,L], D_skip [D] and delta_bias [D] when present.
+// OUT.bin: float32 y [B,D,L] (NaN where no block wrote).
+//
+// --check-layout: the staging and lane index functions are a bijection onto the staged tile,
+// and the kernel's 16-byte shared stores and loads are free of bank conflicts.
+// --plan: the launcher's segment plan for these dims on that GPU, and the workspace, as JSON.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <set>
 #include <vector>
 
 #include "qmamba/scan_math.h"
@@ -18,42 +34,9 @@ namespace {
 
 using namespace qmamba::scan;
 
-//! What one CUDA thread holds for one tile.
-struct ThreadTile
-{
-    int count = 0;
-    int64_t t0 = 0;
-    float u[kItems] = {};
-    float dt[kItems] = {};
-    float y[kItems] = {};
-};
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-void load_steps(float const* src, int64_t t0, int count, float* dst)
-{
-    for (int i = 0; i < kItems; ++i)
-    {
-        dst[i] = i < count ? src[t0 + i] : 0.0f;
-    }
-}
-
-//! __shfl_up_sync inclusive scan of one warp's maps, as the kernel does it.
-void warp_inclusive_scan(Affine* lanes)
-{
-    for (int offset = 1; offset < kWarpSize; offset *= 2)
-    {
-        Affine before[kWarpSize];
-        for (int lane = 0; lane < kWarpSize; ++lane)
-        {
-            before[lane] = lanes[lane];
-        }
-        for (int lane = offset; lane < kWarpSize; ++lane)
-        {
-            lanes[lane] = then(before[lane - offset], before[lane]);
-        }
-    }
-}
-
-//! The inputs of one call.
+//! The inputs of one call, with the simulated layout of their memory.
 struct Inputs
 {
     Dims d;
@@ -65,130 +48,435 @@ struct Inputs
     float const* C;
     float const* D_skip;     // may be null
     float const* delta_bias; // may be null
+    int elem_bytes;
+    int64_t offset[5];       // u, delta, B, C, y: elements from a 16-byte boundary
 };
 
-//! One block of the kernel: steps [begin, end) of (b, c) from state h0, one map per state.
-//! Writes y unless totals_only; returns the segment's composed maps (the carry at the end).
-std::vector<Affine> scan_segment(Inputs const& in, int32_t b, int32_t c, int64_t begin, int64_t end,
-    std::vector<float> const& h0, bool totals_only, float* y_all)
+enum Tensor
 {
-    Dims const& d = in.d;
-    int32_t const k = c / (d.dim / d.groups);
-    float const* u = in.u + offset_bdl(d, b, c);
-    float const* delta = in.delta + offset_bdl(d, b, c);
-    float* y = y_all + offset_bdl(d, b, c);
-    float const d_skip = in.D_skip != nullptr ? in.D_skip[c] : 0.0f;
-    float const bias = in.delta_bias != nullptr ? in.delta_bias[c] : 0.0f;
-    std::vector<Affine> carry(d.state, identity_map());
+    kU = 0,
+    kDelta = 1,
+    kB = 2,
+    kC = 3,
+    kY = 4
+};
 
-    for (int64_t tile = begin; tile < end; tile += kTile)
-    {
-        ThreadTile threads[kThreads];
-        for (int t = 0; t < kThreads; ++t)
-        {
-            ThreadTile& th = threads[t];
-            th.count = steps_owned(tile, t, end, &th.t0);
-            load_steps(u, th.t0, th.count, th.u);
-            load_steps(delta, th.t0, th.count, th.dt);
-            for (int i = 0; i < kItems; ++i)
-            {
-                th.dt[i] = step_size(th.dt[i], bias, in.softplus);
-                th.y[i] = d_skip * th.u[i];
-            }
-        }
-        for (int32_t n = 0; n < d.state; ++n)
-        {
-            float const* Bn = in.B + offset_bknl(d, b, k, n);
-            float const* Cn = in.C + offset_bknl(d, b, k, n);
-            float const a = in.A[static_cast<int64_t>(c) * d.state + n];
-            Affine maps[kThreads];
-            for (int t = 0; t < kThreads; ++t)
-            {
-                float bv[kItems];
-                load_steps(Bn, threads[t].t0, threads[t].count, bv);
-                maps[t] = segment_map(threads[t].dt, threads[t].u, bv, a, threads[t].count);
-            }
-            Affine warp_totals[kWarps];
-            Affine before_me[kThreads];
-            for (int w = 0; w < kWarps; ++w)
-            {
-                Affine* lanes = maps + w * kWarpSize;
-                warp_inclusive_scan(lanes);
-                warp_totals[w] = lanes[kWarpSize - 1];
-                for (int lane = 0; lane < kWarpSize; ++lane)
-                {
-                    before_me[w * kWarpSize + lane] = lane == 0 ? identity_map() : lanes[lane - 1];
-                }
-            }
-            if (!totals_only)
-            {
-                for (int t = 0; t < kThreads; ++t)
-                {
-                    Affine prefix = carry[n];
-                    for (int w = 0; w < t / kWarpSize; ++w)
-                    {
-                        prefix = then(prefix, warp_totals[w]);
-                    }
-                    float const h = apply(then(prefix, before_me[t]), h0[n]);
-                    float bv[kItems];
-                    float cv[kItems];
-                    load_steps(Bn, threads[t].t0, threads[t].count, bv);
-                    load_steps(Cn, threads[t].t0, threads[t].count, cv);
-                    replay_segment(h, threads[t].dt, threads[t].u, bv, cv, a, threads[t].count, threads[t].y);
-                }
-            }
-            for (int w = 0; w < kWarps; ++w)
-            {
-                carry[n] = then(carry[n], warp_totals[w]);
-            }
-        }
-        if (!totals_only)
-        {
-            for (int t = 0; t < kThreads; ++t)
-            {
-                for (int i = 0; i < threads[t].count; ++i)
-                {
-                    y[threads[t].t0 + i] = threads[t].y[i];
-                }
-            }
-        }
-    }
-    return carry;
+//! Whether the kernel's row pointer `tensor + row_start` is 16-byte aligned.
+bool row_aligned(Inputs const& in, Tensor tensor, int64_t row_start)
+{
+    return aligned16(static_cast<uint64_t>(in.offset[tensor] + row_start) * in.elem_bytes);
 }
 
-//! The kernel's two passes for one (b, c) sequence cut into `segments` blocks.
-void scan_sequence(Inputs const& in, int32_t b, int32_t c, int32_t segments, float* y)
+//! The kernel's Io<T>::load: a lane's kItems steps (16-byte loads when the row is aligned and all
+//! steps are inside, element loads otherwise; the values are the same either way, the path is
+//! counted so that tests can see which one a case takes).
+struct PathCount
 {
-    Dims const& d = in.d;
-    int64_t const seg_len = segment_length(d, segments);
-    auto const bounds = [&](int32_t s, int64_t* begin, int64_t* end) {
-        *begin = s * seg_len;
-        *end = *begin + seg_len < d.length ? *begin + seg_len : static_cast<int64_t>(d.length);
-    };
-    std::vector<float> const zero(d.state, 0.0f);
-    std::vector<std::vector<Affine>> totals(segments);
-    for (int32_t s = 0; segments > 1 && s < segments; ++s) // pass 1
+    int64_t vector = 0;
+    int64_t scalar = 0;
+};
+
+void load_lane(float const* row, int64_t t, int count, bool vec, float* out, PathCount& paths)
+{
+    if (vec && count == kItems)
     {
-        int64_t begin = 0;
-        int64_t end = 0;
-        bounds(s, &begin, &end);
-        totals[s] = scan_segment(in, b, c, begin, end, zero, true, y);
-    }
-    for (int32_t s = 0; s < segments; ++s) // pass 2
-    {
-        std::vector<float> h0(d.state, 0.0f);
-        for (int32_t n = 0; n < d.state; ++n)
+        ++paths.vector;
+        for (int v = 0; v < kItems; v += kVecBytes / 4)
         {
-            for (int32_t earlier = 0; earlier < s; ++earlier)
+            for (int i = v; i < v + kVecBytes / 4 && i < kItems; ++i)
             {
-                h0[n] = apply(totals[earlier][n], h0[n]);
+                out[i] = row[t + i];
             }
         }
+        return;
+    }
+    ++paths.scalar;
+    for (int i = 0; i < kItems; ++i)
+    {
+        out[i] = i < count ? row[t + i] : 0.0f;
+    }
+}
+
+//! The block's shared memory.
+struct Shared
+{
+    std::vector<float> bc;
+    float a2[kChannels][kMaxState];
+    float carry[kChannels][kMaxState];
+    float d_skip[kChannels];
+    float bias[kChannels];
+};
+
+//! A lane's view of a staged row, as the kernel's StagedRow (one 16-byte chunk per part).
+struct HostRow
+{
+    float const* base;
+    int lane;
+    void chunk(int part, float* out) const
+    {
+        std::memcpy(out, base + stage_offset(lane, part), sizeof(float) * kChunk);
+    }
+};
+
+//! stage_tile(): every thread's 16-byte chunks of the N B rows (and N C rows) of the group.
+void stage_tile(Inputs const& in, int32_t b, int32_t k, int64_t t0, bool with_c, Shared& sm, PathCount& paths)
+{
+    Dims const& d = in.d;
+    int const elems = vector_elems(in.elem_bytes);
+    int const per_row = kTile / elems;
+    int const rows = with_c ? 2 * d.state : d.state;
+    std::fill(sm.bc.begin(), sm.bc.end(), kNaN); // a slot no thread writes poisons the result
+    for (int thread = 0; thread < kThreads; ++thread)
+    {
+        for (int f = thread; f < rows * per_row; f += kThreads)
+        {
+            int const row = f / per_row;
+            int const n = row % d.state;
+            Tensor const which = row < d.state ? kB : kC;
+            int64_t const row_start = offset_bknl(d, b, k, n);
+            float const* src = (which == kB ? in.B : in.C) + row_start;
+            bool const vec = row_aligned(in, which, row_start);
+            StageItem const item = stage_item(f % per_row, elems);
+            int64_t const t = t0 + item.step;
+            float* dst = sm.bc.data() + stage_row(row) + item.offset;
+            bool const whole = vec && t + elems <= d.length;
+            ++(whole ? paths.vector : paths.scalar);
+            for (int e = 0; e < elems; ++e)
+            {
+                // fp16: the second float chunk lands at part + 1.
+                float* slot = dst + (e / kChunk) * stage_offset(0, 1) + e % kChunk;
+                *slot = t + e < d.length ? src[t + e] : 0.0f;
+            }
+        }
+    }
+}
+
+//! One block of the kernel, its lanes replayed one after another.
+struct Block
+{
+    Inputs const& in;
+    BlockCoord at;
+    Shared sm;
+    PathCount& paths;
+    unsigned grew[kChannels] = {};
+    float dt_total[kThreads] = {};
+
+    Block(Inputs const& inputs, BlockCoord coord, PathCount& p)
+        : in(inputs)
+        , at(coord)
+        , paths(p)
+    {
+        Dims const& d = in.d;
+        sm.bc.assign(static_cast<size_t>(2 * d.state * kTile), 0.0f);
+        for (int ch = 0; ch < kChannels; ++ch)
+        {
+            bool const valid = ch < at.channels;
+            int32_t const c = at.first_channel + ch;
+            for (int n = 0; n < d.state; ++n)
+            {
+                sm.a2[ch][n] = valid ? in.A[static_cast<int64_t>(c) * d.state + n] * kLog2e : 0.0f;
+                sm.carry[ch][n] = 0.0f;
+            }
+            sm.d_skip[ch] = valid && in.D_skip != nullptr ? in.D_skip[c] : 0.0f;
+            sm.bias[ch] = valid && in.delta_bias != nullptr ? in.delta_bias[c] : 0.0f;
+        }
+    }
+
+    //! scan_tiles(): tiles [begin, end) from sm.carry; y into `y` when output.
+    void scan_tiles(int64_t begin, int64_t end, bool output, float* y)
+    {
+        Dims const& d = in.d;
+        for (int64_t t0 = begin; t0 < end; t0 += kTile)
+        {
+            static LaneSteps steps[kThreads];
+            float dt_sum[kThreads];
+            int count[kThreads];
+            unsigned channel_signs[kChannels] = {};
+            for (int thread = 0; thread < kThreads; ++thread)
+            {
+                int const ch = thread / kLanes;
+                int const lane = thread % kLanes;
+                bool const active = ch < at.channels;
+                int64_t const row_start = offset_bdl(d, at.b, active ? at.first_channel + ch : 0);
+                int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
+                count[thread] = active ? steps_before(t, end) : 0;
+                float raw_u[kItems];
+                float raw_delta[kItems];
+                load_lane(in.u + row_start, t, count[thread], row_aligned(in, kU, row_start), raw_u, paths);
+                load_lane(in.delta + row_start, t, count[thread], row_aligned(in, kDelta, row_start), raw_delta, paths);
+                prepare_steps(raw_u, raw_delta, count[thread], sm.bias[ch], sm.d_skip[ch], in.softplus, steps[thread]);
+                dt_sum[thread] = lane_dt_sum(steps[thread]);
+                if (!output)
+                {
+                    dt_total[thread] += dt_sum[thread];
+                }
+                channel_signs[ch] |= dt_signs(steps[thread]); // the two ballots of the channel's lanes
+            }
+            stage_tile(in, at.b, at.k, t0, output, sm, paths);
+            for (int ch = 0; ch < at.channels; ++ch)
+            {
+                LaneSteps* s = steps + ch * kLanes;
+                int const pair = ch ^ 1; // the other channel of the warp (a channel past the group's end never grows)
+                for (int n = 0; n < d.state; ++n)
+                {
+                    // __any_sync over the warp: both channels run the plain recurrence when either grows
+                    bool const serial = grows(sm.a2[ch][n], channel_signs[ch])
+                        || (pair < at.channels && grows(sm.a2[pair][n], channel_signs[pair]));
+                    if (grows(sm.a2[ch][n], channel_signs[ch]))
+                    {
+                        grew[ch] |= 1u << n;
+                    }
+                    scan_state(ch, n, s, dt_sum + ch * kLanes, serial, output);
+                }
+                if (output)
+                {
+                    int64_t const row_start = offset_bdl(d, at.b, at.first_channel + ch);
+                    for (int lane = 0; lane < kLanes; ++lane)
+                    {
+                        int const thread = ch * kLanes + lane;
+                        int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
+                        bool const vec = row_aligned(in, kY, row_start) && count[thread] == kItems;
+                        ++(vec ? paths.vector : paths.scalar);
+                        for (int i = 0; i < count[thread]; ++i)
+                        {
+                            y[row_start + t + i] = steps[thread].y[i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    //! One state of one channel for one tile: the body of the kernel's state loop. `serial`: the
+    //! plain recurrence, lane after lane (this channel's or the warp's other channel's maps grow).
+    void scan_state(int ch, int n, LaneSteps* s, float const* dt_sum, bool serial, bool output)
+    {
+        float const a2 = sm.a2[ch][n];
+        float const carry = sm.carry[ch][n];
+        float a[kLanes][kItems];
+        float h_start[kLanes];
+        float h_end = 0.0f;
+        for (int lane = 0; lane < kLanes; ++lane)
+        {
+            step_decays(s[lane], a2, a[lane]);
+        }
+        auto const b_row = [&](int lane) { return HostRow{sm.bc.data() + stage_row(n), lane}; };
+        if (serial)
+        {
+            float h = carry;
+            for (int src = 0; src < kLanes; ++src)
+            {
+                h_start[src] = h;
+                h = replay(h, a[src], s[src].dtu, b_row(src), NoRow{}, nullptr);
+            }
+            h_end = h;
+        }
+        else
+        {
+            Affine f[kLanes];
+            for (int lane = 0; lane < kLanes; ++lane)
+            {
+                f[lane] = lane_map(a[lane], s[lane].dtu, b_row(lane), a2, dt_sum[lane]);
+            }
+            f[0].b = f[0].a * carry + f[0].b;
+            for (int off = 1; off < kLanes; off *= 2) // __shfl_up_sync rounds
+            {
+                Affine up[kLanes];
+                std::copy(f, f + kLanes, up);
+                for (int lane = off; lane < kLanes; ++lane)
+                {
+                    float const up_a = off < kLanes / 2 ? up[lane - off].a : 1.0f;
+                    f[lane].b = f[lane].a * up[lane - off].b + f[lane].b;
+                    f[lane].a = f[lane].a * up_a;
+                }
+            }
+            h_start[0] = carry;
+            for (int lane = 1; lane < kLanes; ++lane)
+            {
+                h_start[lane] = f[lane - 1].b;
+            }
+            h_end = f[kLanes - 1].b;
+        }
+        if (output)
+        {
+            for (int lane = 0; lane < kLanes; ++lane)
+            {
+                replay(h_start[lane], a[lane], s[lane].dtu, b_row(lane),
+                    HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
+            }
+        }
+        sm.carry[ch][n] = h_end;
+    }
+
+    //! compose_segments(): the maps of segments 0 .. s-1 into sm.carry; whether one is invalid.
+    bool compose_segments(std::vector<Affine> const& ws, int32_t s, int32_t maps)
+    {
+        bool bad = false;
+        int32_t const run = (s + kLanes - 1) / kLanes;
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            for (int n = 0; n < in.d.state; ++n)
+            {
+                Affine f[kLanes];
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    f[lane] = identity_map();
+                    int32_t const first = lane * run;
+                    int32_t const last = first + run < s ? first + run : s;
+                    Affine const* m = ws.data() + offset_map(in.d, at.b, at.first_channel + ch, n, 0, maps);
+                    for (int32_t q = first; q < last; ++q)
+                    {
+                        bad |= m[q].a < 0.0f;
+                        f[lane] = then(f[lane], m[q]);
+                    }
+                }
+                for (int off = 1; off < kLanes; off *= 2) // __shfl_down_sync tree
+                {
+                    Affine next[kLanes];
+                    std::copy(f, f + kLanes, next);
+                    for (int lane = 0; lane + off < kLanes; lane += 2 * off)
+                    {
+                        f[lane] = then(f[lane], next[lane + off]);
+                    }
+                }
+                sm.carry[ch][n] = f[0].b;
+            }
+        }
+        return bad;
+    }
+
+    //! Pass 1's end: each channel's lanes sum their dt (xor butterfly), lane n writes state n's map.
+    void write_maps(std::vector<Affine>& ws, Plan const& plan)
+    {
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            float* v = dt_total + ch * kLanes;
+            for (int off = 1; off < kLanes; off *= 2)
+            {
+                float before[kLanes];
+                std::copy(v, v + kLanes, before);
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    v[lane] = before[lane] + before[lane ^ off];
+                }
+            }
+            for (int n = 0; n < in.d.state; ++n)
+            {
+                bool const invalid = ((grew[ch] >> n) & 1u) != 0;
+                ws[offset_map(in.d, at.b, at.first_channel + ch, n, at.segment, plan.segments - 1)]
+                    = Affine{invalid ? -1.0f : fast_exp2(sm.a2[ch][n] * v[n]), sm.carry[ch][n]};
+            }
+        }
+    }
+};
+
+//! The launcher: pass 1 (when segmented), then pass 2.
+void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
+{
+    Dims const& d = in.d;
+    int64_t const per = blocks_per_segment(d);
+    std::vector<Affine> ws(workspace_bytes(d) / sizeof(Affine), Affine{kNaN, kNaN});
+    auto const bounds = [&](int32_t s, int64_t* begin, int64_t* end) {
+        *begin = s * plan.segment_length;
+        *end = *begin + plan.segment_length < d.length ? *begin + plan.segment_length : static_cast<int64_t>(d.length);
+    };
+    for (int64_t block = 0; plan.segments > 1 && block < per * (plan.segments - 1); ++block)
+    {
+        Block blk(in, block_coord(d, block, plan.segments - 1), paths);
         int64_t begin = 0;
         int64_t end = 0;
-        bounds(s, &begin, &end);
-        scan_segment(in, b, c, begin, end, h0, false, y);
+        bounds(blk.at.segment, &begin, &end);
+        blk.scan_tiles(begin, end, false, nullptr);
+        blk.write_maps(ws, plan);
     }
+    for (int64_t block = 0; block < per * plan.segments; ++block)
+    {
+        Block blk(in, block_coord(d, block, plan.segments), paths);
+        int64_t begin = 0;
+        int64_t end = 0;
+        bounds(blk.at.segment, &begin, &end);
+        if (blk.at.segment > 0 && blk.compose_segments(ws, blk.at.segment, plan.segments - 1))
+        {
+            for (int ch = 0; ch < kChannels; ++ch)
+            {
+                std::fill(blk.sm.carry[ch], blk.sm.carry[ch] + kMaxState, 0.0f);
+            }
+            blk.scan_tiles(0, begin, false, nullptr);
+        }
+        blk.scan_tiles(begin, end, true, y);
+    }
+}
+
+//! --check-layout: bijection and bank-conflict freedom of the staging and lane index functions.
+int check_layout()
+{
+    int failures = 0;
+    auto const bank_group = [](int float_offset) { return (float_offset / kChunk) % 8; };
+    for (int elems : {4, 8})
+    {
+        std::multiset<int> written;
+        int const per_row = kTile / elems;
+        for (int w = 0; w < per_row; ++w)
+        {
+            StageItem const item = stage_item(w, elems);
+            for (int e = 0; e < elems; ++e)
+            {
+                int const slot = item.offset + (e / kChunk) * stage_offset(0, 1) + e % kChunk;
+                written.insert(slot);
+                // the float staged there is the one the lane owning that step reads
+                int const step = item.step + e;
+                int const lane = step / kItems;
+                int const part = (step % kItems) / kChunk;
+                if (slot != stage_offset(lane, part) + step % kChunk)
+                {
+                    std::printf("elems %d: step %d staged at %d, read at %d\n", elems, step, slot,
+                        stage_offset(lane, part) + step % kChunk);
+                    ++failures;
+                }
+            }
+        }
+        if (static_cast<int>(written.size()) != kTile || std::set<int>(written.begin(), written.end()).size() != kTile)
+        {
+            std::printf("elems %d: the staged row is not written exactly once per float\n", elems);
+            ++failures;
+        }
+        // stores: 8 consecutive threads (a quarter warp) store to 8 different bank groups
+        for (int first = 0; first < per_row; first += 8)
+        {
+            for (int chunk = 0; chunk < elems / kChunk; ++chunk)
+            {
+                std::set<int> groups;
+                for (int w = first; w < first + 8; ++w)
+                {
+                    groups.insert(bank_group(stage_item(w, elems).offset + chunk * stage_offset(0, 1)));
+                }
+                if (groups.size() != 8)
+                {
+                    std::printf("elems %d: staging stores of threads %d..%d conflict\n", elems, first, first + 7);
+                    ++failures;
+                }
+            }
+        }
+    }
+    // loads: 8 consecutive lanes reading the same part hit 8 different bank groups
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        for (int first = 0; first < kLanes; first += 8)
+        {
+            std::set<int> groups;
+            for (int lane = first; lane < first + 8; ++lane)
+            {
+                groups.insert(bank_group(stage_offset(lane, part)));
+            }
+            if (groups.size() != 8)
+            {
+                std::printf("lane loads of part %d conflict\n", part);
+                ++failures;
+            }
+        }
+    }
+    std::printf(failures == 0 ? "layout ok\n" : "layout: %d failures\n", failures);
+    return failures == 0 ? 0 : 1;
 }
 
 bool read_floats(std::FILE* f, std::vector<float>& v, int64_t n)
@@ -197,13 +485,34 @@ bool read_floats(std::FILE* f, std::vector<float>& v, int64_t n)
     return std::fread(v.data(), sizeof(float), v.size(), f) == v.size();
 }
 
+constexpr int kHeaderInts = 17;
+
 } // namespace
 
 int main(int argc, char** argv)
 {
+    if (argc == 2 && std::strcmp(argv[1], "--check-layout") == 0)
+    {
+        return check_layout();
+    }
+    if (argc == 9 && std::strcmp(argv[1], "--plan") == 0)
+    {
+        Dims const d{std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6])};
+        if (char const* why = check_dims(d))
+        {
+            std::fprintf(stderr, "host_harness: %s\n", why);
+            return 2;
+        }
+        Plan const plan = plan_for(d, segments_for(d, std::atoi(argv[7]), std::atoi(argv[8])));
+        std::printf("{\"segments\": %d, \"segment_length\": %lld, \"blocks_per_segment\": %lld, "
+                    "\"max_segments\": %lld, \"workspace_bytes\": %llu}\n",
+            plan.segments, static_cast<long long>(plan.segment_length), static_cast<long long>(blocks_per_segment(d)),
+            static_cast<long long>(max_segments(d)), static_cast<unsigned long long>(workspace_bytes(d)));
+        return 0;
+    }
     if (argc != 3)
     {
-        std::fprintf(stderr, "usage: host_harness IN.bin OUT.bin\n");
+        std::fprintf(stderr, "usage: host_harness IN.bin OUT.bin | --check-layout | --plan B D K L N SM_COUNT BLOCKS_PER_SM\n");
         return 2;
     }
     std::FILE* in = std::fopen(argv[1], "rb");
@@ -212,17 +521,21 @@ int main(int argc, char** argv)
         std::fprintf(stderr, "host_harness: cannot open %s\n", argv[1]);
         return 2;
     }
-    int32_t header[9];
-    if (std::fread(header, sizeof(int32_t), 9, in) != 9)
+    int32_t header[kHeaderInts];
+    if (std::fread(header, sizeof(int32_t), kHeaderInts, in) != kHeaderInts)
     {
-        std::fprintf(stderr, "host_harness: %s is shorter than its 9-int header\n", argv[1]);
+        std::fprintf(stderr, "host_harness: %s is shorter than its %d-int header\n", argv[1], kHeaderInts);
         return 2;
     }
     Dims const d{header[0], header[1], header[2], header[3], header[4]};
-    bool const softplus = header[5] != 0;
     if (char const* why = check_dims(d))
     {
         std::fprintf(stderr, "host_harness: %s\n", why);
+        return 2;
+    }
+    if (header[9] != 4 && header[9] != 2)
+    {
+        std::fprintf(stderr, "host_harness: elem_bytes must be 4 (fp32) or 2 (fp16)\n");
         return 2;
     }
     int64_t const bdl = static_cast<int64_t>(d.batch) * d.dim * d.length;
@@ -245,22 +558,20 @@ int main(int argc, char** argv)
         std::fprintf(stderr, "host_harness: %s is shorter than its header says\n", argv[1]);
         return 2;
     }
-    std::vector<float> y(static_cast<size_t>(bdl), 0.0f);
-    Inputs const inputs{d, softplus, u.data(), delta.data(), A.data(), B.data(), C.data(),
-        D_skip.empty() ? nullptr : D_skip.data(), delta_bias.empty() ? nullptr : delta_bias.data()};
-    int32_t const segments = header[8] > 0 ? header[8] : segments_for(d, 132);
-    if (segments > kMaxSegments)
+    Inputs const inputs{d, header[5] != 0, u.data(), delta.data(), A.data(), B.data(), C.data(),
+        D_skip.empty() ? nullptr : D_skip.data(), delta_bias.empty() ? nullptr : delta_bias.data(), header[9],
+        {header[10], header[11], header[12], header[13], header[14]}};
+    int32_t const segments = header[8] > 0 ? header[8] : segments_for(d, header[15], header[16]);
+    if (segments > max_segments(d))
     {
-        std::fprintf(stderr, "host_harness: at most %d segments\n", kMaxSegments);
+        std::fprintf(stderr, "host_harness: at most %lld segments for these dims\n",
+            static_cast<long long>(max_segments(d)));
         return 2;
     }
-    for (int32_t b = 0; b < d.batch; ++b)
-    {
-        for (int32_t c = 0; c < d.dim; ++c)
-        {
-            scan_sequence(inputs, b, c, segments, y.data());
-        }
-    }
+    Plan const plan = plan_for(d, segments);
+    std::vector<float> y(static_cast<size_t>(bdl), kNaN);
+    PathCount paths;
+    run(inputs, plan, y.data(), paths);
     std::FILE* out = std::fopen(argv[2], "wb");
     if (out == nullptr || std::fwrite(y.data(), sizeof(float), y.size(), out) != y.size())
     {
@@ -268,5 +579,9 @@ int main(int argc, char** argv)
         return 2;
     }
     std::fclose(out);
+    // For the tests: the plan and how many lane loads, stores and staging chunks took each path.
+    std::printf("{\"segments\": %d, \"segment_length\": %lld, \"vector\": %lld, \"scalar\": %lld}\n", plan.segments,
+        static_cast<long long>(plan.segment_length), static_cast<long long>(paths.vector),
+        static_cast<long long>(paths.scalar));
     return 0;
 }

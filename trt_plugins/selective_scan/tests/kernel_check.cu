@@ -1,17 +1,26 @@
 // GPU check and benchmark of the SelectiveScan kernel (needs an NVIDIA GPU; compiled in CI).
 //
-//   kernel_check B D K L N [fp32|fp16] [iterations] [peak_GBps]
+//   kernel_check B D K L N [fp32|fp16] [iterations] [peak_GBps] [options]
+//
+// options:
+//   --no-softplus   delta_softplus = 0 (dt = delta + bias, kept >= 0 unless --grow)
+//   --grow          delta_softplus = 0 with dt < 0 in the middle third of the sequence: growing
+//                   maps, run by the kernel as the plain recurrence (u = 0 before that third, so
+//                   the state stays finite)
+//   --offset E      base pointers of u, delta, B, C and y E elements past a 256-byte boundary
+//                   (E % (16 / element size) != 0: the scalar paths)
+//   --no-timing     check only (for compute-sanitizer runs)
 //
 // 1. Random inputs (fixed seed) -> launch_selective_scan -> y, compared with a sequential
-//    float64 run of the contract's recurrence on the CPU: prints the max |error| relative
-//    to max |y|, and fails (exit 1) above 1e-5 (fp32 I/O) or 1e-2 (fp16 I/O). Both modes:
-//    one pass (no workspace) and segmented (with a workspace; two passes when B * D blocks
-//    are fewer than two per SM).
-// 2. `iterations` timed launches per mode (CUDA events): mean ms per call, the bytes the kernel must
-//    move at least (u, delta, y per channel; B, C once per group; A, D, bias), and the
-//    effective bandwidth against the GPU's peak (from the device attributes, or
-//    `peak_GBps` when given).
-// Output: one JSON line, for tools/bench_scan_gpu.py.
+//    float64 run of the contract's recurrence on the CPU: the max |error| relative to max |y|;
+//    fails (exit 1) above 1e-5 (fp32 I/O) or 1e-2 (fp16 I/O). Both modes: one pass (no
+//    workspace) and segmented (with a workspace: two passes when the launcher cuts segments).
+// 2. `iterations` timed launches per mode (CUDA events): mean ms per call, the bytes the op
+//    must move at least (u, delta, y per channel; B, C once per group; A, D, bias), the
+//    effective bandwidth and its fraction of the GPU's peak (from the device attributes, or
+//    `peak_GBps` when given and > 0).
+// Output: one JSON line (tools/bench_scan_gpu.py, tools/gpu_kernel_check.sh). Exit 2: no GPU or
+// a CUDA error.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -58,9 +67,9 @@ struct Random
 };
 
 //! The recurrence of the op contract, sequentially, in float64.
-std::vector<double> reference(qmamba::scan::Dims const& d, std::vector<float> const& u, std::vector<float> const& delta,
-    std::vector<float> const& A, std::vector<float> const& B, std::vector<float> const& C,
-    std::vector<float> const& Dskip, std::vector<float> const& bias)
+std::vector<double> reference(qmamba::scan::Dims const& d, bool softplus, std::vector<float> const& u,
+    std::vector<float> const& delta, std::vector<float> const& A, std::vector<float> const& B,
+    std::vector<float> const& C, std::vector<float> const& Dskip, std::vector<float> const& bias)
 {
     std::vector<double> y(u.size());
     std::vector<double> h(d.state);
@@ -75,7 +84,7 @@ std::vector<double> reference(qmamba::scan::Dims const& d, std::vector<float> co
             for (int32_t t = 0; t < d.length; ++t)
             {
                 double const z = static_cast<double>(delta[row + t]) + bias[c];
-                double const dt = z > 20.0 ? z : std::log1p(std::exp(z));
+                double const dt = !softplus || z > 20.0 ? z : std::log1p(std::exp(z));
                 double acc = static_cast<double>(Dskip[c]) * u[row + t];
                 for (int32_t n = 0; n < d.state; ++n)
                 {
@@ -90,12 +99,19 @@ std::vector<double> reference(qmamba::scan::Dims const& d, std::vector<float> co
     return y;
 }
 
-template <typename T>
-T* upload(std::vector<float> const& host, bool half)
+//! Device copies of the inputs, `offset` elements past a 256-byte boundary.
+struct DeviceBuffer
 {
-    void* dev = nullptr;
-    size_t const bytes = host.size() * (half ? sizeof(__half) : sizeof(float));
-    CHECK_CUDA(cudaMalloc(&dev, bytes));
+    void* base = nullptr;
+    void* at = nullptr;
+};
+
+DeviceBuffer upload(std::vector<float> const& host, bool half, int offset)
+{
+    DeviceBuffer buf;
+    size_t const elem = half ? sizeof(__half) : sizeof(float);
+    CHECK_CUDA(cudaMalloc(&buf.base, (host.size() + offset) * elem + 256));
+    buf.at = static_cast<char*>(buf.base) + offset * elem;
     if (half)
     {
         std::vector<__half> h(host.size());
@@ -103,13 +119,13 @@ T* upload(std::vector<float> const& host, bool half)
         {
             h[i] = __float2half(host[i]);
         }
-        CHECK_CUDA(cudaMemcpy(dev, h.data(), bytes, cudaMemcpyHostToDevice));
+        CHECK_CUDA(cudaMemcpy(buf.at, h.data(), host.size() * elem, cudaMemcpyHostToDevice));
     }
     else
     {
-        CHECK_CUDA(cudaMemcpy(dev, host.data(), bytes, cudaMemcpyHostToDevice));
+        CHECK_CUDA(cudaMemcpy(buf.at, host.data(), host.size() * elem, cudaMemcpyHostToDevice));
     }
-    return static_cast<T*>(dev);
+    return buf;
 }
 
 //! fp16 inputs are rounded before the reference sees them, so only the kernel's error is measured.
@@ -138,16 +154,47 @@ double peak_bandwidth_gbps(int device)
 
 int main(int argc, char** argv)
 {
-    if (argc < 6)
+    std::vector<char const*> positional;
+    bool softplus = true;
+    bool grow = false;
+    bool timing = true;
+    int offset = 0;
+    for (int i = 1; i < argc; ++i)
     {
-        std::fprintf(stderr, "usage: kernel_check B D K L N [fp32|fp16] [iterations] [peak_GBps]\n");
+        if (std::strcmp(argv[i], "--no-softplus") == 0)
+        {
+            softplus = false;
+        }
+        else if (std::strcmp(argv[i], "--grow") == 0)
+        {
+            softplus = false;
+            grow = true;
+        }
+        else if (std::strcmp(argv[i], "--no-timing") == 0)
+        {
+            timing = false;
+        }
+        else if (std::strcmp(argv[i], "--offset") == 0 && i + 1 < argc)
+        {
+            offset = std::atoi(argv[++i]);
+        }
+        else
+        {
+            positional.push_back(argv[i]);
+        }
+    }
+    if (positional.size() < 5 || offset < 0 || offset > 64)
+    {
+        std::fprintf(stderr,
+            "usage: kernel_check B D K L N [fp32|fp16] [iterations] [peak_GBps] [--no-softplus] [--grow] "
+            "[--offset E (0..64)] [--no-timing]\n");
         return 2;
     }
-    qmamba::scan::Dims const d{std::atoi(argv[1]), std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]),
-        std::atoi(argv[5])};
-    bool const half = argc > 6 && std::strcmp(argv[6], "fp16") == 0;
-    int const iterations = argc > 7 ? std::atoi(argv[7]) : 20;
-    double peak = argc > 8 ? std::atof(argv[8]) : 0.0;
+    qmamba::scan::Dims const d{std::atoi(positional[0]), std::atoi(positional[1]), std::atoi(positional[2]),
+        std::atoi(positional[3]), std::atoi(positional[4])};
+    bool const half = positional.size() > 5 && std::strcmp(positional[5], "fp16") == 0;
+    int const iterations = positional.size() > 6 ? std::atoi(positional[6]) : 20;
+    double peak = positional.size() > 7 ? std::atof(positional[7]) : 0.0;
     if (char const* why = qmamba::scan::check_dims(d))
     {
         std::fprintf(stderr, "kernel_check: %s\n", why);
@@ -160,6 +207,26 @@ int main(int argc, char** argv)
     std::vector<float> A = rng.fill(static_cast<size_t>(d.dim) * d.state, -2.f, -0.05f);
     std::vector<float> B = rng.fill(bknl, -1.f, 1.f), C = rng.fill(bknl, -1.f, 1.f);
     std::vector<float> Dskip = rng.fill(d.dim, -1.f, 1.f), bias = rng.fill(d.dim, -0.5f, 0.5f);
+    if (!softplus)
+    {
+        // dt = delta + bias: >= 0 (decaying), or < 0 in the middle third (--grow: the state grows
+        // by at most e^20 over that third, |A| <= 2)
+        float const growth = 30.0f / static_cast<float>(d.length > 0 ? d.length : 1);
+        for (size_t i = 0; i < bdl; ++i)
+        {
+            size_t const t = i % d.length;
+            bool const middle = 3 * t >= static_cast<size_t>(d.length) && 3 * t < 2 * static_cast<size_t>(d.length);
+            delta[i] = grow && middle ? -growth * (delta[i] + 3.f) / 4.f : 0.1f * (delta[i] + 3.f);
+            if (grow && 3 * t < static_cast<size_t>(d.length))
+            {
+                u[i] = 0.0f;
+            }
+        }
+        for (float& x : bias)
+        {
+            x = grow ? 0.0f : std::fabs(x);
+        }
+    }
     if (half)
     {
         round_to_half(u);
@@ -170,23 +237,30 @@ int main(int argc, char** argv)
 
     qmamba::ScanArgs args{};
     args.dims = d;
-    args.delta_softplus = true;
+    args.delta_softplus = softplus;
     args.io = half ? qmamba::IOType::kFLOAT16 : qmamba::IOType::kFLOAT32;
-    args.u = upload<void>(u, half);
-    args.delta = upload<void>(delta, half);
-    args.B = upload<void>(B, half);
-    args.C = upload<void>(C, half);
-    args.A = upload<float>(A, false);
-    args.D_skip = upload<float>(Dskip, false);
-    args.delta_bias = upload<float>(bias, false);
+    DeviceBuffer const bu = upload(u, half, offset), bdelta = upload(delta, half, offset);
+    DeviceBuffer const bB = upload(B, half, offset), bC = upload(C, half, offset);
+    DeviceBuffer const bA = upload(A, false, 0), bD = upload(Dskip, false, 0), bbias = upload(bias, false, 0);
+    DeviceBuffer const by = upload(std::vector<float>(bdl, 0.0f), half, offset);
+    args.u = bu.at;
+    args.delta = bdelta.at;
+    args.B = bB.at;
+    args.C = bC.at;
+    args.A = static_cast<float const*>(bA.at);
+    args.D_skip = static_cast<float const*>(bD.at);
+    args.delta_bias = static_cast<float const*>(bbias.at);
+    args.y = by.at;
     size_t const io_size = half ? sizeof(__half) : sizeof(float);
-    CHECK_CUDA(cudaMalloc(&args.y, bdl * io_size));
 
     cudaStream_t stream;
     CHECK_CUDA(cudaStreamCreate(&stream));
+    qmamba::DeviceInfo info{};
+    CHECK_CUDA(qmamba::describe_device(&info));
+    int32_t const blocks_per_sm = info.blocks_per_sm[half ? 1 : 0][d.state - 1];
     void* workspace = nullptr;
     CHECK_CUDA(cudaMalloc(&workspace, qmamba::scan::workspace_bytes(d)));
-    std::vector<double> const want = reference(d, u, delta, A, B, C, Dskip, bias);
+    std::vector<double> const want = reference(d, softplus, u, delta, A, B, C, Dskip, bias);
     cudaEvent_t start, stop;
     CHECK_CUDA(cudaEventCreate(&start));
     CHECK_CUDA(cudaEventCreate(&stop));
@@ -194,7 +268,9 @@ int main(int argc, char** argv)
     //! (max relative error, ms per call) of one mode.
     auto const run_mode = [&](void* ws, double* rel, double* ms) {
         args.workspace = ws;
-        CHECK_CUDA(cudaMemset(args.y, 0, bdl * io_size));
+        args.sm_count = info.sm_count; // cached, as the plugin does
+        args.blocks_per_sm = blocks_per_sm;
+        CHECK_CUDA(cudaMemset(by.base, 0xff, (bdl + offset) * io_size)); // NaN where nothing is written
         CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
         CHECK_CUDA(cudaStreamSynchronize(stream));
         std::vector<float> y(bdl);
@@ -214,10 +290,16 @@ int main(int argc, char** argv)
         double max_err = 0.0, max_ref = 1e-30;
         for (size_t i = 0; i < bdl; ++i)
         {
-            max_err = std::fmax(max_err, std::fabs(y[i] - want[i]));
+            double const err = std::fabs(y[i] - want[i]);
+            max_err = std::isnan(err) ? INFINITY : std::fmax(max_err, err);
             max_ref = std::fmax(max_ref, std::fabs(want[i]));
         }
         *rel = max_err / std::fmax(1.0, max_ref);
+        *ms = 0.0;
+        if (!timing || iterations <= 0)
+        {
+            return;
+        }
         for (int i = 0; i < 3; ++i)
         {
             CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
@@ -237,7 +319,8 @@ int main(int argc, char** argv)
     run_mode(nullptr, &rel_single, &ms_single);
     run_mode(workspace, &rel, &ms);
     double const bytes = 3.0 * bdl * io_size + 2.0 * bknl * io_size + (d.dim * (d.state + 2.0)) * sizeof(float);
-    double const gbps = bytes / (ms * 1e-3) / 1e9;
+    double const gbps = ms > 0 ? bytes / (ms * 1e-3) / 1e9 : 0.0;
+    double const gbps_single = ms_single > 0 ? bytes / (ms_single * 1e-3) / 1e9 : 0.0;
     int device = 0;
     CHECK_CUDA(cudaGetDevice(&device));
     cudaDeviceProp prop{};
@@ -247,12 +330,15 @@ int main(int argc, char** argv)
         peak = peak_bandwidth_gbps(device);
     }
     double const tolerance = half ? 1e-2 : 1e-5;
-    std::printf("{\"gpu\": \"%s\", \"cc\": \"%d.%d\", \"sms\": %d, \"B\": %d, \"D\": %d, \"K\": %d, \"L\": %d, "
-                "\"N\": %d, \"io\": \"%s\", \"segments\": %d, \"max_rel_error\": %.3e, "
-                "\"max_rel_error_one_pass\": %.3e, \"tolerance\": %.0e, \"ms\": %.4f, \"ms_one_pass\": %.4f, "
-                "\"bytes\": %.0f, \"GBps\": %.1f, \"peak_GBps\": %.1f, \"fraction_of_peak\": %.3f}\n",
-        prop.name, prop.major, prop.minor, prop.multiProcessorCount, d.batch, d.dim, d.groups, d.length, d.state,
-        half ? "fp16" : "fp32", qmamba::scan::segments_for(d, prop.multiProcessorCount), rel, rel_single, tolerance, ms,
-        ms_single, bytes, gbps, peak, peak > 0 ? gbps / peak : 0.0);
+    std::printf("{\"gpu\": \"%s\", \"cc\": \"%d.%d\", \"sms\": %d, \"blocks_per_sm\": %d, \"B\": %d, \"D\": %d, "
+                "\"K\": %d, \"L\": %d, \"N\": %d, \"io\": \"%s\", \"softplus\": %s, \"grow\": %s, \"offset\": %d, "
+                "\"segments\": %d, \"max_rel_error\": %.3e, \"max_rel_error_one_pass\": %.3e, \"tolerance\": %.0e, "
+                "\"ms\": %.4f, \"ms_one_pass\": %.4f, \"bytes\": %.0f, \"GBps\": %.1f, \"GBps_one_pass\": %.1f, "
+                "\"peak_GBps\": %.1f, \"fraction_of_peak\": %.3f, \"fraction_of_peak_one_pass\": %.3f}\n",
+        prop.name, prop.major, prop.minor, prop.multiProcessorCount, blocks_per_sm, d.batch, d.dim, d.groups, d.length,
+        d.state, half ? "fp16" : "fp32", softplus ? "true" : "false", grow ? "true" : "false", offset,
+        qmamba::scan::plan_for(d, qmamba::scan::segments_for(d, info.sm_count, blocks_per_sm)).segments, rel,
+        rel_single, tolerance, ms, ms_single, bytes, gbps, gbps_single, peak, peak > 0 ? gbps / peak : 0.0,
+        peak > 0 ? gbps_single / peak : 0.0);
     return rel <= tolerance && rel_single <= tolerance ? 0 : 1;
 }

@@ -1,4 +1,5 @@
-// The SelectiveScan recurrence, written once for the CUDA kernel and the host harness.
+// The SelectiveScan recurrence and the kernel's layout, written once for the CUDA kernel and the
+// host harness.
 //
 // Contract: ../../../../shared/design/selective-scan-op.md (names in
 // qmamba_deploy/ops/contract.py). For batch b, channel c (group k = c / (D / K)),
@@ -8,31 +9,54 @@
 //     h[t, n] = exp(dt A[c, n]) h[t-1, n] + dt B[b, k, n, t] u[b, c, t]
 //     y[t]    = sum_n C[b, k, n, t] h[t, n] + D_skip[c] u[b, c, t]
 //
-// One step is the affine map h -> a h + b with a = exp(dt A) <= 1. Maps compose
-// associatively, which is what lets a CUDA block scan a tile of the sequence in
-// parallel: every thread composes the maps of its own few steps, a block-wide scan
-// of those composed maps gives each thread the state it starts from, and the
-// thread replays its steps from there to write y. The state left at the end of a
-// tile is carried into the next tile, so any length L is handled with a fixed
-// block size. When B * D blocks alone cannot fill the GPU (MambaIRv2-light scans
-// D = 48 channels), the sequence is also cut into S segments of whole tiles, one block
-// each: a first pass composes each segment's map (its state from a zero start and its
-// total decay) into a small workspace, and the second pass starts each segment from
-// the state the maps of the segments before it give. Only decays <= 1 are ever multiplied together; nothing divides by a
-// cumulative product, so nothing overflows for long sequences or large dt.
+// One step is the affine map h -> a h + b with a = exp(dt A) = exp2(dt A log2(e)). Maps compose
+// associatively, which is what lets lanes scan a sequence in parallel.
 //
-// This header is plain C++ when not compiled by nvcc (QMAMBA_HD expands to
-// `inline`), so tests/host_harness.cpp runs exactly this arithmetic on a CPU.
+// Layout (src/selective_scan_kernel.cu): a block of kThreads = 128 threads works on kChannels = 8
+// channels of one group, kLanes = 16 lanes (half a warp) per channel. Per tile of kTile = 256
+// steps, lane j owns kItems = 16 consecutive steps t0 + 16 j .. t0 + 16 j + 15 of its channel:
+//   * u and delta come in with 16-byte loads (a row is read with vector loads when its address
+//     is 16-byte aligned and the lane's 16 steps are inside the sequence; scalar loads otherwise);
+//   * the whole block stages the tile's B and C rows of the group (N rows each) into shared
+//     memory as float32, with 16-byte loads and stores, so the 8 channels read B and C from
+//     shared memory instead of 8 times from L2;
+//   * per state n: the lane computes its 16 step maps once (one exp2 each, A pre-scaled by
+//     log2(e)), composes them, a 16-lane Kogge-Stone scan of the composed maps (the carried state
+//     folded into lane 0) gives every lane its start state, and the lane replays its 16 steps
+//     from it with the same maps, adding C h to y. The last lane's inclusive state is carried to
+//     the next tile.
+// Growing maps: a step map with dt A > 0 (a > 1: delta_softplus = 0 with dt < 0, or A > 0)
+// can overflow when composed with others although the recurrence is finite. Such a (tile,
+// state) is detected per channel and run as the plain recurrence, lane after lane (exact, slower).
+// So composed maps only ever hold decays <= 1, and nothing divides by a cumulative product.
+//
+// Segments (two passes, when the B * K * ceil(Dk / 8) blocks of one pass leave the GPU idle):
+// each sequence is cut into S segments of whole tiles, one block each. Pass 1 runs segments
+// 0 .. S-2 without output and writes each segment's map (decay exp2(A2 * sum dt), state from a
+// zero start) to the workspace; a segment that had growing steps writes an invalid map (a = -1).
+// Pass 2 composes the maps of the earlier segments (16 lanes per channel in parallel, then a
+// tree), or, when one of them is invalid, runs the recurrence over them again, then scans its
+// segment with output.
+//
+// This header is plain C++ when not compiled by nvcc (QMAMBA_HD expands to `inline`), so
+// tests/host_harness.cpp runs exactly this arithmetic and these index functions on a CPU.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define QMAMBA_HD __host__ __device__ __forceinline__
 #else
 #define QMAMBA_HD inline
+#endif
+// Loops over a lane's kItems steps are unrolled on the GPU so that their arrays stay in registers.
+#if defined(__CUDA_ARCH__)
+#define QMAMBA_UNROLL _Pragma("unroll")
+#else
+#define QMAMBA_UNROLL
 #endif
 
 namespace qmamba {
@@ -40,15 +64,29 @@ namespace scan {
 
 //! softplus(x) = x for x > 20 (as torch.nn.functional.softplus).
 constexpr float kSoftplusThreshold = 20.0f;
+constexpr float kLog2e = 1.4426950408889634f;
 
-//! Block shape of the CUDA kernel; the host harness replays the same tiling.
+//! Block shape of the CUDA kernel; the host harness replays the same layout.
 constexpr int kThreads = 128;
 constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kItems = 8;                     //!< consecutive steps owned by one thread
-constexpr int kTile = kThreads * kItems;      //!< steps scanned per block iteration
-constexpr int kMaxState = 16;                 //!< largest N compiled (every released model: 8, 10, 16)
-constexpr int kMaxSegments = 64;              //!< most blocks sharing one (batch, channel) sequence
+constexpr int kLanes = 16;                     //!< lanes per channel (half a warp)
+constexpr int kChannels = kThreads / kLanes;   //!< channels of one group per block
+constexpr int kItems = 16;                     //!< consecutive steps owned by one lane
+constexpr int kTile = kLanes * kItems;         //!< steps of one channel per block iteration
+constexpr int kVecBytes = 16;                  //!< one vector load or store
+constexpr int kChunk = 4;                      //!< floats per 16-byte shared-memory chunk
+constexpr int kChunksPerRow = kTile / kChunk;  //!< chunks of one staged B or C row
+constexpr int kMaxState = 16;                  //!< largest N compiled (every released model: 8, 10, 16)
+constexpr int kMinBlocksPerSm = 4;             //!< __launch_bounds__: at most 128 registers
+constexpr int kMaxSegments = 128;              //!< most blocks sharing one (batch, channel) sequence
+//! Segments are only cut to fill the GPU: never more blocks than this (16 blocks on 512 SMs).
+constexpr int64_t kMaxBlocksInFlight = 8192;
+//! The largest grid (gridDim.x).
+constexpr int64_t kMaxGrid = 2147483647;
+
+static_assert(kThreads % kLanes == 0 && kWarpSize % kLanes == 0, "a channel's lanes live in one warp");
+static_assert(kMaxState <= kLanes, "pass 1 writes one state's map per lane");
+static_assert(kItems % kChunk == 0 && kTile % kChunk == 0 && kChunk == 4, "whole chunks of 4 per lane and per row");
 
 //! The shapes of one call (see the contract for the layouts).
 struct Dims
@@ -78,29 +116,230 @@ QMAMBA_HD Affine then(Affine first, Affine second)
     return Affine{first.a * second.a, second.a * first.b + second.b};
 }
 
-QMAMBA_HD float apply(Affine f, float h)
+//! 2^x: one MUFU.EX2 on the GPU (ex2.approx, relative error ~2^-22), exp2f on the host.
+QMAMBA_HD float fast_exp2(float x)
 {
-    return f.a * h + f.b;
+#if defined(__CUDA_ARCH__)
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return std::exp2(x);
+#endif
+}
+
+//! x / y, for y in [2, 3]: MUFU.RCP and a multiply on the GPU.
+QMAMBA_HD float fast_divide(float x, float y)
+{
+#if defined(__CUDA_ARCH__)
+    return __fdividef(x, y);
+#else
+    return x / y;
+#endif
+}
+
+//! softplus(z) = max(z, 0) + log1p(exp(-|z|)), with log1p(e) = 2 atanh(e / (2 + e)) as an odd
+//! series in s = e / (2 + e) <= 1/3 (7 terms: truncation < 2e-8 relative). One exp2 and one
+//! reciprocal per step instead of expf and log1pf.
+QMAMBA_HD float softplus(float z)
+{
+    float const e = fast_exp2(-std::fabs(z) * kLog2e);
+    float const s = fast_divide(e, 2.0f + e);
+    float const s2 = s * s;
+    float p = 2.0f / 13.0f;
+    p = p * s2 + 2.0f / 11.0f;
+    p = p * s2 + 2.0f / 9.0f;
+    p = p * s2 + 2.0f / 7.0f;
+    p = p * s2 + 2.0f / 5.0f;
+    p = p * s2 + 2.0f / 3.0f;
+    p = p * s2 + 2.0f;
+    float const soft = std::fmax(z, 0.0f) + s * p;
+    return z > kSoftplusThreshold ? z : soft; // a select, not a branch
 }
 
 //! dt = softplus(delta + bias) or delta + bias.
-QMAMBA_HD float step_size(float delta, float bias, bool softplus)
+QMAMBA_HD float step_size(float delta, float bias, bool use_softplus)
 {
     float const z = delta + bias;
-    if (!softplus || z > kSoftplusThreshold)
-    {
-        return z;
-    }
-    return log1pf(expf(z));
+    return use_softplus ? softplus(z) : z;
 }
 
-//! One step of the recurrence for one state: h -> exp(dt A) h + dt B u.
-QMAMBA_HD Affine step_map(float dt, float a_cn, float b_t, float u_t)
+// ---------------------------------------------------------------------------------------------
+// One lane's share of a tile.
+
+//! What a lane holds for its kItems steps: dt, dt * u and y (started at D_skip * u). Steps past
+//! the end of the sequence get dt = 0 and u = 0, which makes their maps the identity
+//! (a = exp2(0) = 1, b = 0): no step count is needed in the arithmetic below.
+struct LaneSteps
 {
-    return Affine{expf(dt * a_cn), dt * b_t * u_t};
+    float dt[kItems];
+    float dtu[kItems];
+    float y[kItems];
+};
+
+//! Fills `s` from the raw u and delta of `count` valid steps.
+QMAMBA_HD void prepare_steps(float const* u, float const* delta, int count, float bias, float d_skip,
+    bool use_softplus, LaneSteps& s)
+{
+    QMAMBA_UNROLL
+    for (int i = 0; i < kItems; ++i)
+    {
+        // step_size on every item, then a select (no branch around the softplus on the GPU)
+        bool const valid = i < count;
+        float const step = step_size(valid ? delta[i] : 0.0f, bias, use_softplus);
+        float const dt = valid ? step : 0.0f;
+        float const uu = valid ? u[i] : 0.0f;
+        s.dt[i] = dt;
+        s.dtu[i] = dt * uu;
+        s.y[i] = d_skip * uu;
+    }
 }
 
-//! Offsets into the [B, D, L] and [B, K, N, L] tensors.
+//! Sum of the lane's dt (its composed decay is exp2(A2 * sum)).
+QMAMBA_HD float lane_dt_sum(LaneSteps const& s)
+{
+    float sum = 0.0f;
+    QMAMBA_UNROLL
+    for (int i = 0; i < kItems; ++i)
+    {
+        sum += s.dt[i];
+    }
+    return sum;
+}
+
+//! Bit 0: some dt < 0; bit 1: some dt > 0. A state with A2 < 0 grows (a > 1) in a tile where
+//! some dt < 0, one with A2 > 0 where some dt > 0.
+QMAMBA_HD unsigned dt_signs(LaneSteps const& s)
+{
+    unsigned signs = 0;
+    QMAMBA_UNROLL
+    for (int i = 0; i < kItems; ++i)
+    {
+        signs |= (s.dt[i] < 0.0f ? 1u : 0u) | (s.dt[i] > 0.0f ? 2u : 0u);
+    }
+    return signs;
+}
+
+QMAMBA_HD bool grows(float a2, unsigned channel_signs)
+{
+    return (a2 < 0.0f && (channel_signs & 1u) != 0) || (a2 > 0.0f && (channel_signs & 2u) != 0);
+}
+
+//! One state's decays for the lane's steps, a = exp2(dt A2): the one exp2 per state and step,
+//! kept in registers from compose to replay. The other half of a step map, b = dt u B, is formed
+//! where it is used (lane_map, replay) from dt u and the staged B: 16 more registers for b would
+//! not leave the kernel a margin under 128.
+QMAMBA_HD void step_decays(LaneSteps const& s, float a2, float* a)
+{
+    QMAMBA_UNROLL
+    for (int i = 0; i < kItems; ++i)
+    {
+        a[i] = fast_exp2(s.dt[i] * a2);
+    }
+}
+
+//! Stands for "no C row": replay() then only advances the state.
+struct NoRow
+{
+};
+
+//! Walks the lane's steps from state h with decays a and b = dtu * B (b_row: the lane's staged B
+//! row, read by chunks: chunk(part, out) gives its values 4 part .. 4 part + 3, one 16-byte
+//! shared load on the GPU), adding C h to y when `c_row` is a row. Returns the state after them.
+template <typename BRow, typename CRow>
+QMAMBA_HD float replay(float h, float const* a, float const* dtu, BRow const& b_row, CRow const& c_row, float* y)
+{
+    QMAMBA_UNROLL
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float bv[kChunk];
+        float cv[kChunk] = {};
+        b_row.chunk(part, bv);
+        if constexpr (!std::is_same<CRow, NoRow>::value)
+        {
+            c_row.chunk(part, cv);
+        }
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            int const i = kChunk * part + e;
+            h = a[i] * h + dtu[i] * bv[e];
+            if constexpr (!std::is_same<CRow, NoRow>::value)
+            {
+                y[i] += cv[e] * h;
+            }
+        }
+    }
+    return h;
+}
+
+//! The composed map of the lane's steps: b-part by the recurrence from a zero state (a replay
+//! from 0 without output), a-part exp2(A2 * sum dt) (one exp2 instead of 15 dependent multiplies).
+template <typename BRow>
+QMAMBA_HD Affine lane_map(float const* a, float const* dtu, BRow const& b_row, float a2, float dt_sum)
+{
+    return Affine{fast_exp2(a2 * dt_sum), replay(0.0f, a, dtu, b_row, NoRow{}, nullptr)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory staging of B and C: float32 rows [2 N][kTile] (B rows, then C rows). A row is
+// stored "part-major": chunk (part p, lane l) = the lane's steps 4 p .. 4 p + 3 = tile steps
+// 16 l + 4 p .. + 3, at floats 4 (p * kLanes + l). A lane's 16-byte load of part p then reads 16
+// consecutive chunks across its 16 lanes (no bank conflict, one base address plus constant
+// offsets per lane), and the staging threads are assigned so that consecutive threads store
+// consecutive chunks (no bank conflict) while each warp's 16-byte global loads use whole 32-byte
+// sectors.
+
+//! Float offset in a staged row of the lane's part p.
+QMAMBA_HD int stage_offset(int lane, int part)
+{
+    return kChunk * (part * kLanes + lane);
+}
+
+//! Float offset of row `row` (0 .. 2N-1: B rows then C rows) of the staged tile.
+QMAMBA_HD int stage_row(int row)
+{
+    return row * kTile;
+}
+
+//! Staging work item `w` of one row (0 .. kTile / elems - 1, for 16-byte global chunks of
+//! `elems` = 4 (fp32) or 8 (fp16) elements): the first tile step it loads, and the float offset
+//! of its first float chunk (an fp16 chunk fills the lane's parts p and p + 1).
+struct StageItem
+{
+    int step;
+    int offset;
+};
+
+QMAMBA_HD StageItem stage_item(int w, int elems)
+{
+    int const parts_per_chunk = elems / kChunk;               // 1 (fp32) or 2 (fp16)
+    int const lane = w % kLanes;
+    int const part = (w / kLanes) * parts_per_chunk;
+    return StageItem{kItems * lane + kChunk * part, stage_offset(lane, part)};
+}
+
+//! The vector width of one 16-byte global access, in elements of `elem_bytes`.
+QMAMBA_HD int vector_elems(int elem_bytes)
+{
+    return kVecBytes / elem_bytes;
+}
+
+QMAMBA_HD bool aligned16(uint64_t address)
+{
+    return address % kVecBytes == 0;
+}
+
+//! How many of the kItems steps starting at `t` lie before `end`.
+QMAMBA_HD int steps_before(int64_t t, int64_t end)
+{
+    int64_t const left = end - t;
+    return left <= 0 ? 0 : (left < kItems ? static_cast<int>(left) : kItems);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grid, segments and workspace.
+
 QMAMBA_HD int64_t offset_bdl(Dims const& d, int32_t b, int32_t c)
 {
     return (static_cast<int64_t>(b) * d.dim + c) * d.length;
@@ -111,95 +350,147 @@ QMAMBA_HD int64_t offset_bknl(Dims const& d, int32_t b, int32_t k, int32_t n)
     return ((static_cast<int64_t>(b) * d.groups + k) * d.state + n) * d.length;
 }
 
-//! The composed map of the first `count` of kItems consecutive steps (one thread's share
-//! of a tile, one state). The loops run over the compile-time kItems so that the arrays
-//! stay in registers on the GPU.
-QMAMBA_HD Affine segment_map(float const* dt, float const* u, float const* b, float a_cn, int count)
-{
-    Affine f = identity_map();
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-    for (int i = 0; i < kItems; ++i)
-    {
-        if (i < count)
-        {
-            f = then(f, step_map(dt[i], a_cn, b[i], u[i]));
-        }
-    }
-    return f;
-}
-
-//! Replays the first `count` steps from state h, adding C h to y; returns the state after them.
-QMAMBA_HD float replay_segment(float h, float const* dt, float const* u, float const* b, float const* c, float a_cn,
-    int count, float* y)
-{
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-    for (int i = 0; i < kItems; ++i)
-    {
-        if (i < count)
-        {
-            h = apply(step_map(dt[i], a_cn, b[i], u[i]), h);
-            y[i] += c[i] * h;
-        }
-    }
-    return h;
-}
-
-//! How many steps of the tile starting at `tile_start` thread `thread` owns (0 at or past
-//! `end`), and where they start.
-QMAMBA_HD int steps_owned(int64_t tile_start, int thread, int64_t end, int64_t* first)
-{
-    int64_t const t0 = tile_start + static_cast<int64_t>(thread) * kItems;
-    *first = t0;
-    int64_t const left = end - t0;
-    return left <= 0 ? 0 : (left < kItems ? static_cast<int>(left) : kItems);
-}
-
 QMAMBA_HD int64_t tiles_in(Dims const& d)
 {
     return (static_cast<int64_t>(d.length) + kTile - 1) / kTile;
 }
 
-//! Segments per (batch, channel) sequence: enough blocks for two per SM when B * D blocks are
-//! fewer, at most one per tile and kMaxSegments.
-QMAMBA_HD int32_t segments_for(Dims const& d, int32_t sm_count)
+//! Blocks per group: ceil(Dk / kChannels).
+QMAMBA_HD int32_t blocks_per_group(Dims const& d)
 {
-    int64_t const blocks = static_cast<int64_t>(d.batch) * d.dim;
-    int64_t const wanted = 2 * static_cast<int64_t>(sm_count);
-    int64_t s = blocks >= wanted ? 1 : (wanted + blocks - 1) / blocks;
+    int32_t const per_group = d.dim / d.groups;
+    return (per_group + kChannels - 1) / kChannels;
+}
+
+//! Blocks of one segment of every sequence: B * K * ceil(Dk / kChannels).
+QMAMBA_HD int64_t blocks_per_segment(Dims const& d)
+{
+    return static_cast<int64_t>(d.batch) * d.groups * blocks_per_group(d);
+}
+
+//! How a call is cut: `segments` segments of `segment_length` steps (whole tiles; the last may
+//! be shorter).
+struct Plan
+{
+    int32_t segments;
+    int64_t segment_length;
+};
+
+//! The plan for (at most) `segments` segments: whole tiles per segment, no empty segment.
+QMAMBA_HD Plan plan_for(Dims const& d, int32_t segments)
+{
+    int64_t const tiles = tiles_in(d) < 1 ? 1 : tiles_in(d);
+    int64_t const wanted = segments < 1 ? 1 : (segments > tiles ? tiles : segments);
+    int64_t const per_segment = (tiles + wanted - 1) / wanted;
+    return Plan{static_cast<int32_t>((tiles + per_segment - 1) / per_segment), per_segment * kTile};
+}
+
+//! Where one block works: batch b, group k, its first channel, segment s.
+struct BlockCoord
+{
+    int32_t b;
+    int32_t k;
+    int32_t first_channel;
+    int32_t channels;  //!< channels of the group from first_channel on, at most kChannels
+    int32_t segment;
+};
+
+//! blockIdx.x -> coordinates, for a grid of `segments` segments (consecutive blocks share a
+//! group's B and C in L2).
+QMAMBA_HD BlockCoord block_coord(Dims const& d, int64_t block, int32_t segments)
+{
+    int32_t const per_group = d.dim / d.groups;
+    int32_t const bpg = blocks_per_group(d);
+    BlockCoord at{};
+    int32_t const j = static_cast<int32_t>(block % bpg);
+    block /= bpg;
+    at.k = static_cast<int32_t>(block % d.groups);
+    block /= d.groups;
+    at.segment = static_cast<int32_t>(block % segments);
+    at.b = static_cast<int32_t>(block / segments);
+    at.first_channel = at.k * per_group + j * kChannels;
+    int32_t const left = per_group - j * kChannels;
+    at.channels = left < kChannels ? left : kChannels;
+    return at;
+}
+
+//! Most segments the launcher may choose for these dims (what the workspace is sized for).
+QMAMBA_HD int64_t max_segments(Dims const& d)
+{
+    int64_t const per = blocks_per_segment(d);
+    int64_t s = kMaxBlocksInFlight / (per < 1 ? 1 : per);
     s = s < tiles_in(d) ? s : tiles_in(d);
     s = s < kMaxSegments ? s : kMaxSegments;
-    return static_cast<int32_t>(s < 1 ? 1 : s);
+    return s < 1 ? 1 : s;
 }
 
-//! Steps per segment (whole tiles) when a sequence is cut into `segments`.
-QMAMBA_HD int64_t segment_length(Dims const& d, int32_t segments)
+//! Relative costs for segments_for, in units of "one block scans one tile with output":
+//! a tile of pass 1 (no C, no replay, no y: about 0.7 of the bytes and of the instructions),
+//! the second launch, and the composition of the earlier segments' maps per segment.
+constexpr double kMapsTileCost = 0.7;
+constexpr double kSecondLaunchCost = 1.0;
+constexpr double kPrologueCostPerSegment = 1.0 / 512.0;
+
+//! Estimated time of a plan on `slots` = SMs x resident blocks per SM: waves of equal blocks,
+//! so a last, partly filled wave costs a whole one.
+inline double plan_cost(Dims const& d, Plan const& p, int64_t slots)
 {
-    int64_t const tiles_per_segment = (tiles_in(d) + segments - 1) / segments;
-    return tiles_per_segment * kTile;
+    int64_t const per = blocks_per_segment(d);
+    double const tiles = static_cast<double>(p.segment_length / kTile);
+    double const waves2 = static_cast<double>((per * p.segments + slots - 1) / slots);
+    double cost = waves2 * (tiles + kPrologueCostPerSegment * (p.segments - 1));
+    if (p.segments > 1)
+    {
+        double const waves1 = static_cast<double>((per * (p.segments - 1) + slots - 1) / slots);
+        cost += waves1 * tiles * kMapsTileCost + kSecondLaunchCost;
+    }
+    return cost;
 }
 
-//! Offset of segment `s`'s map for state 0 in the workspace [B, D, S, N] of Affine maps.
-QMAMBA_HD int64_t offset_segment(Dims const& d, int32_t b, int32_t c, int32_t s, int32_t segments)
+//! Segments per sequence, from the GPU's SM count and the kernel's real occupancy (resident
+//! blocks per SM): the cheapest plan by plan_cost, which counts the tail wave and pass 1.
+inline int32_t segments_for(Dims const& d, int32_t sm_count, int32_t blocks_per_sm)
 {
-    return ((static_cast<int64_t>(b) * d.dim + c) * segments + s) * d.state;
+    int64_t const slots = static_cast<int64_t>(sm_count < 1 ? 1 : sm_count) * (blocks_per_sm < 1 ? 1 : blocks_per_sm);
+    int32_t best = 1;
+    double best_cost = plan_cost(d, plan_for(d, 1), slots);
+    for (int32_t s = 2; s <= max_segments(d); ++s)
+    {
+        Plan const p = plan_for(d, s);
+        if (p.segments != s)
+        {
+            continue; // the same cut as a smaller count
+        }
+        double const cost = plan_cost(d, p, slots);
+        if (cost < best_cost * 0.999)
+        {
+            best = s;
+            best_cost = cost;
+        }
+    }
+    return best;
 }
 
-//! Workspace bytes that any number of segments the launcher may choose fits in.
+//! Workspace offset of segment s's map for (b, c, n) when pass 1 writes `maps` = S - 1 segments:
+//! [B, D, N, S - 1] Affine maps, the segments of one state contiguous.
+QMAMBA_HD int64_t offset_map(Dims const& d, int32_t b, int32_t c, int32_t n, int32_t s, int32_t maps)
+{
+    return ((static_cast<int64_t>(b) * d.dim + c) * d.state + n) * maps + s;
+}
+
+//! Workspace bytes that the maps of any plan the launcher may choose, for these dims or smaller
+//! B and L (the same D, K, N), fit in: B' * min(tiles, kMaxSegments, kMaxBlocksInFlight /
+//! (B' * blocks per batch)) segment rows is at most the smaller of B * min(tiles, kMaxSegments)
+//! and max(B, kMaxBlocksInFlight / blocks per batch).
 inline size_t workspace_bytes(Dims const& d)
 {
-    int64_t const s = tiles_in(d) < kMaxSegments ? tiles_in(d) : kMaxSegments;
-    return static_cast<size_t>(d.batch) * d.dim * (s < 1 ? 1 : s) * d.state * sizeof(Affine);
+    int64_t const tiles = tiles_in(d) < kMaxSegments ? tiles_in(d) : kMaxSegments;
+    int64_t const per_batch = static_cast<int64_t>(d.groups) * blocks_per_group(d);
+    int64_t const by_length = static_cast<int64_t>(d.batch) * (tiles < 1 ? 1 : tiles);
+    int64_t const by_blocks = d.batch > kMaxBlocksInFlight / per_batch ? d.batch : kMaxBlocksInFlight / per_batch;
+    int64_t const rows = by_length < by_blocks ? by_length : by_blocks;
+    return static_cast<size_t>(rows) * d.dim * d.state * sizeof(Affine);
 }
-
-} // namespace scan
-} // namespace qmamba
-
-namespace qmamba {
-namespace scan {
 
 //! Why these dims cannot be scanned, or nullptr when they can.
 inline char const* check_dims(Dims const& d)
@@ -215,6 +506,10 @@ inline char const* check_dims(Dims const& d)
     if (d.state < 1 || d.state > kMaxState)
     {
         return "SelectiveScan: state size N must be 1..16 (the kernel is compiled for N <= 16)";
+    }
+    if (blocks_per_segment(d) > kMaxGrid)
+    {
+        return "SelectiveScan: batch * K * ceil(D / K / 8) must be at most 2^31 - 1 (CUDA blocks of one launch)";
     }
     return nullptr;
 }

@@ -29,10 +29,26 @@ struct ScanArgs
     float const* delta_bias;//!< [D] or null
     void* y;                //!< [B, D, L]
     //! scan::workspace_bytes(dims) bytes of device memory, or null. With a workspace the
-    //! launcher may cut each sequence into segments (two passes) when B * D blocks would
-    //! leave SMs idle; without one it runs a single pass.
+    //! launcher may cut each sequence into segments (two passes) when one pass would leave
+    //! SMs idle; without one it runs a single pass.
     void* workspace;
+    //! The GPU's SM count and the kernel's resident blocks per SM for (io, N), as
+    //! describe_device() reports them. 0: the launcher asks the CUDA runtime itself (a device
+    //! attribute and an occupancy query per call; the plugin caches them in attachToContext).
+    int32_t sm_count;
+    int32_t blocks_per_sm;
 };
+
+//! What the launcher needs to know of the current GPU, queried once.
+struct DeviceInfo
+{
+    int32_t sm_count;
+    //! Resident blocks per SM of the scan kernel, [io][N - 1] (cudaOccupancyMaxActiveBlocksPerMultiprocessor).
+    int32_t blocks_per_sm[2][scan::kMaxState];
+};
+
+//! Fills `info` for the current device.
+cudaError_t describe_device(DeviceInfo* info);
 
 //! Enqueues the scan on `stream`. cudaErrorInvalidValue for dims check_dims() rejects.
 cudaError_t launch_selective_scan(ScanArgs const& args, cudaStream_t stream);

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -126,7 +127,7 @@ def unwrap_state_dict(obj: Any, source: str = "state_dict", prefer_ema: bool = F
 def check_finite(tensors: Mapping[str, Any], source: str) -> None:
     """One CheckpointError naming the first tensor that holds NaN or infinity (float tensors and arrays)."""
     for key, value in tensors.items():
-        t = torch.as_tensor(value) if not torch.is_tensor(value) else value
+        t = value if torch.is_tensor(value) else torch.from_numpy(np.asarray(value, dtype=np.float64))
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{source}: tensor {key!r} holds {bad} NaN/infinite values of {t.numel()}; the "
@@ -190,7 +191,17 @@ def detect_qconfig(sd: Mapping[str, torch.Tensor], source: str = "state_dict"):
 
 def detect_arch(sd: Mapping[str, torch.Tensor]) -> DetectedArch:
     """Infer the official class and constructor kwargs from keys and shapes (quantizer keys ignored)."""
-    sd = float_state_dict(sd)
+    try:
+        return _detect(float_state_dict(sd))
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError, OverflowError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        what = f"has no {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else f"has odd shapes ({exc})"
+        raise CheckpointError(f"the state_dict looks like a MambaIR-family checkpoint but {what}; the file is "
+                              f"damaged or a variant: pass arch= and its arguments explicitly") from None
+
+
+def _detect(sd: Mapping[str, torch.Tensor]) -> DetectedArch:
     if "conv_first.weight" not in sd:
         raise CheckpointError(
             "the state_dict has no 'conv_first.weight', so it is not a MambaIR-family checkpoint; "

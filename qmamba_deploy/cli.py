@@ -49,6 +49,11 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+#: Flag value ranges, checked where click parses them (one sentence naming the flag and the range).
+_NONNEG, _POS = click.IntRange(min=0), click.IntRange(min=1)
+_NONNEGF, _POSF = click.FloatRange(min=0), click.FloatRange(min=0, min_open=True)
+
+
 def _parse_kwargs(items: tuple[str, ...]) -> dict:
     """--kwarg name=value (value parsed as JSON when it can be, else a string)."""
     out = {}
@@ -78,6 +83,7 @@ def info(checkpoint, arch, kwargs, json_out):
     """Describe CHECKPOINT: detected architecture, arguments, parameters, layers."""
     from .inspect import describe_checkpoint, format_summary
 
+    _check_json(json_out, checkpoint=checkpoint)
     summary = describe_checkpoint(checkpoint, arch=arch, **_parse_kwargs(kwargs))
     click.echo(format_summary(summary))
     if json_out:
@@ -92,6 +98,29 @@ def presets():
     from .inspect import preset_table
 
     click.echo(preset_table())
+
+
+def _check_json(json_out, **inputs) -> None:
+    """--json: writable, and not one of the command's inputs (checked before any work)."""
+    from .artifacts import check_outputs, check_writable
+
+    if json_out:
+        check_writable(json_out, "--json", folder=False)
+        check_outputs({f"--{k.replace('_', '-')}": v for k, v in inputs.items()}, files={"--json": json_out})
+
+
+def _report_failures(failures: list[tuple[str, str]], what: str) -> None:
+    """Print the images that failed (the others were done) and exit 1."""
+    if failures:
+        for source, message in failures:
+            click.secho(f"failed: {source}: {message}", fg="red", err=True)
+        click.secho(f"error: {len(failures)} of the {what} failed (the others were written)", fg="red", err=True)
+        sys.exit(1)
+
+
+_MAX_MP_OPTION = click.option(
+    "--max-megapixels", type=_POSF, default=64.0, show_default=True,
+    help="Refuse images larger than this (checked from the file header, before decoding).")
 
 
 def _model_option(default_help: str):
@@ -136,32 +165,44 @@ def _describe_runner(runner) -> str:
 @click.option("--output", default="out/restore", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the restored PNGs.")
 @_runner_options
-@click.option("--tile", type=int, default=256, show_default=True,
+@click.option("--tile", type=_NONNEG, default=256, show_default=True,
               help="Tile size in input pixels for large images (0: whole image at once, or the largest tile the "
                    "artifact takes).")
-@click.option("--overlap", type=int, default=16, show_default=True, help="Tile overlap in input pixels.")
+@click.option("--overlap", type=_NONNEG, default=16, show_default=True, help="Tile overlap in input pixels.")
 @click.option("--bit-depth", type=click.Choice(["auto", "8", "16"]), default="auto", show_default=True,
               help="Output PNG bit depth (auto: as the input).")
 @click.option("--suffix", default="", help="Appended to each output file stem.")
-def restore(model, input_, output, arch, kwargs, dls, device, plugin, tile, overlap, bit_depth, suffix):
-    """Restore images with a model of any kind (super-resolution, denoising or JPEG removal)."""
+@_MAX_MP_OPTION
+def restore(model, input_, output, arch, kwargs, dls, device, plugin, tile, overlap, bit_depth, suffix,
+            max_megapixels):
+    """Restore images with a model of any kind (super-resolution, denoising or JPEG removal).
+
+    Images that cannot be read or restored are reported at the end (exit status 1); the others
+    are written."""
+    from .artifacts import check_outputs, check_writable
     from .data.builtin import restore_samples
     from .data.io import list_images
     from .defaults import default_checkpoint
-    from .restore import restore_files
+    from .restore import output_paths, restore_files
 
     if tile and overlap >= tile:
         raise click.BadParameter(f"{overlap} must be smaller than --tile {tile}", param_hint="--overlap")
     path = model or default_checkpoint()
     sources = restore_samples() if input_ == "builtin" else list_images(input_)
+    check_writable(output, "--output")
+    check_outputs({"--model": path}, files={"--output": output_paths(sources, output, suffix)})
+    failures: list[tuple[str, str]] = []
     with _open_runner(path, arch, kwargs, dls, device, plugin) as runner:
         results = restore_files(runner, sources, output, tile=tile or None, overlap=overlap,
-                                bit_depth=None if bit_depth == "auto" else int(bit_depth), suffix=suffix)
+                                bit_depth=None if bit_depth == "auto" else int(bit_depth), suffix=suffix,
+                                failures=failures if len(sources) > 1 else None,  # one image: its sentence
+                                max_pixels=int(max_megapixels * 1e6))
         click.echo(_describe_runner(runner))
     for r in results:
         notes = f"  ({'; '.join(r.notes)})" if r.notes else ""
         click.echo(f"{r.source} {r.input_size[1]}x{r.input_size[0]} -> {r.output} "
                    f"{r.output_size[1]}x{r.output_size[0]}{notes}")
+    _report_failures(failures, "images")
 
 
 def _command_line() -> str:
@@ -184,9 +225,9 @@ def _report(headline: str, result, out: str) -> None:
 _TASK_OPTIONS = [
     click.option("--task", type=click.Choice(TASKS), default=None,
                  help="Degradation: bicubic SR, Gaussian colour noise, or JPEG (default: from the checkpoint, else sr)."),
-    click.option("--scale", type=int, default=None, help="SR factor (default: the model's)."),
-    click.option("--sigma", type=float, default=None, help="Noise std on the 0..255 scale for --task denoise [25]."),
-    click.option("--quality", type=int, default=None, help="JPEG quality for --task jpeg [40]."),
+    click.option("--scale", type=click.IntRange(1, 8), default=None, help="SR factor (default: the model's)."),
+    click.option("--sigma", type=click.FloatRange(0, 255), default=None, help="Noise std on the 0..255 scale for --task denoise [25]."),
+    click.option("--quality", type=click.IntRange(1, 100), default=None, help="JPEG quality for --task jpeg [40]."),
 ]
 
 
@@ -196,12 +237,6 @@ def _task_options(f):
     return f
 
 
-def _degradation(model, task, scale, sigma, quality):
-    from .data.degrade import model_degradation
-
-    return model_degradation(model, task, scale, sigma, quality)
-
-
 @main.command(name="eval")
 @_model_option("default: the embedded model for --scale (x2 or x4).")
 @click.option("--data", default="builtin", show_default=True,
@@ -209,14 +244,15 @@ def _degradation(model, task, scale, sigma, quality):
                    "(HR/ + LR_bicubic/X<s>/).")
 @_task_options
 @_runner_options
-@click.option("--tile", type=int, default=0, show_default=True,
+@click.option("--tile", type=_NONNEG, default=0, show_default=True,
               help="Tile size in input pixels (0: whole images, or the largest tile the artifact takes).")
-@click.option("--overlap", type=int, default=16, show_default=True, help="Tile overlap in input pixels.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic noise (denoise).")
+@click.option("--overlap", type=_NONNEG, default=16, show_default=True, help="Tile overlap in input pixels.")
+@click.option("--seed", type=_NONNEG, default=0, show_default=True, help="Seed of the synthetic noise (denoise).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@_MAX_MP_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device, plugin, tile, overlap, seed,
-             json_out, quiet):
+             json_out, max_megapixels, quiet):
     """PSNR/SSIM of a model of any kind on a dataset, beside the bicubic / noisy / JPEG baseline."""
     from .data.datasets import load_pairs
     from .data.degrade import degradation_for
@@ -227,10 +263,13 @@ def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device
     if tile and overlap >= tile:
         raise click.BadParameter(f"{overlap} must be smaller than --tile {tile}", param_hint="--overlap")
     path = model or default_checkpoint(scale)
+    _check_json(json_out, model=path, data=None if data == "builtin" else data)
+    failures: list[tuple[str, str]] = []
     with _open_runner(path, arch, kwargs, dls, device, plugin) as runner:
         info = runner.info
         deg = degradation_for(info.scale, info.task, task, scale, sigma, quality)
-        pairs = load_pairs(data, deg, channels=info.in_chans, split="eval")
+        pairs = load_pairs(data, deg, channels=info.in_chans, split="eval", failures=failures,
+                           max_pixels=int(max_megapixels * 1e6))
         report = evaluate_model(runner, pairs, deg, tile=tile or None, overlap=overlap, seed=seed,
                                 progress=not quiet)
         described = runner.describe()
@@ -242,39 +281,41 @@ def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device
         click.echo(f"note: {note}")
     if json_out:
         write_json(json_out, make_manifest("qmamba-deploy/eval-report", model=str(path), artifact=described,
-                                           data=data, command=_command_line(), **report.as_dict()))
+                                           data=data, command=_command_line(), **report.as_dict(),
+                                           failed=[{"image": f, "error": m} for f, m in failures]))
+    _report_failures(failures, "images")
 
 
 @main.command()
 @click.option("--arch", default="mambairv2-tiny-x2", show_default=True, help="Preset or official class name.")
 @click.option("--kwarg", "kwargs", multiple=True, help="Constructor override name=value (repeatable).")
 @click.option("--task", type=click.Choice(TASKS), default="sr", show_default=True)
-@click.option("--scale", type=int, default=None, help="SR factor (default: the preset's).")
-@click.option("--sigma", type=float, default=25.0, show_default=True, help="Noise std (denoise), 0..255 scale.")
-@click.option("--quality", type=int, default=40, show_default=True, help="JPEG quality (jpeg).")
+@click.option("--scale", type=click.IntRange(1, 8), default=None, help="SR factor (default: the preset's).")
+@click.option("--sigma", type=click.FloatRange(0, 255), default=25.0, show_default=True, help="Noise std (denoise), 0..255 scale.")
+@click.option("--quality", type=click.IntRange(1, 100), default=40, show_default=True, help="JPEG quality (jpeg).")
 @click.option("--data", default="builtin", show_default=True, help="'builtin' or a folder of HR images.")
 @click.option("--val-data", default="builtin", show_default=True, help="Validation images, or 'none'.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder; rerunning the same command resumes from its last checkpoint.")
-@click.option("--iters", type=int, default=1000, show_default=True)
-@click.option("--patch", type=int, default=48, show_default=True, help="Model input patch size.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Patches per step (per process).")
-@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--iters", type=_POS, default=1000, show_default=True)
+@click.option("--patch", type=click.IntRange(8, 1024), default=48, show_default=True, help="Model input patch size.")
+@click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True, help="Patches per step (per process).")
+@click.option("--lr", type=_POSF, default=2e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="multistep",
               show_default=True)
 @click.option("--milestones", default="0.5,0.8,0.9,0.95", show_default=True,
               help="multistep: fractions of --iters where the rate is multiplied by --gamma.")
-@click.option("--gamma", type=float, default=0.5, show_default=True)
-@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up iterations.")
-@click.option("--ema", type=float, default=0.0, show_default=True, help="EMA decay of the weights (0: off).")
-@click.option("--grad-clip", type=float, default=0.0, show_default=True, help="Max gradient norm (0: off).")
+@click.option("--gamma", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True)
+@click.option("--warmup", type=_NONNEG, default=0, show_default=True, help="Linear warm-up iterations.")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="EMA decay of the weights (0: off).")
+@click.option("--grad-clip", type=_NONNEGF, default=0.0, show_default=True, help="Max gradient norm (0: off).")
 @click.option("--loss", type=click.Choice(list(LOSSES)), default=None,
               help="Default: l1 for sr, charbonnier for denoise/jpeg.")
 @click.option("--init", type=click.Path(dir_okay=False), help="Start from these weights (fine-tuning).")
-@click.option("--val-every", type=int, default=0, show_default=True, help="Validate every N iterations (0: at the end).")
-@click.option("--save-every", type=int, default=500, show_default=True)
-@click.option("--log-every", type=int, default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-every", type=_NONNEG, default=0, show_default=True, help="Validate every N iterations (0: at the end).")
+@click.option("--save-every", type=_POS, default=500, show_default=True)
+@click.option("--log-every", type=_POS, default=10, show_default=True)
+@click.option("--seed", type=_NONNEG, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (one GPU per torchrun process).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters, patch, batch, lr, schedule,
@@ -318,33 +359,33 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--method", type=click.Choice([*QUANT_METHODS, "spr2q"]), default="qmambair", show_default=True,
               help="QAT: qmambair (DLS + RFA), dls, rfa, lsq, lsq+. PTQ: minmax, percentile, mse. "
                    "spr2q: rectifier groups fused into the weights (PTQ with a short fine-tune).")
-@click.option("--w-bits", type=int, default=4, show_default=True)
-@click.option("--a-bits", type=int, default=4, show_default=True)
-@click.option("--scan-bits", type=int, default=None, help="Bits of the scan operands (default: --a-bits).")
+@click.option("--w-bits", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--a-bits", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--scan-bits", type=click.IntRange(1, 16), default=None, help="Bits of the scan operands (default: --a-bits).")
 @click.option("--data", default="builtin", show_default=True, help="Training / calibration images.")
 @click.option("--val-data", default="builtin", show_default=True, help="Validation images, or 'none'.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder; the result is OUT/model.safetensors. A rerun resumes QAT.")
-@click.option("--iters", type=int, default=1000, show_default=True, help="QAT iterations.")
-@click.option("--calib-batches", type=int, default=4, show_default=True,
+@click.option("--iters", type=_POS, default=1000, show_default=True, help="QAT iterations.")
+@click.option("--calib-batches", type=_POS, default=4, show_default=True,
               help="Batches that initialise (QAT) or calibrate (PTQ) the quantizers.")
-@click.option("--patch", type=int, default=48, show_default=True)
-@click.option("--batch", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="QAT learning rate of the weights.")
-@click.option("--quant-lr", type=float, default=None, help="QAT learning rate of quantizer parameters (default --lr).")
+@click.option("--patch", type=click.IntRange(8, 1024), default=48, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--lr", type=_POSF, default=1e-4, show_default=True, help="QAT learning rate of the weights.")
+@click.option("--quant-lr", type=_POSF, default=None, help="QAT learning rate of quantizer parameters (default --lr).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="multistep",
               show_default=True)
-@click.option("--distill", type=float, default=0.0, show_default=True,
+@click.option("--distill", type=_NONNEGF, default=0.0, show_default=True,
               help="Weight of L1 to the float model's output in the QAT loss (0: ground truth only).")
-@click.option("--save-every", type=int, default=500, show_default=True)
-@click.option("--val-every", type=int, default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=_POS, default=500, show_default=True)
+@click.option("--val-every", type=_NONNEG, default=0, show_default=True)
+@click.option("--seed", type=_NONNEG, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--rank", type=int, default=8, show_default=True, help="spr2q: rank of each rectifier.")
-@click.option("--group-size", type=int, default=4, show_default=True, help="spr2q: rectifiers per layer.")
-@click.option("--route-iters", type=int, default=100, show_default=True,
+@click.option("--rank", type=_POS, default=8, show_default=True, help="spr2q: rank of each rectifier.")
+@click.option("--group-size", type=_POS, default=4, show_default=True, help="spr2q: rectifiers per layer.")
+@click.option("--route-iters", type=_NONNEG, default=100, show_default=True,
               help="spr2q: iterations of static routing calibration.")
-@click.option("--feature-weight", type=float, default=1.0, show_default=True,
+@click.option("--feature-weight", type=_NONNEGF, default=1.0, show_default=True,
               help="spr2q: weight of the block feature-alignment term of the hybrid loss.")
 @click.option("--spr2q-variant", type=click.Choice(SPR2Q_VARIANTS),
               default="group", show_default=True,
@@ -393,12 +434,12 @@ def _deploy_options(f):
         click.option("--method", type=click.Choice([*PTQ_METHODS, "none"]), default="minmax", show_default=True,
                      help="PTQ for a float checkpoint ('none' keeps it FP32). A quantized checkpoint "
                           "(from `quantize`) is folded as trained."),
-        click.option("--w-bits", type=int, default=8, show_default=True, help="PTQ weight bits."),
-        click.option("--a-bits", type=int, default=8, show_default=True, help="PTQ activation bits."),
-        click.option("--calib-batches", type=int, default=8, show_default=True,
+        click.option("--w-bits", type=click.IntRange(1, 16), default=8, show_default=True, help="PTQ weight bits."),
+        click.option("--a-bits", type=click.IntRange(1, 16), default=8, show_default=True, help="PTQ activation bits."),
+        click.option("--calib-batches", type=_POS, default=8, show_default=True,
                      help="Training patches for the PTQ observers and for the static DLS scales."),
         click.option("--data", default="builtin", show_default=True, help="Calibration images (training split)."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=_NONNEG, default=0, show_default=True),
     ]
     for option in reversed(options):
         f = option(f)
@@ -437,7 +478,7 @@ def fold(out, **kw):
               help="Folder for the bundle, model.onnx, model.json and the report (replaced as a whole).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation.")
 @click.option("--val-data", default="builtin", show_default=True, help="Validation images (the eval split).")
-@click.option("--min-psnr-between", type=float, default=50.0, show_default=True,
+@click.option("--min-psnr-between", type=_NONNEGF, default=50.0, show_default=True,
               help="Fail when ONNX Runtime and PyTorch differ by less than this PSNR on some image (or by more "
                    "than the model's own one-ulp sensitivity allows, when that is lower; see docs/export.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -462,8 +503,8 @@ def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL...")
 @click.option("--bundle", type=click.Path(), help="The bundle the models came from (default: from their manifests).")
 @click.option("--data", default="builtin", show_default=True, help="Images (the eval split of 'builtin').")
-@click.option("--min-psnr-between", type=float, default=50.0, show_default=True)
-@click.option("--max-abs", type=float, default=None, help="Also fail when a max |difference| exceeds this.")
+@click.option("--min-psnr-between", type=_NONNEGF, default=50.0, show_default=True)
+@click.option("--max-abs", type=_NONNEGF, default=None, help="Also fail when a max |difference| exceeds this.")
 @click.option("--device", default=None, help="Where to run (default: engines and their reference on cuda, "
                                              "ONNX Runtime on cpu).")
 @click.option("--plugin", type=click.Path(dir_okay=False), help="Engines: the plugin library.")
@@ -476,6 +517,7 @@ def validate(models, bundle, data, min_psnr_between, max_abs, device, plugin, js
     was made from; `qmamba-deploy validate model.engine` is the on-GPU parity check of an engine."""
     from .validate import validate_artifacts
 
+    _check_json(json_out, model=list(models), bundle=bundle)
     report = validate_artifacts(list(models), bundle, data, min_psnr_between, max_abs, device=device, plugin=plugin,
                                 progress=not quiet)
     click.echo(report.table())
@@ -497,6 +539,7 @@ def lint(onnx_file, no_parser, json_out):
     """Check ONNX_FILE against what TensorRT accepts (Q/DQ, plugin node, ops); parse it where TensorRT imports."""
     from .export.lint import lint_onnx
 
+    _check_json(json_out, onnx_file=onnx_file)
     report = lint_onnx(onnx_file, use_parser=not no_parser)
     click.echo(report.text())
     if json_out:
@@ -537,8 +580,8 @@ def _profile_options(f):
 @click.option("--exclude-lean-runtime", is_flag=True, help="With --version-compatible: do not embed the lean runtime.")
 @click.option("--hardware-compatibility", type=click.Choice(list(HARDWARE_LEVELS)), default="none",
               show_default=True, help="Run the engine on other GPUs of the same (or Ampere+) architecture.")
-@click.option("--optimization-level", type=int, help="Builder optimization level 0..5 (TensorRT default 3).")
-@click.option("--workspace-mib", type=int, help="Workspace memory pool limit in MiB.")
+@click.option("--optimization-level", type=click.IntRange(0, 5), help="Builder optimization level 0..5 (TensorRT default 3).")
+@click.option("--workspace-mib", type=_POS, help="Workspace memory pool limit in MiB.")
 @click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default="tensorrt",
               show_default=True, help="tensorrt (server GPUs, Jetson) or tensorrt_rtx (RTX GPUs; builds without one).")
 def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache, fp16, version_compatible,
@@ -563,10 +606,10 @@ def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache,
 @click.option("--compare", nargs=2, type=click.Path(dir_okay=False), metavar="A.json B.json",
               help="Print two bench results side by side with ratios B / A (runs nothing).")
 @click.option("--shape", default="1x3x64x64", show_default=True, help="Input NxCxHxW.")
-@click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--iterations", type=int, default=20, show_default=True)
+@click.option("--warmup", type=_NONNEG, default=3, show_default=True)
+@click.option("--iterations", type=_POS, default=20, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda for engines, else cpu.")
-@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: the library's default).")
+@click.option("--threads", type=_NONNEG, default=0, show_default=True, help="CPU threads (0: the library's default).")
 @click.option("--cuda-graph", is_flag=True, help="Engines: replay the enqueue as a CUDA graph.")
 @click.option("--plugin", type=click.Path(dir_okay=False), help="Engines: the plugin library (default: as build).")
 @click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default=None,
@@ -590,6 +633,7 @@ def bench(model, engine, onnx_file, torch_ckpt, compare, shape, warmup, iteratio
         click.echo(b.compare_table(b.load_result(compare[0]), b.load_result(compare[1])))
         return
     found, _ = artifact_kind(path)
+    _check_json(json_out, model=path)
     if flag == "--torch" and found not in ("checkpoint", "bundle"):
         raise OptionError(f"--torch {path} is a{'n' if found[0] in 'aeiou' else ''} {found}; --torch runs "
                           f"checkpoints and bundles in PyTorch (pass --model for any kind)")

@@ -22,3 +22,7 @@ class OptionError(QMambaError, ValueError):
 
 class EnvironmentMissing(QMambaError, RuntimeError):
     """A tool or library the command needs is not installed here (TensorRT, a GPU, nvcc)."""
+
+
+class ModelError(QMambaError, RuntimeError):
+    """An artifact that loads but does not work: its runtime fails on an input, or its output holds NaN."""

@@ -607,9 +607,20 @@ def run_job(cfg: TrainConfig, out: str | os.PathLike, make_job: Callable[[TrainC
     return result
 
 
+def check_run_folder(cfg: TrainConfig, out: str | os.PathLike) -> None:
+    """Before any work: the run folder can be written and holds none of the job's inputs."""
+    from .artifacts import check_outputs, check_writable
+
+    check_writable(out, "--out")
+    reads = {"--init": cfg.init, "--checkpoint": getattr(cfg, "checkpoint", None) or None,
+             "--data": cfg.data, "--val-data": cfg.val_data}
+    check_outputs({k: v for k, v in reads.items() if v and v != "builtin"}, folders={"--out": out})
+
+
 def train_restoration(cfg: TrainConfig, out: str | os.PathLike, command: str | None = None,
                       on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> FitResult:
     """The ``qmamba-deploy train`` job: a model built from ``cfg.arch`` trained on ``cfg.data``."""
+    check_run_folder(cfg, out)
     return run_job(cfg, out, _restoration_job, "qmamba-deploy train", command, on_step, progress)
 
 

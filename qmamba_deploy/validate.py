@@ -35,6 +35,7 @@ from .data.degrade import Degradation
 from .errors import OptionError
 from .evaluate import score_image, to_uint8_image
 from .runtime import Runner, ShapeLimits, TorchRunner
+from .export.scan_onnx import read_onnx
 from .runtime.tiling import tiled_run
 
 RunFn = Callable[[torch.Tensor], torch.Tensor]
@@ -253,12 +254,21 @@ def _recorded_source(path: Path, kind: str) -> dict[str, Any]:
     from .runtime.ort import read_onnx_manifest
     from .runtime.tensorrt import read_engine_manifest
 
+    def text(d: Any, key: str, default: Any = None) -> Any:
+        value = d.get(key, default) if isinstance(d, dict) else default
+        if value is not None and not isinstance(value, str):
+            raise OptionError(f"{path}: its manifest's {key!r} is not a string; the manifest is damaged: re-export "
+                              f"the artifact or pass --bundle")
+        return value
+
     if kind == "engine":
         m = read_engine_manifest(path)
-        if (m.get("source") or {}).get("bundle"):
-            return m["source"]
+        source = m.get("source")
+        if isinstance(source, dict) and text(source, "bundle"):
+            return {"bundle": text(source, "bundle"), "bundle_sha256": text(source, "bundle_sha256"),
+                    "dls": text(source, "dls"), "scan": text(source, "scan")}
         # the ONNX it was built from: as engine.json records it, else beside it (trtexec in a Jetson package)
-        onnx = [Path(p) for p in ((m.get("onnx") or {}).get("path"), path.with_name("model.onnx")) if p]
+        onnx = [Path(p) for p in (text(m.get("onnx"), "path"), path.with_name("model.onnx")) if p]
         onnx = [p for p in onnx if p.is_file() and p.with_suffix(".json").is_file()]
         if not onnx:
             raise OptionError(f"{path}: neither an engine.json naming its bundle nor a model.onnx + model.json "
@@ -267,12 +277,11 @@ def _recorded_source(path: Path, kind: str) -> dict[str, Any]:
     m = read_onnx_manifest(path)
     if not m:
         raise OptionError(f"{path} has no {path.with_suffix('.json').name} beside it; validate needs the manifest "
-                          f"that `export` writes "
-                          f"(it names the bundle and the DLS mode), or pass --bundle")
-    source, options = m.get("source") or {}, m.get("options") or {}
-    bundle = source.get("bundle", "bundle.safetensors")
-    return {"bundle": str((path.parent / bundle).resolve()), "bundle_sha256": source.get("bundle_sha256"),
-            "dls": options.get("dls", "static"), "scan": options.get("scan")}
+                          f"that `export` writes (it names the bundle and the DLS mode), or pass --bundle")
+    source, options = m.get("source"), m.get("options")
+    bundle = text(source, "bundle", "bundle.safetensors")
+    return {"bundle": str((path.parent / bundle).resolve()), "bundle_sha256": text(source, "bundle_sha256"),
+            "dls": text(options, "dls", "static"), "scan": text(options, "scan")}
 
 
 def candidate(path: str, bundle: str | None = None) -> Candidate:
@@ -284,6 +293,8 @@ def candidate(path: str, bundle: str | None = None) -> Candidate:
     if kind not in ("onnx", "engine"):
         raise OptionError(f"{path} is a {kind}; validate compares exported graphs (.onnx) and engines with the "
                           f"PyTorch model of their bundle (for a {kind}'s quality, use `qmamba-deploy eval`)")
+    if kind == "onnx":
+        read_onnx(target)  # a file that is no graph is told so before its missing manifest
     try:
         source = _recorded_source(target, kind)
     except OptionError:
@@ -301,7 +312,10 @@ def candidate(path: str, bundle: str | None = None) -> Candidate:
         if want and sha256_file(chosen) != want:
             raise OptionError(f"{chosen} changed since {path} was made from it (its sha256 differs from the "
                               f"manifest's); re-export, or pass --bundle to compare with it anyway")
-    return Candidate(str(target), kind, str(chosen.resolve()), source.get("dls") or "static", source.get("scan"))
+    dls = source.get("dls") or "static"
+    if dls not in ("static", "dynamic"):
+        raise OptionError(f"{path}: its manifest's DLS mode {dls!r} is neither static nor dynamic; re-export it")
+    return Candidate(str(target), kind, str(chosen.resolve()), dls, source.get("scan"))
 
 
 def validate_artifacts(paths: list[str], bundle: str | None = None, data: str = "builtin",

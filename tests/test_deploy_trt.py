@@ -150,7 +150,8 @@ def test_bench_cli_refuses_bad_arguments(tmp_path):
     assert cmp_bad.exit_code == 2 and "not a `qmamba-deploy bench --json` result" in cmp_bad.output
     bad_onnx = tmp_path / "x.onnx"
     bad_onnx.write_bytes(b"\x08\x07")
-    for args, message in ((["--iterations", "0"], "--iterations 0"), (["--shape", "3x3"], "--shape"),
+    for args, message in ((["--iterations", "0"], "'--iterations': 0 is not in the range x>=1"),
+                          (["--shape", "3x3"], "--shape"),
                           (["--cuda-graph"], "--cuda-graph applies to TensorRT engines only")):
         r = runner.invoke(main, ["bench", "--onnx", str(bad_onnx), *args])
         assert r.exit_code == 2 and message in r.output, r.output

@@ -48,6 +48,9 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) as the file's header claims it, read without decoding the pixels (None: unknown)."""
     from PIL import Image as PILImage
 
+    # PIL's own decompression-bomb guard would refuse to say the size of exactly the files this
+    # check exists for; PIL is used here for headers only, and the limit below is ours.
+    PILImage.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's own decompression-bomb warning: we decide below

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ..errors import OptionError
 from ..ops import contract
+from .scan_onnx import read_onnx, scan_node_problems
 
 TOPK_MAX = 3840
 #: ONNX ops the TensorRT ONNX parser does not import (10.x / 11.x).
@@ -173,24 +173,8 @@ def _check_qdq(g: _Graph, node: onnx.NodeProto, report: LintReport) -> None:
 
 
 def _check_scan_node(node: onnx.NodeProto, report: LintReport) -> None:
-    name = node.name or node.output[0]
-    if node.domain != contract.DOMAIN:
-        report.add("error", "plugin-domain", f"{contract.OP_TYPE} is in domain {node.domain!r}, expected "
-                   f"{contract.DOMAIN!r}", name)
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    for a in contract.ATTRIBUTES:
-        if a.name not in attrs:
-            report.add("error", "plugin-attribute", f"attribute {a.name!r} is missing", name)
-            continue
-        value = attrs[a.name].decode() if isinstance(attrs[a.name], bytes) else attrs[a.name]
-        if a.kind == "string" and value != a.default:
-            report.add("error", "plugin-attribute", f"{a.name}={value!r}, the plugin is {a.default!r}", name)
-    extra = sorted(set(attrs) - {a.name for a in contract.ATTRIBUTES})
-    if extra:
-        report.add("warning", "plugin-attribute", f"attributes the plugin ignores: {', '.join(extra)}", name)
-    if len(node.input) != len(contract.INPUT_NAMES):
-        report.add("error", "plugin-inputs", f"{len(node.input)} inputs, the contract has "
-                   f"{len(contract.INPUT_NAMES)}", name)
+    for level, code, message in scan_node_problems(node):
+        report.add(level, code, message, node.name or node.output[0])
 
 
 def _static_checks(model: onnx.ModelProto, report: LintReport) -> None:
@@ -269,12 +253,7 @@ def parse_with_tensorrt(path: str) -> dict[str, Any] | None:
 
 def lint_onnx(path: str | os.PathLike, use_parser: bool = True) -> LintReport:
     path = str(path)
-    if not os.path.isfile(path):
-        raise OptionError(f"{path} is not a file; pass an .onnx model")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise OptionError(f"{path} is not a readable ONNX model ({exc.__class__.__name__})") from None
+    model = read_onnx(path, check_scans=False)  # scan-node problems become findings below
     report = LintReport(path)
     _static_checks(model, report)
     if use_parser:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import onnx
 import torch
 from onnx import helper
 
+from ..errors import OptionError
 from ..ops import contract
 from ..ops.selective_scan import SCAN_OP
 
@@ -33,6 +35,8 @@ __all__ = [
     "scan_nodes",
     "graphs",
     "set_opset",
+    "read_onnx",
+    "scan_node_problems",
 ]
 
 DEFAULT_OPSET = 21
@@ -101,6 +105,61 @@ def scan_nodes(model: onnx.ModelProto, domain: str = contract.DOMAIN) -> list[on
     """All QMambaSelectiveScan nodes of ``domain`` in the model (subgraphs included)."""
     return [n for g in graphs(model.graph) for n in g.node
             if n.op_type == contract.OP_TYPE and n.domain == domain]
+
+
+def scan_node_problems(node: onnx.NodeProto) -> list[tuple[str, str, str]]:
+    """(level, code, message) for a QMambaSelectiveScan node against the op contract: domain,
+    attributes (names, types, values) and input count. Lint reports them; runners refuse errors."""
+    problems = []
+    if node.domain != contract.DOMAIN:
+        problems.append(("error", "plugin-domain", f"{contract.OP_TYPE} is in domain {node.domain!r}, expected "
+                                                   f"{contract.DOMAIN!r}"))
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    for a in contract.ATTRIBUTES:
+        if a.name not in attrs:
+            problems.append(("error", "plugin-attribute", f"attribute {a.name!r} is missing"))
+            continue
+        value = attrs[a.name].decode(errors="replace") if isinstance(attrs[a.name], bytes) else attrs[a.name]
+        if a.kind == "string" and value != a.default:
+            problems.append(("error", "plugin-attribute", f"{a.name}={value!r}, the plugin is {a.default!r}"))
+        elif a.kind == "int" and (not isinstance(value, int) or value not in (0, 1)):
+            problems.append(("error", "plugin-attribute", f"{a.name}={value!r}, expected 0 or 1"))
+    extra = sorted(set(attrs) - {a.name for a in contract.ATTRIBUTES})
+    if extra:
+        problems.append(("warning", "plugin-attribute", f"attributes the plugin ignores: {', '.join(extra)}"))
+    if len(node.input) != len(contract.INPUT_NAMES):
+        problems.append(("error", "plugin-inputs", f"{len(node.input)} inputs, the contract has "
+                                                   f"{len(contract.INPUT_NAMES)}"))
+    return problems
+
+
+def read_onnx(path: Union[str, os.PathLike], check_scans: bool = True) -> onnx.ModelProto:
+    """An exported graph from disk (external data not loaded), or one sentence: no such file,
+    empty, not ONNX, no graph in it, or (``check_scans``) a QMambaSelectiveScan node that breaks
+    the op contract (a tampered or foreign graph)."""
+    path = Path(path)
+    hint = "pass the model.onnx that `qmamba-deploy export` wrote"
+    if not path.is_file():
+        raise OptionError(f"{path}: no such file; {hint}")
+    if path.stat().st_size == 0:
+        raise OptionError(f"{path} is empty; {hint}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise OptionError(f"{path} is not a readable ONNX model ({type(exc).__name__}); {hint}") from None
+    if not model.graph.node or not model.graph.output or not model.opset_import:
+        raise OptionError(f"{path} holds no ONNX graph (no nodes, outputs or opset); {hint}")
+    if check_scans:
+        for g in graphs(model.graph):
+            for node in g.node:
+                if node.op_type != contract.OP_TYPE:
+                    continue
+                errors = [m for level, _, m in scan_node_problems(node) if level == "error"]
+                if errors:
+                    raise OptionError(f"{path}: node {node.name or node.output[0]!r}: {errors[0]}; the graph breaks "
+                                      f"the {contract.OP_TYPE} contract (tampered, or made by other tools): "
+                                      f"re-export it")
+    return model
 
 
 def set_opset(model: onnx.ModelProto, domain: str, version: Optional[int]) -> None:

@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import OptionError
-from ..train import (DistInfo, FitResult, Job, RunFolder, TrainConfig, _routing, init_distributed, make_validator,
-                     run_job)
+from ..train import (DistInfo, FitResult, Job, RunFolder, TrainConfig, _routing, check_run_folder, init_distributed,
+                     make_validator, run_job)
 from . import calibrating
 from .qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
 from .quantizers import Quantizer
@@ -198,6 +198,7 @@ def quantize(cfg: QuantizeConfig, out: str | os.PathLike, command: str | None = 
     """The ``qmamba-deploy quantize`` job; writes ``out/model.safetensors``."""
     if not cfg.checkpoint or not Path(cfg.checkpoint).is_file():
         raise OptionError(f"--checkpoint {cfg.checkpoint or '(none)'} is not a file; pass the float checkpoint")
+    check_run_folder(cfg, out)
     if isinstance(cfg, SPR2QConfig):
         return quantize_spr2q(cfg, out, command, progress)
     if cfg.qconfig().recipe.qat:

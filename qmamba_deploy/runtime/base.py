@@ -25,10 +25,11 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
-from ..errors import OptionError
+from ..errors import ModelError, OptionError
 from ..manifest import sha256_file
 
-__all__ = ["ModelInfo", "ShapeLimits", "Runner", "fmt_shape", "peak_rss_bytes", "cpu_memory", "cpu_device"]
+__all__ = ["ModelInfo", "ShapeLimits", "Runner", "fmt_shape", "peak_rss_bytes", "cpu_memory", "cpu_device",
+           "info_from_manifest", "limits_from_manifest"]
 
 
 def fmt_shape(shape) -> str:
@@ -109,6 +110,52 @@ class ShapeLimits:
     def as_dict(self) -> dict[str, Any]:
         return {"channels": self.channels, "min_hw": list(self.min_hw), "max_hw": list(self.max_hw),
                 "max_batch": self.max_batch, "window": self.window, "source": self.source}
+
+
+def _field(m: dict[str, Any], key: str, kinds: tuple[type, ...], source: str, default: Any = None) -> Any:
+    value = m.get(key, default)
+    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+        raise OptionError(f"{source}: field {key!r} is {type(value).__name__}, not {kinds[0].__name__}; the manifest is "
+                          f"damaged: re-export the artifact (or delete the manifest)")
+    return value
+
+
+def info_from_manifest(m: dict[str, Any], channels: int, source: str, window: Optional[int] = None) -> ModelInfo:
+    """ModelInfo from an export manifest (``model.json``) or the ``model`` entry of ``engine.json``,
+    every field type-checked (one sentence for a damaged or hostile file)."""
+    if not isinstance(m, dict):
+        raise OptionError(f"{source} is not a JSON object; the manifest is damaged: re-export the artifact")
+    scale = _field(m, "upscale", (int,), source, None)
+    scale = _field(m, "scale", (int,), source, 1) if scale is None else scale
+    if not 1 <= scale <= 8:
+        raise OptionError(f"{source}: scale {scale} is not 1..8; the manifest is damaged: re-export the artifact")
+    return ModelInfo(arch=_field(m, "arch", (str,), source), scale=scale, in_chans=channels,
+                     task=_field(m, "task", (dict,), source), qconfig=_field(m, "qconfig", (dict,), source),
+                     window_size=window if window is not None else _field(m, "window_size", (int,), source))
+
+
+def limits_from_manifest(saved: Any, channels: int, source: str, label: str) -> Optional[ShapeLimits]:
+    """The ``limits`` entry export writes into model.json (and build copies into engine.json)."""
+    if saved is None:
+        return None
+
+    def sizes(key, allow_none):
+        v = saved.get(key) if isinstance(saved, dict) else None
+        ok = isinstance(v, list) and len(v) == 2 and all(
+            (x is None and allow_none) or (isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 1 << 20)
+            for x in v)
+        if not ok:
+            raise OptionError(f"{source}: limits.{key} is {v!r}, not two sizes; the manifest is damaged: "
+                              f"re-export the artifact")
+        return tuple(v)
+
+    window = saved.get("window") if isinstance(saved, dict) else None
+    batch = saved.get("max_batch") if isinstance(saved, dict) else None
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or not 0 < window <= 4096):
+        raise OptionError(f"{source}: limits.window is {window!r}; the manifest is damaged: re-export the artifact")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise OptionError(f"{source}: limits.max_batch is {batch!r}; the manifest is damaged: re-export the artifact")
+    return ShapeLimits(channels, sizes("min_hw", False), sizes("max_hw", True), batch, label, window)
 
 
 def peak_rss_bytes() -> int:
@@ -203,7 +250,12 @@ class Runner(abc.ABC):
         self._need_open()
         self.limits.check(tuple(x.shape))
         with torch.no_grad():
-            return self._run(x.detach().float().cpu().contiguous()).float().cpu()
+            y = self._run(x.detach().float().cpu().contiguous()).float().cpu()
+        if not bool(torch.isfinite(y).all()):
+            raise ModelError(f"{self.path or self.name} produced NaN or infinite values for a {fmt_shape(x.shape)} "
+                             f"input; the artifact is damaged or its weights diverged: re-export it from a good "
+                             f"checkpoint")
+        return y
 
     __call__ = run
 

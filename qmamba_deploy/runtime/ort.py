@@ -30,19 +30,22 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import OptionError
+from ..checkpoints import check_finite
+from ..errors import ModelError, OptionError
 from ..manifest import manifest_path
 from ..ops import contract
-from ..export.scan_onnx import graphs, scan_nodes, set_opset
+from ..export.scan_onnx import graphs, read_onnx, scan_nodes, set_opset
 from ..ops.selective_scan import selective_scan_chunked
-from .base import ModelInfo, Runner, ShapeLimits, cpu_device, cpu_memory
+from .base import (ModelInfo, Runner, ShapeLimits, cpu_device, cpu_memory, fmt_shape, info_from_manifest,
+                   limits_from_manifest)
 
 DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 #: The only domain where onnxruntime-extensions looks up Python custom ops.
 ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 __all__ = ["read_onnx_manifest", "ort_session", "ort_session_with_scan", "onnx_runner", "OrtRunner", "onnx_limits", "DISABLED_OPTIMIZERS",
            "ORT_CONTRIB_DOMAIN", "PROVIDERS"]
@@ -180,14 +183,18 @@ def onnx_limits(proto_input: onnx.ValueInfoProto, manifest: dict[str, Any], sour
             for d in proto_input.type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise OptionError(f"{source}: input {proto_input.name!r} has rank {len(dims)}; runners take NCHW images")
-    saved = manifest.get("limits") or {}  # what export recorded (the window's minimum); older exports: none
-    window = saved.get("window")
-    lo = saved.get("min_hw") or [1, 1]
-    channels = dims[1] or int(manifest.get("inputs", {}).get(proto_input.name, [None, 3])[1] or 3)
+    channels = dims[1] or 3
+    if dims[1] is None:  # a dynamic channel axis: the export manifest says what the model takes
+        declared = (manifest.get("inputs") or {}).get(proto_input.name) if isinstance(manifest.get("inputs"), dict) \
+            else None
+        channels = declared[1] if isinstance(declared, list) and len(declared) == 4 and isinstance(declared[1], int) \
+            else 3
+    saved = limits_from_manifest(manifest.get("limits"), channels, str(manifest_path(Path(source))), "ONNX")
+    window = saved.window if saved else None
+    lo = saved.min_hw if saved else (1, 1)  # older exports recorded no minimum
     min_hw = tuple(d if d is not None else int(m) for d, m in zip(dims[2:], lo))
-    max_hw = tuple(dims[2:])
     what = "fixed input size" if all(dims[2:]) else "dynamic H, W" + (f", window {window}" if window else "")
-    return ShapeLimits(channels, min_hw, max_hw, dims[0], f"ONNX {what}", window)  # type: ignore[arg-type]
+    return ShapeLimits(channels, min_hw, tuple(dims[2:]), dims[0], f"ONNX {what}", window)  # type: ignore[arg-type]
 
 
 class OrtRunner(Runner):
@@ -213,13 +220,9 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         path = self.path
-        if not path.is_file():
-            raise OptionError(f"{path}: no such file; pass the model.onnx that `qmamba-deploy export` wrote")
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:
-            raise OptionError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
-                              f"pass the model.onnx that `qmamba-deploy export` wrote") from None
+        proto = read_onnx(path)
+        check_finite({t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
+                      if t.data_type in _FLOAT_TYPES and t.data_location != onnx.TensorProto.EXTERNAL}, str(path))
         inits = {i.name for i in proto.graph.initializer}
         inputs = [i for i in proto.graph.input if i.name not in inits]
         if len(inputs) != 1 or len(proto.graph.output) != 1:
@@ -234,10 +237,10 @@ class OrtRunner(Runner):
         self._limits = self._limits_override or onnx_limits(inputs[0], self.manifest, str(path))
         self.scan_nodes = len(scan_nodes(proto))
         meta = {p.key: p.value for p in proto.metadata_props}
-        scale = self.manifest.get("upscale", meta.get("qmamba.upscale", 1))
-        self._info = ModelInfo(arch=self.manifest.get("arch") or meta.get("qmamba.arch"), scale=int(scale),
-                               in_chans=self._limits.channels, task=self.manifest.get("task"),
-                               qconfig=self.manifest.get("qconfig"), window_size=self._limits.window)
+        fallback = {"arch": meta.get("qmamba.arch"),  # a graph without model.json: its metadata props
+                    "upscale": int(meta["qmamba.upscale"]) if meta.get("qmamba.upscale", "").isdigit() else 1}
+        self._info = info_from_manifest(self.manifest or fallback, self._limits.channels,
+                                        str(manifest_path(path)), self._limits.window)
         try:
             self.session = ort_session(path, providers=[provider], threads=self.threads)
         except OptionError:
@@ -276,7 +279,12 @@ class OrtRunner(Runner):
         return {self._input: np.ascontiguousarray(x.numpy(), dtype=np.float32)}
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run([self._output], self._feed(x))[0])
+        try:
+            return torch.from_numpy(self.session.run([self._output], self._feed(x))[0])
+        except Exception as exc:  # ORT's errors: a graph that loads but cannot run this input
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path}: ONNX Runtime failed on a {fmt_shape(x.shape)} input ({first}); "
+                             f"run `qmamba-deploy lint` on it, or re-export it") from None
 
     def bench_step(self, x: torch.Tensor):
         self._need_open()

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import EnvironmentMissing, OptionError
 from ..ops.contract import OP_TYPE, PLUGIN_LIBRARY
-from .base import ModelInfo, Runner, ShapeLimits, fmt_shape
+from .base import ModelInfo, Runner, ShapeLimits, fmt_shape, info_from_manifest, limits_from_manifest
 from .ort import read_onnx_manifest
 
 __all__ = [
@@ -129,6 +129,12 @@ def read_engine_manifest(engine: Path) -> dict[str, Any]:
     return data
 
 
+def _section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    """A sub-object of a manifest ({} when absent or not an object)."""
+    value = manifest.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _torch_dtype(trt: ModuleType, dtype) -> torch.dtype:
     table = {trt.float32: torch.float32, trt.float16: torch.float16}
     if dtype not in table:
@@ -190,7 +196,9 @@ class TrtRunner(Runner):
         self.manifest = read_engine_manifest(path)
         # an engine trtexec built beside an export's model.onnx (the Jetson package): its manifest says the rest
         self.onnx_manifest = read_onnx_manifest(path.with_name("model.onnx"))
-        module = self.tensorrt or (self.manifest.get("tensorrt") or {}).get("module") or "tensorrt"
+        module = self.tensorrt or _section(self.manifest, "tensorrt").get("module") or "tensorrt"
+        if module not in TRT_MODULES:
+            module = "tensorrt"  # a damaged manifest names no module we know: the deployment default
         trt = self.trt = import_tensorrt(module)
         self._check_device()
         logger = self._logger = collecting_logger(trt)
@@ -200,7 +208,8 @@ class TrtRunner(Runner):
             raise OptionError(f"plugin library {lib}: TensorRT could not load it "
                               f"({'; '.join(logger.errors()[-2:]) or 'no detail'}); was it built for this TensorRT "
                               f"and CUDA?")
-        if "VERSION_COMPATIBLE" in (self.manifest.get("settings") or {}).get("flags", []):
+        flags = _section(self.manifest, "settings").get("flags")
+        if isinstance(flags, list) and "VERSION_COMPATIBLE" in flags:
             runtime.engine_host_code_allowed = True
         free_before = self._free_memory()
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
@@ -225,8 +234,8 @@ class TrtRunner(Runner):
 
     def _plugin_library(self) -> Optional[Path]:
         lib = find_plugin_library(self.plugin)
-        recorded = self.manifest.get("plugin") or {}
-        if lib is None and recorded.get("library") and Path(recorded["library"]).is_file():
+        recorded = _section(self.manifest, "plugin")
+        if lib is None and isinstance(recorded.get("library"), str) and Path(recorded["library"]).is_file():
             lib = Path(recorded["library"])
         packaged = self.path.parent / "plugin" / "build" / PLUGIN_LIBRARY  # a Jetson package's own build
         if lib is None and packaged.is_file():
@@ -242,21 +251,17 @@ class TrtRunner(Runner):
         lo, _, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self._input, 0))
         profile = ShapeLimits(int(hi[1]), (lo[2], lo[3]), (hi[2], hi[3]), hi[0],
                               f"engine profile {fmt_shape(lo)}..{fmt_shape(hi)}")
-        saved = self.manifest.get("limits") or self.onnx_manifest.get("limits")
-        if saved:  # the ONNX's own limits (e.g. the window's minimum) where the profile is wider
-            onnx_limits = ShapeLimits(profile.channels, tuple(saved["min_hw"]), tuple(saved["max_hw"]),
-                                      saved.get("max_batch"), "ONNX", saved.get("window"))
-            return profile.narrowed(onnx_limits)
-        return profile
+        saved = self.manifest.get("limits") if self.manifest.get("limits") is not None \
+            else self.onnx_manifest.get("limits")
+        # the ONNX's own limits (e.g. the window's minimum) where the profile is wider
+        onnx_limits = limits_from_manifest(saved, profile.channels, str(self.path.with_name(ENGINE_MANIFEST)), "ONNX")
+        return profile.narrowed(onnx_limits) if onnx_limits else profile
 
     def _model_info(self) -> ModelInfo:
-        saved = self.manifest.get("model")
+        saved = _section(self.manifest, "model") or self.onnx_manifest
         if saved:
-            return ModelInfo(**saved)
-        m = self.onnx_manifest
-        if m:
-            return ModelInfo(arch=m.get("arch"), scale=int(m.get("upscale", 1)), in_chans=self._limits.channels,
-                             task=m.get("task"), qconfig=m.get("qconfig"), window_size=self._limits.window)
+            return info_from_manifest(saved, self._limits.channels, str(self.path.with_name(ENGINE_MANIFEST)),
+                                      self._limits.window)
         # an engine without our manifest: the scale from the shapes TensorRT infers for the smallest input
         lo = (1, self._limits.channels, *self._limits.min_hw)
         self.context.set_input_shape(self._input, lo)

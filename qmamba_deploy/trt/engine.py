@@ -31,6 +31,7 @@ from typing import Any, Optional
 from ..artifacts import check_out_folder, check_outputs, staged_folder
 from ..errors import EnvironmentMissing, OptionError
 from ..manifest import atomic_path, make_manifest, sha256_file, write_json
+from ..export.scan_onnx import read_onnx, scan_nodes
 from ..ops import contract
 from ..runtime.base import ModelInfo, fmt_shape
 from ..runtime.ort import read_onnx_manifest
@@ -111,15 +112,7 @@ def _flag(trt: ModuleType, name: str, option: str):
 
 def _read_onnx_io(onnx_path: Path) -> tuple[str, list, bool]:
     """The input name, its declared dims and whether the graph holds QMambaSelectiveScan nodes."""
-    import onnx
-
-    from ..export.scan_onnx import scan_nodes
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:
-        raise OptionError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}); "
-                          "pass the model.onnx that `qmamba-deploy export` wrote") from None
+    model = read_onnx(onnx_path)
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:

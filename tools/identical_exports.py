@@ -1,0 +1,72 @@
+"""Do two versions of the code write the same bytes? Exports a fixed set of models and records the
+sha256 of every model.onnx and bundle.safetensors; with --compare, checks them against a record
+made by another checkout (e.g. before a refactoring).
+
+    python3 tools/identical_exports.py --out /tmp/exports-new --json new.json --compare old.json
+
+Cases: the embedded default (x2, W8A8 minmax, plugin scan); the real MambaIRv2-light x4 weights
+(../shared/checkpoints) W8A8 with the plugin scan and with the portable scan; and W4A4 with INT4
+MatMul weights. Validation is off (it writes reports, not models). Run both checkouts with the same
+--out path: the bundle's provenance records the command's paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "checkpoints" / "mambairv2_light_x4.safetensors"
+CASES = {
+    "default_w8a8": {"checkpoint": "@default"},
+    "x4_w8a8_plugin": {"checkpoint": str(REAL)},
+    "x4_w8a8_portable": {"checkpoint": str(REAL), "scan": "portable"},
+    "x4_w4a4_int4": {"checkpoint": str(REAL), "w_bits": 4, "a_bits": 4, "int4_weights": True},
+}
+FILES = ("model.onnx", "bundle.safetensors")
+
+
+def _export_api():
+    """run_export and ExportConfig wherever this checkout keeps them."""
+    try:
+        from qmamba_deploy.jobs.export import ExportConfig, run_export
+    except ImportError:
+        from qmamba_deploy.export.job import ExportConfig, run_export
+    return ExportConfig, run_export
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--json", type=Path, help="write the checksums here")
+    ap.add_argument("--compare", type=Path, help="checksums written by another checkout")
+    ap.add_argument("--only", nargs="*", default=list(CASES))
+    args = ap.parse_args()
+    ExportConfig, run_export = _export_api()
+    # the embedded default, copied to a path outside the checkout (bundles record the checkpoint's path)
+    default = args.out / "inputs" / "mambairv2_tiny_x2.safetensors"
+    default.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        default.with_suffix(suffix).write_bytes((ROOT / "models" / default.name).with_suffix(suffix).read_bytes())
+    sums = {}
+    for name in args.only:
+        folder = args.out / name
+        case = {k: str(default) if v == "@default" else v for k, v in CASES[name].items()}
+        run_export(ExportConfig(validate=False, **case), folder)
+        sums[name] = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in FILES}
+        print(name, sums[name], flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(sums, indent=1) + "\n")
+    if args.compare:
+        old = json.loads(args.compare.read_text())
+        diff = [f"{n}/{f}" for n in sums for f in FILES if old.get(n, {}).get(f) != sums[n][f]]
+        print("identical" if not diff else f"DIFFERENT: {', '.join(diff)}")
+        return 1 if diff else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

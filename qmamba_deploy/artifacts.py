@@ -1,5 +1,14 @@
-"""Where commands write: output folders checked before the work, staged, swapped in whole, and
-never over one of the command's own inputs.
+"""Artifacts on disk: JSON manifests, atomic writes, and output folders that are checked before
+the work starts, staged, swapped in whole, and never written over one of the command's inputs.
+
+**Manifests.** Each artifact (checkpoint, bundle, ONNX, engine, report) carries a manifest:
+what it is (``kind``, one of :data:`KINDS`, always spelled ``"qmamba-deploy <what>"``), a
+format version, the tool versions that made it, and the artifact-specific fields.
+
+**Writes** go to a temporary file in the target folder and are renamed into place, so an
+interrupted run leaves no partial file.
+
+**Output folders and inputs:**
 
 * :func:`check_outputs` -- the one place that compares what a command writes with what it
   reads: an output file that is one of the inputs, an output folder (replaced as a whole) that
@@ -15,18 +24,115 @@ never over one of the command's own inputs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Any
 
 from .errors import OptionError
-from .manifest import current_umask
 
-__all__ = ["check_outputs", "check_writable", "check_out_folder", "staged_folder", "clean_stale_staging",
-           "same_file"]
+FORMAT_VERSION = 1
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages that shape an artifact (lazy, optional ones skipped)."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in ("qmamba-deploy", "torch", "numpy", "safetensors", "onnx", "onnxruntime"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return versions
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (complete or absent)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+#: What an artifact can be; its manifest's ``kind`` is ``"qmamba-deploy <what>"`` (:func:`kind`).
+KINDS = ("checkpoint", "bundle", "onnx", "engine", "package", "bench", "export report", "eval report", "train run",
+         "train state", "device check")
+
+
+def kind(what: str) -> str:
+    """The ``kind`` of a manifest: one spelling for every artifact."""
+    if what not in KINDS:
+        raise ValueError(f"unknown artifact kind {what!r}; one of {', '.join(KINDS)}")
+    return f"qmamba-deploy {what}"
+
+
+def is_kind(value: Any, what: str) -> bool:
+    """Whether a manifest's ``kind`` is ``what`` (manifests written before the one spelling said
+    ``qmamba-deploy/<what-with-dashes>``; they still read)."""
+    return value in (kind(what), f"qmamba-deploy/{what.replace(' ', '-')}")
+
+
+def make_manifest(kind_: str, **fields: Any) -> dict[str, Any]:
+    """A manifest of ``kind_`` (a :func:`kind` string) with ``fields`` and the tool versions."""
+    if not any(kind_ == kind(w) for w in KINDS):
+        raise ValueError(f"{kind_!r} is not an artifact kind; use artifacts.kind(...)")
+    return {"kind": kind_, "format_version": FORMAT_VERSION, **fields, "tools": tool_versions()}
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as JSON writes it back: mappings with string keys, tuples as lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def manifest_path(artifact: str | os.PathLike) -> Path:
+    """The manifest that sits beside an artifact: ``x.safetensors`` -> ``x.json``."""
+    return Path(artifact).with_suffix(".json")
+
+
+__all__ = ["FORMAT_VERSION", "KINDS", "kind", "is_kind", "make_manifest", "jsonable", "manifest_path", "tool_versions",
+           "sha256_file", "atomic_path", "write_text", "write_json", "current_umask", "check_outputs", "check_writable",
+           "check_out_folder", "staged_folder", "clean_stale_staging", "same_file"]
 
 PathLike = str | os.PathLike
 
@@ -48,7 +154,7 @@ def _inside(path: PathLike, folder: PathLike) -> bool:
     return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
-Paths = Optional[PathLike] | Iterable[PathLike]
+Paths = PathLike | None | Iterable[PathLike]
 
 
 def _flat(named: Mapping[str, Paths]) -> list[tuple[str, Path]]:

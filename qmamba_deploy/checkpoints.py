@@ -17,19 +17,24 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from .artifacts import atomic_path, jsonable, kind, make_manifest, manifest_path, sha256_file, write_json
 from .errors import CheckpointError
-from .manifest import atomic_path, make_manifest, manifest_path, sha256_file, write_json
+from .models.card import ModelCard, card_of
 from .models.registry import build_model, count_parameters, resolve_arch
+from .quant import QConfig, quantize_model
 
-CHECKPOINT_KIND = "qmamba-deploy/checkpoint"
+CHECKPOINT_KIND = kind("checkpoint")
 _META_KEY = "qmamba_manifest"
 
 StateDict = dict[str, torch.Tensor]
@@ -62,12 +67,10 @@ def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a valid safetensors file ({_first_line(exc)}); re-export or re-download it"
@@ -173,7 +176,6 @@ def detect_qconfig(sd: Mapping[str, torch.Tensor], source: str = "state_dict"):
 
     Its bit width is not stored; the RFA anchors (2^b of them) give it.
     """
-    from .quant import QConfig
 
     anchors = {int(v.numel()) for k, v in sd.items() if re.search(r"_(weight_quant|weight_q)\.a$", k)}
     has_dls = any(k.endswith("xs_q.weight21") for k in sd)
@@ -251,7 +253,8 @@ def _detect_tail(sd: Mapping[str, torch.Tensor], embed_dim: int, in_chans: int) 
         scale = 3 if first == 9 * num_feat else 2 ** len(convs)
         out.update(upsampler="pixelshuffle", upscale=scale)
     elif "upsample.0.weight" in sd:
-        out.update(upsampler="pixelshuffledirect", upscale=int(round(math.sqrt(sd["upsample.0.weight"].shape[0] / in_chans))))
+        scale = int(round(math.sqrt(sd["upsample.0.weight"].shape[0] / in_chans)))
+        out.update(upsampler="pixelshuffledirect", upscale=scale)
     else:
         out.update(upsampler="", upscale=1)
     return out
@@ -266,7 +269,8 @@ def _detect_v1(sd: Mapping[str, torch.Tensor], common: dict[str, Any]) -> Detect
     notes = []
     if "layers.0.residual_group.blocks.0.conv_blk.cab.3.attention.1.weight" in sd:
         kwargs["legacy_light_cab"] = True
-        notes.append("light-SR CAB layout published before 2024-11 (cab.0/cab.2/cab.3): loaded with legacy_light_cab=True")
+        notes.append("light-SR CAB layout published before 2024-11 (cab.0/cab.2/cab.3): loaded with "
+                     "legacy_light_cab=True")
     return DetectedArch("MambaIR", kwargs, notes)
 
 
@@ -307,8 +311,6 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
     provenance: dict[str, Any] = {"checkpoint": source}
     qconfig = None
     if manifest is not None and manifest.get("qconfig"):
-        from .quant import QConfig
-
         try:
             qconfig = QConfig.from_dict(manifest["qconfig"])
         except (ValueError, TypeError, KeyError) as exc:
@@ -332,14 +334,11 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot build {arch} for {source}: {exc}") from None
     if qconfig is not None:
-        from .quant import quantize_model
-
         quantize_model(model, qconfig)
     check_state_dict(model, sd, source, strict=strict)
     check_finite(sd, source)
     model.load_state_dict(sd, strict=strict)
-    model.provenance = provenance
-    model.manifest = manifest or {}
+    model.card = model.card.replace(task=(manifest or {}).get("task"), provenance=provenance)
     return model.eval()
 
 
@@ -366,15 +365,15 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
-    name = getattr(model, "arch_name", type(model).__name__)
+    name = card_of(model).arch
     raise CheckpointError(f"{source} does not fit {name}: {', '.join(parts)}. {_suggest(sd, model)}")
 
 
 def _suggest(sd: Mapping[str, torch.Tensor], model: nn.Module) -> str:
-    if is_quantized_state_dict(sd) and getattr(model, "qconfig", None) is None:
+    if is_quantized_state_dict(sd) and card_of(model).qconfig is None:
         return "The file holds quantizer tensors: it is a quantized (Q-MambaIR) checkpoint, not an FP one."
     if any(k.endswith("conv_blk.cab.3.attention.1.weight") for k in sd) and \
-            not getattr(model, "arch_kwargs", {}).get("legacy_light_cab"):
+            not card_of(model).kwargs.get("legacy_light_cab"):
         return ("Its CAB keys (cab.0, cab.2, cab.3.attention) are the light MambaIR layout published before "
                 "2024-11: pass legacy_light_cab=True, or omit arch to detect it.")
     try:
@@ -396,18 +395,16 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, provenance: Mappi
 
     Both writes are atomic. Returns the manifest.
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"checkpoint path {path} must end in .safetensors")
-    arch = getattr(model, "arch_name", None)
-    if arch is None:
-        raise CheckpointError("the model has no arch_name; build it with build_model() or load_model()")
+    card = getattr(model, "card", None)
+    if not isinstance(card, ModelCard):
+        raise CheckpointError("the model has no ModelCard (model.card); build it with build_model() or load_model()")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    qconfig = getattr(model, "qconfig", None)
-    fields = {"qconfig": qconfig.as_dict()} if qconfig is not None else {}
-    manifest = make_manifest(CHECKPOINT_KIND, arch=arch, kwargs=_jsonable(model.arch_kwargs),
+    fields = {"qconfig": card.qconfig.as_dict()} if card.qconfig is not None else {}
+    manifest = make_manifest(CHECKPOINT_KIND, arch=card.arch, kwargs=jsonable(card.kwargs),
                              params=count_parameters(model), provenance=dict(provenance or {}),
                              **fields, **dict(extra or {}))
     with atomic_path(path) as tmp:
@@ -415,14 +412,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, provenance: Mappi
     manifest["sha256"] = sha256_file(path)
     write_json(manifest_path(path), manifest)
     return manifest
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 __all__ = ["CheckpointError", "DetectedArch", "check_state_dict", "detect_arch", "load_model", "read_checkpoint",

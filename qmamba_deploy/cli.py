@@ -5,18 +5,39 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 import click
 
-from .errors import QMambaError
-from .data.degrade import TASKS
-from .quant.qconfig import METHODS as QUANT_METHODS, SPR2Q_VARIANTS
-from .train import LOSSES, SCHEDULES
-from .trt.engine import HARDWARE_LEVELS, TRT_MODULES
+from .artifacts import check_outputs, check_writable, kind, make_manifest, write_json
+from .checkpoints import load_model
+from .data.builtin import restore_samples
+from .data.datasets import load_pairs
+from .data.degrade import TASKS, degradation_for
+from .data.io import list_images
+from .defaults import default_checkpoint
+from .errors import OptionError, QMambaError
+from .jobs import bench as b
+from .jobs.bench import parse_shape
+from .jobs.evaluate import evaluate_runner
+from .jobs.export import DeployConfig, ExportConfig, run_export, run_fold
+from .jobs.inspect import describe_checkpoint, format_summary, preset_table
+from .jobs.quantize import QuantizeConfig, SPR2QConfig
+from .jobs.quantize import quantize as run_quantize
+from .jobs.restore import output_paths, restore_files
+from .jobs.validate import validate_artifacts
+from .models import resolve_arch
+from .quant.qconfig import METHODS as QUANT_METHODS
+from .quant.qconfig import PTQ_METHODS, SPR2Q_VARIANTS
+from .runtime import artifact_kind, open_runner
+from .train import LOSSES, SCHEDULES, TrainConfig, cleanup_distributed, train_restoration
+from .trt.engine import HARDWARE_LEVELS, TRT_MODULES, BuildConfig, Profile, build_engine
+from .trt.lint import lint_onnx
 from .trt.package import TARGETS as PACKAGE_TARGETS
+from .trt.package import package as make_package
 
 
 def _quiet_libraries() -> None:
@@ -81,28 +102,23 @@ def main():
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
 def info(checkpoint, arch, kwargs, json_out):
     """Describe CHECKPOINT: detected architecture, arguments, parameters, layers."""
-    from .inspect import describe_checkpoint, format_summary
 
     _check_json(json_out, checkpoint=checkpoint)
     summary = describe_checkpoint(checkpoint, arch=arch, **_parse_kwargs(kwargs))
     click.echo(format_summary(summary))
     if json_out:
-        from .manifest import write_json
-
         write_json(json_out, summary)
 
 
 @main.command()
 def presets():
     """List the named presets (every released configuration) with parameter counts."""
-    from .inspect import preset_table
 
     click.echo(preset_table())
 
 
 def _check_json(json_out, **inputs) -> None:
     """--json: writable, and not one of the command's inputs (checked before any work)."""
-    from .artifacts import check_outputs, check_writable
 
     if json_out:
         check_writable(json_out, "--json", folder=False)
@@ -133,13 +149,15 @@ def _runner_options(f):
     """How to run --model: device, and the options only some kinds take."""
     options = [
         click.option("--arch", help="Checkpoints: official class name or preset (default: detected)."),
-        click.option("--kwarg", "kwargs", multiple=True, help="Checkpoints: constructor override name=value (repeatable)."),
+        click.option("--kwarg", "kwargs", multiple=True,
+                     help="Checkpoints: constructor override name=value (repeatable)."),
         click.option("--dls", type=click.Choice(["static", "dynamic"]), default=None,
                      help="Bundles: DLS mode (default: static when calibrated)."),
         click.option("--device", default=None,
                      help="cpu or cuda (torch also cuda:N); default: cuda for engines, cpu otherwise."),
         click.option("--plugin", type=click.Path(dir_okay=False),
-                     help="Engines: the plugin library (default: the one engine.json names, $QMAMBA_PLUGIN_LIB, build/)."),
+                     help="Engines: the plugin library (default: the one engine.json names, $QMAMBA_PLUGIN_LIB, "
+                          "build/)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -147,8 +165,6 @@ def _runner_options(f):
 
 
 def _open_runner(model, arch=None, kwargs=(), dls=None, device=None, plugin=None, **extra):
-    from .runtime import open_runner
-
     return open_runner(model, arch=arch, kwargs=_parse_kwargs(kwargs), dls=dls, device=device, plugin=plugin, **extra)
 
 
@@ -179,11 +195,6 @@ def restore(model, input_, output, arch, kwargs, dls, device, plugin, tile, over
 
     Images that cannot be read or restored are reported at the end (exit status 1); the others
     are written."""
-    from .artifacts import check_outputs, check_writable
-    from .data.builtin import restore_samples
-    from .data.io import list_images
-    from .defaults import default_checkpoint
-    from .restore import output_paths, restore_files
 
     if tile and overlap >= tile:
         raise click.BadParameter(f"{overlap} must be smaller than --tile {tile}", param_hint="--overlap")
@@ -206,8 +217,6 @@ def restore(model, input_, output, arch, kwargs, dls, device, plugin, tile, over
 
 
 def _command_line() -> str:
-    import shlex
-
     argv = click.get_current_context().meta.get("qmamba_argv", sys.argv[1:])
     return shlex.join(["qmamba-deploy", *argv])
 
@@ -224,9 +233,11 @@ def _report(headline: str, result, out: str) -> None:
 
 _TASK_OPTIONS = [
     click.option("--task", type=click.Choice(TASKS), default=None,
-                 help="Degradation: bicubic SR, Gaussian colour noise, or JPEG (default: from the checkpoint, else sr)."),
+                 help="Degradation: bicubic SR, Gaussian colour noise, or JPEG (default: from the checkpoint, "
+                      "else sr)."),
     click.option("--scale", type=click.IntRange(1, 8), default=None, help="SR factor (default: the model's)."),
-    click.option("--sigma", type=click.FloatRange(0, 255), default=None, help="Noise std on the 0..255 scale for --task denoise [25]."),
+    click.option("--sigma", type=click.FloatRange(0, 255), default=None,
+                 help="Noise std on the 0..255 scale for --task denoise [25]."),
     click.option("--quality", type=click.IntRange(1, 100), default=None, help="JPEG quality for --task jpeg [40]."),
 ]
 
@@ -254,11 +265,6 @@ def _task_options(f):
 def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device, plugin, tile, overlap, seed,
              json_out, max_megapixels, quiet):
     """PSNR/SSIM of a model of any kind on a dataset, beside the bicubic / noisy / JPEG baseline."""
-    from .data.datasets import load_pairs
-    from .data.degrade import degradation_for
-    from .defaults import default_checkpoint
-    from .evaluate import evaluate_model
-    from .manifest import make_manifest, write_json
 
     if tile and overlap >= tile:
         raise click.BadParameter(f"{overlap} must be smaller than --tile {tile}", param_hint="--overlap")
@@ -270,7 +276,7 @@ def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device
         deg = degradation_for(info.scale, info.task, task, scale, sigma, quality)
         pairs = load_pairs(data, deg, channels=info.in_chans, split="eval", failures=failures,
                            max_pixels=int(max_megapixels * 1e6))
-        report = evaluate_model(runner, pairs, deg, tile=tile or None, overlap=overlap, seed=seed,
+        report = evaluate_runner(runner, pairs, deg, tile=tile or None, overlap=overlap, seed=seed,
                                 progress=not quiet)
         described = runner.describe()
         click.echo(_describe_runner(runner))
@@ -280,7 +286,7 @@ def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device
     for note in notes:
         click.echo(f"note: {note}")
     if json_out:
-        write_json(json_out, make_manifest("qmamba-deploy/eval-report", model=str(path), artifact=described,
+        write_json(json_out, make_manifest(kind("eval report"), model=str(path), artifact=described,
                                            data=data, command=_command_line(), **report.as_dict(),
                                            failed=[{"image": f, "error": m} for f, m in failures]))
     _report_failures(failures, "images")
@@ -291,7 +297,8 @@ def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device
 @click.option("--kwarg", "kwargs", multiple=True, help="Constructor override name=value (repeatable).")
 @click.option("--task", type=click.Choice(TASKS), default="sr", show_default=True)
 @click.option("--scale", type=click.IntRange(1, 8), default=None, help="SR factor (default: the preset's).")
-@click.option("--sigma", type=click.FloatRange(0, 255), default=25.0, show_default=True, help="Noise std (denoise), 0..255 scale.")
+@click.option("--sigma", type=click.FloatRange(0, 255), default=25.0, show_default=True,
+              help="Noise std (denoise), 0..255 scale.")
 @click.option("--quality", type=click.IntRange(1, 100), default=40, show_default=True, help="JPEG quality (jpeg).")
 @click.option("--data", default="builtin", show_default=True, help="'builtin' or a folder of HR images.")
 @click.option("--val-data", default="builtin", show_default=True, help="Validation images, or 'none'.")
@@ -299,7 +306,8 @@ def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device
               help="Run folder; rerunning the same command resumes from its last checkpoint.")
 @click.option("--iters", type=_POS, default=1000, show_default=True)
 @click.option("--patch", type=click.IntRange(8, 1024), default=48, show_default=True, help="Model input patch size.")
-@click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True, help="Patches per step (per process).")
+@click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Patches per step (per process).")
 @click.option("--lr", type=_POSF, default=2e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="multistep",
               show_default=True)
@@ -307,12 +315,14 @@ def evaluate(model, data, task, scale, sigma, quality, arch, kwargs, dls, device
               help="multistep: fractions of --iters where the rate is multiplied by --gamma.")
 @click.option("--gamma", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True)
 @click.option("--warmup", type=_NONNEG, default=0, show_default=True, help="Linear warm-up iterations.")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="EMA decay of the weights (0: off).")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="EMA decay of the weights (0: off).")
 @click.option("--grad-clip", type=_NONNEGF, default=0.0, show_default=True, help="Max gradient norm (0: off).")
 @click.option("--loss", type=click.Choice(list(LOSSES)), default=None,
               help="Default: l1 for sr, charbonnier for denoise/jpeg.")
 @click.option("--init", type=click.Path(dir_okay=False), help="Start from these weights (fine-tuning).")
-@click.option("--val-every", type=_NONNEG, default=0, show_default=True, help="Validate every N iterations (0: at the end).")
+@click.option("--val-every", type=_NONNEG, default=0, show_default=True,
+              help="Validate every N iterations (0: at the end).")
 @click.option("--save-every", type=_POS, default=500, show_default=True)
 @click.option("--log-every", type=_POS, default=10, show_default=True)
 @click.option("--seed", type=_NONNEG, default=0, show_default=True)
@@ -322,9 +332,6 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
           milestones, gamma, warmup, ema, grad_clip, loss, init, val_every, save_every, log_every, seed, device,
           quiet):
     """Train a restoration model (run under torchrun for several processes / GPUs / nodes)."""
-    from .errors import OptionError
-    from .models import resolve_arch
-    from .train import TrainConfig, cleanup_distributed, train_restoration
 
     try:
         ms = tuple(float(m) for m in milestones.split(",") if m.strip())
@@ -361,7 +368,8 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
                    "spr2q: rectifier groups fused into the weights (PTQ with a short fine-tune).")
 @click.option("--w-bits", type=click.IntRange(1, 16), default=4, show_default=True)
 @click.option("--a-bits", type=click.IntRange(1, 16), default=4, show_default=True)
-@click.option("--scan-bits", type=click.IntRange(1, 16), default=None, help="Bits of the scan operands (default: --a-bits).")
+@click.option("--scan-bits", type=click.IntRange(1, 16), default=None,
+              help="Bits of the scan operands (default: --a-bits).")
 @click.option("--data", default="builtin", show_default=True, help="Training / calibration images.")
 @click.option("--val-data", default="builtin", show_default=True, help="Validation images, or 'none'.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -395,23 +403,20 @@ def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out,
              lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size, route_iters,
              feature_weight, spr2q_variant, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
-    from .checkpoints import load_model
-    from .defaults import default_checkpoint
-    from .quant.pipeline import QuantizeConfig, SPR2QConfig, quantize as run_quantize
-    from .train import cleanup_distributed
 
     ckpt = str(checkpoint or default_checkpoint())
     fp = load_model(ckpt)
-    task = fp.manifest.get("task", {}) if hasattr(fp, "manifest") else {}
+    task = fp.card.task or {}
     up = int(getattr(fp, "upscale", 1))
     spr2q = dict(rank=rank, group_size=group_size, route_iters=route_iters, feature_weight=feature_weight,
                  variant=spr2q_variant) if method == "spr2q" else {}
-    cfg = (SPR2QConfig if spr2q else QuantizeConfig)(**spr2q, arch=fp.arch_name, kwargs=dict(fp.arch_kwargs), task=task.get("task", "sr" if up > 1 else "denoise"),
-                         scale=up, sigma=task.get("sigma", 25.0), quality=task.get("quality", 40), data=data,
-                         val_data=None if val_data == "none" else val_data, patch=patch, batch=batch, iters=iters,
-                         lr=lr, schedule=schedule, val_every=val_every, save_every=save_every, seed=seed,
-                         device=device, checkpoint=ckpt, method=method, w_bits=w_bits, a_bits=a_bits,
-                         scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr)
+    config = SPR2QConfig if spr2q else QuantizeConfig
+    cfg = config(**spr2q, arch=fp.card.arch, kwargs=dict(fp.card.kwargs),
+                 task=task.get("task", "sr" if up > 1 else "denoise"), scale=up, sigma=task.get("sigma", 25.0),
+                 quality=task.get("quality", 40), data=data, val_data=None if val_data == "none" else val_data,
+                 patch=patch, batch=batch, iters=iters, lr=lr, schedule=schedule, val_every=val_every,
+                 save_every=save_every, seed=seed, device=device, checkpoint=ckpt, method=method, w_bits=w_bits,
+                 a_bits=a_bits, scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr)
     try:
         result = run_quantize(cfg, out, command=_command_line(), progress=not quiet)
     finally:
@@ -424,7 +429,6 @@ def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out,
 
 def _deploy_options(f):
     """Options shared by fold and export: where the model comes from and how PTQ calibrates it."""
-    from .quant.qconfig import PTQ_METHODS
 
     options = [
         click.option("--checkpoint", type=click.Path(dir_okay=False),
@@ -457,7 +461,6 @@ def _deploy_config(cls, checkpoint, scale, method, w_bits, a_bits, calib_batches
               help="Folder for bundle.safetensors + bundle.json.")
 def fold(out, **kw):
     """Fold a (fake-)quantized checkpoint into a deploy bundle: packed integer weights + scales + manifest."""
-    from .export.job import DeployConfig, run_fold
 
     manifest = run_fold(_deploy_config(DeployConfig, **kw), out, command=_command_line())
     size = manifest["size"]
@@ -487,7 +490,6 @@ def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr
 
     With no arguments: the embedded x2 model, W8A8 minmax PTQ on the built-in images.
     """
-    from .export.job import ExportConfig, run_export
 
     cfg = _deploy_config(ExportConfig, bundle=bundle, scan=scan, dls=dls, int4_weights=int4_weights,
                          validate=not no_validate, val_data=val_data, min_psnr_between=min_psnr_between, **kw)
@@ -515,15 +517,12 @@ def validate(models, bundle, data, min_psnr_between, max_abs, device, plugin, js
 
     Each MODEL (.onnx or .engine, any mix) is compared with the PyTorch deploy model of the bundle it
     was made from; `qmamba-deploy validate model.engine` is the on-GPU parity check of an engine."""
-    from .validate import validate_artifacts
 
     _check_json(json_out, model=list(models), bundle=bundle)
     report = validate_artifacts(list(models), bundle, data, min_psnr_between, max_abs, device=device, plugin=plugin,
                                 progress=not quiet)
     click.echo(report.table())
     if json_out:
-        from .manifest import write_json
-
         write_json(json_out, report.as_dict())
     if not report.passed:
         click.secho(f"error: validation failed (thresholds: {min_psnr_between:g} dB PSNR-between"
@@ -537,23 +536,17 @@ def validate(models, bundle, data, min_psnr_between, max_abs, device, plugin, js
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the findings as JSON.")
 def lint(onnx_file, no_parser, json_out):
     """Check ONNX_FILE against what TensorRT accepts (Q/DQ, plugin node, ops); parse it where TensorRT imports."""
-    from .export.lint import lint_onnx
 
     _check_json(json_out, onnx_file=onnx_file)
     report = lint_onnx(onnx_file, use_parser=not no_parser)
     click.echo(report.text())
     if json_out:
-        from .manifest import write_json
-
         write_json(json_out, report.as_dict())
     if not report.passed:
         sys.exit(1)
 
 
 def _profile(min_shape, opt_shape, max_shape):
-    from .bench import parse_shape
-    from .trt.engine import Profile
-
     opt = parse_shape(opt_shape, "--opt")
     return Profile(parse_shape(min_shape, "--min") if min_shape else opt, opt,
                    parse_shape(max_shape, "--max") if max_shape else opt)
@@ -575,19 +568,21 @@ def _profile_options(f):
 @click.option("--plugin", type=click.Path(dir_okay=False),
               help="libqmamba_scan_plugin.so (default: $QMAMBA_PLUGIN_LIB or build/ of the CMake project).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Read when present, written after the build.")
-@click.option("--fp16", is_flag=True, help="TensorRT 10 only: weakly typed with FP16+INT8 flags (11 is strongly typed).")
-@click.option("--version-compatible", is_flag=True, help="Version-compatible engine; the plugin library is serialized in.")
+@click.option("--fp16", is_flag=True,
+              help="TensorRT 10 only: weakly typed with FP16+INT8 flags (11 is strongly typed).")
+@click.option("--version-compatible", is_flag=True,
+              help="Version-compatible engine; the plugin library is serialized in.")
 @click.option("--exclude-lean-runtime", is_flag=True, help="With --version-compatible: do not embed the lean runtime.")
 @click.option("--hardware-compatibility", type=click.Choice(list(HARDWARE_LEVELS)), default="none",
               show_default=True, help="Run the engine on other GPUs of the same (or Ampere+) architecture.")
-@click.option("--optimization-level", type=click.IntRange(0, 5), help="Builder optimization level 0..5 (TensorRT default 3).")
+@click.option("--optimization-level", type=click.IntRange(0, 5),
+              help="Builder optimization level 0..5 (TensorRT default 3).")
 @click.option("--workspace-mib", type=_POS, help="Workspace memory pool limit in MiB.")
 @click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default="tensorrt",
               show_default=True, help="tensorrt (server GPUs, Jetson) or tensorrt_rtx (RTX GPUs; builds without one).")
 def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache, fp16, version_compatible,
           exclude_lean_runtime, hardware_compatibility, optimization_level, workspace_mib, trt_module):
     """Build a TensorRT engine from ONNX_FILE (the plugin loaded for QMambaSelectiveScan nodes)."""
-    from .trt.engine import BuildConfig, build_engine
 
     cfg = BuildConfig(onnx_file, _profile(min_shape, opt_shape, max_shape), plugin=plugin, timing_cache=timing_cache,
                       fp16=fp16, version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
@@ -618,9 +613,6 @@ def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache,
 def bench(model, engine, onnx_file, torch_ckpt, compare, shape, warmup, iterations, device, threads, cuda_graph,
           plugin, trt_module, json_out):
     """Latency of any model (checkpoint, bundle, ONNX, engine) in one JSON schema; or --compare two results."""
-    from . import bench as b
-    from .errors import OptionError
-    from .runtime import artifact_kind
 
     chosen = [(flag, v, kind) for flag, v, kind in (("--model", model, None), ("--engine", engine, "engine"),
                                                     ("--onnx", onnx_file, "onnx"), ("--torch", torch_ckpt, None),
@@ -642,14 +634,13 @@ def bench(model, engine, onnx_file, torch_ckpt, compare, shape, warmup, iteratio
     result = b.bench(path, settings, kind=expected, plugin=plugin, tensorrt=trt_module)
     data = result.as_dict()
     lat, thr = data["latency_ms"], data["throughput"]
-    click.echo(f"{data['backend']} {'x'.join(map(str, settings.shape))} -> {'x'.join(map(str, data['output']['shape']))}: "
+    shapes = f"{'x'.join(map(str, settings.shape))} -> {'x'.join(map(str, data['output']['shape']))}"
+    click.echo(f"{data['backend']} {shapes}: "
                f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms; "
                f"{thr['images_per_s']:.2f} images/s, {thr['output_megapixels_per_s']:.3f} MP/s")
     for note in data["notes"]:
         click.echo(f"note: {note}")
     if json_out:
-        from .manifest import write_json
-
         write_json(json_out, data)
 
 
@@ -661,7 +652,6 @@ def bench(model, engine, onnx_file, torch_ckpt, compare, shape, warmup, iteratio
               "default out/package/qmamba-TARGET.")
 def package(onnx_file, target, min_shape, opt_shape, max_shape, out):
     """Folder + tarball to build and check the engine on a Jetson: ONNX, plugin sources, scripts, references."""
-    from .trt.package import package as make_package
 
     out = out or f"out/package/qmamba-{target}"
     m = make_package(onnx_file, target, out, _profile(min_shape, opt_shape, max_shape), command=_command_line())

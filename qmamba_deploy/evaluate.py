@@ -9,18 +9,17 @@ SR and 0 otherwise. Beside every score stands the no-model baseline
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from .data.datasets import Pair, degrade_pair, to_tensor
 from .data.degrade import Degradation
 from .metrics import calculate_psnr, calculate_ssim, to_uint8
-from .restore import restore_tensor
-from .runtime import Runner
 
 
 @dataclass
@@ -62,7 +61,8 @@ class EvalReport:
 
     def table(self) -> str:
         base = self.degradation.baseline_name
-        head = f"{'image':<22} {'input':>9} {'PSNR':>8} {'SSIM':>7} {base + ' PSNR':>13} {base + ' SSIM':>13} {'gain':>7}"
+        head = (f"{'image':<22} {'input':>9} {'PSNR':>8} {'SSIM':>7} {base + ' PSNR':>13} {base + ' SSIM':>13} "
+                f"{'gain':>7}")
         rows = [head, "-" * len(head)]
         for s in self.scores:
             size = f"{s.input_size[1]}x{s.input_size[0]}"
@@ -98,8 +98,6 @@ def evaluate_pairs(run: Callable[[torch.Tensor], torch.Tensor], pairs: Iterable[
     """Score ``run`` (a float NCHW -> float NCHW function, e.g. a model) on every pair."""
     pairs = list(pairs)
     if progress:
-        from tqdm import tqdm
-
         pairs = tqdm(pairs, desc="eval", unit="img", leave=False)
     scores = []
     for pair in pairs:
@@ -114,28 +112,19 @@ def evaluate_pairs(run: Callable[[torch.Tensor], torch.Tensor], pairs: Iterable[
     return EvalReport(degradation, scores)
 
 
-def model_runner(model: nn.Module | Runner, device: str | torch.device = "cpu", tile: int | None = None,
-                 overlap: int = 16) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A float NCHW -> float NCHW function running ``model`` (an nn.Module on ``device``, or an
-    open Runner within its limits), tiled when ``tile`` is set."""
+def evaluate_model(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, device="cpu",
+                   seed: int = 0, progress: bool = False) -> EvalReport:
+    """Score an nn.Module on whole images (in eval mode for the run; training mode restored).
+
+    Runners and tiles: ``jobs.evaluate.evaluate_runner``."""
+    was_training = model.training
+    model.eval()
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        if isinstance(model, Runner):
-            return restore_tensor(model, x, tile=tile, overlap=overlap)
-        return restore_tensor(model, x.to(device), tile=tile, overlap=overlap).cpu()
+        return model(x.to(device)).cpu()
 
-    return run
-
-
-def evaluate_model(model: nn.Module | Runner, pairs: Iterable[Pair], degradation: Degradation, device="cpu",
-                   tile: int | None = None, seed: int = 0, progress: bool = False, overlap: int = 16) -> EvalReport:
-    """Score a model (an nn.Module, put in eval mode for the run) or an open Runner."""
-    if isinstance(model, Runner):
-        return evaluate_pairs(model_runner(model, tile=tile, overlap=overlap), pairs, degradation, seed, progress)
-    was_training = model.training
-    model.eval()
     try:
-        return evaluate_pairs(model_runner(model, device, tile, overlap), pairs, degradation, seed, progress)
+        return evaluate_pairs(run, pairs, degradation, seed, progress)
     finally:
         model.train(was_training)

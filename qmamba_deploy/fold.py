@@ -22,24 +22,40 @@ import copy
 import json
 import os
 import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from .checkpoints import check_finite
+from .artifacts import atomic_path, is_kind, jsonable, kind, make_manifest, manifest_path, sha256_file, write_json
+from .checkpoints import check_finite, float_state_dict
 from .errors import CheckpointError, OptionError
-from .manifest import atomic_path, make_manifest, manifest_path, sha256_file, write_json
-from .quant.deploy import (ActQuant, DeployConv2d, DeployLinear, DLSAct, FoldedWeight, act_from_spec, act_grid,
-                           set_dls_mode, weight_from_spec)
+from .models import ModelCard, build_model
+from .models.registry import count_parameters
+from .models.routing import routing_mode
+from .models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS, quant_point
+from .quant import QConfig
+from .quant.deploy import (
+    ActQuant,
+    DeployConv2d,
+    DeployLinear,
+    DLSAct,
+    FoldedWeight,
+    act_from_spec,
+    set_dls_mode,
+    weight_from_spec,
+)
 from .quant.layers import QuantConv2d, QuantLinear
-from .quant.quantizers import DLS, LSQ, RFA, Observer, Quantizer
 from .quant.qconfig import scan_modules
-from .quant.spr2q import BoundedQuant
+from .quant.quantizers import Quantizer, WeightCodes
 
-BUNDLE_KIND = "qmamba-deploy bundle"
+BUNDLE_KIND = kind("bundle")
 BUNDLE_NAME = "bundle.safetensors"
 _META_KEY = "qmamba_deploy_bundle"
 PACKABLE_BITS = (2, 4, 8)
@@ -55,76 +71,20 @@ __all__ = ["fold", "convert", "calibrate_dls", "save_bundle", "load_bundle", "pa
 # ------------------------------------------------------------------------ quantizer -> codes
 
 
-@torch.no_grad()
-def weight_codes(wq: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(q, scale, offset, bits) with ŵ = scale·q + offset exactly as ``wq`` quantizes ``w``.
-
-    q is on the signed b-bit grid; an unsigned grid (SPR²Q's bounds) is moved down by
-    2^(b−1) steps and the shift goes into the offset.
-    """
+def weight_codes(wq: nn.Module, w: torch.Tensor) -> WeightCodes:
+    """The deploy form of a weight quantizer: ŵ = scale·q + offset exactly as ``wq`` quantizes ``w``."""
     if not isinstance(wq, Quantizer):
         raise CheckpointError(f"weight quantizer {type(wq).__name__} is not foldable")
-    if not wq.initialized:
-        raise CheckpointError(f"a {wq.kind} weight quantizer was never initialised; calibrate or train the "
-                              f"quantized model before folding it")
-    zero = torch.zeros((), dtype=torch.float32)
-    if isinstance(wq, RFA):
-        qn, qp = wq.grid()
-        q = wq.hard_level(((w + wq.beta) / wq.alpha).clamp(qn, qp))
-        scale, offset, grid = wq.alpha, -wq.beta, (-(2 ** (wq.bits - 1)), 2 ** (wq.bits - 1) - 1)
-    elif isinstance(wq, LSQ):
-        beta = wq.beta if wq.beta is not None else zero
-        qn, qp = grid = wq.grid()
-        q = torch.round(((w + beta) / wq.alpha).clamp(qn, qp))
-        scale, offset = wq.alpha, -beta
-    elif isinstance(wq, Observer):
-        qn, qp = grid = wq.grid()
-        q = torch.round((w / wq.alpha).clamp(qn, qp))
-        scale, offset = wq.alpha, zero
-    elif isinstance(wq, BoundedQuant):
-        s = wq.step()
-        clipped = torch.maximum(torch.minimum(w, wq.hi), wq.lo)
-        q = torch.round((clipped - wq.lo) / s)
-        scale, offset, grid = s, wq.lo, (0, 2 ** wq.bits - 1)
-    else:
-        raise CheckpointError(f"a {wq.kind} quantizer cannot quantize weights for deployment; "
-                              f"use rfa, lsq, a PTQ observer or SPR²Q bounds")
-    scale = scale.detach().reshape(()).float()
-    offset = offset.detach().reshape(()).float()
-    if grid[0] == 0:  # unsigned grid -> signed codes, shift into the offset
-        half = 2 ** (wq.bits - 1)
-        q = q - half
-        offset = offset + half * scale
-    return q.to(torch.int8), scale, offset, wq.bits
+    return wq.weight_codes(w)
 
 
-@torch.no_grad()
 def act_quantizer(aq: nn.Module) -> nn.Module:
-    """The deploy form of an activation quantizer (values filled in)."""
+    """The deploy form of an activation quantizer (values filled in); an unquantized input stays as is."""
     if isinstance(aq, nn.Identity):
         return aq
     if not isinstance(aq, Quantizer):
         raise CheckpointError(f"activation quantizer {type(aq).__name__} is not foldable")
-    if isinstance(aq, DLS):
-        out = DLSAct(aq.bits, aq.is_signed)
-        for name, value in aq.weights().items():
-            getattr(out, name).copy_(value.detach())
-        return out
-    if not aq.initialized:
-        raise CheckpointError(f"a {aq.kind} activation quantizer was never initialised; calibrate or train the "
-                              f"quantized model before folding it")
-    if isinstance(aq, LSQ):
-        scale, offset, signed = aq.alpha, (aq.beta if aq.beta is not None else None), aq.is_signed
-    elif isinstance(aq, Observer):
-        scale, offset, signed = aq.alpha, None, aq.is_signed
-    elif isinstance(aq, BoundedQuant):
-        scale, offset, signed = aq.step(), -aq.lo, False
-    else:
-        raise CheckpointError(f"a {aq.kind} quantizer cannot quantize activations for deployment")
-    qmin, qmax, shift = act_grid(aq.bits, signed)
-    scale = scale.detach().reshape(()).float()
-    o = offset.detach().reshape(()).float() if offset is not None else torch.zeros(())
-    return ActQuant(aq.bits, qmin, qmax, has_offset=offset is not None or shift > 0).set(scale, o - shift * scale)
+    return aq.deploy_act()
 
 
 # ------------------------------------------------------------------------ sites and specs
@@ -134,38 +94,91 @@ def _points(m: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     return {n: m._modules[n] for n in names if n in m._modules}
 
 
-def _layer_spec(name: str, m: nn.Module, act: nn.Module, weight: FoldedWeight) -> dict[str, Any]:
-    act_spec = act.spec() if hasattr(act, "spec") else None
-    base = {"name": name, "act": act_spec, "weight": weight.spec(), "bias": m.bias is not None}
-    if isinstance(m, nn.Linear):
-        return {**base, "kind": "linear", "in": m.in_features, "out": m.out_features}
-    return {**base, "kind": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
-            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
+@dataclass(frozen=True)
+class LayerSpec:
+    """A quantized Linear / Conv2d site as the bundle manifest records it (``as_dict`` is the JSON)."""
+
+    name: str
+    kind: str                     # "linear" | "conv2d"
+    act: dict[str, Any] | None    # the activation deploy module's spec (None: the input stays float)
+    weight: dict[str, Any]        # the FoldedWeight's spec
+    bias: bool
+    in_: int
+    out: int
+    conv: dict[str, Any] | None = None  # kernel, stride, padding, dilation, groups
+
+    @classmethod
+    def of(cls, name: str, m: nn.Module, act: nn.Module, weight: FoldedWeight) -> LayerSpec:
+        act_spec = act.spec() if hasattr(act, "spec") else None
+        if isinstance(m, nn.Linear):
+            return cls(name, "linear", act_spec, weight.spec(), m.bias is not None, m.in_features, m.out_features)
+        conv = {"kernel": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+                "dilation": list(m.dilation), "groups": m.groups}
+        return cls(name, "conv2d", act_spec, weight.spec(), m.bias is not None, m.in_channels, m.out_channels, conv)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "act": self.act, "weight": self.weight, "bias": self.bias, "kind": self.kind,
+                "in": self.in_, "out": self.out, **(self.conv or {})}
+
+    def module(self) -> nn.Module:
+        """The deploy layer of this site (values zero until loaded or filled)."""
+        act, weight = act_from_spec(self.act), weight_from_spec(self.weight)
+        if self.kind == "linear":
+            return DeployLinear(self.in_, self.out, self.bias, act, weight)
+        c = self.conv
+        return DeployConv2d(self.in_, self.out, c["kernel"], c["stride"], c["padding"], c["dilation"], c["groups"],
+                            self.bias, act, weight)
 
 
-def _fold_layer(name: str, m: nn.Module) -> tuple[dict[str, Any], nn.Module]:
+@dataclass(frozen=True)
+class ScanSpec:
+    """A scan module's deploy points (folded weights, activation quantizers) and folded parameters."""
+
+    name: str
+    points: dict[str, dict[str, Any]]   # point -> {"weight": spec} | {"act": spec or None}
+    folded_params: list[str]
+    kind: str = "scan"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "points": self.points, "folded_params": self.folded_params}
+
+
+SiteSpec = LayerSpec | ScanSpec
+
+
+def site_spec(d: dict[str, Any]) -> SiteSpec:
+    """A site spec from its JSON form (a bundle manifest's ``sites`` entry)."""
+    if d["kind"] == "scan":
+        return ScanSpec(d["name"], d["points"], list(d.get("folded_params", [])))
+    conv = {k: d[k] for k in ("kernel", "stride", "padding", "dilation", "groups")} if d["kind"] == "conv2d" else None
+    if d["kind"] not in ("linear", "conv2d"):
+        raise ValueError(f"site {d.get('name')!r} has kind {d['kind']!r}")
+    return LayerSpec(d["name"], d["kind"], d["act"], d["weight"], bool(d["bias"]), int(d["in"]), int(d["out"]), conv)
+
+
+def _fold_layer(name: str, m: nn.Module) -> tuple[LayerSpec, nn.Module]:
     linear = isinstance(m, QuantLinear)
     aq = m.linear_act_quant if linear else m.conv_act_quant
     wq = m.linear_weight_quant if linear else m.conv_weight_quant
     w = m.weight.detach().float()
     layout = w.t() if linear else w                      # Linear: the [in, out] MatMul operand
-    q, scale, offset, bits = weight_codes(wq, layout)
-    weight = FoldedWeight(tuple(layout.shape), bits, axis=1 if linear else 0, has_offset=bool(offset != 0))
-    _fill_weight(weight, q, scale, offset)
+    weight = _folded(weight_codes(wq, layout), layout, axis=1 if linear else 0)
     _check_weight(name, weight, wq, w, layout)
     act = act_quantizer(aq)
-    spec = _layer_spec(name, m, act, weight)
-    deploy = layer_from_spec(spec)
+    spec = LayerSpec.of(name, m, act, weight)
+    deploy = spec.module()
     deploy.act, deploy.weight = act, weight
     if m.bias is not None:
         deploy.bias.data.copy_(m.bias.detach())
     return spec, deploy
 
 
-def _fill_weight(weight: FoldedWeight, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
-    weight.q.copy_(q)
-    weight.scale.copy_(scale)
-    weight.offset.copy_(offset)
+def _folded(codes: WeightCodes, layout: torch.Tensor, axis: int) -> FoldedWeight:
+    weight = FoldedWeight(tuple(layout.shape), codes.bits, axis=axis, has_offset=bool(codes.offset != 0))
+    weight.q.copy_(codes.q)
+    weight.scale.copy_(codes.scale)
+    weight.offset.copy_(codes.offset)
+    return weight
 
 
 def _check_weight(name: str, weight: FoldedWeight, wq: nn.Module, w: torch.Tensor, layout: torch.Tensor) -> None:
@@ -179,18 +192,9 @@ def _check_weight(name: str, weight: FoldedWeight, wq: nn.Module, w: torch.Tenso
                               f"this quantizer state cannot be folded exactly")
 
 
-def layer_from_spec(spec: dict[str, Any]) -> nn.Module:
-    act, weight = act_from_spec(spec["act"]), weight_from_spec(spec["weight"])
-    if spec["kind"] == "linear":
-        return DeployLinear(spec["in"], spec["out"], spec["bias"], act, weight)
-    return DeployConv2d(spec["in"], spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"],
-                        spec["groups"], spec["bias"], act, weight)
-
-
 @torch.no_grad()
-def _fold_scan(name: str, m: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, nn.Module]]:
+def _fold_scan(name: str, m: nn.Module) -> tuple[ScanSpec, dict[str, torch.Tensor], dict[str, nn.Module]]:
     """Spec, folded parameter values (A, Ds, dt_projs_bias) and deploy point modules of a scan module."""
-    from .models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS, quant_point
 
     for point in PROJ_QUANT_POINTS + SCAN_QUANT_POINTS:
         q = m._modules.get(point)
@@ -209,9 +213,7 @@ def _fold_scan(name: str, m: nn.Module) -> tuple[dict[str, Any], dict[str, torch
         if wq is None:
             continue
         layout = getattr(m, param).detach().float().permute(*perm)
-        q, scale, offset, bits = weight_codes(wq, layout)
-        weight = FoldedWeight(tuple(layout.shape), bits, axis=layout.dim() - 1, has_offset=bool(offset != 0))
-        _fill_weight(weight, q, scale, offset)
+        weight = _folded(weight_codes(wq, layout), layout, axis=layout.dim() - 1)
         _check_weight(f"{name}.{point}", weight, wq, layout, layout)
         points[point] = weight
         spec_points[point] = {"weight": weight.spec()}
@@ -221,12 +223,11 @@ def _fold_scan(name: str, m: nn.Module) -> tuple[dict[str, Any], dict[str, torch
         act = act_quantizer(m._modules[point])
         points[point] = act
         spec_points[point] = {"act": act.spec() if hasattr(act, "spec") else None}
-    spec = {"name": name, "kind": "scan", "points": spec_points,
-            "folded_params": sorted(p for p in PARAM_POINTS if p in m._modules)}
+    spec = ScanSpec(name, spec_points, sorted(p for p in PARAM_POINTS if p in m._modules))
     return spec, values, points
 
 
-def convert(model: nn.Module, specs: list[dict[str, Any]]) -> nn.Module:
+def convert(model: nn.Module, specs: list[SiteSpec]) -> nn.Module:
     """Turn a float model into the deploy structure of ``specs`` (in place; values zero).
 
     Quantized layers become DeployLinear / DeployConv2d; each scan module gets its
@@ -234,39 +235,31 @@ def convert(model: nn.Module, specs: list[dict[str, Any]]) -> nn.Module:
     projection weights that live in folded form.
     """
     for spec in specs:
-        if spec["kind"] in ("linear", "conv2d"):
-            _set_module(model, spec["name"], layer_from_spec(spec))
+        if isinstance(spec, LayerSpec):
+            model.set_submodule(spec.name, spec.module())
             continue
-        m = model.get_submodule(spec["name"])
+        m = model.get_submodule(spec.name)
         for point in PARAM_POINTS:
             m._modules.pop(point, None)
         a_shape = m.A_logs.shape
         del m.A_logs
         m.register_buffer("A", torch.zeros(a_shape))
         for point, param, _ in WEIGHT_POINTS:
-            if "weight" in spec["points"].get(point, {}):
+            if "weight" in spec.points.get(point, {}):
                 delattr(m, param)
-                m.add_module(point, weight_from_spec(spec["points"][point]["weight"]))
-        for point, entry in spec["points"].items():
+                m.add_module(point, weight_from_spec(spec.points[point]["weight"]))
+        for point, entry in spec.points.items():
             if "act" in entry:
                 m.add_module(point, act_from_spec(entry["act"]))
     model.deploy_specs = specs
     return model
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _fresh_float(model: nn.Module) -> nn.Module:
-    from .checkpoints import float_state_dict
-    from .models import build_model
-
-    arch, kwargs = getattr(model, "arch_name", None), getattr(model, "arch_kwargs", None)
-    if arch is None:
-        raise CheckpointError("the model has no arch_name; load it with load_model() before folding")
-    fresh = build_model(arch, **kwargs)
+    card = getattr(model, "card", None)
+    if not isinstance(card, ModelCard):
+        raise CheckpointError("the model has no ModelCard (model.card); load it with load_model() before folding")
+    fresh = build_model(card.arch, **card.kwargs)
     fresh.load_state_dict(float_state_dict(model.state_dict()), strict=True)
     return fresh
 
@@ -279,7 +272,7 @@ def fold(model: nn.Module) -> nn.Module:
     (an SPR²Q model whose rectifiers were never fused, for instance).
     """
     model = model.eval()
-    specs: list[dict[str, Any]] = []
+    specs: list[SiteSpec] = []
     folded_layers: dict[str, nn.Module] = {}
     scans: dict[str, tuple[dict[str, torch.Tensor], dict[str, nn.Module]]] = {}
     covered: set[int] = set()
@@ -302,7 +295,7 @@ def fold(model: nn.Module) -> nn.Module:
 
     deploy = convert(_fresh_float(model), specs)
     for name, layer in folded_layers.items():
-        _set_module(deploy, name, layer)
+        deploy.set_submodule(name, layer)
     for name, (values, points) in scans.items():
         m = deploy.get_submodule(name)
         m.A.copy_(values["A"])
@@ -310,9 +303,7 @@ def fold(model: nn.Module) -> nn.Module:
         m.dt_projs_bias.data.copy_(values["dt_projs_bias"])
         for point, module in points.items():
             m.add_module(point, module)
-    deploy.arch_name, deploy.arch_kwargs = model.arch_name, model.arch_kwargs
-    deploy.qconfig = getattr(model, "qconfig", None)
-    deploy.manifest = dict(getattr(model, "manifest", {}) or {})
+    deploy.card = model.card
     deploy.dls_calibration = None
     return deploy.eval().requires_grad_(False)
 
@@ -330,7 +321,6 @@ def calibrate_dls(deploy: nn.Module, batches: Iterable[torch.Tensor], source: st
     Returns the calibration record (also stored on the model), or None when the
     model has no DLS activation.
     """
-    from .train import _routing
 
     sites = [(n, m) for n, m in deploy.named_modules() if isinstance(m, DLSAct)]
     if not sites:
@@ -340,7 +330,7 @@ def calibrate_dls(deploy: nn.Module, batches: Iterable[torch.Tensor], source: st
         m.mode, m.recording = "dynamic", []
     count = 0
     try:
-        with _routing(deploy, "deterministic"):
+        with routing_mode(deploy, "deterministic"):
             for x in batches:
                 deploy(x)
                 count += 1
@@ -426,10 +416,8 @@ def _sizes(deploy: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Any
     carries as well (e.g. MambaIRv2's relative position index); ``bundle_tensor_bytes``
     is everything.
     """
-    from .models import build_model
-    from .models.registry import count_parameters
 
-    reference = build_model(deploy.arch_name, **deploy.arch_kwargs)
+    reference = build_model(deploy.card.arch, **deploy.card.kwargs)
     shared_buffers = {n for n, _ in reference.named_buffers()}
     fp32 = 4 * count_parameters(reference)
     nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
@@ -441,18 +429,16 @@ def _sizes(deploy: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Any
 def save_bundle(deploy: nn.Module, out_dir: str | os.PathLike, provenance: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
     """Write ``out_dir/bundle.safetensors`` and ``bundle.json`` (atomically); returns the manifest."""
-    from safetensors.torch import save_file
 
-    from .checkpoints import _jsonable
 
     path = Path(out_dir) / BUNDLE_NAME
     tensors, packed = _bundle_tensors(deploy)
-    qconfig = getattr(deploy, "qconfig", None)
-    source = getattr(deploy, "manifest", {}) or {}
+    card = deploy.card
     manifest = make_manifest(
-        BUNDLE_KIND, arch=deploy.arch_name, kwargs=_jsonable(deploy.arch_kwargs),
-        qconfig=qconfig.as_dict() if qconfig is not None else None,
-        task=source.get("task"), sites=deploy.deploy_specs, packed=packed, values=_site_values(deploy),
+        BUNDLE_KIND, arch=card.arch, kwargs=jsonable(card.kwargs),
+        qconfig=card.qconfig.as_dict() if card.qconfig is not None else None,
+        task=card.task, sites=[spec.as_dict() for spec in deploy.deploy_specs], packed=packed,
+        values=_site_values(deploy),
         dls_calibration=getattr(deploy, "dls_calibration", None),
         size=_sizes(deploy, tensors),
         provenance=dict(provenance or {}),
@@ -466,11 +452,7 @@ def save_bundle(deploy: nn.Module, out_dir: str | os.PathLike, provenance: dict[
 
 def load_bundle(path: str | os.PathLike) -> nn.Module:
     """The deploy model of a bundle (``bundle.safetensors`` or its folder); DLS in ``dynamic`` mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    from .models import build_model
-    from .quant import QConfig
 
     path = Path(path)
     if path.is_dir():
@@ -485,14 +467,14 @@ def load_bundle(path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{path} is not a readable deploy bundle ({exc}); re-run `qmamba-deploy fold`") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != BUNDLE_KIND:
+    if not isinstance(manifest, dict) or not is_kind(manifest.get("kind"), "bundle"):
         kind = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"{path} is a {kind!r}, not a deploy bundle")
     check_finite(tensors, str(path))
     try:
         if not isinstance(manifest.get("kwargs"), dict) or not isinstance(manifest.get("arch"), str):
             raise ValueError("its manifest has no architecture name and argument dict")
-        model = convert(build_model(manifest["arch"], **manifest["kwargs"]), manifest["sites"])
+        model = convert(build_model(manifest["arch"], **manifest["kwargs"]), [site_spec(d) for d in manifest["sites"]])
         state: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
             if key.endswith(".q_packed"):
@@ -506,9 +488,7 @@ def load_bundle(path: str | os.PathLike) -> nn.Module:
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: the bundle does not describe a model that can be built ({text}); "
                               f"re-run `qmamba-deploy fold`") from None
-    model.arch_name, model.arch_kwargs = manifest["arch"], manifest["kwargs"]
-    model.qconfig = qconfig
-    model.manifest = manifest
+    model.card = model.card.replace(task=manifest.get("task"), qconfig=qconfig, provenance={"bundle": str(path)})
     model.dls_calibration = manifest.get("dls_calibration")
     return model.eval().requires_grad_(False)
 

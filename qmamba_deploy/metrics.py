@@ -32,6 +32,7 @@ the Y channel with ``crop_border = scale`` (the usual SR benchmark protocol).
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 __all__ = [
@@ -169,26 +170,13 @@ def calculate_psnr(
 
 
 def _gaussian_window() -> np.ndarray:
-    try:
-        import cv2
-
-        k = cv2.getGaussianKernel(11, 1.5)
-    except ImportError:  # same numbers as cv2.getGaussianKernel(11, 1.5)
-        x = np.arange(11, dtype=np.float64) - 5
-        k = np.exp(-(x * x) / (2 * 1.5 * 1.5))
-        k = (k / k.sum())[:, None]
+    k = cv2.getGaussianKernel(11, 1.5)
     return np.outer(k, k.transpose())
 
 
 def _filter_valid(img: np.ndarray, window: np.ndarray) -> np.ndarray:
-    try:
-        import cv2
-
-        return cv2.filter2D(img, -1, window)[5:-5, 5:-5]
-    except ImportError:
-        from scipy.signal import correlate
-
-        return correlate(img, window, mode="valid", method="direct")
+    """BasicSR's 'valid' 11x11 filtering (OpenCV, as BasicSR computes it)."""
+    return cv2.filter2D(img, -1, window)[5:-5, 5:-5]
 
 
 def _ssim_channel(img: np.ndarray, img2: np.ndarray) -> float:

@@ -35,9 +35,9 @@ def test_detect_arch_recovers_constructor_arguments(arch, kwargs):
 def test_real_weights_load_by_detection(scale):
     path = need(CHECKPOINTS / f"mambairv2_light_x{scale}.safetensors")
     model = load_model(path)
-    assert model.arch_name == "MambaIRv2Light" and model.upscale == scale
-    assert model.arch_kwargs["depths"] == [5, 5, 5, 5] and model.arch_kwargs["num_tokens"] == 64
-    assert model.provenance["arch_from"] == "detected"
+    assert model.card.arch == "MambaIRv2Light" and model.upscale == scale
+    assert model.card.kwargs["depths"] == [5, 5, 5, 5] and model.card.kwargs["num_tokens"] == 64
+    assert model.card.provenance["arch_from"] == "detected"
     assert not model.training
 
 
@@ -119,7 +119,7 @@ def test_save_and_reload_with_manifest(tmp_path):
     assert side["sha256"] == manifest["sha256"] and side["params"] == sum(p.numel() for p in model.parameters())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]  # no temp files left
     again = load_model(tmp_path / "m.safetensors")
-    assert again.provenance["arch_from"] == "manifest"
+    assert again.card.provenance["arch_from"] == "manifest"
     x = torch.rand(1, 3, 12, 12)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 
 from qmamba_deploy.data.builtin import EVAL_CROP, EVAL_PHOTOS, TRAIN_PHOTOS, builtin_split
-from qmamba_deploy.data.datasets import PatchSampler, Pair, degrade_pair, load_pairs, to_channels
-from qmamba_deploy.data.degrade import (Degradation, add_gaussian_noise, bicubic_down, bicubic_up, jpeg_compress,
-                                        mod_crop)
+from qmamba_deploy.data.datasets import Pair, PatchSampler, degrade_pair, load_pairs, to_channels
+from qmamba_deploy.data.degrade import (
+    Degradation,
+    add_gaussian_noise,
+    bicubic_down,
+    bicubic_up,
+    jpeg_compress,
+    mod_crop,
+)
 from qmamba_deploy.data.io import write_image
 from qmamba_deploy.errors import ImageError, OptionError
 
@@ -162,7 +168,7 @@ def test_sampler_batches_are_a_function_of_seed_iteration_rank():
     s = PatchSampler(_pairs(), deg, patch=8, batch=3, seed=5)
     x, y = s.batch(7, 0)
     assert x.shape == (3, 3, 8, 8) and y.shape == (3, 3, 16, 16) and x.dtype == y.dtype
-    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
     x2, y2 = PatchSampler(_pairs(), deg, patch=8, batch=3, seed=5).batch(7, 0)
     assert x.equal(x2) and y.equal(y2)
     assert not s.batch(7, 1)[0].equal(x)

@@ -94,7 +94,7 @@ def test_eval_cli_denoise_on_a_x1_model(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["degradation"] == {"task": "denoise", "label": "denoise-s50", "sigma": 50.0}
-    assert data["crop_border"] == 0 and data["kind"] == "qmamba-deploy/eval-report"
+    assert data["crop_border"] == 0 and data["kind"] == "qmamba-deploy eval report"
     # Y noise std = 50 * |(65.481, 128.553, 24.966)| / 255 = 28.7 -> 19.0 dB (clipping raises it a little)
     assert all(18.5 < r["psnr_baseline"] < 21 for r in data["images"])
 

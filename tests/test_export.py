@@ -15,13 +15,13 @@ from onnx import TensorProto, helper
 
 from qmamba_deploy.cli import main
 from qmamba_deploy.errors import OptionError
-from qmamba_deploy.export.lint import lint_onnx
+from qmamba_deploy.export.graph import scan_nodes
 from qmamba_deploy.export.onnx_export import ExportOptions, export_onnx
 from qmamba_deploy.export.qdq_onnx import qdq_translation_table
-from qmamba_deploy.export.scan_onnx import scan_nodes
 from qmamba_deploy.fold import calibrate_dls, fold, with_dls_mode
+from qmamba_deploy.jobs.validate import psnr_between
 from qmamba_deploy.runtime.ort import onnx_runner
-from qmamba_deploy.validate import psnr_between
+from qmamba_deploy.trt.lint import lint_onnx
 
 from .test_fold import _quantized, _x
 
@@ -177,7 +177,7 @@ def test_lint_checks_the_plugin_node_against_the_contract(tmp_path, w4a4_v2):
 
 
 def test_lint_parses_with_tensorrt_where_available(tmp_path, w4a4_v2):
-    from qmamba_deploy.export.lint import _import_parser
+    from qmamba_deploy.trt.lint import _import_parser
 
     if _import_parser()[1] is None:
         pytest.skip("no TensorRT parser importable (pip install tensorrt-rtx-cu13 gives one that runs without a GPU)")
@@ -297,7 +297,7 @@ def test_per_channel_weights_dequantize_on_the_output_axis(tmp_path):
     weight.q.copy_(torch.randint(-127, 128, (16, 8), generator=g, dtype=torch.int8))
     weight.scale.copy_(torch.rand(8, generator=g) / 100 + 1e-3)
     layer = DeployLinear(16, 8, True, ActQuant(8, -128, 127, False).set(0.02), weight).eval()
-    layer.arch_name, layer.arch_kwargs, layer.qconfig, layer.upscale = "test", {}, None, 1
+    layer.upscale = 1
     x = torch.randn(3, 5, 16, generator=g)
     prog = torch.onnx.export(layer, (x,), dynamo=True, opset_version=21, verbose=False,
                              custom_translation_table=qdq_translation_table())

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from qmamba_deploy import build_model
 from qmamba_deploy.errors import CheckpointError, OptionError
 from qmamba_deploy.fold import calibrate_dls, fold, load_bundle, pack_bits, save_bundle, unpack_bits, with_dls_mode
+from qmamba_deploy.jobs.quantize import calibrate
 from qmamba_deploy.quant import QConfig, quantize_model
 from qmamba_deploy.quant.deploy import ActQuant, DeployConv2d, DLSAct, FoldedWeight, act_grid
-from qmamba_deploy.quant.pipeline import calibrate
 from qmamba_deploy.quant.quantizers import LSQ
 
 from .conftest import TINY_V1, TINY_V2
@@ -34,7 +34,7 @@ def _quantized(arch: str, method: str, w: int, a: int, beta: float | None = None
             for n, p in q.named_parameters():
                 if n.endswith(".beta"):
                     p.fill_(beta)
-    q.manifest = {"task": {"task": "sr", "scale": 2}}
+    q.card = q.card.replace(task={"task": "sr", "scale": 2})
     return q.eval()
 
 
@@ -118,7 +118,7 @@ def test_fold_with_offsets_matches_within_float_rounding(arch, method, w, a):
     DLS runs dynamically, as trained."""
     q = _quantized(arch, method, w, a, beta=0.01)
     deploy = fold(q)
-    assert deploy.qconfig == q.qconfig
+    assert deploy.card.qconfig == q.card.qconfig
     x = _x()
     with torch.no_grad():
         assert (deploy(x) - q(x)).abs().max() <= 1e-6
@@ -194,7 +194,7 @@ def test_bundle_round_trip_is_bit_exact_and_packed(tmp_path, method, w, a):
     # integer weights stored at their bit width: the packed tensors are w/8 of an int8 copy
     folded = {n: m for n, m in deploy.named_modules() if isinstance(m, FoldedWeight)}
     assert set(manifest["packed"]) == {f"{n}.q" for n in folded}
-    for name, m in folded.items():
+    for name, _m in folded.items():
         assert manifest["packed"][f"{name}.q"]["storage_bits"] == w
     from safetensors import safe_open
 

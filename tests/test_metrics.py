@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ SSIM_TOL = 1e-8
 IMRESIZE_TOL = 1e-6
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bundle():
     with np.load(LOCAL / "bundle.npz") as z:
         return {k: z[k] for k in z.files}
@@ -202,7 +202,8 @@ def test_psnr_known_value_and_crop():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("scale,aa", [(2, True), (3, True), (1 / 2, True), (1 / 3, True), (1 / 3, False), (1 / 4, False)])
+@pytest.mark.parametrize("scale,aa", [(2, True), (3, True), (1 / 2, True), (1 / 3, True), (1 / 3, False),
+                                     (1 / 4, False)])
 def test_imresize_constant_stays_constant(scale, aa, dtype):
     img = np.full((24, 18, 3), 0.37)
     out = imresize(img, scale, antialiasing=aa, dtype=dtype)

@@ -10,8 +10,20 @@ import torch
 
 from qmamba_deploy import build_model, load_model, save_checkpoint
 from qmamba_deploy.errors import CheckpointError, OptionError
-from qmamba_deploy.quant import (DLS, LSQ, RFA, Observer, QConfig, QuantConv2d, QuantLinear, calibrating, qrange,
-                                 quantize_model, quantized_layer_names, quantizers)
+from qmamba_deploy.quant import (
+    DLS,
+    LSQ,
+    RFA,
+    Observer,
+    QConfig,
+    QuantConv2d,
+    QuantLinear,
+    calibrating,
+    qrange,
+    quantize_model,
+    quantized_layer_names,
+    quantizers,
+)
 
 from .conftest import PARITY, TINY_V1, TINY_V2, need, parity_case
 
@@ -180,7 +192,7 @@ def test_quantized_checkpoint_round_trip(tmp_path, method):
     manifest = save_checkpoint(model, path)
     assert manifest["qconfig"]["method"] == method
     again = load_model(path)
-    assert again.qconfig == model.qconfig
+    assert again.card.qconfig == model.card.qconfig
     with torch.no_grad():
         torch.testing.assert_close(again(x), y, rtol=0, atol=0)
     assert all(q.initialized for _, q in quantizers(again))
@@ -209,8 +221,8 @@ def test_qat_step_lowers_the_loss():
 def test_qmambair_fixture_reproduces_output():
     config, _, x, y = parity_case("qmambair_light_x4_w4a4_tiny")
     model = load_model(PARITY / "qmambair_light_x4_w4a4_tiny" / "state_dict.safetensors")
-    assert model.qconfig == QConfig("qmambair", 4, 4)
-    assert model.provenance["qconfig_from"].startswith("detected")
+    assert model.card.qconfig == QConfig("qmambair", 4, 4)
+    assert model.card.provenance["qconfig_from"].startswith("detected")
     with torch.no_grad():
         out = model(x).numpy()
     assert np.abs(out - y).max() <= 1e-4
@@ -257,7 +269,7 @@ def test_quantize_cli_ptq_and_qat_then_eval(tmp_path, tiny_ckpt):
     assert res.exit_code == 0, res.output
     assert "qmambair W4A4" in res.output and "validation: psnr" in res.output
     qat = load_model(tmp_path / "qat" / "model.safetensors")
-    assert qat.qconfig.method == "qmambair"
+    assert qat.card.qconfig.method == "qmambair"
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path / "qat" / "model.safetensors"), "--quiet"])
     assert res.exit_code == 0 and "mean" in res.output
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from qmamba_deploy import build_model, save_checkpoint
 from qmamba_deploy.cli import main
 from qmamba_deploy.errors import OptionError
-from qmamba_deploy.restore import restore_tensor
+from qmamba_deploy.jobs.restore import restore_tensor
 
 from .conftest import CHECKPOINTS, TINY_V2, need
 

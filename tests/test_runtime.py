@@ -25,12 +25,20 @@ from click.testing import CliRunner
 from qmamba_deploy import build_model, save_checkpoint
 from qmamba_deploy.cli import main
 from qmamba_deploy.errors import EnvironmentMissing, OptionError
-from qmamba_deploy.export.job import ExportConfig, run_export
-from qmamba_deploy.restore import restore_tensor
-from qmamba_deploy.runtime import (OrtRunner, ShapeLimits, TorchRunner, TrtRunner, artifact_kind, open_runner,
-                                   plan_tiles, tiled_run)
+from qmamba_deploy.jobs.export import ExportConfig, run_export
+from qmamba_deploy.jobs.restore import restore_tensor
+from qmamba_deploy.jobs.validate import psnr_between
+from qmamba_deploy.runtime import (
+    OrtRunner,
+    ShapeLimits,
+    TorchRunner,
+    TrtRunner,
+    artifact_kind,
+    open_runner,
+    plan_tiles,
+    tiled_run,
+)
 from qmamba_deploy.runtime.tensorrt import ENGINE_KIND
-from qmamba_deploy.validate import psnr_between
 
 from .conftest import CHECKPOINTS, IMAGES, TINY_V2, need
 
@@ -416,7 +424,7 @@ def test_eval_prints_the_same_table_and_json_for_every_kind(artifacts, tmp_path)
         assert r.exit_code == 0, r.output
         reports[kind] = (r.output, json.loads(js.read_text()))
     (out_a, a), (out_b, b) = reports["checkpoint"], reports["plugin"]
-    assert a.keys() == b.keys() and a["kind"] == b["kind"] == "qmamba-deploy/eval-report"
+    assert a.keys() == b.keys() and a["kind"] == b["kind"] == "qmamba-deploy eval report"
     assert a["artifact"]["kind"] == "torch" and b["artifact"]["kind"] == "onnxruntime"
     head = [line for line in out_a.splitlines() if line.startswith("image")]
     assert head and head == [line for line in out_b.splitlines() if line.startswith("image")]
@@ -511,8 +519,8 @@ def test_torch_runner_on_cuda_matches_the_cpu(artifacts):
 def test_engine_restores_and_validates_on_the_gpu(artifacts, tmp_path):
     """A real TensorRT engine of the portable export: TrtRunner against ONNX Runtime, validate on the GPU."""
     _tensorrt_or_skip()
+    from qmamba_deploy.jobs.validate import validate_artifacts
     from qmamba_deploy.trt.engine import BuildConfig, Profile, build_engine
-    from qmamba_deploy.validate import validate_artifacts
 
     profile = Profile((1, 3, 8, 8), (1, 3, 32, 32), (1, 3, 48, 48))
     build_engine(BuildConfig(str(artifacts["portable"]), profile), tmp_path / "engine")

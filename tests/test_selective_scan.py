@@ -176,11 +176,21 @@ class _TinyScan(torch.nn.Module):
         return y + 1.0
 
 
+def _export_op(model, args, dynamic_shapes=None, input_names=None):
+    """The op's own ONNX mapping, on a module that only calls it: torch.onnx.export with the
+    translation table ``export/onnx_export.py`` uses, then its finalize step."""
+    from qmamba_deploy.export.scan_onnx import DEFAULT_OPSET, custom_translation_table, finalize_scan_model
+
+    program = torch.onnx.export(model, args, dynamo=True, opset_version=DEFAULT_OPSET, dynamic_shapes=dynamic_shapes,
+                                custom_translation_table=custom_translation_table(), input_names=input_names,
+                                verbose=False)
+    return finalize_scan_model(program.model_proto)
+
+
 def test_onnx_export_one_node_and_ort(tmp_path):
     onnx = pytest.importorskip("onnx")
     softplus = False
     pytest.importorskip("onnxruntime_extensions")
-    from qmamba_deploy.export.scan_onnx import export_with_scan
     from qmamba_deploy.runtime.ort import ort_session_with_scan
 
     model = _TinyScan(softplus=softplus).eval()
@@ -189,8 +199,9 @@ def test_onnx_export_one_node_and_ort(tmp_path):
             torch.randn(1, 2, 4, 24, generator=g), torch.randn(1, 2, 4, 24, generator=g))
     path = tmp_path / "scan.onnx"
     length = torch.export.Dim("L", min=2, max=4096)
-    export_with_scan(model, args, path, dynamic_shapes=({2: length}, {2: length}, {3: length}, {3: length}),
-                     input_names=["u", "delta", "B", "C"])
+    proto = _export_op(model, args, dynamic_shapes=({2: length}, {2: length}, {3: length}, {3: length}),
+                       input_names=["u", "delta", "B", "C"])
+    onnx.save_model(proto, str(path))
 
     m = onnx.load(str(path))
     nodes = [n for n in m.graph.node if n.op_type == contract.OP_TYPE]
@@ -221,12 +232,12 @@ def test_onnx_export_one_node_and_ort(tmp_path):
 
 def test_onnx_softplus_attribute_and_proto_input():
     pytest.importorskip("onnxruntime_extensions")
-    from qmamba_deploy.export.scan_onnx import export_with_scan, scan_nodes
+    from qmamba_deploy.export.graph import scan_nodes
     from qmamba_deploy.runtime.ort import ort_session_with_scan
 
     model = _TinyScan(softplus=True).eval()
     args = (torch.randn(1, 8, 16), torch.randn(1, 8, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16))
-    proto = export_with_scan(model, args)
+    proto = _export_op(model, args)
     (node,) = scan_nodes(proto)
     assert {a.name: a.i for a in node.attribute if a.name == "delta_softplus"} == {"delta_softplus": 1}
     session = ort_session_with_scan(proto)
@@ -239,13 +250,12 @@ def test_onnx_softplus_attribute_and_proto_input():
 def test_onnx_float16_model_runs_in_ort():
     """float16 I/O: the ORT session wraps the float32 Python kernel in Casts."""
     pytest.importorskip("onnxruntime_extensions")
-    from qmamba_deploy.export.scan_onnx import export_with_scan
     from qmamba_deploy.runtime.ort import ort_session_with_scan
 
     model = _TinyScan(softplus=True).eval()
     g = torch.Generator().manual_seed(5)
     args = tuple(torch.randn(*s, generator=g).half() for s in ((1, 8, 16), (1, 8, 16), (1, 2, 4, 16), (1, 2, 4, 16)))
-    session = ort_session_with_scan(export_with_scan(model, args))
+    session = ort_session_with_scan(_export_op(model, args))
     (got,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), args)})
     assert got.dtype.name == "float16"
     with torch.no_grad():

@@ -9,8 +9,17 @@ import torch
 
 from qmamba_deploy import build_model, load_model, save_checkpoint
 from qmamba_deploy.quant import QConfig, QuantConv2d, QuantLinear, calibrating, quantize_model
-from qmamba_deploy.quant.spr2q import (BoundedQuant, RectifierGroup, SPR2QConv2d, SPR2QLinear, attach_rectifiers,
-                                       fuse_rectifiers, hybrid_loss, rectified_layers, route_statically)
+from qmamba_deploy.quant.spr2q import (
+    BoundedQuant,
+    RectifierGroup,
+    SPR2QConv2d,
+    SPR2QLinear,
+    attach_rectifiers,
+    fuse_rectifiers,
+    hybrid_loss,
+    rectified_layers,
+    route_statically,
+)
 
 from .conftest import TINY_V2
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from qmamba_deploy.bench import compare
-from qmamba_deploy.manifest import write_text
+from qmamba_deploy.artifacts import write_text
+from qmamba_deploy.jobs.bench import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT.parent / "shared" / "checkpoints" / "mambairv2_light_x4.safetensors"
@@ -95,7 +95,8 @@ def main() -> None:
                      f"{r['memory']['peak_bytes'] / 1e6:.0f} | {item['speedup_vs_torch_fp32']:.2f}x |")
     lines += [
         "",
-        "Peak RSS is the whole process's high-water mark (Python, torch, ONNX Runtime and the model). The ORT plugin rows run "
+        "Peak RSS is the whole process's high-water mark (Python, torch, ONNX Runtime and the model). "
+        "The ORT plugin rows run "
         "QMambaSelectiveScan through the Python custom op (torch's chunked scan), as `qmamba-deploy validate` does; "
         "on a GPU the scan is the TensorRT plugin instead.",
         "",

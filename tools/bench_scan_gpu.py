@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qmamba_deploy.manifest import write_text
+from qmamba_deploy.artifacts import write_text
 from qmamba_deploy.ops.selective_scan import selective_scan_chunked
 from qmamba_deploy.trt import plugin
 

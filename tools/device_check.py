@@ -37,8 +37,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout too (no pip install on the device machine)
 
+from qmamba_deploy.artifacts import kind, write_json, write_text  # noqa: E402
 from qmamba_deploy.errors import QMambaError  # noqa: E402
-from qmamba_deploy.manifest import write_json, write_text  # noqa: E402
 
 
 class Skip(Exception):
@@ -70,7 +71,7 @@ def _first_line(cmd: list[str]) -> str | None:
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    from qmamba_deploy.validate import psnr_between
+    from qmamba_deploy.jobs.validate import psnr_between
 
     return psnr_between(a.float().cpu(), b.float().cpu())
 
@@ -151,7 +152,8 @@ class Check:
             if summary.is_file():
                 out["gpu_kernel_check"]["summary"] = json.loads(summary.read_text())
             if proc.returncode != 0:
-                raise RuntimeError(f"gpu_kernel_check.sh exited {proc.returncode}: {(proc.stdout + proc.stderr)[-500:]}")
+                tail = (proc.stdout + proc.stderr)[-500:]
+                raise RuntimeError(f"gpu_kernel_check.sh exited {proc.returncode}: {tail}")
         md = self.out / "results-scan-gpu.md"
         proc = _run([sys.executable, str(ROOT / "tools" / "bench_scan_gpu.py"), "--iterations",
                      "5" if self.args.quick else "30", "--out", str(md)], timeout=240)
@@ -195,7 +197,7 @@ class Check:
     def bundle_cuda(self) -> dict[str, Any]:
         from qmamba_deploy.data.datasets import degrade_pair, load_pairs, to_tensor
         from qmamba_deploy.data.degrade import degradation_for
-        from qmamba_deploy.export.job import DeployConfig, run_fold
+        from qmamba_deploy.jobs.export import DeployConfig, run_fold
         from qmamba_deploy.runtime import TorchRunner
 
         ckpt = self.shared_file("checkpoints/mambairv2_light_x4.safetensors")
@@ -217,7 +219,7 @@ class Check:
         return out
 
     def bench(self) -> dict[str, Any]:
-        from qmamba_deploy.bench import BenchSettings, bench_runner
+        from qmamba_deploy.jobs.bench import BenchSettings, bench_runner
         from qmamba_deploy.runtime import TorchRunner
 
         ckpt = self.shared_file("checkpoints/mambairv2_light_x4.safetensors")
@@ -248,9 +250,9 @@ class Check:
             import_tensorrt("tensorrt")
         except QMambaError as exc:
             raise Skip(str(exc)) from None
-        from qmamba_deploy.export.job import ExportConfig, run_export
+        from qmamba_deploy.jobs.export import ExportConfig, run_export
+        from qmamba_deploy.jobs.validate import validate_artifacts
         from qmamba_deploy.trt.engine import BuildConfig, Profile, build_engine
-        from qmamba_deploy.validate import validate_artifacts
 
         if self.bundle is None:
             raise Skip("no bundle (the bundle-cuda step did not run)")
@@ -268,8 +270,8 @@ class Check:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise Skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (onnxruntime-gpu not installed)")
-        from qmamba_deploy.export.job import ExportConfig, run_export
-        from qmamba_deploy.validate import validate_artifacts
+        from qmamba_deploy.jobs.export import ExportConfig, run_export
+        from qmamba_deploy.jobs.validate import validate_artifacts
 
         if self.bundle is None:
             raise Skip("no bundle (the bundle-cuda step did not run)")
@@ -287,7 +289,7 @@ class Check:
             self.step(name, fn)
         shutil.rmtree(self.work, ignore_errors=True)
         failed = [s["step"] for s in self.steps if s["status"] == "failed"]
-        data = {"kind": "qmamba-deploy device check", "device": self.args.device, "quick": self.args.quick,
+        data = {"kind": kind("device check"), "device": self.args.device, "quick": self.args.quick,
                 "command": " ".join(["python3", "tools/device_check.py", *sys.argv[1:]]),
                 "passed": not failed, "steps": self.steps}
         write_json(self.out / "device_check.json", data)

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from qmamba_deploy import load_model
+from qmamba_deploy.artifacts import write_text
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
-from qmamba_deploy.manifest import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,8 @@ def main() -> None:
         "# Real MambaIRv2-light weights vs bicubic",
         "",
         "Produced by `python3 tools/eval_real_weights.py` on "
-        f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"{platform.processor() or platform.machine()} "
+        f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         "Deterministic routing (argmax + stable counting sort); LR = MATLAB-bicubic downscale "
         "(antialiased) rounded to uint8; Y-PSNR / SSIM with crop_border = scale (BasicSR conventions).",
         "",

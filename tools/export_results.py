@@ -2,7 +2,7 @@
 
     python3 tools/export_results.py [--runs runs/export] [--out docs/results-export.md]
 
-Each row is one `qmamba_deploy.export.job.run_export` (what `qmamba-deploy export`
+Each row is one `qmamba_deploy.jobs.export.run_export` (what `qmamba-deploy export`
 runs): fold, export, then the built-in eval images through the fake-quant model, the
 deploy model and the ONNX in ONNX Runtime (CPU; the scan as the Python custom op for
 `plugin` graphs, standard ops for `portable` ones).
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from qmamba_deploy import build_model, save_checkpoint
-from qmamba_deploy.export.job import ExportConfig, run_export
-from qmamba_deploy.manifest import write_text
+from qmamba_deploy.artifacts import write_text
+from qmamba_deploy.jobs.export import ExportConfig, run_export
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -40,8 +40,8 @@ def _random_mambair_light(runs: Path) -> tuple[Path, Path, Path]:
     """Seeded random MambaIR-light x4 (float), its W4A4 Q-MambaIR and SPR²Q-bounds copies (calibrated)."""
     from qmamba_deploy.data.datasets import PatchSampler, load_pairs
     from qmamba_deploy.data.degrade import Degradation
+    from qmamba_deploy.jobs.quantize import calibrate
     from qmamba_deploy.quant import QConfig, quantize_model
-    from qmamba_deploy.quant.pipeline import calibrate
 
     runs.mkdir(parents=True, exist_ok=True)
     paths = {k: runs / f"mambair_light_x4_random_{k}.safetensors" for k in ("fp32", "qmambair", "spr2q")}

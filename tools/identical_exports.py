@@ -8,6 +8,11 @@ Cases: the embedded default (x2, W8A8 minmax, plugin scan); the real MambaIRv2-l
 (../shared/checkpoints) W8A8 with the plugin scan and with the portable scan; and W4A4 with INT4
 MatMul weights. Validation is off (it writes reports, not models). Run both checkouts with the same
 --out path: the bundle's provenance records the command's paths.
+
+Besides each file's sha256 it records the sha256 of the ONNX with torch's per-node debug metadata
+removed (``pkg.torch.onnx.*`` stack traces name the source files and line numbers of the checkout
+that traced the model, so they differ between any two checkouts); --compare compares that
+canonical form and the bundles.
 """
 
 from __future__ import annotations
@@ -27,13 +32,32 @@ CASES = {
     "x4_w4a4_int4": {"checkpoint": str(REAL), "w_bits": 4, "a_bits": 4, "int4_weights": True},
 }
 FILES = ("model.onnx", "bundle.safetensors")
+COMPARED = ("onnx_canonical", "bundle.safetensors")
+
+
+def canonical_onnx(path: Path) -> str:
+    """sha256 of the graph without node / value debug metadata (the model-level metadata stays)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        del g.metadata_props[:]
+        for v in (*g.value_info, *g.input, *g.output, *g.initializer):
+            del v.metadata_props[:]
+        for node in g.node:
+            del node.metadata_props[:]
+            stack += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            stack += [x for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for x in a.graphs]
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _export_api():
     """run_export and ExportConfig wherever this checkout keeps them."""
     try:
         from qmamba_deploy.jobs.export import ExportConfig, run_export
-    except ImportError:
+    except ImportError:  # checkouts before the jobs package
         from qmamba_deploy.export.job import ExportConfig, run_export
     return ExportConfig, run_export
 
@@ -57,12 +81,13 @@ def main() -> int:
         case = {k: str(default) if v == "@default" else v for k, v in CASES[name].items()}
         run_export(ExportConfig(validate=False, **case), folder)
         sums[name] = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in FILES}
+        sums[name]["onnx_canonical"] = canonical_onnx(folder / "model.onnx")
         print(name, sums[name], flush=True)
     if args.json:
         args.json.write_text(json.dumps(sums, indent=1) + "\n")
     if args.compare:
         old = json.loads(args.compare.read_text())
-        diff = [f"{n}/{f}" for n in sums for f in FILES if old.get(n, {}).get(f) != sums[n][f]]
+        diff = [f"{n}/{f}" for n in sums for f in COMPARED if old.get(n, {}).get(f) != sums[n][f]]
         print("identical" if not diff else f"DIFFERENT: {', '.join(diff)}")
         return 1 if diff else 0
     return 0

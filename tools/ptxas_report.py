@@ -51,7 +51,7 @@ def table(rows: list[plugin.KernelResources]) -> str:
         sass = {tuple(sorted(r.sass.items())) for r in group}
         s = group[0].sass
 
-        def count(op: str) -> str:
+        def count(op: str, group=group, s=s) -> str:
             values = sorted({r.sass.get(op, 0) for r in group}) if s else []
             return "/".join(map(str, values)) if values else "-"
         spill_text = ", ".join(f"{a}/{b}, {c}" for a, b, c in sorted(spills))

@@ -3,7 +3,7 @@
     python3 tools/quant_results.py [--checkpoint ../shared/checkpoints/mambairv2_light_x4.safetensors]
         [--iters 150] [--runs runs/quant] [--out docs/results-quantization.md]
 
-Each row runs `qmamba_deploy.quant.pipeline.quantize` (what `qmamba-deploy
+Each row runs `qmamba_deploy.jobs.quantize.quantize` (what `qmamba-deploy
 quantize` runs) on the built-in train split with the same budget for every
 QAT method, then scores the result on the built-in eval split with the same
 code as `qmamba-deploy eval`. Finished runs are reused (delete the run folder
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from qmamba_deploy import load_model
+from qmamba_deploy.artifacts import write_text
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
-from qmamba_deploy.manifest import write_text
-from qmamba_deploy.quant.pipeline import QuantizeConfig, quantize
+from qmamba_deploy.jobs.quantize import QuantizeConfig, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def main() -> None:
     print(json.dumps(results[-1]), flush=True)
     for method, w, a in rows:
         run = Path(args.runs) / f"{Path(args.checkpoint).stem}_{method}_w{w}a{a}"
-        cfg = QuantizeConfig(arch=fp.arch_name, kwargs=dict(fp.arch_kwargs), task="sr", scale=int(fp.upscale),
+        cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
                              lr=args.lr, device="cpu", checkpoint=args.checkpoint, method=method, w_bits=w,
                              a_bits=a, calib_batches=args.calib_batches, save_every=max(args.iters // 4, 1))
@@ -76,9 +76,10 @@ def main() -> None:
         "# Quantization results",
         "",
         f"Produced by `python3 tools/quant_results.py --iters {args.iters}` on "
-        f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.",
+        f"{platform.processor() or platform.machine()} "
+        f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.",
         "",
-        f"- **Model**: `{Path(args.checkpoint).name}` ({fp.arch_name}, x{fp.upscale}), the real released weights.",
+        f"- **Model**: `{Path(args.checkpoint).name}` ({fp.card.arch}, x{fp.upscale}), the real released weights.",
         "- **Data**: QAT and calibration on the built-in train split; scores on the built-in eval split "
         "(astronaut, chelsea, coffee, rocket; 288 px crops), Y-PSNR/SSIM with BasicSR's conventions, "
         "deterministic routing. Bicubic on the same images: "

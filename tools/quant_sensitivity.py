@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from qmamba_deploy.artifacts import write_text
 from qmamba_deploy.data.datasets import degrade_pair, load_pairs, to_tensor
 from qmamba_deploy.data.degrade import Degradation
-from qmamba_deploy.export.job import DeployConfig, deploy_model
 from qmamba_deploy.fold import with_dls_mode
-from qmamba_deploy.manifest import write_text
-from qmamba_deploy.validate import psnr_between
+from qmamba_deploy.jobs.export import DeployConfig, deploy_model
+from qmamba_deploy.jobs.validate import psnr_between
 
 ROOT = Path(__file__).resolve().parents[1]
 

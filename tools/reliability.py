@@ -21,9 +21,9 @@ import struct
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -40,10 +40,10 @@ class Case:
     id: str
     kind: str            # the class of issue 14: scripts, overwrite, sentence, wrong-answer, partial
     what: str            # the bad input, in words
-    argv: Callable[["Workspace"], list[str]]
+    argv: Callable[[Workspace], list[str]]
     exit: int = 2        # 2: refused (one sentence); 1: some work failed, the rest done
-    protect: Callable[["Workspace"], list[Path]] = lambda ws: []   # inputs that must be unchanged
-    absent: Callable[["Workspace"], list[Path]] = lambda ws: []    # must not exist afterwards
+    protect: Callable[[Workspace], list[Path]] = lambda ws: []   # inputs that must be unchanged
+    absent: Callable[[Workspace], list[Path]] = lambda ws: []    # must not exist afterwards
     expect: str = ""     # a phrase the message must contain
 
 
@@ -85,7 +85,7 @@ class Workspace:
         import torch
 
         from qmamba_deploy import build_model, save_checkpoint
-        from qmamba_deploy.export.job import ExportConfig, run_export
+        from qmamba_deploy.jobs.export import ExportConfig, run_export
 
         self.root = root
         torch.manual_seed(0)
@@ -421,7 +421,7 @@ def markdown(outcomes: list[Outcome]) -> str:
 def main() -> int:
     import warnings
 
-    from qmamba_deploy.manifest import write_text
+    from qmamba_deploy.artifacts import write_text
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")

@@ -6,7 +6,7 @@ Rows per scale, all with the same Q_{a,b} quantizer and the same stated budget:
 W4A4 and W2A2 plain PTQ, the bounds trained alone (same budget, no
 rectifier: separates the rectifiers' gain from the bounds'), + one rectifier
 (PQFR), + a group of 4 with static routing; at W4A4 also groups of 2 and 8. Each row runs
-`qmamba_deploy.quant.pipeline.quantize_spr2q` (what `qmamba-deploy quantize
+`qmamba_deploy.jobs.quantize.quantize_spr2q` (what `qmamba-deploy quantize
 --method spr2q` runs) and is scored on the built-in eval split like
 `qmamba-deploy eval`. Finished rows are reused.
 """
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from qmamba_deploy import load_model
+from qmamba_deploy.artifacts import write_text
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
-from qmamba_deploy.manifest import write_text
-from qmamba_deploy.quant.pipeline import SPR2QConfig, quantize_spr2q
+from qmamba_deploy.jobs.quantize import SPR2QConfig, quantize_spr2q
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         for bits, variant, group in ROWS:
             run = Path(args.runs) / f"x{scale}_w{bits}a{bits}_{variant}{group if variant == 'group' else ''}"
-            cfg = SPR2QConfig(arch=fp.arch_name, kwargs=dict(fp.arch_kwargs), task="sr", scale=scale, data="builtin",
+            cfg = SPR2QConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=scale, data="builtin",
                               val_data=None, patch=args.patch, batch=args.batch, iters=args.iters, lr=args.lr,
                               device="cpu", checkpoint=str(ckpt), w_bits=bits, a_bits=bits,
                               calib_batches=args.calib_batches, rank=args.rank, group_size=group,
@@ -82,7 +82,8 @@ def main() -> None:
         "# SPR²Q results",
         "",
         f"Produced by `python3 tools/spr2q_results.py --iters {args.iters} --route-iters {args.route_iters}` on "
-        f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.",
+        f"{platform.processor() or platform.machine()} "
+        f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.",
         "",
         "- **Models**: the real MambaIRv2-light weights (`../shared/checkpoints`).",
         "- **Quantizer**: Q_{a,b} (learnable clipping bounds, min/max initialised on the first of "

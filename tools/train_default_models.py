@@ -71,7 +71,8 @@ def _card(scale: int, manifest: dict, report: dict, command: str, eval_command: 
 | image | LR size | Y-PSNR | SSIM | bicubic Y-PSNR | bicubic SSIM | gain (dB) |
 |---|---|---|---|---|---|---|
 {rows}
-| **mean** | | **{m['psnr']:.4f}** | **{m['ssim']:.4f}** | {m['psnr_baseline']:.4f} | {m['ssim_baseline']:.4f} | **{m['gain_db']:+.2f}** |
+| **mean** | | **{m['psnr']:.4f}** | **{m['ssim']:.4f}** | {m['psnr_baseline']:.4f} | \
+{m['ssim_baseline']:.4f} | **{m['gain_db']:+.2f}** |
 
 - **sha256**: `{manifest['sha256']}`
 """
@@ -107,7 +108,8 @@ def main() -> None:
         models = ROOT / "models"
         shutil.copyfile(ROOT / out / "model.safetensors", models / f"{name}.safetensors")
         shutil.copyfile(ROOT / out / "model.json", models / f"{name}.json")
-        public_eval = eval_command.replace(f"--checkpoint {out}/model.safetensors", f"--checkpoint models/{name}.safetensors")
+        public_eval = eval_command.replace(f"--checkpoint {out}/model.safetensors",
+                                           f"--checkpoint models/{name}.safetensors")
         public_eval = public_eval.replace(f" --json {out}/eval_builtin.json --quiet", "")
         (models / f"{name}.md").write_text(_card(scale, manifest, report, command, public_eval, threads))
         print(f"published models/{name}.* (mean gain {report['mean']['gain_db']:+.2f} dB)", file=sys.stderr)

@@ -17,6 +17,7 @@ Nothing here is random: the same names, the same crops, every time.
 from __future__ import annotations
 
 import numpy as np
+import skimage.data
 
 from .io import Image
 
@@ -32,7 +33,6 @@ RESTORE_SAMPLES = (("astronaut", 96), ("chelsea", 96), ("coffee", 96))
 
 def sample_photo(name: str) -> np.ndarray:
     """A scikit-image photo as uint8 HWC (RGB, or one channel for gray photos)."""
-    import skimage.data
 
     if name.startswith("motorcycle_"):
         left, right, _ = skimage.data.stereo_motorcycle()

@@ -23,6 +23,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -50,8 +51,6 @@ def to_channels(img: np.ndarray, channels: int) -> tuple[np.ndarray, str | None]
     if have == 1 and channels == 3:
         return np.repeat(img, 3, axis=2), "gray replicated to RGB"
     if have == 3 and channels == 1:
-        import cv2
-
         return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None], "RGB converted to gray"
     raise ImageError(f"cannot convert a {have}-channel image to {channels} channels")
 
@@ -91,7 +90,7 @@ def load_pairs(source: str, degradation: Degradation, channels: int = 3, split: 
     """
     def attempt(path, make):
         try:
-            pair = make()
+            pair = make(path)
             check_scorable(pair, degradation)
             if degradation.task == "sr" and pair.lq is None:
                 pair.lq = degradation.apply(pair.gt)
@@ -130,17 +129,18 @@ def load_pairs(source: str, degradation: Degradation, channels: int = 3, split: 
             return Pair(path.stem, gt, lq, notes + lr_notes + ([note] if note else []))
 
         for path in list_images(Path(source) / "HR"):
-            attempt(path, lambda: benchmark_pair(path))
+            attempt(path, benchmark_pair)
         _all_failed(pairs, failures, source)
         return pairs
     else:
         def plain_pair(path):
             gt, notes = _to_uint8(path, max_pixels)
             gt, note = to_channels(gt, channels)
-            return Pair(path.stem, np.ascontiguousarray(degradation.prepare(gt)), notes=notes + ([note] if note else []))
+            return Pair(path.stem, np.ascontiguousarray(degradation.prepare(gt)),
+                        notes=notes + ([note] if note else []))
 
         for path in list_images(source):
-            attempt(path, lambda: plain_pair(path))
+            attempt(path, plain_pair)
         _all_failed(pairs, failures, source)
         return pairs
     for pair in pairs:
@@ -246,3 +246,33 @@ class PatchSampler:
             lqs.append(lq)
             gts.append(gt)
         return to_tensor(lqs), to_tensor(gts)
+
+
+@dataclass(frozen=True)
+class PatchStream:
+    """Where a job's patches come from, declared once: the images of ``data`` (training split),
+    the model-input patch size, patches per batch, the seed and whether to augment.
+
+    A stream's batch ``i`` depends only on (seed, i): jobs keep their uses of one stream apart
+    by index ranges, named in :data:`STREAM_STARTS` (training draws 0 .. iters-1; a QAT job
+    calibrates after its last training index)."""
+
+    data: str = "builtin"
+    patch: int = 48
+    batch: int = 1
+    seed: int = 0
+    augment: bool = True
+
+    def sampler(self, degradation: Degradation, channels: int = 3) -> PatchSampler:
+        pairs = load_pairs(self.data, degradation, channels, split="train")
+        return PatchSampler(pairs, degradation, self.patch, self.batch, seed=self.seed, augment=self.augment)
+
+    def take(self, degradation: Degradation, channels: int, count: int, start: int = 0) -> list[torch.Tensor]:
+        """Inputs of batches ``start`` .. ``start + count - 1``."""
+        sampler = self.sampler(degradation, channels)
+        return [sampler.batch(start + i, 0)[0] for i in range(count)]
+
+
+#: First batch index of the calibration uses of one stream (export: the PTQ observers, then the
+#: static DLS scales from other patches than the observers saw).
+STREAM_STARTS = {"ptq": 0, "static-dls": 1000}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from ..errors import OptionError
@@ -53,7 +54,6 @@ def add_gaussian_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) 
 
 def jpeg_compress(img: np.ndarray, quality: int) -> np.ndarray:
     """Encode at ``quality`` and decode again (OpenCV's libjpeg; 4:2:0 for colour)."""
-    import cv2
 
     squeeze = img.ndim == 3 and img.shape[2] == 1
     arr = img[:, :, 0] if squeeze else img
@@ -128,7 +128,8 @@ class Degradation:
 def model_degradation(model, task: str | None = None, scale: int | None = None, sigma: float | None = None,
                       quality: int | None = None) -> Degradation:
     """The degradation a model restores: the flags given, else its manifest's ``task``, else SR at its scale."""
-    return degradation_for(int(getattr(model, "upscale", 1)), (getattr(model, "manifest", None) or {}).get("task"),
+    card = getattr(model, "card", None)  # a ModelCard (models sit beside data: read, not imported)
+    return degradation_for(int(getattr(model, "upscale", 1)), getattr(card, "task", None),
                            task, scale, sigma, quality)
 
 

@@ -30,9 +30,11 @@ or converts back to uint8; use :func:`qmamba_deploy.metrics.to_uint8` on a
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["imresize", "cubic", "resize_weights"]
 
@@ -133,8 +135,6 @@ def imresize(img, scale: float | Sequence[float], antialiasing: bool = True, dty
         raise ValueError(f"dtype must be float32 or float64, got {dt}")
     is_torch = type(img).__module__.startswith("torch")
     if is_torch:
-        import torch
-
         arr = img.detach().cpu().numpy()
         if arr.ndim == 3:
             arr = arr.transpose(1, 2, 0)

@@ -13,10 +13,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image as PILImage
 
+from ..artifacts import atomic_path
 from ..errors import ImageError
-from ..manifest import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Images larger than this are refused before they are decoded (``--max-megapixels`` raises it):
@@ -39,14 +41,11 @@ class Image:
 
 
 def _cv2():
-    import cv2
-
     return cv2
 
 
 def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) as the file's header claims it, read without decoding the pixels (None: unknown)."""
-    from PIL import Image as PILImage
 
     # PIL's own decompression-bomb guard would refuse to say the size of exactly the files this
     # check exists for; PIL is used here for headers only, and the limit below is ours.

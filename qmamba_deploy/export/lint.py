@@ -11,9 +11,8 @@ Static checks (always; see shared/design/tensorrt-notes.md):
 * TopK with a constant k ≤ 3840; no op TensorRT lacks; no node left in the
   validation-only ``ai.onnx.contrib`` domain.
 
-Then, where a TensorRT parser is importable (``tensorrt``, else ``tensorrt_rtx``), the graph
-is parsed and the parser's errors are reported, with the plugin's "not found" errors
-told apart (they mean the plugin library was not loaded, not that the graph is wrong).
+The TensorRT parser's own verdict is added by :func:`qmamba_deploy.trt.lint.lint_onnx` (the
+``lint`` command), where TensorRT lives.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..ops import contract
-from .scan_onnx import read_onnx, scan_node_problems
+from .graph import read_onnx, scan_node_problems
 
 TOPK_MAX = 3840
 #: ONNX ops the TensorRT ONNX parser does not import (10.x / 11.x).
@@ -40,7 +39,7 @@ TRT_UNSUPPORTED = frozenset({
 })
 SIGNED_ZERO_POINT_TYPES = (TensorProto.INT8, TensorProto.INT4)
 
-__all__ = ["Finding", "LintReport", "lint_onnx", "TOPK_MAX"]
+__all__ = ["Finding", "LintReport", "lint_static", "TOPK_MAX"]
 
 
 @dataclass
@@ -211,62 +210,10 @@ def _static_checks(model: onnx.ModelProto, report: LintReport) -> None:
                      "DequantizeLinear": ops.count("DequantizeLinear"), contract.OP_TYPE: scans}
 
 
-def _import_parser():
-    """The first usable TensorRT module (full TensorRT, else TensorRT-RTX), or (None, None)."""
-    from ..errors import EnvironmentMissing
-    from ..trt.engine import TRT_MODULES, import_tensorrt
-
-    for module in TRT_MODULES:
-        try:
-            return module, import_tensorrt(module)
-        except EnvironmentMissing:
-            continue
-    return None, None
-
-
-def _plugin_not_found(error: dict[str, Any]) -> bool:
-    """A parser error that only says our plugin library was not loaded."""
-    return error["op"] == contract.OP_TYPE and "Plugin not found" in error["message"]
-
-
-def parse_with_tensorrt(path: str) -> dict[str, Any] | None:
-    """Parse ``path`` with the TensorRT ONNX parser when one is importable; None otherwise."""
-    module, trt = _import_parser()
-    if trt is None:
-        return None
-    from ..trt.engine import collecting_logger
-
-    logger = collecting_logger(trt)  # keeps the parser's messages out of the user's terminal
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    parsed = bool(parser.parse_from_file(str(path)))
-    errors = []
-    for i in range(parser.num_errors):
-        e = parser.get_error(i)
-        errors.append({"node": e.node_name(), "op": e.node_operator(), "message": e.desc().strip()})
-    plugin_missing = [e for e in errors if _plugin_not_found(e)]
-    return {"module": module, "version": trt.__version__, "parsed": parsed, "errors": errors,
-            "plugin_not_loaded": len(plugin_missing), "other_errors": len(errors) - len(plugin_missing),
-            "layers": network.num_layers if parsed else None}
-
-
-def lint_onnx(path: str | os.PathLike, use_parser: bool = True) -> LintReport:
+def lint_static(path: str | os.PathLike) -> LintReport:
+    """The static checks of ``path`` (the TensorRT parser's verdict is added by ``trt.lint.lint_onnx``)."""
     path = str(path)
     model = read_onnx(path, check_scans=False)  # scan-node problems become findings below
     report = LintReport(path)
     _static_checks(model, report)
-    if use_parser:
-        report.parser = parse_with_tensorrt(path)
-        if report.parser is None:
-            report.add("info", "no-parser", "no TensorRT parser importable (pip install tensorrt-rtx-cu13 for one "
-                       "that runs without a GPU); static checks only")
-        else:
-            p = report.parser
-            if p["plugin_not_loaded"]:
-                report.add("info", "plugin-not-loaded", f"the parser found no {contract.OP_TYPE} plugin for "
-                           f"{p['plugin_not_loaded']} nodes (expected unless the plugin library is loaded)")
-            for e in p["errors"]:
-                if not _plugin_not_found(e):
-                    report.add("error", "parser", e["message"].splitlines()[0][:300], e["node"] or None)
     return report

@@ -26,21 +26,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
+import onnxscript.optimizer as opt
 import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
+from onnx_ir.passes.common import DeduplicateInitializersPass, LiftConstantsToInitializersPass, RemoveUnusedNodesPass
 
+from .. import __version__
+from ..artifacts import atomic_path, kind, make_manifest, manifest_path, sha256_file, write_json
 from ..errors import OptionError
-from ..manifest import atomic_path, make_manifest, manifest_path, sha256_file, write_json
+from ..fold import with_dls_mode
+from ..models.card import card_of
 from ..ops import contract
 from ..ops.selective_scan import scan_backend
 from ..quant.deploy import DLS_MODES, DLSAct, FoldedWeight
+from .graph import scan_nodes
 from .qdq_onnx import qdq_translation_table
-from .scan_onnx import DEFAULT_IR_VERSION, DEFAULT_OPSET, custom_translation_table, finalize_scan_model, scan_nodes
+from .scan_onnx import DEFAULT_IR_VERSION, DEFAULT_OPSET, custom_translation_table, finalize_scan_model
 
-ONNX_KIND = "qmamba-deploy onnx"
+ONNX_KIND = kind("onnx")
 SCAN_MODES = ("plugin", "portable")
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 #: Above this many bytes of initializers the weights go to an external data file
@@ -95,7 +102,6 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
 
 def _to_int4(proto: onnx.ModelProto, weight_names: list[str], block: int = INT4_BLOCK) -> int:
     """Re-store the DQ weights named ``<w>.q`` as INT4 with a blocked scale along K; returns the count."""
-    import ml_dtypes
 
     graph = proto.graph
     inits = _initializers(graph)
@@ -163,13 +169,12 @@ def input_limits(deploy: nn.Module) -> dict[str, Any]:
 
 
 def _metadata(proto: onnx.ModelProto, deploy: nn.Module, options: ExportOptions) -> None:
-    from .. import __version__
-
-    qconfig = getattr(deploy, "qconfig", None)
+    card = card_of(deploy)
+    qconfig = card.qconfig
     proto.producer_name, proto.producer_version = "qmamba-deploy", __version__
-    proto.doc_string = (f"{deploy.arch_name} ({qconfig.label if qconfig else 'float'}), "
+    proto.doc_string = (f"{card.arch} ({qconfig.label if qconfig else 'float'}), "
                         f"scan={options.scan}, dls={options.dls}")
-    props = {"qmamba.arch": deploy.arch_name, "qmamba.qconfig": qconfig.label if qconfig else "float",
+    props = {"qmamba.arch": card.arch, "qmamba.qconfig": qconfig.label if qconfig else "float",
              "qmamba.scan": options.scan, "qmamba.dls": options.dls,
              "qmamba.plugin": f"{contract.PLUGIN_NAMESPACE}::{contract.PLUGIN_NAME} v{contract.PLUGIN_VERSION}",
              "qmamba.upscale": str(int(getattr(deploy, "upscale", 1)))}
@@ -204,9 +209,6 @@ def _clean(model) -> None:
     Not onnxscript's full ``optimize``: its pattern rewriter is quadratic in the graph size
     (about 4 minutes on MambaIRv2-light with dynamic DLS, against 1 s for these passes).
     """
-    import onnxscript.optimizer as opt
-    from onnx_ir.passes.common import (DeduplicateInitializersPass, LiftConstantsToInitializersPass,
-                                       RemoveUnusedNodesPass)
 
     opt.fold_constants_ir(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -217,7 +219,6 @@ def _clean(model) -> None:
 def export_onnx(deploy: nn.Module, path: str | os.PathLike, options: ExportOptions = ExportOptions(),
                 source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``path`` (.onnx) and its manifest; returns the manifest. Nothing is left on failure."""
-    from ..fold import with_dls_mode
 
     path = Path(path)
     if path.suffix != ".onnx":
@@ -242,9 +243,10 @@ def export_onnx(deploy: nn.Module, path: str | os.PathLike, options: ExportOptio
         else:
             onnx.save_model(proto, str(tmp))
     summary = graph_summary(proto)
+    card = card_of(deploy)
     manifest = make_manifest(
-        ONNX_KIND, arch=deploy.arch_name, qconfig=deploy.qconfig.as_dict() if deploy.qconfig else None,
-        task=(getattr(deploy, "manifest", {}) or {}).get("task"), upscale=int(getattr(deploy, "upscale", 1)),
+        ONNX_KIND, arch=card.arch, qconfig=card.qconfig.as_dict() if card.qconfig else None, task=card.task,
+        upscale=int(getattr(deploy, "upscale", 1)),
         options=options.as_dict(), dls_sites=dls_sites, int4_weights=converted,
         inputs={INPUT_NAME: ["batch", int(getattr(deploy, "in_chans", 3)), "height", "width"]},
         limits=input_limits(deploy),

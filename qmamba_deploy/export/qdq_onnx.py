@@ -10,9 +10,10 @@ the graph as initializers: constant, as TensorRT requires.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from onnx import TensorProto, helper
+from onnxscript import opset21 as op
 
 from ..ops.qdq import DEQUANTIZE_OP, FAKE_QUANT_OP
 
@@ -24,8 +25,6 @@ def _zero_point(op, length: int | None = None):
 
 
 def _translate_fake_quant(x, scale, lo, hi, clip: bool = True):
-    from onnxscript import opset21 as op
-
     zp = _zero_point(op)
     if clip:
         x = op.Clip(x, lo, hi)
@@ -33,8 +32,6 @@ def _translate_fake_quant(x, scale, lo, hi, clip: bool = True):
 
 
 def _translate_dequantize(q, scale, axis: int = 0):
-    from onnxscript import opset21 as op
-
     if len(scale.shape or ()) == 0:
         return op.DequantizeLinear(q, scale, _zero_point(op))
     return op.DequantizeLinear(q, scale, _zero_point(op, int(scale.shape[0])), axis=axis)

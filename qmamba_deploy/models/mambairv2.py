@@ -362,7 +362,7 @@ class MambaIRv2(nn.Module):
         build_head(self, self.upsampler, self.upscale, embed_dim, in_chans)
         self.apply(init_official_weights)
 
-    def set_routing(self, routing: str | None = None, prompt_order: str | None = None) -> "MambaIRv2":
+    def set_routing(self, routing: str | None = None, prompt_order: str | None = None) -> MambaIRv2:
         """Switch every ASSM's routing mode and/or prompt order; returns self."""
         for m in self.modules():
             if isinstance(m, ASSM):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from .card import ModelCard
 from .mambair import MambaIR
 from .mambairv2 import MambaIRv2, MambaIRv2Light
 
@@ -62,8 +63,8 @@ def _mambairv2(size: str, scale: int, in_chans: int = 3) -> dict[str, Any]:
     else:
         upsampler = "pixelshuffledirect" if size in ("light", "tiny") else "pixelshuffle"
     return dict(upscale=scale, in_chans=in_chans, img_size=64, img_range=1.0, embed_dim=embed, d_state=d_state,
-                depths=depths, num_heads=heads, window_size=8 if size == "tiny" else 16, inner_rank=rank, num_tokens=tokens,
-                convffn_kernel_size=5, mlp_ratio=mlp, upsampler=upsampler, resi_connection="1conv")
+                depths=depths, num_heads=heads, window_size=8 if size == "tiny" else 16, inner_rank=rank,
+                num_tokens=tokens, convffn_kernel_size=5, mlp_ratio=mlp, upsampler=upsampler, resi_connection="1conv")
 
 
 def _presets() -> dict[str, Preset]:
@@ -171,14 +172,14 @@ def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """Build an untrained model from an official class name or a preset name.
 
-    The module records ``arch_name`` and ``arch_kwargs`` so that checkpoints
-    and manifests can describe it. Arguments are checked first (:func:`check_kwargs`).
+    The module carries a :class:`ModelCard` (``model.card``: the class name and its arguments)
+    from which checkpoints and manifests describe it. Arguments are checked first
+    (:func:`check_kwargs`).
     """
     name, full = resolve_arch(arch, kwargs)
     check_kwargs(name, full)
     model = ARCHS[name](**full)
-    model.arch_name = name
-    model.arch_kwargs = full
+    model.card = ModelCard(name, full)
     return model
 
 

@@ -17,7 +17,11 @@ Modes (``ROUTING_MODES``):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 ROUTING_MODES = ("deterministic", "gumbel", "official")
@@ -71,3 +75,20 @@ def semantic_order(cls: torch.Tensor, num_classes: int, mode: str) -> tuple[torc
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, L, C) gathered along L by index (B, L)."""
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+@contextlib.contextmanager
+def routing_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Run ``model`` with every ASSM in routing ``mode`` (gumbel to train, as the official training;
+    deterministic to calibrate, evaluate and export), then restore the mode it had.
+
+    Models without routing (MambaIR) pass through unchanged."""
+    if not hasattr(model, "set_routing"):
+        yield
+        return
+    modes = {m.routing for m in model.modules() if hasattr(m, "routing") and isinstance(m.routing, str)}
+    model.set_routing(mode)
+    try:
+        yield
+    finally:
+        model.set_routing(modes.pop() if len(modes) == 1 else "deterministic")

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..ops import selective_scan
+
 
 @torch.no_grad()
 def init_scan_params(m, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
@@ -94,7 +96,6 @@ def run_scan(m, xs: torch.Tensor, dts: torch.Tensor, bs: torch.Tensor, cs: torch
     float32. Every operand passes its quantization point (identity in a float model; a deploy
     model has folded the parameter operands A, D and the bias into constants).
     """
-    from ..ops import selective_scan
 
     q = lambda name, x: quant_point(m, name, x)  # noqa: E731
     return selective_scan(

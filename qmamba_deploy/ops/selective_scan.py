@@ -34,7 +34,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _step_size(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool, dtype) -> Tensor:
+def _step_size(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype) -> Tensor:
     """dt = softplus(delta + bias) with threshold 20 (as F.softplus), in ``dtype``."""
     z = delta.to(dtype)
     if delta_bias is not None:
@@ -86,7 +86,7 @@ def _shape_error(name: str, got: tuple, expected: str) -> ValueError:
 
 
 def check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                 D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None) -> None:
+                 D: Tensor | None = None, delta_bias: Tensor | None = None) -> None:
     """Raise ValueError (one sentence naming the tensor) unless the shapes fit the contract."""
     if u.dim() != 3:
         raise _shape_error("u", u.shape, "[B, D, L]")
@@ -126,7 +126,7 @@ def default_chunk(length: int) -> int:
 
 
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                       D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                       D: Tensor | None = None, delta_bias: Tensor | None = None,
                        delta_softplus: bool = True) -> Tensor:
     """Sequential reference: u, delta [B, D, L]; A [D, N]; B, C [B, K, N, L]; D, delta_bias [D].
 
@@ -166,7 +166,7 @@ class _ChunkLayout:
     step t is then one contiguous slice covering every chunk.
     """
 
-    def __init__(self, bsz: int, k: int, dk: int, n: int, length: int, chunk: Optional[int]):
+    def __init__(self, bsz: int, k: int, dk: int, n: int, length: int, chunk: int | None):
         self.bsz, self.k, self.dk, self.n, self.length = bsz, k, dk, n, length
         T = int(chunk) if chunk else default_chunk(length)
         self.T = max(1, min(T, max(length, 1)))
@@ -215,8 +215,8 @@ class _ChunkLayout:
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                           D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                           delta_softplus: bool = True, chunk: Optional[int] = None) -> Tensor:
+                           D: Tensor | None = None, delta_bias: Tensor | None = None,
+                           delta_softplus: bool = True, chunk: int | None = None) -> Tensor:
     """Same contract as :func:`selective_scan_ref`, O(B·D·L + B·D·(L/T)·N) memory.
 
     L is cut into ``nc`` chunks of ``T`` steps (the tail padded with dt = 0 steps:
@@ -309,7 +309,7 @@ def _scan_time_major(a: Tensor, b: Tensor, chunk_dim: int, reverse: bool = False
     return b
 
 
-def chunked_linear_scan(a: Tensor, b: Tensor, chunk: Optional[int] = None, reverse: bool = False) -> Tensor:
+def chunked_linear_scan(a: Tensor, b: Tensor, chunk: int | None = None, reverse: bool = False) -> Tensor:
     """All states of h_t = a_t h_{t-1} + b_t (h_{-1} = 0) along dim -2 of [..., L, X].
 
     With ``reverse`` the recurrence runs from the end: h_t = a_t h_{t+1} + b_t.
@@ -333,7 +333,7 @@ def chunked_linear_scan(a: Tensor, b: Tensor, chunk: Optional[int] = None, rever
 
 def selective_scan_backward(gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                             D: Tensor, delta_bias: Tensor, delta_softplus: bool = True,
-                            chunk: Optional[int] = None) -> tuple[Tensor, ...]:
+                            chunk: int | None = None) -> tuple[Tensor, ...]:
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the scan, by hand.
 
     With a_t = exp(dt_t A), b_t = dt_t u_t B_t and the states h recomputed:
@@ -400,7 +400,7 @@ def selective_scan_backward(gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
 @functools.lru_cache(maxsize=1)
 def _mamba_selective_scan_fn():
     """mamba_ssm's CUDA selective_scan_fn if installed (same math), else None."""
-    try:
+    try:  # optional: a CUDA extension that may not be installed
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception:  # not installed, or built for another torch/CUDA
         return None
@@ -484,7 +484,7 @@ def selective_scan_portable(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     exporter turns into an ONNX ``Scan``. Only decay factors ≤ 1 are multiplied, so it
     is as stable as the chunked path (no log-space cumsum). Float32 throughout.
     """
-    from torch._higher_order_ops.scan import scan
+    from torch._higher_order_ops.scan import scan  # torch's export-only HOP; private, loaded on use
 
     bsz, dim, length = u.shape
     k, n = B.shape[1], A.shape[1]
@@ -550,7 +550,7 @@ def scan_backend(name: str) -> Iterator[None]:
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                   D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                   D: Tensor | None = None, delta_bias: Tensor | None = None,
                    delta_softplus: bool = True) -> Tensor:
     """The SelectiveScan op (``torch.ops.qmamba.selective_scan``), differentiable and exportable.
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.qdq import INT8_MAX, INT8_MIN, dequantize, fake_quant
-from .quantizers import DLS_WEIGHTS, dls_quantize, dls_scale_offset, qrange
+from .grid import DLS_WEIGHTS, dls_quantize, dls_scale_offset, qrange
 
 DLS_MODES = ("static", "dynamic")
 
@@ -59,7 +59,7 @@ class ActQuant(nn.Module):
             self.register_buffer(name, _scalar())
 
     @torch.no_grad()
-    def set(self, scale: float | torch.Tensor, offset: float | torch.Tensor = 0.0) -> "ActQuant":
+    def set(self, scale: float | torch.Tensor, offset: float | torch.Tensor = 0.0) -> ActQuant:
         scale = torch.as_tensor(scale, dtype=torch.float32).reshape(())
         self.scale.copy_(scale)
         self.offset.copy_(torch.as_tensor(offset, dtype=torch.float32).reshape(()))

@@ -37,7 +37,7 @@ class QuantLinear(nn.Linear):
         self.linear_weight_quant = _or_identity(weight_quant)
 
     @classmethod
-    def from_float(cls, m: nn.Linear, act_quant: nn.Module | None, weight_quant: nn.Module | None) -> "QuantLinear":
+    def from_float(cls, m: nn.Linear, act_quant: nn.Module | None, weight_quant: nn.Module | None) -> QuantLinear:
         return _copy_float(cls(m.in_features, m.out_features, m.bias is not None, act_quant, weight_quant), m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class QuantConv2d(nn.Conv2d):
         self.conv_weight_quant = _or_identity(weight_quant)
 
     @classmethod
-    def from_float(cls, m: nn.Conv2d, act_quant: nn.Module | None, weight_quant: nn.Module | None) -> "QuantConv2d":
+    def from_float(cls, m: nn.Conv2d, act_quant: nn.Module | None, weight_quant: nn.Module | None) -> QuantConv2d:
         if m.padding_mode != "zeros":
             raise ValueError(f"padding_mode {m.padding_mode!r} is not supported for quantized convolutions")
         q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,

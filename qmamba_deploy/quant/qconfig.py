@@ -16,13 +16,21 @@ MambaIR and the analogous one for MambaIRv2 (shared/design/quantization.md):
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 
 from ..errors import OptionError
+from ..models.card import card_of
+from ..models.layers import ChannelAttention
+from ..models.mambair import SS2D
+from ..models.mambairv2 import SelectiveScan
+from ..models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS
+from .layers import QuantConv2d, QuantLinear
 from .quantizers import DLS, LSQ, OBSERVERS, RFA, Observer
+from .spr2q import BoundedQuant
 
 QAT_METHODS = ("qmambair", "dls", "rfa", "lsq", "lsq+")
 PTQ_METHODS = OBSERVERS
@@ -67,8 +75,6 @@ def make_quantizer(kind: str, bits: int, weight: bool = False) -> nn.Module:
     if kind in OBSERVERS:
         return Observer(bits, kind, signed=True if weight else None)
     if kind == "bounded":
-        from .spr2q import BoundedQuant
-
         return BoundedQuant(bits)
     raise ValueError(f"quantizer kind {kind!r} is unknown")
 
@@ -117,7 +123,7 @@ class QConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QConfig:
         d = dict(d)
         d["keep_fp"] = tuple(d.get("keep_fp", ()))
         d["overrides"] = tuple(tuple(o) for o in d.get("overrides", ()))
@@ -128,8 +134,6 @@ class QConfig:
 
 
 def _channel_attention_names(model: nn.Module) -> set[str]:
-    from ..models.layers import ChannelAttention
-
     out = set()
     for name, m in model.named_modules():
         if isinstance(m, ChannelAttention):
@@ -145,27 +149,16 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
 
 
 def scan_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from ..models.mambair import SS2D
-    from ..models.mambairv2 import SelectiveScan
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (SS2D, SelectiveScan))]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:
-    """Insert the quantizers of ``qconfig`` into ``model`` in place; returns it (``model.qconfig`` set).
+    """Insert the quantizers of ``qconfig`` into ``model`` in place; returns it (its card's qconfig set).
 
     Float weights are kept: the quantized model starts from the float one
     and its state_dict is the float keys plus the quantizer keys.
     """
-    from ..models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS
-    from .layers import QuantConv2d, QuantLinear
-
-    if getattr(model, "qconfig", None) is not None:
+    if card_of(model).qconfig is not None:
         raise ValueError("the model is already quantized")
     r = qconfig.recipe
     for name in quantized_layer_names(model):
@@ -175,7 +168,7 @@ def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:
         w_bits, a_bits = qconfig.bits_for(name)
         act_kind = r.out_proj_act if name.endswith("out_proj") else r.act
         cls: Callable = QuantLinear.from_float if isinstance(m, nn.Linear) else QuantConv2d.from_float
-        _set_module(model, name, cls(m, make_quantizer(act_kind, a_bits), make_quantizer(r.weight, w_bits, True)))
+        model.set_submodule(name, cls(m, make_quantizer(act_kind, a_bits), make_quantizer(r.weight, w_bits, True)))
     for name, m in scan_modules(model):
         if qconfig.is_fp(name):
             continue
@@ -188,5 +181,5 @@ def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:
             s_bits = qconfig.scan_bits if qconfig.scan_bits is not None else a_bits
             for point in SCAN_QUANT_POINTS:
                 m.add_module(point, make_quantizer(r.scan, s_bits).to(m.x_proj_weight.device))
-    model.qconfig = qconfig
+    model.card = card_of(model).replace(qconfig=qconfig)
     return model

@@ -20,38 +20,35 @@ The buffer and parameter names follow the official Q-MambaIR layout
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-SIGN_EPS = 1e-5  # a tensor is "signed" when min(x) < -SIGN_EPS at initialisation
+from ..errors import CheckpointError
+from .deploy import ActQuant, DLSAct, act_grid
+from .grid import DLS_ALPHA_MIN, DLS_WEIGHTS, SIGN_EPS, dls_quantize, dls_scale_offset, grad_scale, qrange, round_ste
 
 
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """(Qn, Qp) of a b-bit grid."""
-    if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
+@dataclass(frozen=True)
+class WeightCodes:
+    """A quantized weight as deployed: ŵ = scale·q + offset, q int8 on the signed b-bit grid."""
 
-
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Forward: exactly x. Backward: gradient multiplied by g (LSQ's step-size gradient scale).
-
-    Written as x + (x·g − x·g) so that the forward value is bit-identical to x (the
-    usual (x − x·g).detach() + x·g can be one ulp off, which would make folded scales
-    differ from the fake-quant ones).
-    """
-    xg = x * g
-    return x.detach() + (xg - xg.detach())
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Forward: round half to even. Backward: identity (straight-through)."""
-    return (torch.round(x) - x).detach() + x
+    q: torch.Tensor
+    scale: torch.Tensor   # float32 scalar
+    offset: torch.Tensor  # float32 scalar
+    bits: int
 
 
 class Quantizer(nn.Module):
-    """Base: bit width, ``init_state`` and ``signed`` buffers, lazy initialisation."""
+    """Base: bit width, ``init_state`` and ``signed`` buffers, lazy initialisation.
+
+    Each quantizer owns its deploy form (what ``fold`` turns it into): :meth:`weight_codes` for
+    a weight it quantizes, :meth:`deploy_act` for an activation. A subclass that can be
+    deployed implements :meth:`_weight_grid` and/or :meth:`_act_scale` (or overrides the two
+    public methods); the base class checks initialisation and maps unsigned grids into the
+    signed int8 container.
+    """
 
     kind = "quantizer"
 
@@ -90,6 +87,47 @@ class Quantizer(nn.Module):
         sign = {None: "auto", True: "signed", False: "unsigned"}[self.fixed_sign]
         return f"bits={self.bits}, sign={sign}, initialized={self.initialized}"
 
+    # -- deploy forms ------------------------------------------------------------------------
+    def _require_initialized(self, role: str) -> None:
+        if not self.initialized:
+            raise CheckpointError(f"a {self.kind} {role} quantizer was never initialised; calibrate or train the "
+                                  f"quantized model before folding it")
+
+    def _weight_grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(codes on this quantizer's grid, scale, offset, grid) with ŵ = scale·codes + offset."""
+        raise CheckpointError(f"a {self.kind} quantizer cannot quantize weights for deployment; "
+                              f"use rfa, lsq, a PTQ observer or SPR²Q bounds")
+
+    def _act_scale(self) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(scale, offset or None, signed) of the static activation quantizer this one deploys as."""
+        raise CheckpointError(f"a {self.kind} quantizer cannot quantize activations for deployment")
+
+    @torch.no_grad()
+    def weight_codes(self, w: torch.Tensor) -> WeightCodes:
+        """``w`` exactly as this quantizer quantizes it, as integer codes, scale and offset.
+
+        An unsigned grid (SPR²Q's bounds) is moved down by 2^(b−1) steps into the signed
+        container and the shift goes into the offset."""
+        self._require_initialized("weight")
+        q, scale, offset, grid = self._weight_grid(w)
+        scale = scale.detach().reshape(()).float()
+        offset = offset.detach().reshape(()).float()
+        if grid[0] == 0:  # unsigned grid -> signed codes, shift into the offset
+            half = 2 ** (self.bits - 1)
+            q = q - half
+            offset = offset + half * scale
+        return WeightCodes(q.to(torch.int8), scale, offset, self.bits)
+
+    @torch.no_grad()
+    def deploy_act(self) -> nn.Module:
+        """The static deploy module of this activation quantizer (values filled in)."""
+        self._require_initialized("activation")
+        scale, offset, signed = self._act_scale()
+        qmin, qmax, shift = act_grid(self.bits, signed)
+        scale = scale.detach().reshape(()).float()
+        o = offset.detach().reshape(()).float() if offset is not None else torch.zeros(())
+        return ActQuant(self.bits, qmin, qmax, has_offset=offset is not None or shift > 0).set(scale, o - shift * scale)
+
 
 # ------------------------------------------------------------------------------- LSQ
 
@@ -123,41 +161,19 @@ class LSQ(Quantizer):
         out = round_ste((x / alpha).clamp(qn, qp)) * alpha
         return out - self.beta if self.beta is not None else out
 
+    def _offset(self) -> torch.Tensor:
+        return self.beta if self.beta is not None else torch.zeros((), device=self.alpha.device)
+
+    def _weight_grid(self, w):
+        beta = self._offset()
+        grid = self.grid()
+        return torch.round(((w + beta) / self.alpha).clamp(*grid)), self.alpha, -beta, grid
+
+    def _act_scale(self):
+        return self.alpha, self.beta, self.is_signed
+
 
 # ------------------------------------------------------------------------------- DLS
-
-
-#: DLS's eight learnable scalars, in the official order (α from weight1..4, β from weight21..24).
-DLS_WEIGHTS = ("weight1", "weight2", "weight3", "weight4", "weight21", "weight22", "weight23", "weight24")
-DLS_ALPHA_MIN = 1e-6
-
-
-def dls_scale_offset(x: torch.Tensor, w, bits: int, qp: int) -> tuple[torch.Tensor, ...]:
-    """DLS's (α, β, min(x), max(x)) for the live tensor ``x``; ``w`` maps DLS_WEIGHTS to scalars.
-
-    Shared by the training quantizer and the deploy module (``--dls dynamic``), so
-    that the exported in-graph statistics are the trained ones, operation for operation.
-    """
-    x_min, x_max = x.min(), x.max()
-    beta = w["weight21"] * x.mean() + w["weight22"] * x.std() + w["weight23"] * x_min + w["weight24"] * x_max
-    xb = x + beta
-    alpha = (w["weight1"] * xb.mean().abs() + w["weight2"] * xb.std() + w["weight3"] * xb.min()
-             + w["weight4"] * xb.max()).abs()
-    alpha = grad_scale(alpha, 1.0 / math.sqrt(x.numel() * qp))
-    alpha = torch.clamp(alpha, min=DLS_ALPHA_MIN)
-    cap = ((x_max - x_min) / 2 ** bits).detach()
-    # a constant tensor (cap 0) would divide by zero (NaN in the official code); any α
-    # reproduces it exactly through the final clamp, so take 1
-    alpha = torch.where(cap > 0, torch.minimum(alpha, cap), torch.ones_like(alpha))
-    return alpha, beta, x_min, x_max
-
-
-def dls_quantize(x: torch.Tensor, w, bits: int, grid: tuple[int, int]) -> torch.Tensor:
-    """x̂ = clamp(R(clamp((x + β)/α, Qn, Qp))·α − β, min(x), max(x)) with DLS's live α, β."""
-    qn, qp = grid
-    alpha, beta, x_min, x_max = dls_scale_offset(x, w, bits, qp)
-    out = round_ste(((x + beta) / alpha).clamp(qn, qp)) * alpha - beta
-    return torch.minimum(torch.maximum(out, x_min), x_max)
 
 
 class DLS(Quantizer):
@@ -195,6 +211,14 @@ class DLS(Quantizer):
                 self._decide_sign(x)
                 self.init_state.fill_(1.0)
         return dls_quantize(x, self.weights(), self.bits, self.grid())
+
+    @torch.no_grad()
+    def deploy_act(self) -> nn.Module:
+        """DLS stays DLS: its eight scalars in a :class:`DLSAct` (dynamic, or static once calibrated)."""
+        out = DLSAct(self.bits, self.is_signed)
+        for name, value in self.weights().items():
+            getattr(out, name).copy_(value.detach())
+        return out
 
 
 # ------------------------------------------------------------------------------- RFA
@@ -273,6 +297,11 @@ class RFA(Quantizer):
         level = self.hard_level(v) + (soft - soft.detach())
         return level * alpha - self.beta
 
+    def _weight_grid(self, w):
+        qn, qp = self.grid()
+        q = self.hard_level(((w + self.beta) / self.alpha).clamp(qn, qp))
+        return q, self.alpha, -self.beta, (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+
 
 # ------------------------------------------------------------------------- PTQ observers
 
@@ -349,6 +378,13 @@ class Observer(Quantizer):
             self.freeze()
         qn, qp = self.grid()
         return round_ste((x / self.alpha).clamp(qn, qp)) * self.alpha
+
+    def _weight_grid(self, w):
+        grid = self.grid()
+        return torch.round((w / self.alpha).clamp(*grid)), self.alpha, torch.zeros((), device=w.device), grid
+
+    def _act_scale(self):
+        return self.alpha, None, self.is_signed
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:

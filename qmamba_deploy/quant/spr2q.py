@@ -22,12 +22,14 @@ rounding (gradients for a and b by autograd through that expression).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.mambair import RSSB
+from ..models.mambairv2 import AttentiveLayer
 from .layers import QuantConv2d, QuantLinear
 from .quantizers import Quantizer, round_ste
 
@@ -54,6 +56,14 @@ class BoundedQuant(Quantizer):
         s = self.step()
         clipped = torch.maximum(torch.minimum(x, self.hi), self.lo)
         return round_ste((clipped - self.lo) / s) * s + self.lo
+
+    def _weight_grid(self, w):
+        s = self.step()
+        clipped = torch.maximum(torch.minimum(w, self.hi), self.lo)
+        return torch.round((clipped - self.lo) / s), s, self.lo, (0, 2 ** self.bits - 1)
+
+    def _act_scale(self):
+        return self.step(), -self.lo, False
 
 
 def _as_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -203,8 +213,6 @@ def fuse_rectifiers(model: nn.Module) -> dict[str, dict[str, float | list[float]
 
 def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The blocks whose outputs SPR²Q aligns: MambaIR's RSSB, MambaIRv2's AttentiveLayer."""
-    from ..models.mambair import RSSB
-    from ..models.mambairv2 import AttentiveLayer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (RSSB, AttentiveLayer))]
 
@@ -215,7 +223,7 @@ class BlockFeatures:
     def __init__(self, model: nn.Module):
         self.model, self.outputs, self._hooks = model, {}, []
 
-    def __enter__(self) -> "BlockFeatures":
+    def __enter__(self) -> BlockFeatures:
         for name, m in block_modules(self.model):
             self._hooks.append(m.register_forward_hook(self._hook(name)))
         return self

@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from ..checkpoints import CHECKPOINT_KIND
+from ..artifacts import is_kind
 from ..errors import OptionError
-from ..export.onnx_export import ONNX_KIND
-from ..fold import BUNDLE_KIND, BUNDLE_NAME
+from ..fold import BUNDLE_NAME
 from .base import ModelInfo, Runner, ShapeLimits
 from .ort import OrtRunner
-from .tensorrt import ENGINE_FILE, ENGINE_KIND, TrtRunner
+from .tensorrt import ENGINE_FILE, TrtRunner
 from .tiling import TilePlan, plan_tiles, tiled_run
 from .torch_runner import TorchRunner
 
@@ -41,7 +40,7 @@ _HINT = ("pass a checkpoint (.pth/.safetensors), a bundle (bundle.safetensors or
          "or a TensorRT engine (.engine/.plan)")
 
 
-def _sniff(path: Path) -> Optional[str]:
+def _sniff(path: Path) -> str | None:
     """What the first bytes say the file is (for sentences about a misnamed file)."""
     try:
         with open(path, "rb") as f:
@@ -68,16 +67,17 @@ def _kind_of_manifest(path: Path) -> tuple[str, Path]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         raise OptionError(f"{path} is not valid JSON; {_HINT}") from None
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if kind == BUNDLE_KIND:
+    found = data.get("kind") if isinstance(data, dict) else None
+    if is_kind(found, "bundle"):
         return "bundle", path.with_name(BUNDLE_NAME)
-    if kind == ONNX_KIND:
+    if is_kind(found, "onnx"):
         return "onnx", path.with_suffix(".onnx")
-    if kind == ENGINE_KIND:
-        return "engine", path.with_name(str(data.get("engine") or ENGINE_FILE))
-    if kind == CHECKPOINT_KIND:
+    if is_kind(found, "engine"):
+        engine = data.get("engine")
+        return "engine", path.with_name(engine if isinstance(engine, str) and "/" not in engine else ENGINE_FILE)
+    if is_kind(found, "checkpoint"):
         return "checkpoint", path.with_suffix(".safetensors")
-    raise OptionError(f"{path} is a {kind!r} manifest, not one of a model artifact; {_HINT}")
+    raise OptionError(f"{path} is a {found!r} manifest, not one of a model artifact; {_HINT}")
 
 
 def artifact_kind(path: str | os.PathLike) -> tuple[str, Path]:
@@ -131,7 +131,7 @@ def _is_bundle(path: Path) -> bool:
         return True
     if side.is_file():
         try:
-            return json.loads(side.read_text()).get("kind") == BUNDLE_KIND
+            return is_kind(json.loads(side.read_text()).get("kind"), "bundle")
         except (OSError, ValueError, AttributeError):
             return False
     return False
@@ -148,7 +148,7 @@ _FLAGS = {"arch": "--arch", "kwargs": "--kwarg", "dls": "--dls", "plugin": "--pl
           "cuda_graph": "--cuda-graph", "threads": "--threads", "limits": "limits"}
 
 
-def open_runner(path: str | os.PathLike, kind: Optional[str] = None, **options: Any) -> Runner:
+def open_runner(path: str | os.PathLike, kind: str | None = None, **options: Any) -> Runner:
     """The runner for ``path`` (not opened yet: use ``with open_runner(p) as r``).
 
     ``kind``: the artifact kind the caller expects (``--onnx`` expects "onnx", ...); a file of

@@ -19,14 +19,15 @@ import os
 import platform
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
+from ..artifacts import sha256_file
 from ..errors import ModelError, OptionError
-from ..manifest import sha256_file
 
 __all__ = ["ModelInfo", "ShapeLimits", "Runner", "fmt_shape", "peak_rss_bytes", "cpu_memory", "cpu_device",
            "info_from_manifest", "limits_from_manifest"]
@@ -40,12 +41,12 @@ def fmt_shape(shape) -> str:
 class ModelInfo:
     """What a runner restores: the network, its scale and channels, and the task it was made for."""
 
-    arch: Optional[str]
+    arch: str | None
     scale: int
     in_chans: int
-    task: Optional[dict[str, Any]] = None      # {"task": "denoise", "sigma": 25, ...} as the manifests write it
-    qconfig: Optional[dict[str, Any]] = None   # None: float
-    window_size: Optional[int] = None
+    task: dict[str, Any] | None = None      # {"task": "denoise", "sigma": 25, ...} as the manifests write it
+    qconfig: dict[str, Any] | None = None   # None: float
+    window_size: int | None = None
 
     @property
     def precision(self) -> str:
@@ -62,10 +63,10 @@ class ShapeLimits:
 
     channels: int
     min_hw: tuple[int, int] = (1, 1)
-    max_hw: tuple[Optional[int], Optional[int]] = (None, None)
-    max_batch: Optional[int] = None
+    max_hw: tuple[int | None, int | None] = (None, None)
+    max_batch: int | None = None
     source: str = "any size"
-    window: Optional[int] = None  # the model's window (tiles that are multiples of it waste no padding)
+    window: int | None = None  # the model's window (tiles that are multiples of it waste no padding)
 
     def __post_init__(self):
         for lo, hi in zip(self.min_hw, self.max_hw):
@@ -76,7 +77,7 @@ class ShapeLimits:
     def fixed(self) -> bool:
         return tuple(self.min_hw) == tuple(self.max_hw)
 
-    def narrowed(self, other: "ShapeLimits") -> "ShapeLimits":
+    def narrowed(self, other: ShapeLimits) -> ShapeLimits:
         """The sizes both accept (e.g. an engine's profile within its ONNX's limits)."""
         lo = tuple(max(a, b) for a, b in zip(self.min_hw, other.min_hw))
         hi = tuple(b if a is None else a if b is None else min(a, b) for a, b in zip(self.max_hw, other.max_hw))
@@ -115,12 +116,12 @@ class ShapeLimits:
 def _field(m: dict[str, Any], key: str, kinds: tuple[type, ...], source: str, default: Any = None) -> Any:
     value = m.get(key, default)
     if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
-        raise OptionError(f"{source}: field {key!r} is {type(value).__name__}, not {kinds[0].__name__}; the manifest is "
-                          f"damaged: re-export the artifact (or delete the manifest)")
+        raise OptionError(f"{source}: field {key!r} is {type(value).__name__}, not {kinds[0].__name__}; the "
+                          f"manifest is damaged: re-export the artifact (or delete the manifest)")
     return value
 
 
-def info_from_manifest(m: dict[str, Any], channels: int, source: str, window: Optional[int] = None) -> ModelInfo:
+def info_from_manifest(m: dict[str, Any], channels: int, source: str, window: int | None = None) -> ModelInfo:
     """ModelInfo from an export manifest (``model.json``) or the ``model`` entry of ``engine.json``,
     every field type-checked (one sentence for a damaged or hostile file)."""
     if not isinstance(m, dict):
@@ -134,7 +135,7 @@ def info_from_manifest(m: dict[str, Any], channels: int, source: str, window: Op
                      window_size=window if window is not None else _field(m, "window_size", (int,), source))
 
 
-def limits_from_manifest(saved: Any, channels: int, source: str, label: str) -> Optional[ShapeLimits]:
+def limits_from_manifest(saved: Any, channels: int, source: str, label: str) -> ShapeLimits | None:
     """The ``limits`` entry export writes into model.json (and build copies into engine.json)."""
     if saved is None:
         return None
@@ -167,7 +168,7 @@ def cpu_memory() -> dict[str, Any]:
     return {"peak_bytes": peak_rss_bytes(), "what": "process peak resident set (includes Python and libraries)"}
 
 
-def cpu_device(threads: Optional[int]) -> dict[str, Any]:
+def cpu_device(threads: int | None) -> dict[str, Any]:
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": threads or None}
 
 
@@ -177,14 +178,14 @@ class Runner(abc.ABC):
     #: "torch", "onnxruntime" or "tensorrt" (the ``backend`` of bench results).
     kind: ClassVar[str]
 
-    def __init__(self, path: Optional[str | os.PathLike], device: str = "cpu"):
+    def __init__(self, path: str | os.PathLike | None, device: str = "cpu"):
         self.path = Path(path) if path is not None else None
         self.device = device
         self._open = False
         self.notes: list[str] = []
 
     # -- life cycle ------------------------------------------------------------------------
-    def open(self) -> "Runner":
+    def open(self) -> Runner:
         if not self._open:
             self._load()
             self._open = True
@@ -195,7 +196,7 @@ class Runner(abc.ABC):
             self._release()
             self._open = False
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self.open()
 
     def __exit__(self, *exc) -> None:
@@ -205,7 +206,7 @@ class Runner(abc.ABC):
     def _load(self) -> None:
         """Read the artifact and make it runnable (sets what ``info`` and ``limits`` return)."""
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - runners without resources to free keep this default
         """Free what ``_load`` took."""
 
     def _need_open(self) -> None:

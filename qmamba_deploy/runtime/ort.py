@@ -24,22 +24,33 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
+from ..artifacts import manifest_path
 from ..checkpoints import check_finite
 from ..errors import ModelError, OptionError
-from ..manifest import manifest_path
+from ..export.graph import graphs, read_onnx, scan_nodes, set_opset
 from ..ops import contract
-from ..export.scan_onnx import graphs, read_onnx, scan_nodes, set_opset
 from ..ops.selective_scan import selective_scan_chunked
-from .base import (ModelInfo, Runner, ShapeLimits, cpu_device, cpu_memory, fmt_shape, info_from_manifest,
-                   limits_from_manifest)
+from .base import (
+    ModelInfo,
+    Runner,
+    ShapeLimits,
+    cpu_device,
+    cpu_memory,
+    fmt_shape,
+    info_from_manifest,
+    limits_from_manifest,
+)
 
 DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 #: The only domain where onnxruntime-extensions looks up Python custom ops.
@@ -47,7 +58,8 @@ ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
-__all__ = ["read_onnx_manifest", "ort_session", "ort_session_with_scan", "onnx_runner", "OrtRunner", "onnx_limits", "DISABLED_OPTIMIZERS",
+__all__ = ["read_onnx_manifest", "ort_session", "ort_session_with_scan", "onnx_runner", "OrtRunner", "onnx_limits",
+           "DISABLED_OPTIMIZERS",
            "ORT_CONTRIB_DOMAIN", "PROVIDERS"]
 
 
@@ -59,7 +71,6 @@ __all__ = ["read_onnx_manifest", "ort_session", "ort_session_with_scan", "onnx_r
 @functools.lru_cache(maxsize=1)
 def _register_ort_python_op() -> str:
     """Register the Python kernel with onnxruntime-extensions (once); return its library path."""
-    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
     attr_types = {"int": PyCustomOpDef.dt_int64, "string": PyCustomOpDef.dt_string}
 
@@ -117,15 +128,14 @@ def _move_scans_to_contrib(graph: onnx.GraphProto) -> None:
     graph.node.extend(new_nodes)
 
 
-def ort_session_with_scan(model: Union[str, os.PathLike, onnx.ModelProto],
-                          providers: Optional[Sequence[str]] = None,
+def ort_session_with_scan(model: str | os.PathLike | onnx.ModelProto,
+                          providers: Sequence[str] | None = None,
                           session_options: Any = None, disabled_optimizers: Sequence[str] = ()):
     """An onnxruntime InferenceSession that runs the QMambaSelectiveScan nodes in Python.
 
     ``model`` is a path or a ModelProto; either way only an in-memory copy is changed
     (scan nodes moved to ``ai.onnx.contrib``), never the file or the caller's proto.
     """
-    import onnxruntime as ort
 
     if isinstance(model, onnx.ModelProto):
         work = onnx.ModelProto()
@@ -147,7 +157,6 @@ def ort_session_with_scan(model: Union[str, os.PathLike, onnx.ModelProto],
 
 def ort_session(path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0) -> Any:
     """An InferenceSession for an exported graph (custom scan op registered, parity settings)."""
-    import onnxruntime as ort
 
     if not os.path.isfile(path):
         raise OptionError(f"{path} is not a file; pass the .onnx that `qmamba-deploy export` wrote")
@@ -203,7 +212,7 @@ class OrtRunner(Runner):
     kind = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0,
-                 limits: Optional[ShapeLimits] = None):
+                 limits: ShapeLimits | None = None):
         super().__init__(path, device)
         if device not in PROVIDERS:
             raise OptionError(f"--device {device}: ONNX Runtime runs on cpu or cuda")
@@ -212,13 +221,11 @@ class OrtRunner(Runner):
         self.session: Any = None
         self.manifest: dict[str, Any] = {}
         self._input = self._output = ""
-        self._info: Optional[ModelInfo] = None
-        self._limits: Optional[ShapeLimits] = None
+        self._info: ModelInfo | None = None
+        self._limits: ShapeLimits | None = None
         self.scan_nodes = 0
 
     def _load(self) -> None:
-        import onnxruntime as ort
-
         path = self.path
         proto = read_onnx(path)
         check_finite({t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
@@ -268,8 +275,6 @@ class OrtRunner(Runner):
         return self._limits
 
     def _describe(self) -> dict[str, Any]:
-        import onnxruntime as ort
-
         return {"backend": "onnxruntime", "backend_version": ort.__version__, "device": self.device,
                 "providers": list(self.session.get_providers()),
                 "scan": (self.manifest.get("options") or {}).get("scan"),

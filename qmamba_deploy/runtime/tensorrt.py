@@ -17,10 +17,11 @@ import json
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from ..artifacts import is_kind, kind
 from ..errors import EnvironmentMissing, OptionError
 from ..ops.contract import OP_TYPE, PLUGIN_LIBRARY
 from .base import ModelInfo, Runner, ShapeLimits, fmt_shape, info_from_manifest, limits_from_manifest
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 TRT_MODULES = ("tensorrt", "tensorrt_rtx")
-ENGINE_KIND = "qmamba-deploy engine"
+ENGINE_KIND = kind("engine")
 ENGINE_FILE, ENGINE_MANIFEST = "model.engine", "engine.json"
 ENGINE_FILES = (ENGINE_FILE, ENGINE_MANIFEST)
 _INSTALL_HINT = {
@@ -58,7 +59,8 @@ def import_tensorrt(module: str = "tensorrt") -> ModuleType:
         raise OptionError(f"--tensorrt {module}: pass one of {', '.join(TRT_MODULES)}")
     try:
         trt = importlib.import_module(module)
-        getattr(trt, "Builder")
+        if not hasattr(trt, "Builder"):  # a placeholder package that imports but holds nothing
+            raise ImportError(f"{module} has no Builder")
     except Exception as exc:  # the PyPI placeholders raise at import, some with odd types
         raise EnvironmentMissing(f"TensorRT Python module `{module}` is not usable here "
                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
@@ -93,7 +95,7 @@ def collecting_logger(trt: ModuleType):
     return Collect()
 
 
-def find_plugin_library(explicit: Optional[str] = None) -> Optional[Path]:
+def find_plugin_library(explicit: str | None = None) -> Path | None:
     """--plugin, else $QMAMBA_PLUGIN_LIB, else the CMake build folder next to the sources."""
     if explicit:
         path = Path(explicit)
@@ -107,7 +109,8 @@ def find_plugin_library(explicit: Optional[str] = None) -> Optional[Path]:
             raise OptionError(f"QMAMBA_PLUGIN_LIB={env}: no such file; unset it or point it at {PLUGIN_LIBRARY}")
         return Path(env)
     root = Path(__file__).resolve().parents[2]
-    for candidate in (root / "build" / PLUGIN_LIBRARY, root / "trt_plugins" / "selective_scan" / "build" / PLUGIN_LIBRARY):
+    for build in (root / "build", root / "trt_plugins" / "selective_scan" / "build"):
+        candidate = build / PLUGIN_LIBRARY
         if candidate.is_file():
             return candidate
     return None
@@ -123,7 +126,7 @@ def read_engine_manifest(engine: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         raise OptionError(f"{side} is not valid JSON; rebuild the engine with `qmamba-deploy build` "
                           f"(or delete the file to run the engine without its manifest)") from None
-    if not isinstance(data, dict) or data.get("kind") != ENGINE_KIND:
+    if not isinstance(data, dict) or not is_kind(data.get("kind"), "engine"):
         raise OptionError(f"{side} is not a qmamba-deploy engine manifest; rebuild the engine with "
                           f"`qmamba-deploy build`")
     return data
@@ -149,8 +152,8 @@ class TrtRunner(Runner):
     #: where I/O buffers live; tests without a GPU override the three methods below.
     buffer_device = "cuda"
 
-    def __init__(self, path: str | os.PathLike, device: str = "cuda", plugin: Optional[str] = None,
-                 tensorrt: Optional[str] = None, cuda_graph: bool = False):
+    def __init__(self, path: str | os.PathLike, device: str = "cuda", plugin: str | None = None,
+                 tensorrt: str | None = None, cuda_graph: bool = False):
         super().__init__(path, device)
         if not str(device).startswith("cuda"):
             raise OptionError(f"--device {device}: a TensorRT engine runs on the GPU; pass --device cuda")
@@ -164,8 +167,8 @@ class TrtRunner(Runner):
         self.context: Any = None
         self._stream: Any = None
         self._graphs: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor]] = {}
-        self._info: Optional[ModelInfo] = None
-        self._limits: Optional[ShapeLimits] = None
+        self._info: ModelInfo | None = None
+        self._limits: ShapeLimits | None = None
         self._memory: dict[str, Any] = {}
         self._bound: tuple[torch.Tensor, ...] = ()
 
@@ -232,7 +235,7 @@ class TrtRunner(Runner):
                          or getattr(self.engine, "device_memory_size", None))
         self._memory = {"engine_device_memory_bytes": device_memory, "free_before": free_before}
 
-    def _plugin_library(self) -> Optional[Path]:
+    def _plugin_library(self) -> Path | None:
         lib = find_plugin_library(self.plugin)
         recorded = _section(self.manifest, "plugin")
         if lib is None and isinstance(recorded.get("library"), str) and Path(recorded["library"]).is_file():

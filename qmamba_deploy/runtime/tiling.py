@@ -14,10 +14,11 @@ runner's :class:`~qmamba_deploy.runtime.base.ShapeLimits`; :func:`tiled_run` run
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
 
 import torch
+from tqdm import tqdm
 
 from ..errors import OptionError
 from .base import ShapeLimits
@@ -52,8 +53,8 @@ def _starts(size: int, tile: int, overlap: int) -> tuple[int, ...]:
     return tuple(range(0, size - tile, stride)) + (size - tile,)
 
 
-def plan_tiles(height: int, width: int, tile: Optional[int] = None, overlap: int = 16,
-               limits: Optional[ShapeLimits] = None) -> TilePlan:
+def plan_tiles(height: int, width: int, tile: int | None = None, overlap: int = 16,
+               limits: ShapeLimits | None = None) -> TilePlan:
     """The tiles for an image of ``height`` x ``width``.
 
     ``tile`` None or 0: the whole image when the artifact takes it, else the largest tile it
@@ -122,7 +123,7 @@ def _ramp(n: int, overlap: int) -> torch.Tensor:
     return w
 
 
-def _batched(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_batch: Optional[int]) -> torch.Tensor:
+def _batched(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_batch: int | None) -> torch.Tensor:
     if not max_batch or x.shape[0] <= max_batch:
         return run(x)
     return torch.cat([run(part) for part in torch.split(x, max_batch)])
@@ -130,7 +131,7 @@ def _batched(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_b
 
 @torch.no_grad()
 def tiled_run(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int,
-              plan: Optional[TilePlan] = None, limits: Optional[ShapeLimits] = None, tile: Optional[int] = None,
+              plan: TilePlan | None = None, limits: ShapeLimits | None = None, tile: int | None = None,
               overlap: int = 16, progress: bool = False) -> torch.Tensor:
     """``run`` over ``x`` (B, C, H, W) in the tiles of ``plan`` (planned here when not given)."""
     b, c, h, w = x.shape
@@ -147,8 +148,6 @@ def tiled_run(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scal
     blend = _ramp(th * scale, oh * scale)[:, None] * _ramp(tw * scale, ow * scale)[None]
     boxes: Iterable = plan.boxes
     if progress:
-        from tqdm import tqdm
-
         boxes = tqdm(plan.boxes, desc="tiles", leave=False, unit="tile")
     for i, j in boxes:
         y = _batched(run, xp[:, :, i:i + th, j:j + tw], max_batch)

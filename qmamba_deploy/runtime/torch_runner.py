@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..checkpoints import load_model
 from ..errors import OptionError
+from ..fold import load_bundle, with_dls_mode
+from ..models.card import card_of
 from .base import ModelInfo, Runner, ShapeLimits, cpu_memory
 
 __all__ = ["TorchRunner", "model_info", "model_limits"]
@@ -17,12 +21,11 @@ __all__ = ["TorchRunner", "model_info", "model_limits"]
 
 def model_info(model: nn.Module) -> ModelInfo:
     """The ModelInfo of a built model (``load_model``, ``load_bundle``, ``build_model``)."""
-    qconfig = getattr(model, "qconfig", None)
+    card = card_of(model)
     window = getattr(model, "window_size", None)
-    return ModelInfo(arch=getattr(model, "arch_name", type(model).__name__), scale=int(getattr(model, "upscale", 1)),
-                     in_chans=int(getattr(model, "in_chans", 3)),
-                     task=(getattr(model, "manifest", None) or {}).get("task"),
-                     qconfig=qconfig.as_dict() if qconfig is not None else None,
+    return ModelInfo(arch=card.arch, scale=int(getattr(model, "upscale", 1)),
+                     in_chans=int(getattr(model, "in_chans", 3)), task=card.task,
+                     qconfig=card.qconfig.as_dict() if card.qconfig is not None else None,
                      window_size=int(window) if window else None)
 
 
@@ -48,10 +51,10 @@ class TorchRunner(Runner):
 
     kind = "torch"
 
-    def __init__(self, path: Optional[str | os.PathLike] = None, device: str = "cpu", threads: int = 0,
-                 bundle: bool = False, dls: Optional[str] = None, arch: Optional[str] = None,
-                 kwargs: Optional[dict[str, Any]] = None, model: Optional[nn.Module] = None,
-                 name: Optional[str] = None):
+    def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu", threads: int = 0,
+                 bundle: bool = False, dls: str | None = None, arch: str | None = None,
+                 kwargs: dict[str, Any] | None = None, model: nn.Module | None = None,
+                 name: str | None = None):
         super().__init__(path, device)
         self.threads = int(threads)
         self.bundle = bundle
@@ -60,10 +63,10 @@ class TorchRunner(Runner):
         self.kwargs = dict(kwargs or {})
         self.model = model
         self._name = name
-        self._threads_before: Optional[int] = None
+        self._threads_before: int | None = None
 
     @classmethod
-    def from_module(cls, model: nn.Module, name: str = "torch", device: str = "cpu") -> "TorchRunner":
+    def from_module(cls, model: nn.Module, name: str = "torch", device: str = "cpu") -> TorchRunner:
         return cls(None, device=device, model=model, name=name)
 
     @property
@@ -85,12 +88,9 @@ class TorchRunner(Runner):
 
     def _read(self) -> nn.Module:
         if self.bundle:
-            from ..fold import load_bundle, with_dls_mode
-
             model = load_bundle(self.path)
             mode = self.dls or ("static" if getattr(model, "dls_calibration", None) else "dynamic")
             return with_dls_mode(model, mode)
-        from ..checkpoints import load_model
 
         return load_model(self.path, arch=self.arch, **self.kwargs)
 

@@ -26,17 +26,37 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
-from ..artifacts import check_out_folder, check_outputs, staged_folder
+import torch
+
+from ..artifacts import (
+    atomic_path,
+    check_out_folder,
+    check_outputs,
+    make_manifest,
+    sha256_file,
+    staged_folder,
+    write_json,
+)
 from ..errors import EnvironmentMissing, OptionError
-from ..manifest import atomic_path, make_manifest, sha256_file, write_json
-from ..export.scan_onnx import read_onnx, scan_nodes
+from ..export.graph import read_onnx, scan_nodes
 from ..ops import contract
 from ..runtime.base import ModelInfo, fmt_shape
 from ..runtime.ort import read_onnx_manifest
-from ..runtime.tensorrt import (ENGINE_FILE, ENGINE_FILES, ENGINE_KIND, ENGINE_MANIFEST, TRT_MODULES,
-                                collecting_logger, find_plugin_library, import_tensorrt, is_rtx, trt_version)
+from ..runtime.tensorrt import (
+    ENGINE_FILE,
+    ENGINE_FILES,
+    ENGINE_KIND,
+    ENGINE_MANIFEST,
+    TRT_MODULES,
+    collecting_logger,
+    find_plugin_library,
+    import_tensorrt,
+    is_rtx,
+    trt_version,
+)
+from .plugin import plugin_checksum
 
 __all__ = [
     "TRT_MODULES",
@@ -81,14 +101,14 @@ class Profile:
 class BuildConfig:
     onnx: str
     profile: Profile
-    plugin: Optional[str] = None            # the plugin .so (found automatically when None)
-    timing_cache: Optional[str] = None      # read when present, written back after the build
+    plugin: str | None = None            # the plugin .so (found automatically when None)
+    timing_cache: str | None = None      # read when present, written back after the build
     fp16: bool = False                      # TensorRT 10 only: weakly typed + FP16/INT8 flags
     version_compatible: bool = False        # + the plugin library serialized into the engine
     exclude_lean_runtime: bool = False
     hardware_compatibility: str = "none"    # none | ampere+ | same-cc
-    optimization_level: Optional[int] = None
-    workspace_mib: Optional[int] = None
+    optimization_level: int | None = None
+    workspace_mib: int | None = None
     tensorrt: str = "tensorrt"              # tensorrt | tensorrt_rtx
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -123,8 +143,6 @@ def _read_onnx_io(onnx_path: Path) -> tuple[str, list, bool]:
 
 def _gpu_description() -> dict[str, Any]:
     try:
-        import torch
-
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
@@ -133,14 +151,27 @@ def _gpu_description() -> dict[str, Any]:
     return {"name": None, "compute_capability": None}
 
 
-def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str] = None) -> dict[str, Any]:
-    """Build ``out/model.engine`` + ``out/engine.json`` from ``cfg.onnx``; returns the manifest."""
-    check_outputs({"ONNX_FILE": cfg.onnx, "--plugin": cfg.plugin, "--timing-cache": cfg.timing_cache},
-                  folders={"--out": out})
-    check_out_folder(Path(out), ENGINE_FILES)  # before the build, which can take minutes
+@dataclass
+class _Build:
+    """What the steps of :func:`build_engine` hand each other (in the manner of Polygraphy's loaders)."""
+
+    cfg: BuildConfig
+    onnx: Path
+    input_name: str
+    has_scan: bool
+    plugin: Path | None
+    trt: ModuleType = None
+    rtx: bool = False
+    logger: Any = None
+    builder: Any = None
+    network: Any = None
+    config: Any = None
+    settings: dict[str, Any] = field(default_factory=lambda: {"flags": []})
+
+
+def _inspect(cfg: BuildConfig) -> _Build:
+    """The ONNX's input and scan nodes against the profile, and the plugin library it needs."""
     onnx_path = Path(cfg.onnx)
-    if not onnx_path.is_file():
-        raise OptionError(f"{onnx_path}: no such file; pass the model.onnx that `qmamba-deploy export` wrote")
     input_name, dims, has_scan = _read_onnx_io(onnx_path)
     if len(dims) != 4:
         raise OptionError(f"{onnx_path}: input {input_name!r} has rank {len(dims)}; expected NCHW")
@@ -154,42 +185,49 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
                           "build/libqmamba_scan_plugin.so, or export with --scan portable")
     if not has_scan and not cfg.plugin:
         plugin = None  # a portable graph needs no plugin (one found lying around is not loaded)
+    return _Build(cfg, onnx_path, input_name, has_scan, plugin)
 
-    trt = import_tensorrt(cfg.tensorrt)
-    version = trt_version(trt)
-    rtx = is_rtx(trt)
-    strongly_typed_only = rtx or version[0] >= 11
-    if cfg.fp16 and strongly_typed_only:
+
+def _builder(b: _Build) -> None:
+    """TensorRT, a builder (which needs a GPU unless TensorRT-RTX) and the plugin loaded into it."""
+    trt = b.trt = import_tensorrt(b.cfg.tensorrt)
+    b.rtx = is_rtx(trt)
+    if b.cfg.fp16 and (b.rtx or trt_version(trt)[0] >= 11):
         raise OptionError(f"--fp16: TensorRT {trt.__version__} ({trt.__name__}) builds strongly typed networks only; "
                           "precision comes from the ONNX (its Q/DQ nodes and tensor types). Drop --fp16")
-    logger = collecting_logger(trt)
+    b.logger = collecting_logger(trt)
     try:
-        builder = trt.Builder(logger)
+        b.builder = trt.Builder(b.logger)
     except Exception as exc:
         raise EnvironmentMissing(f"TensorRT could not create a builder ({type(exc).__name__}): {trt.__name__} "
                                  f"{trt.__version__} needs an NVIDIA GPU and driver here"
-                                 + ("" if rtx else "; build on the machine that will run the engine")) from None
-    if plugin is not None:
-        registry = builder.get_plugin_registry()
-        handle = registry.load_library(str(plugin))
-        if handle is None:
-            raise OptionError(f"--plugin {plugin}: TensorRT could not load it ({'; '.join(logger.errors()) or 'no detail'}); "
-                              "was it built for this TensorRT and CUDA?")
+                                 + ("" if b.rtx else "; build on the machine that will run the engine")) from None
+    if b.plugin is not None and b.builder.get_plugin_registry().load_library(str(b.plugin)) is None:
+        detail = "; ".join(b.logger.errors()) or "no detail"
+        raise OptionError(f"--plugin {b.plugin}: TensorRT could not load it ({detail}); "
+                          "was it built for this TensorRT and CUDA?")
 
-    flags = 0
+
+def _parse(b: _Build) -> None:
+    """The network from the ONNX: strongly typed wherever the TensorRT at hand allows choosing."""
+    trt, flags = b.trt, 0
     typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if typed is not None and not cfg.fp16 and (rtx or version[0] < 11):  # 11: always strongly typed, flag deprecated
+    if typed is not None and not b.cfg.fp16 and (b.rtx or trt_version(trt)[0] < 11):  # 11: always, flag deprecated
         flags |= 1 << int(typed)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    b.network = b.builder.create_network(flags)
+    parser = trt.OnnxParser(b.network, b.logger)
+    if not parser.parse_from_file(str(b.onnx)):
         errors = [f"{parser.get_error(i).node_operator() or '?'}: {parser.get_error(i).desc().strip()}"
                   for i in range(parser.num_errors)]
-        raise OptionError(f"{onnx_path}: the TensorRT ONNX parser refused it ({'; '.join(errors[:3])}); "
+        raise OptionError(f"{b.onnx}: the TensorRT ONNX parser refused it ({'; '.join(errors[:3])}); "
                           "run `qmamba-deploy lint` on it for the full list")
 
-    config = builder.create_builder_config()
-    settings: dict[str, Any] = {"strongly_typed": not cfg.fp16, "flags": []}
+
+def _config(b: _Build) -> None:
+    """The builder config: flags, compatibility, optimization level, workspace (recorded in settings)."""
+    cfg, trt, settings = b.cfg, b.trt, b.settings
+    config = b.config = b.builder.create_builder_config()
+    settings["strongly_typed"] = not cfg.fp16
     if cfg.fp16:
         for name in ("FP16", "INT8"):
             config.set_flag(_flag(trt, name, "--fp16"))
@@ -200,11 +238,11 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
         if cfg.exclude_lean_runtime:
             config.set_flag(_flag(trt, "EXCLUDE_LEAN_RUNTIME", "--exclude-lean-runtime"))
             settings["flags"].append("EXCLUDE_LEAN_RUNTIME")
-        if plugin is not None and not cfg.exclude_lean_runtime:
+        if b.plugin is not None and not cfg.exclude_lean_runtime:
             # As trtexec: an engine without the lean runtime loads in the full runtime, where the
             # plugin is loaded from the file (--plugin); an embedded copy would register twice.
-            config.plugins_to_serialize = [str(plugin)]
-            settings["plugins_serialized"] = [plugin.name]
+            config.plugins_to_serialize = [str(b.plugin)]
+            settings["plugins_serialized"] = [b.plugin.name]
     if cfg.hardware_compatibility != "none":
         levels = getattr(trt, "HardwareCompatibilityLevel", None)
         level = getattr(levels, HARDWARE_LEVELS[cfg.hardware_compatibility], None) if levels else None
@@ -220,51 +258,84 @@ def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: Optional[str
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
         settings["workspace_mib"] = cfg.workspace_mib
 
-    name = network.get_input(0).name
-    profile = builder.create_optimization_profile()
-    profile.set_shape(name, cfg.profile.min, cfg.profile.opt, cfg.profile.max)
-    config.add_optimization_profile(profile)
 
-    if cfg.timing_cache and rtx:
-        settings["timing_cache"] = "none: TensorRT-RTX has no timing cache (its cache calls are no-ops)"
-    elif cfg.timing_cache:
-        cache_file = Path(cfg.timing_cache)
-        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-        if not config.set_timing_cache(cache, False):
+def _profile_and_cache(b: _Build) -> None:
+    """The optimization profile of the image input, and the timing cache when one is asked for."""
+    name = b.network.get_input(0).name
+    profile = b.builder.create_optimization_profile()
+    profile.set_shape(name, b.cfg.profile.min, b.cfg.profile.opt, b.cfg.profile.max)
+    b.config.add_optimization_profile(profile)
+    b.input_name = name
+    if b.cfg.timing_cache and b.rtx:
+        b.settings["timing_cache"] = "none: TensorRT-RTX has no timing cache (its cache calls are no-ops)"
+    elif b.cfg.timing_cache:
+        cache_file = Path(b.cfg.timing_cache)
+        cache = b.config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+        if not b.config.set_timing_cache(cache, False):
             raise OptionError(f"--timing-cache {cache_file}: TensorRT refused it (made by another TensorRT version "
                               "or GPU?); delete the file to start a new cache")
-        settings["timing_cache"] = str(cache_file)
+        b.settings["timing_cache"] = str(cache_file)
 
+
+def _serialize(b: _Build) -> tuple[Any, float]:
+    """(the serialized engine, seconds the build took)."""
     start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    serialized = b.builder.build_serialized_network(b.network, b.config)
     seconds = time.perf_counter() - start
     if serialized is None:
-        raise OptionError(f"{onnx_path}: TensorRT failed to build an engine ({'; '.join(logger.errors()[-3:]) or 'no detail'})")
+        detail = "; ".join(b.logger.errors()[-3:]) or "no detail"
+        raise OptionError(f"{b.onnx}: TensorRT failed to build an engine ({detail})")
+    return serialized, seconds
 
-    manifest = make_manifest(
+
+def _manifest(b: _Build, serialized: Any, seconds: float, command: str | None) -> dict[str, Any]:
+    plugin = b.plugin
+    return make_manifest(
         ENGINE_KIND,
         engine=ENGINE_FILE,
-        tensorrt={"module": trt.__name__, "version": trt.__version__},
+        tensorrt={"module": b.trt.__name__, "version": b.trt.__version__},
         gpu=_gpu_description(),
-        onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "input": name,
-              "scan": contract.OP_TYPE if has_scan else "portable"},
+        onnx={"path": str(b.onnx), "sha256": sha256_file(b.onnx), "input": b.input_name,
+              "scan": contract.OP_TYPE if b.has_scan else "portable"},
         plugin=None if plugin is None else {
             "library": str(plugin), "sha256": sha256_file(plugin), "source_sha256": _source_checksum(),
             "name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
-        profile=cfg.profile.as_dict(name),
-        **_from_onnx_manifest(onnx_path),
-        settings=settings,
+        profile=b.cfg.profile.as_dict(b.input_name),
+        **_from_onnx_manifest(b.onnx),
+        settings=b.settings,
         build_seconds=round(seconds, 3),
         engine_bytes=int(serialized.nbytes),
         command=command,
     )
+
+
+def _save(b: _Build, out: str | os.PathLike, serialized: Any, manifest: dict[str, Any]) -> None:
+    """``model.engine`` + ``engine.json`` together or not at all; the timing cache written back."""
     with staged_folder(out, owned=ENGINE_FILES) as tmp:
         (tmp / ENGINE_FILE).write_bytes(bytes(memoryview(serialized)))
         manifest["sha256"] = sha256_file(tmp / ENGINE_FILE)
         write_json(tmp / ENGINE_MANIFEST, manifest)
-    if cfg.timing_cache and not rtx:
-        with atomic_path(cfg.timing_cache) as tmp_cache:
-            tmp_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    if b.cfg.timing_cache and not b.rtx:
+        with atomic_path(b.cfg.timing_cache) as tmp_cache:
+            tmp_cache.write_bytes(bytes(memoryview(b.config.get_timing_cache().serialize())))
+
+
+def build_engine(cfg: BuildConfig, out: str | os.PathLike, command: str | None = None) -> dict[str, Any]:
+    """Build ``out/model.engine`` + ``out/engine.json`` from ``cfg.onnx``; returns the manifest.
+
+    Steps: check the output and the ONNX (before any minutes are spent) -> TensorRT and the
+    plugin -> parse -> builder config -> profile and timing cache -> serialize -> save."""
+    check_outputs({"ONNX_FILE": cfg.onnx, "--plugin": cfg.plugin, "--timing-cache": cfg.timing_cache},
+                  folders={"--out": out})
+    check_out_folder(Path(out), ENGINE_FILES)
+    b = _inspect(cfg)
+    _builder(b)
+    _parse(b)
+    _config(b)
+    _profile_and_cache(b)
+    serialized, seconds = _serialize(b)
+    manifest = _manifest(b, serialized, seconds, command)
+    _save(b, out, serialized, manifest)
     return manifest
 
 
@@ -290,9 +361,7 @@ def _from_onnx_manifest(onnx_path: Path) -> dict[str, Any]:
     }
 
 
-def _source_checksum() -> Optional[str]:
-    from .plugin import plugin_checksum
-
+def _source_checksum() -> str | None:
     try:
         return plugin_checksum()
     except EnvironmentMissing:  # installed without the sources: the library checksum still identifies it

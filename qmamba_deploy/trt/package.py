@@ -19,6 +19,7 @@ device; what ships is everything the build and the parity check need.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,22 +27,27 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
+from polygraphy.comparator import IterationResult, RunResults
+from polygraphy.json import save_json
 
-from ..artifacts import check_outputs, staged_folder
+from ..artifacts import atomic_path, check_outputs, is_kind, kind, make_manifest, sha256_file, staged_folder, write_json
+from ..data.builtin import centre_crop, sample_photo
+from ..data.datasets import to_tensor
+from ..data.degrade import bicubic_down, bicubic_up
 from ..errors import OptionError
 from ..fold import BUNDLE_NAME
-from ..manifest import atomic_path, make_manifest, sha256_file, write_json
 from ..ops import contract
 from ..runtime.base import fmt_shape
+from ..runtime.ort import ort_session
 from .engine import Profile, _read_onnx_io
 from .plugin import PLUGIN_LIBRARY, PLUGIN_LIBRARY_DLOPEN, plugin_checksum, plugin_source_dir, plugin_source_files
 
 __all__ = ["TARGETS", "Target", "PACKAGE_KIND", "package", "verify_package"]
 
-PACKAGE_KIND = "qmamba-deploy package"
+PACKAGE_KIND = kind("package")
 MANIFEST = "manifest.json"
 
 
@@ -146,9 +152,6 @@ Profile: min {min}, opt {opt}, max {max} (rebuild with other shapes by editing b
 def _reference_input(shape: tuple[int, ...], upscale: int) -> np.ndarray:
     """One real photo (scikit-image's astronaut) at ``shape``, made like the eval data: an HR crop
     MATLAB-bicubic-downscaled by the model's scale and rounded to uint8 (``data.degrade``)."""
-    from ..data.builtin import centre_crop, sample_photo
-    from ..data.datasets import to_tensor
-    from ..data.degrade import bicubic_down, bicubic_up
 
     batch, channels, h, w = shape
     scale = max(int(upscale or 1), 1)
@@ -166,10 +169,7 @@ def _reference_input(shape: tuple[int, ...], upscale: int) -> np.ndarray:
 
 def _reference_files(onnx_path: Path, input_name: str, x: np.ndarray, folder: Path) -> dict[str, Any]:
     """polygraphy-format inputs.json / outputs.json, the outputs from ONNX Runtime."""
-    from polygraphy.comparator import IterationResult, RunResults
-    from polygraphy.json import save_json
 
-    from ..runtime.ort import ort_session
 
     session = ort_session(onnx_path)
     out_name = session.get_outputs()[0].name
@@ -183,7 +183,7 @@ def _reference_files(onnx_path: Path, input_name: str, x: np.ndarray, folder: Pa
 
 
 def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profile: Profile,
-            command: Optional[str] = None) -> dict[str, Any]:
+            command: str | None = None) -> dict[str, Any]:
     """Write the package folder ``out`` and ``out.tar.gz``; returns the manifest."""
     if target not in TARGETS:
         raise OptionError(f"--target {target}: pass one of {', '.join(TARGETS)}")
@@ -232,8 +232,8 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
         comments = dict(target=tgt.name)
         _write_script(tmp / "build_engine.sh", _BUILD_SH.format(**comments, **words))
         _write_script(tmp / "check_parity.sh", _CHECK_SH.format(**comments, **words))
-        reference = _reference_files(onnx_path, input_name, _reference_input(profile.opt, onnx_manifest.get("upscale", 1)),
-                                     tmp / "reference")
+        example = _reference_input(profile.opt, onnx_manifest.get("upscale", 1))
+        reference = _reference_files(onnx_path, input_name, example, tmp / "reference")
         qc = onnx_manifest.get("qconfig") or {}
         precision = f"W{qc['w_bits']}A{qc['a_bits']} {qc.get('method', '')}".strip() if qc else "fp32"
         (tmp / "README.md").write_text(_README.format(
@@ -262,11 +262,10 @@ def package(onnx: str | os.PathLike, target: str, out: str | os.PathLike, profil
             command=command,
         )
         write_json(tmp / MANIFEST, manifest)
-        with atomic_path(tarball) as tmp_tar:
-            with tarfile.open(tmp_tar, "w:gz") as tar:
-                for path in sorted(tmp.rglob("*")):
-                    if path.is_file():
-                        tar.add(path, arcname=f"{out.name}/{path.relative_to(tmp).as_posix()}", filter=_normalise)
+        with atomic_path(tarball) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tar:
+            for path in sorted(tmp.rglob("*")):
+                if path.is_file():
+                    tar.add(path, arcname=f"{out.name}/{path.relative_to(tmp).as_posix()}", filter=_normalise)
     return manifest
 
 
@@ -306,8 +305,6 @@ def _write_script(path: Path, text: str) -> None:
 
 
 def _load_json(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
@@ -322,7 +319,7 @@ def verify_package(folder: str | os.PathLike) -> list[str]:
     if not manifest_file.is_file():
         return [f"{manifest_file} is missing"]
     manifest = _load_json(manifest_file)
-    if manifest.get("kind") != PACKAGE_KIND:
+    if not is_kind(manifest.get("kind"), "package"):
         problems.append(f"{manifest_file}: kind {manifest.get('kind')!r}")
     for rel, digest in manifest.get("files", {}).items():
         path = folder / rel

@@ -23,9 +23,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -62,14 +62,14 @@ def plugin_source_dir() -> Path:
     return root
 
 
-def plugin_source_files(root: Optional[Path] = None) -> list[Path]:
+def plugin_source_files(root: Path | None = None) -> list[Path]:
     """Every source file of the plugin, relative to its folder, sorted."""
     root = root or plugin_source_dir()
     return sorted(p.relative_to(root) for p in root.rglob("*")
                   if p.is_file() and p.suffix in _SOURCE_SUFFIXES and "build" not in p.relative_to(root).parts)
 
 
-def plugin_checksum(root: Optional[Path] = None) -> str:
+def plugin_checksum(root: Path | None = None) -> str:
     """sha256 over the plugin's source files (names and contents)."""
     root = root or plugin_source_dir()
     digest = hashlib.sha256()
@@ -93,7 +93,7 @@ def _run(cmd: Sequence[str], what: str) -> str:
     return proc.stdout
 
 
-def compile_host_harness(out: Path, root: Optional[Path] = None) -> Path:
+def compile_host_harness(out: Path, root: Path | None = None) -> Path:
     """g++ (or $CXX) builds ``tests/host_harness.cpp`` into ``out``; returns the executable."""
     root = root or plugin_source_dir()
     exe = Path(out) / "host_harness"
@@ -111,9 +111,9 @@ _TENSOR_OFFSETS = ("u", "delta", "B", "C", "y")
 
 
 def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus: bool = True,
-                     segments: int = 0, elem_bytes: int = 4, offsets: Optional[Mapping[str, int]] = None,
+                     segments: int = 0, elem_bytes: int = 4, offsets: Mapping[str, int] | None = None,
                      sm_count: int = HARNESS_SM_COUNT, blocks_per_sm: int = HARNESS_BLOCKS_PER_SM,
-                     stats: Optional[dict] = None) -> np.ndarray:
+                     stats: dict | None = None) -> np.ndarray:
     """Runs the harness on the op's inputs (contract names; D_skip/delta_bias may be None).
 
     ``segments``: blocks per (batch, channel) sequence, as the kernel's two-pass mode cuts it; 0
@@ -134,7 +134,7 @@ def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus
                       + [int(x is not None) for x in optional] + [segments, elem_bytes]
                       + [offsets.get(name, 0) for name in _TENSOR_OFFSETS] + [sm_count, blocks_per_sm],
                       dtype=np.int32)
-    arrays = [inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"]] + [x for x in optional if x is not None]
+    arrays = [inputs[k] for k in ("u", "delta", "A", "B", "C")] + [x for x in optional if x is not None]
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         with open(src, "wb") as f:
@@ -147,8 +147,8 @@ def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus
         return np.fromfile(dst, dtype=np.float32).reshape(batch, dim, length)
 
 
-def nvcc_compile(out: Path, archs: Sequence[int] = (87, 90), root: Optional[Path] = None,
-                 arch_flags: Optional[Sequence[str]] = None, ptxas_log: Optional[list] = None) -> Path:
+def nvcc_compile(out: Path, archs: Sequence[int] = (87, 90), root: Path | None = None,
+                 arch_flags: Sequence[str] | None = None, ptxas_log: list | None = None) -> Path:
     """nvcc builds ``kernel_check`` (the CUDA kernel + tests/kernel_check.cu) for the given SM
     architectures; compiling and linking need no GPU, running it does. With ``ptxas_log`` (a
     list), ptxas runs verbose and its report is appended to it (see :func:`parse_ptxas`)."""
@@ -240,7 +240,7 @@ def parse_ptxas(text: str) -> list[KernelResources]:
     return rows
 
 
-def cuda_binary(name: str) -> Optional[str]:
+def cuda_binary(name: str) -> str | None:
     """A CUDA tool (cuobjdump, nvdisasm): on PATH, beside nvcc, or from NVIDIA's pip wheels
     (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm: nvidia/cu13/bin)."""
     found = shutil.which(name)
@@ -252,11 +252,12 @@ def cuda_binary(name: str) -> Optional[str]:
         candidates.append(Path(nvcc).resolve().parent / name)
     if os.environ.get("CUDA_HOME"):
         candidates.append(Path(os.environ["CUDA_HOME"]) / "bin" / name)
-    try:
-        import nvidia  # namespace package of NVIDIA's CUDA wheels
-        candidates += [Path(p) / sub / "bin" / name for p in nvidia.__path__ for sub in ("cu13", "cu12")]
+    try:  # optional: the namespace package of NVIDIA's CUDA wheels (the [dev] extra)
+        import nvidia
     except ImportError:
-        pass
+        nvidia = None
+    if nvidia is not None:
+        candidates += [Path(p) / sub / "bin" / name for p in nvidia.__path__ for sub in ("cu13", "cu12")]
     return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
@@ -280,7 +281,7 @@ def sass_counts(binary: Path) -> dict[tuple, dict]:
         m = re.search(r"Function : (\S+)", line)
         if m:
             key = _kernel_key(m.group(1))
-            current = counts.setdefault((arch, *key), {op: 0 for op in SASS_OPCODES}) if key else None
+            current = counts.setdefault((arch, *key), dict.fromkeys(SASS_OPCODES, 0)) if key else None
             continue
         if current is None:
             continue
@@ -293,7 +294,7 @@ def sass_counts(binary: Path) -> dict[tuple, dict]:
     return counts
 
 
-def kernel_report(ptxas_text: str, binary: Optional[Path] = None) -> list[KernelResources]:
+def kernel_report(ptxas_text: str, binary: Path | None = None) -> list[KernelResources]:
     """ptxas figures per kernel, with their SASS opcode counts when ``binary`` is given."""
     rows = parse_ptxas(ptxas_text)
     if binary is not None:

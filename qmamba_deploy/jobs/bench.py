@@ -24,16 +24,17 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import OptionError
-from .manifest import make_manifest, sha256_file
-from .runtime import Runner, artifact_kind, open_runner
+from ..artifacts import is_kind, kind, make_manifest, sha256_file
+from ..errors import OptionError
+from ..runtime import Runner, artifact_kind, open_runner
 
 __all__ = [
     "BENCH_KIND",
@@ -51,7 +52,7 @@ __all__ = [
     "compare_table",
 ]
 
-BENCH_KIND = "qmamba-deploy bench"
+BENCH_KIND = kind("bench")
 PERCENTILES = (50, 90, 99)
 
 
@@ -156,7 +157,7 @@ def describe_target(runner: Runner) -> dict[str, Any]:
     return info
 
 
-def manifest_beside(path: Path) -> Optional[Path]:
+def manifest_beside(path: Path) -> Path | None:
     """The JSON manifest of an artifact: ``engine.json`` for engines, ``x.json`` for ``x.*``."""
     for side in (path.with_name("engine.json"), path.with_suffix(".json")):
         if side.is_file() and (side.name != "engine.json" or path.suffix in (".engine", ".plan", ".trt")):
@@ -206,7 +207,7 @@ def bench_runner(runner: Runner, settings: BenchSettings) -> BenchResult:
                            runner.memory(), list(runner.notes))
 
 
-def bench(path: str | os.PathLike, settings: BenchSettings, kind: Optional[str] = None, **options: Any) -> BenchResult:
+def bench(path: str | os.PathLike, settings: BenchSettings, kind: str | None = None, **options: Any) -> BenchResult:
     """``qmamba-deploy bench``: open ``path`` as a runner (``runtime.open_runner``) and time it."""
     found, _ = artifact_kind(path)
     if settings.cuda_graph and found != "engine":
@@ -220,10 +221,12 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise OptionError(f"--compare {path}: no such file; pass JSON files written by `qmamba-deploy bench --json`") from None
+        raise OptionError(f"--compare {path}: no such file; pass JSON files written by "
+                          f"`qmamba-deploy bench --json`") from None
     except ValueError as exc:
-        raise OptionError(f"--compare {path}: not JSON ({exc}); pass a file written by `qmamba-deploy bench --json`") from None
-    if not isinstance(data, dict) or data.get("kind") != BENCH_KIND or "latency_ms" not in data:
+        raise OptionError(f"--compare {path}: not JSON ({exc}); pass a file written by "
+                          f"`qmamba-deploy bench --json`") from None
+    if not isinstance(data, dict) or not is_kind(data.get("kind"), "bench") or "latency_ms" not in data:
         raise OptionError(f"--compare {path}: not a `qmamba-deploy bench --json` result (kind {data.get('kind')!r})"
                           if isinstance(data, dict) else f"--compare {path}: not a bench result")
     return data

@@ -8,19 +8,21 @@ are mirror-padded and cropped back.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
-from .artifacts import check_outputs
-from .data.io import DEFAULT_MAX_PIXELS, Image, read_image, write_image
-from .errors import ImageError, OptionError
-from .runtime import Runner
-from .runtime.tiling import plan_tiles, tiled_run
+from ..artifacts import check_outputs
+from ..data.io import DEFAULT_MAX_PIXELS, Image, read_image, write_image
+from ..errors import ImageError, OptionError
+from ..runtime import Runner
+from ..runtime.tiling import plan_tiles, tiled_run
 
 
 @torch.no_grad()
@@ -69,8 +71,6 @@ def restore_image(runner: Runner, image: Image, tile: int | None = None, overlap
 
 
 def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
-    import cv2
-
     if scale == 1:
         return alpha
     h, w = alpha.shape
@@ -112,8 +112,6 @@ def restore_files(runner: Runner, sources: list[Path | Image], output_dir: str |
     results = []
     it: Iterable = list(zip(sources, outs))
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(it, desc="restore", unit="img")
     for source, out in it:
         try:

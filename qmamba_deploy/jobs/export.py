@@ -20,11 +20,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..artifacts import check_out_folder, check_outputs, staged_folder
+from ..artifacts import check_out_folder, check_outputs, kind, make_manifest, sha256_file, staged_folder, write_json
+from ..checkpoints import load_model
+from ..data.datasets import STREAM_STARTS, PatchStream, load_pairs
+from ..data.degrade import model_degradation
+from ..defaults import default_checkpoint
 from ..errors import CheckpointError, OptionError
-from ..manifest import make_manifest, write_json
+from ..export.onnx_export import ExportOptions, export_onnx
+from ..fold import calibrate_dls, fold, load_bundle, save_bundle
+from ..models.card import card_of
 from ..quant.qconfig import PTQ_METHODS, QConfig
-from .onnx_export import ExportOptions, export_onnx
+from ..runtime import OrtRunner, TorchRunner
+from .quantize import ptq
+from .validate import Output, reference_outputs, validate_outputs
 
 #: What a finished export folder holds (the files a rerun may replace).
 EXPORT_FILES = ("bundle.safetensors", "bundle.json", "model.onnx", "model.json", "report.json", "report.md")
@@ -87,21 +95,16 @@ class ExportConfig(DeployConfig):
 
 def load_source(cfg: DeployConfig) -> nn.Module:
     """The model to fold: the checkpoint (PTQ-quantized when float and a method is set) or a bundle."""
-    from ..checkpoints import load_model
-    from ..defaults import default_checkpoint
 
     if cfg.bundle:
-        from ..fold import load_bundle
-
         return load_bundle(cfg.bundle)
     path = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.scale)
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {path} is not a file; pass a .pth/.safetensors checkpoint")
     model = load_model(path)
-    model.source_path = str(path)
     if cfg.scale is not None and int(getattr(model, "upscale", 1)) != cfg.scale:
         raise OptionError(f"--scale {cfg.scale} does not match {path}, which upscales x{model.upscale}")
-    if getattr(model, "qconfig", None) is None and cfg.method != NO_PTQ:
+    if model.card.qconfig is None and cfg.method != NO_PTQ:
         if getattr(cfg, "int4_weights", False) and cfg.w_bits > 4:  # before PTQ spends any time
             raise OptionError(f"--int4-weights stores 4-bit weights, but --w-bits is {cfg.w_bits}; "
                               f"pass --w-bits 4 (or 2), or drop --int4-weights")
@@ -109,52 +112,37 @@ def load_source(cfg: DeployConfig) -> nn.Module:
     return model
 
 
-def _train_patches(model: nn.Module, cfg: DeployConfig, count: int, offset: int = 0) -> list[torch.Tensor]:
-    from ..data.datasets import PatchSampler, load_pairs
-    from ..data.degrade import model_degradation
-
-    deg = model_degradation(model)
-    channels = int(getattr(model, "in_chans", 3))
-    sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.calib_patch, 1,
-                           seed=cfg.seed, augment=False)
-    return [sampler.batch(offset + i, 0)[0] for i in range(count)]
+def _calibration(model: nn.Module, cfg: DeployConfig, use: str) -> list[torch.Tensor]:
+    """``cfg.calib_batches`` patches of the job's calibration stream, for ``use`` (STREAM_STARTS)."""
+    stream = PatchStream(cfg.data, cfg.calib_patch, batch=1, seed=cfg.seed, augment=False)
+    return stream.take(model_degradation(model), int(getattr(model, "in_chans", 3)), cfg.calib_batches,
+                       start=STREAM_STARTS[use])
 
 
 def _ptq(model: nn.Module, cfg: DeployConfig) -> nn.Module:
-    from ..quant.pipeline import ptq
-
-    q = ptq(model, QConfig(cfg.method, cfg.w_bits, cfg.a_bits), _train_patches(model, cfg, cfg.calib_batches))
-    q.arch_name, q.arch_kwargs = model.arch_name, model.arch_kwargs
-    q.manifest, q.source_path = model.manifest, model.source_path
-    return q
+    return ptq(model, QConfig(cfg.method, cfg.w_bits, cfg.a_bits), _calibration(model, cfg, "ptq"))
 
 
 def deploy_model(cfg: DeployConfig) -> tuple[nn.Module, nn.Module | None]:
     """(deploy model, the fake-quant model it was folded from — None when starting from a bundle)."""
-    from ..fold import calibrate_dls, fold
 
     source = load_source(cfg)
     if cfg.bundle:
         return source, None
     deploy = fold(source)
-    # different patches than the PTQ observers saw
-    calibrate_dls(deploy, _train_patches(source, cfg, cfg.calib_batches, offset=1000),
+    calibrate_dls(deploy, _calibration(source, cfg, "static-dls"),
                   source=f"{cfg.data} training split, {cfg.calib_patch}px patches, seed {cfg.seed}")
-    deploy.source_path = getattr(source, "source_path", None)
     return deploy, source
 
 
 def _provenance(cfg: DeployConfig, deploy: nn.Module, command: str | None) -> dict[str, Any]:
-    from ..manifest import sha256_file
-
-    src = getattr(deploy, "source_path", None)
+    src = deploy.card.source
     return {"made_by": "qmamba-deploy", "command": command, "config": asdict(cfg), "checkpoint": src,
             "checkpoint_sha256": sha256_file(src) if src and Path(src).is_file() else None}
 
 
 def run_fold(cfg: DeployConfig, out: str | os.PathLike, command: str | None = None) -> dict[str, Any]:
     """``qmamba-deploy fold``: write OUT/bundle.safetensors + bundle.json; returns the manifest."""
-    from ..fold import save_bundle
 
     if cfg.bundle:
         raise OptionError("fold takes --checkpoint (a bundle is already folded)")
@@ -183,12 +171,10 @@ class ExportResult:
 def validation_outputs(deploy: nn.Module, fake: nn.Module | None, onnx_paths: dict[str, tuple[str, str]]):
     """Outputs for validate_outputs: the fake-quant model (quality only), the deploy model per
     DLS mode (references) and each ONNX (name -> (path, dls mode)) in ONNX Runtime against its reference."""
-    from ..runtime import OrtRunner, TorchRunner
-    from ..validate import Output, reference_outputs
 
     outputs = []
     if fake is not None:
-        quantized = getattr(fake, "qconfig", None) is not None
+        quantized = card_of(fake).qconfig is not None
         name = "torch fake-quant" if quantized else "torch float"
         outputs.append(Output(name, TorchRunner.from_module(fake, name).open()))
     outputs += reference_outputs(deploy, [mode for _, mode in onnx_paths.values()])
@@ -199,8 +185,6 @@ def validation_outputs(deploy: nn.Module, fake: nn.Module | None, onnx_paths: di
 
 def _eval_pairs(deploy: nn.Module, data: str):
     """(degradation, eval-split pairs) for the model's task."""
-    from ..data.datasets import load_pairs
-    from ..data.degrade import model_degradation
 
     deg = model_degradation(deploy)
     return deg, load_pairs(data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
@@ -212,8 +196,6 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
 
     An export that fails (e.g. --int4-weights on 8-bit weights) fails inside the staged folder,
     so nothing is left behind."""
-    from ..fold import save_bundle
-    from ..validate import validate_outputs
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -235,7 +217,7 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
         summary = {"bundle": _bundle_summary(bundle), "onnx": _onnx_summary(onnx_manifest),
                    "validation": report.as_dict() if report else None,
                    "seconds": round(time.perf_counter() - t0, 1)}
-        write_json(tmp / "report.json", make_manifest("qmamba-deploy export report", command=command,
+        write_json(tmp / "report.json", make_manifest(kind("export report"), command=command,
                                                       config=asdict(cfg), **summary))
         (tmp / "report.md").write_text(export_markdown(cfg, bundle, onnx_manifest, report, command))
     return ExportResult(out, bundle, onnx_manifest, report, time.perf_counter() - t0)

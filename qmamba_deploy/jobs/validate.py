@@ -21,22 +21,27 @@ numbers are reported.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
-
 import torch.nn as nn
+from tqdm import tqdm
 
-from .data.datasets import Pair, degrade_pair, to_tensor
-from .data.degrade import Degradation
-from .errors import OptionError
-from .evaluate import score_image, to_uint8_image
-from .runtime import Runner, ShapeLimits, TorchRunner
-from .export.scan_onnx import read_onnx
-from .runtime.tiling import tiled_run
+from ..artifacts import sha256_file
+from ..data.datasets import Pair, degrade_pair, load_pairs, to_tensor
+from ..data.degrade import Degradation, model_degradation
+from ..errors import OptionError
+from ..evaluate import score_image, to_uint8_image
+from ..export.graph import read_onnx
+from ..fold import load_bundle, with_dls_mode
+from ..runtime import Runner, ShapeLimits, TorchRunner, artifact_kind, open_runner
+from ..runtime.ort import read_onnx_manifest
+from ..runtime.tensorrt import read_engine_manifest
+from ..runtime.tiling import tiled_run
 
 RunFn = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_MIN_PSNR_BETWEEN = 50.0
@@ -168,8 +173,6 @@ def validate_outputs(outputs: list[Output], pairs: Iterable[Pair], degradation: 
     base_psnr, base_ssim = [], []
     pairs = list(pairs)
     if progress:
-        from tqdm import tqdm
-
         pairs = tqdm(pairs, desc="validate", unit="img", leave=False)
     for pair in pairs:
         lq = degrade_pair(pair, degradation, seed)
@@ -220,7 +223,6 @@ def tiled(run: RunFn, scale: int, limits: ShapeLimits | None) -> RunFn:
 
 def reference_outputs(deploy: nn.Module, modes: Iterable[str], device: str = "cpu") -> list[Output]:
     """The deploy model in each DLS mode, as references (with their float64 twin for the floor)."""
-    from .fold import with_dls_mode
 
     outputs = []
     for mode in dict.fromkeys(modes):
@@ -251,8 +253,6 @@ class Candidate:
 
 def _recorded_source(path: Path, kind: str) -> dict[str, Any]:
     """bundle (absolute path), bundle_sha256, dls, scan as the artifact's manifest records them."""
-    from .runtime.ort import read_onnx_manifest
-    from .runtime.tensorrt import read_engine_manifest
 
     def text(d: Any, key: str, default: Any = None) -> Any:
         value = d.get(key, default) if isinstance(d, dict) else default
@@ -286,8 +286,6 @@ def _recorded_source(path: Path, kind: str) -> dict[str, Any]:
 
 def candidate(path: str, bundle: str | None = None) -> Candidate:
     """What ``path`` (an ONNX or an engine) is validated against."""
-    from .manifest import sha256_file
-    from .runtime import artifact_kind
 
     kind, target = artifact_kind(path)
     if kind not in ("onnx", "engine"):
@@ -324,10 +322,6 @@ def validate_artifacts(paths: list[str], bundle: str | None = None, data: str = 
                        progress: bool = False) -> ValidationReport:
     """``qmamba-deploy validate``: ONNX graphs (ONNX Runtime) and engines (TensorRT) against the
     PyTorch deploy model of their bundle (on CUDA when a candidate is an engine and a GPU is here)."""
-    from .data.datasets import load_pairs
-    from .data.degrade import model_degradation
-    from .fold import load_bundle
-    from .runtime import open_runner
 
     cands = [candidate(p, bundle) for p in paths]
     bundles = {c.bundle for c in cands}

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoints import load_model, read_checkpoint
-from .manifest import sha256_file
-from .models import PRESETS, build_model, count_parameters
+from ..artifacts import sha256_file
+from ..checkpoints import load_model, read_checkpoint
+from ..models import PRESETS, build_model, count_parameters
+from ..quant import quantizers
 
 
 def task_of(kwargs: dict[str, Any]) -> str:
@@ -20,9 +21,9 @@ def task_of(kwargs: dict[str, Any]) -> str:
     return "JPEG artifact removal / denoising (grayscale)" if kwargs.get("in_chans", 3) == 1 else "denoising (color)"
 
 
-def layer_summary(model: torch.nn.Module) -> "OrderedDict[str, int]":
+def layer_summary(model: torch.nn.Module) -> OrderedDict[str, int]:
     """Parameters per top-level part (stem, each group, tail)."""
-    parts: "OrderedDict[str, int]" = OrderedDict()
+    parts: OrderedDict[str, int] = OrderedDict()
     for name, child in model.named_children():
         if name == "layers":
             for i, group in enumerate(child):
@@ -37,17 +38,16 @@ def layer_summary(model: torch.nn.Module) -> "OrderedDict[str, int]":
 def describe_checkpoint(path: str | os.PathLike, arch: str | None = None, **kwargs: Any) -> dict[str, Any]:
     sd, manifest = read_checkpoint(path)
     model = load_model(sd if manifest is None else path, arch=arch, **kwargs)
-    if manifest is None:
-        model.provenance["checkpoint"] = str(path)
+    card = model.card.replace(provenance={**model.card.provenance, "checkpoint": str(path)})
     scan = next((m for m in model.modules() if hasattr(m, "A_logs")), None)
     return {
         "checkpoint": str(path),
         "sha256": sha256_file(path),
         "bytes": Path(path).stat().st_size,
-        "arch": model.arch_name,
-        "arch_from": model.provenance.get("arch_from"),
-        "kwargs": model.arch_kwargs,
-        "task": task_of(model.arch_kwargs),
+        "arch": card.arch,
+        "arch_from": card.provenance.get("arch_from"),
+        "kwargs": card.kwargs,
+        "task": task_of(card.kwargs),
         "scale": int(model.upscale),
         "params": count_parameters(model),
         "tensors": len(sd),
@@ -60,16 +60,14 @@ def describe_checkpoint(path: str | os.PathLike, arch: str | None = None, **kwar
 
 
 def _quantization(model) -> dict[str, Any] | None:
-    qconfig = getattr(model, "qconfig", None)
+    qconfig = model.card.qconfig
     if qconfig is None:
         return None
-    from collections import Counter
 
-    from .quant import quantizers
 
     kinds = Counter(q.kind for _, q in quantizers(model))
     return {"qconfig": qconfig.as_dict(), "label": qconfig.label, "quantizers": dict(sorted(kinds.items())),
-            "from": model.provenance.get("qconfig_from", "manifest")}
+            "from": model.card.provenance.get("qconfig_from", "manifest")}
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -19,20 +19,35 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifacts import write_json
+from ..checkpoints import load_model, save_checkpoint
+from ..data.datasets import PatchStream, load_pairs
 from ..errors import OptionError
-from ..train import (DistInfo, FitResult, Job, RunFolder, TrainConfig, _routing, check_run_folder, init_distributed,
-                     make_validator, run_job)
-from . import calibrating
-from .qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
-from .quantizers import Quantizer
+from ..models.routing import routing_mode
+from ..quant import calibrating
+from ..quant.qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
+from ..quant.quantizers import Quantizer
+from ..quant.spr2q import attach_rectifiers, fuse_rectifiers, hybrid_loss, rectified_layers, route_statically
+from ..train import (
+    DistInfo,
+    FitResult,
+    Job,
+    RunFolder,
+    TrainConfig,
+    check_run_folder,
+    init_distributed,
+    make_validator,
+    run_job,
+)
 
 JOB = "qmamba-deploy quantize"
 
@@ -62,7 +77,7 @@ class QuantizeConfig(TrainConfig):
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> int:
     """Run ``batches`` through ``model`` with its quantizers in calibration mode; returns the count."""
     n = 0
-    with torch.no_grad(), calibrating(model), _routing(model, "deterministic"):
+    with torch.no_grad(), calibrating(model), routing_mode(model, "deterministic"):
         for x in batches:
             model(x.to(device))
             n += 1
@@ -85,11 +100,10 @@ def _calibration_batches(cfg: QuantizeConfig, sampler) -> Iterable[torch.Tensor]
 
 
 def _load_float(cfg: QuantizeConfig) -> nn.Module:
-    from ..checkpoints import load_model
-
     fp = load_model(cfg.checkpoint)
-    if getattr(fp, "qconfig", None) is not None:
-        raise OptionError(f"{cfg.checkpoint} is already quantized ({fp.qconfig.label}); pass the float checkpoint")
+    if fp.card.qconfig is not None:
+        raise OptionError(f"{cfg.checkpoint} is already quantized ({fp.card.qconfig.label}); pass the float "
+                          f"checkpoint")
     return fp.eval()
 
 
@@ -123,7 +137,7 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
 
         def with_teacher(it: int, rank: int):
             x, gt = sampler.batch(it, rank)
-            with torch.no_grad(), _routing(fp, "deterministic"):
+            with torch.no_grad(), routing_mode(fp, "deterministic"):
                 teacher = fp(x.to(info.device)).cpu()
             return x, (gt, teacher)
 
@@ -153,16 +167,13 @@ class _Calibrated:
 
 
 def _calibrated(cfg: QuantizeConfig) -> _Calibrated:
-    from ..data.datasets import PatchSampler, load_pairs
-
     t0 = time.perf_counter()
     info = init_distributed(cfg.device)
     deg = cfg.degradation()
     teacher = _load_float(cfg).to(info.device)
     model = quantize_model(copy.deepcopy(teacher), cfg.qconfig()).to(info.device)
     channels = int(getattr(model, "in_chans", 3))
-    sampler = PatchSampler(load_pairs(cfg.data, deg, channels, split="train"), deg, cfg.patch, cfg.batch,
-                           seed=cfg.seed)
+    sampler = PatchStream(cfg.data, cfg.patch, cfg.batch, cfg.seed).sampler(deg, channels)
     calibrate(model, _calibration_batches(cfg, sampler), info.device)
     return _Calibrated(info, deg, teacher, model, sampler, t0)
 
@@ -170,8 +181,6 @@ def _calibrated(cfg: QuantizeConfig) -> _Calibrated:
 def _validate_and_save(cfg: QuantizeConfig, c: _Calibrated, out: str | os.PathLike, command: str | None,
                        extra: dict[str, Any] | None = None) -> PTQResult:
     """Validate the finished quantized model and write ``out/model.safetensors`` (rank 0)."""
-    from ..checkpoints import save_checkpoint
-    from ..data.datasets import load_pairs
 
     c.model.eval()
     channels = int(getattr(c.model, "in_chans", 3))
@@ -231,8 +240,6 @@ class SPR2QConfig(QuantizeConfig):
 
 
 def _adam_loop(student, teacher, params, batches, iters: int, lr: float, lam: float, device, log) -> list[float]:
-    from .spr2q import hybrid_loss
-
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1))
     losses = []
@@ -255,8 +262,6 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
     ``spr2q``), ``out/routing.json`` (ĝ and the increment norm per layer) and
     ``out/log.jsonl``. One process; the float weights stay frozen.
     """
-    from ..manifest import write_json
-    from .spr2q import attach_rectifiers, fuse_rectifiers, rectified_layers, route_statically
 
     c = _calibrated(cfg)
     model, teacher, sampler, info = c.model, c.teacher, c.sampler, c.info
@@ -279,7 +284,7 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
     if cfg.variant == "bounds":
         model.eval()
         bounds = [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
-        with _routing(model, "deterministic"), _routing(teacher, "deterministic"):
+        with routing_mode(model, "deterministic"), routing_mode(teacher, "deterministic"):
             _adam_loop(model, teacher, bounds, batches, cfg.iters, cfg.lr, cfg.feature_weight, info.device,
                        log("bounds"))
     elif cfg.variant != "plain":
@@ -287,7 +292,7 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
         attach_rectifiers(model, n=n, rank=cfg.rank)
         model.eval()  # the float weights are frozen and the quantizers initialised: no dropout / drop path
         group_params = [p for name, p in model.named_parameters() if p.requires_grad]
-        with _routing(model, "deterministic"), _routing(teacher, "deterministic"):
+        with routing_mode(model, "deterministic"), routing_mode(teacher, "deterministic"):
             _adam_loop(model, teacher, group_params, batches, cfg.iters, cfg.lr, cfg.feature_weight, info.device,
                        log("group"))
             mean_gates = _mean_gates(model, [batches(cfg.iters + cfg.calib_batches + i)
@@ -312,7 +317,6 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
 @torch.no_grad()
 def _mean_gates(model: nn.Module, xs: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
     """Each layer's gate weights averaged over calibration batches (the start of static routing)."""
-    from .spr2q import rectified_layers
 
     sums: dict[str, torch.Tensor] = {}
     hooks = []

@@ -74,9 +74,11 @@ struct PathCount
 {
     int64_t vector = 0;
     int64_t scalar = 0;
+    int64_t decaying_blocks = 0; //!< blocks (of both passes) that took the decaying path
+    int64_t general_blocks = 0;
 };
 
-void load_lane(float const* row, int64_t t, int count, bool vec, float* out, PathCount& paths)
+void load_lane(float const* row, int64_t t, int count, bool vec, float* out, PathCount& paths, float fill = 0.0f)
 {
     if (vec && count == kItems)
     {
@@ -93,7 +95,7 @@ void load_lane(float const* row, int64_t t, int count, bool vec, float* out, Pat
     ++paths.scalar;
     for (int i = 0; i < kItems; ++i)
     {
-        out[i] = i < count ? row[t + i] : 0.0f;
+        out[i] = i < count ? row[t + i] : fill;
     }
 }
 
@@ -118,8 +120,18 @@ struct HostRow
     }
 };
 
+//! rows_vectorisable(): the group's first B (and C) rows aligned, rows whole 16-byte chunks long.
+bool rows_vectorisable(Inputs const& in, int32_t b, int32_t k, bool with_c)
+{
+    int64_t const group = offset_bknl(in.d, b, k, 0);
+    return static_cast<int64_t>(in.d.length) * in.elem_bytes % kVecBytes == 0 && row_aligned(in, kB, group)
+        && (!with_c || row_aligned(in, kC, group));
+}
+
 //! stage_tile(): every thread's 16-byte chunks of the N B rows (and N C rows) of the group.
-void stage_tile(Inputs const& in, int32_t b, int32_t k, int64_t t0, bool with_c, Shared& sm, PathCount& paths)
+//! `whole_tile`: the decaying path's stage_tile_vector() (the same slots, every chunk a vector).
+void stage_tile(Inputs const& in, int32_t b, int32_t k, int64_t t0, bool with_c, Shared& sm, PathCount& paths,
+    bool whole_tile = false)
 {
     Dims const& d = in.d;
     int const elems = vector_elems(in.elem_bytes);
@@ -139,7 +151,7 @@ void stage_tile(Inputs const& in, int32_t b, int32_t k, int64_t t0, bool with_c,
             StageItem const item = stage_item(f % per_row, elems);
             int64_t const t = t0 + item.step;
             float* dst = sm.bc.data() + stage_row(row) + item.offset;
-            bool const whole = vec && t + elems <= d.length;
+            bool const whole = whole_tile || (vec && t + elems <= d.length);
             ++(whole ? paths.vector : paths.scalar);
             for (int e = 0; e < elems; ++e)
             {
@@ -160,6 +172,7 @@ struct Block
     PathCount& paths;
     unsigned grew[kChannels] = {};
     float dt_total[kThreads] = {};
+    bool decaying = true; //!< softplus on and A2 <= 0 for every channel of the block (__syncthreads_and)
 
     Block(Inputs const& inputs, BlockCoord coord, PathCount& p)
         : in(inputs)
@@ -179,6 +192,194 @@ struct Block
             }
             sm.d_skip[ch] = valid && in.D_skip != nullptr ? in.D_skip[c] : 0.0f;
             sm.bias[ch] = valid && in.delta_bias != nullptr ? in.delta_bias[c] : 0.0f;
+        }
+        for (int ch = 0; ch < kChannels; ++ch)
+        {
+            for (int n = 0; n < d.state; ++n)
+            {
+                decaying = decaying && sm.a2[ch][n] <= 0.0f;
+            }
+        }
+        decaying = decaying && in.softplus;
+        ++(decaying ? paths.decaying_blocks : paths.general_blocks);
+    }
+
+    //! The lanes' steps of tile t0 on the decaying path: u and delta padded past `end`.
+    void load_decaying(int64_t t0, int64_t end, LaneSteps* steps, int* count)
+    {
+        Dims const& d = in.d;
+        for (int thread = 0; thread < kThreads; ++thread)
+        {
+            int const ch = thread / kLanes;
+            int const lane = thread % kLanes;
+            bool const active = ch < at.channels;
+            int64_t const row_start = offset_bdl(d, at.b, active ? at.first_channel + ch : 0);
+            int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
+            count[thread] = active ? steps_before(t, end) : 0;
+            float raw_u[kItems];
+            float raw_delta[kItems];
+            load_lane(in.u + row_start, t, count[thread], row_aligned(in, kU, row_start), raw_u, paths);
+            load_lane(in.delta + row_start, t, count[thread], row_aligned(in, kDelta, row_start), raw_delta, paths,
+                kDeltaPad);
+            prepare_decaying(raw_u, raw_delta, sm.bias[ch], sm.d_skip[ch], steps[thread]);
+        }
+    }
+
+    //! decaying_tiles(): tiles [begin, end) with output from sm.carry.
+    void decaying_tiles(int64_t begin, int64_t end, float* y)
+    {
+        Dims const& d = in.d;
+        bool const vec_rows = rows_vectorisable(in, at.b, at.k, true);
+        for (int64_t t0 = begin; t0 < end; t0 += kTile)
+        {
+            static LaneSteps steps[kThreads];
+            float dt_sum[kThreads];
+            int count[kThreads];
+            load_decaying(t0, end, steps, count);
+            for (int thread = 0; thread < kThreads; ++thread)
+            {
+                dt_sum[thread] = lane_dt_sum(steps[thread]);
+            }
+            stage_tile(in, at.b, at.k, t0, true, sm, paths, vec_rows && t0 + kTile <= d.length);
+            for (int ch = 0; ch < at.channels; ++ch)
+            {
+                for (int n = 0; n < d.state; ++n)
+                {
+                    decaying_state(ch, n, steps + ch * kLanes, dt_sum + ch * kLanes);
+                }
+                store_y(t0, ch, steps, count, y);
+            }
+        }
+    }
+
+    //! The body of decaying_tiles()'s state loop: step maps, compose, 16-lane scan, replay.
+    void decaying_state(int ch, int n, LaneSteps* s, float const* dt_sum)
+    {
+        float const a2 = sm.a2[ch][n];
+        float const carry = sm.carry[ch][n];
+        static StepMaps m[kLanes];
+        Affine f[kLanes];
+        for (int lane = 0; lane < kLanes; ++lane)
+        {
+            step_maps(s[lane], a2, HostRow{sm.bc.data() + stage_row(n), lane}, m[lane]);
+            f[lane].a = fast_exp2(a2 * dt_sum[lane]);
+            f[lane].b = madd(f[lane].a, lane == 0 ? carry : 0.0f, compose(m[lane]));
+        }
+        for (int off = 1; off < kLanes; off *= 2) // __shfl_up_sync rounds
+        {
+            Affine up[kLanes];
+            std::copy(f, f + kLanes, up);
+            for (int lane = off; lane < kLanes; ++lane)
+            {
+                float const up_a = off < kLanes / 2 ? up[lane - off].a : 1.0f;
+                f[lane].b = madd(f[lane].a, up[lane - off].b, f[lane].b);
+                f[lane].a = f[lane].a * up_a;
+            }
+        }
+        for (int lane = 0; lane < kLanes; ++lane)
+        {
+            replay_output(lane == 0 ? carry : f[lane - 1].b, m[lane],
+                HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
+        }
+        sm.carry[ch][n] = f[kLanes - 1].b;
+    }
+
+    //! decaying_maps(): pass 1 on the decaying path, the segment's maps by reduction.
+    void decaying_maps(std::vector<Affine>& ws, Plan const& plan, int64_t begin, int64_t end)
+    {
+        Dims const& d = in.d;
+        bool const vec_rows = rows_vectorisable(in, at.b, at.k, false);
+        static float acc[kThreads][kMaxState];
+        float total[kThreads] = {};
+        for (auto& row : acc)
+        {
+            std::fill(row, row + kMaxState, 0.0f);
+        }
+        for (int64_t t0 = begin; t0 < end; t0 += kTile)
+        {
+            static LaneSteps steps[kThreads];
+            int count[kThreads];
+            float after[kThreads];
+            float tile[kThreads];
+            load_decaying(t0, end, steps, count);
+            for (int ch = 0; ch < kChannels; ++ch)
+            {
+                float incl[kLanes];
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    incl[lane] = lane_dt_sum(steps[ch * kLanes + lane]);
+                    total[ch * kLanes + lane] += incl[lane];
+                }
+                for (int off = 1; off < kLanes; off *= 2) // __shfl_down_sync rounds: suffix sums
+                {
+                    float later[kLanes];
+                    std::copy(incl, incl + kLanes, later);
+                    for (int lane = 0; lane + off < kLanes; ++lane)
+                    {
+                        incl[lane] += later[lane + off];
+                    }
+                }
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    after[ch * kLanes + lane] = lane == kLanes - 1 ? 0.0f : incl[lane + 1];
+                    tile[ch * kLanes + lane] = incl[0];
+                }
+            }
+            stage_tile(in, at.b, at.k, t0, false, sm, paths, vec_rows && t0 + kTile <= d.length);
+            for (int thread = 0; thread < at.channels * kLanes; ++thread)
+            {
+                int const ch = thread / kLanes;
+                for (int n = 0; n < d.state; ++n)
+                {
+                    float const a2 = sm.a2[ch][n];
+                    float const h = compose_steps(steps[thread], a2, HostRow{sm.bc.data() + stage_row(n), thread % kLanes});
+                    acc[thread][n] = madd(acc[thread][n], fast_exp2(a2 * tile[thread]), h * fast_exp2(a2 * after[thread]));
+                }
+            }
+        }
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            float* v = total + ch * kLanes;
+            for (int off = 1; off < kLanes; off *= 2) // __shfl_xor_sync butterflies
+            {
+                float before[kLanes];
+                float acc_before[kLanes][kMaxState];
+                std::copy(v, v + kLanes, before);
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    std::copy(acc[ch * kLanes + lane], acc[ch * kLanes + lane] + kMaxState, acc_before[lane]);
+                }
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    v[lane] = before[lane] + before[lane ^ off];
+                    for (int n = 0; n < d.state; ++n)
+                    {
+                        acc[ch * kLanes + lane][n] = acc_before[lane][n] + acc_before[lane ^ off][n];
+                    }
+                }
+            }
+            for (int n = 0; n < d.state; ++n) // lane n writes state n's map
+            {
+                ws[offset_map(d, at.b, at.first_channel + ch, n, at.segment, plan.segments - 1)]
+                    = Affine{fast_exp2(sm.a2[ch][n] * v[n]), acc[ch * kLanes + n][n]};
+            }
+        }
+    }
+
+    //! The y store of channel ch's lanes (16-byte stores where the row is aligned, all steps inside).
+    void store_y(int64_t t0, int ch, LaneSteps const* steps, int const* count, float* y)
+    {
+        int64_t const row_start = offset_bdl(in.d, at.b, at.first_channel + ch);
+        for (int lane = 0; lane < kLanes; ++lane)
+        {
+            int const thread = ch * kLanes + lane;
+            int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
+            bool const vec = row_aligned(in, kY, row_start) && count[thread] == kItems;
+            ++(vec ? paths.vector : paths.scalar);
+            for (int i = 0; i < count[thread]; ++i)
+            {
+                y[row_start + t + i] = steps[thread].y[i];
+            }
         }
     }
 
@@ -230,18 +431,7 @@ struct Block
                 }
                 if (output)
                 {
-                    int64_t const row_start = offset_bdl(d, at.b, at.first_channel + ch);
-                    for (int lane = 0; lane < kLanes; ++lane)
-                    {
-                        int const thread = ch * kLanes + lane;
-                        int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
-                        bool const vec = row_aligned(in, kY, row_start) && count[thread] == kItems;
-                        ++(vec ? paths.vector : paths.scalar);
-                        for (int i = 0; i < count[thread]; ++i)
-                        {
-                            y[row_start + t + i] = steps[thread].y[i];
-                        }
-                    }
+                    store_y(t0, ch, steps, count, y);
                 }
             }
         }
@@ -386,6 +576,11 @@ void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
+        if (blk.decaying)
+        {
+            blk.decaying_maps(ws, plan, begin, end);
+            continue;
+        }
         blk.scan_tiles(begin, end, false, nullptr);
         blk.write_maps(ws, plan);
     }
@@ -395,6 +590,16 @@ void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
+        if (blk.decaying)
+        {
+            if (blk.at.segment > 0 && blk.compose_segments(ws, blk.at.segment, plan.segments - 1))
+            {
+                std::fprintf(stderr, "host_harness: an invalid segment map on the decaying path\n");
+                std::exit(3);
+            }
+            blk.decaying_tiles(begin, end, y);
+            continue;
+        }
         if (blk.at.segment > 0 && blk.compose_segments(ws, blk.at.segment, plan.segments - 1))
         {
             for (int ch = 0; ch < kChannels; ++ch)
@@ -580,8 +785,10 @@ int main(int argc, char** argv)
     }
     std::fclose(out);
     // For the tests: the plan and how many lane loads, stores and staging chunks took each path.
-    std::printf("{\"segments\": %d, \"segment_length\": %lld, \"vector\": %lld, \"scalar\": %lld}\n", plan.segments,
-        static_cast<long long>(plan.segment_length), static_cast<long long>(paths.vector),
-        static_cast<long long>(paths.scalar));
+    std::printf("{\"segments\": %d, \"segment_length\": %lld, \"vector\": %lld, \"scalar\": %lld, "
+                "\"decaying_blocks\": %lld, \"general_blocks\": %lld}\n",
+        plan.segments, static_cast<long long>(plan.segment_length), static_cast<long long>(paths.vector),
+        static_cast<long long>(paths.scalar), static_cast<long long>(paths.decaying_blocks),
+        static_cast<long long>(paths.general_blocks));
     return 0;
 }

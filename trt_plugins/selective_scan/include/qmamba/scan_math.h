@@ -45,6 +45,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -138,23 +139,33 @@ QMAMBA_HD float fast_divide(float x, float y)
 #endif
 }
 
-//! softplus(z) = max(z, 0) + log1p(exp(-|z|)), with log1p(e) = 2 atanh(e / (2 + e)) as an odd
-//! series in s = e / (2 + e) <= 1/3 (7 terms: truncation < 2e-8 relative). One exp2 and one
-//! reciprocal per step instead of expf and log1pf.
+//! a * b + c with one rounding: FFMA on the GPU, std::fma on the host (so that the host harness
+//! rounds as the kernel does).
+QMAMBA_HD float madd(float a, float b, float c)
+{
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(a, b, c);
+#else
+    return std::fma(a, b, c);
+#endif
+}
+
+//! softplus(z) = max(z, 0) + log1p(exp(-|z|)), with log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3,
+//! and 2 atanh(s) / s a polynomial of degree 4 in s^2 (Chebyshev fit on [0, 1/9]: relative error
+//! < 1e-8, below the float32 rounding of the result). One exp2 and one reciprocal per step.
+//! z > kSoftplusThreshold needs no select: exp(-z) < 2.1e-9 is below half an ulp of z, so the sum
+//! rounds to z exactly (torch returns z there). z = -inf gives exactly 0 (the fast path's padding).
 QMAMBA_HD float softplus(float z)
 {
     float const e = fast_exp2(-std::fabs(z) * kLog2e);
     float const s = fast_divide(e, 2.0f + e);
     float const s2 = s * s;
-    float p = 2.0f / 13.0f;
-    p = p * s2 + 2.0f / 11.0f;
-    p = p * s2 + 2.0f / 9.0f;
-    p = p * s2 + 2.0f / 7.0f;
-    p = p * s2 + 2.0f / 5.0f;
-    p = p * s2 + 2.0f / 3.0f;
-    p = p * s2 + 2.0f;
-    float const soft = std::fmax(z, 0.0f) + s * p;
-    return z > kSoftplusThreshold ? z : soft; // a select, not a branch
+    float p = 0.281654507f;
+    p = madd(p, s2, 0.279530019f);
+    p = madd(p, s2, 0.400264502f);
+    p = madd(p, s2, 0.666662395f);
+    p = madd(p, s2, 2.0f);
+    return madd(s, p, std::fmax(z, 0.0f));
 }
 
 //! dt = softplus(delta + bias) or delta + bias.
@@ -279,6 +290,109 @@ template <typename BRow>
 QMAMBA_HD Affine lane_map(float const* a, float const* dtu, BRow const& b_row, float a2, float dt_sum)
 {
     return Affine{fast_exp2(a2 * dt_sum), replay(0.0f, a, dtu, b_row, NoRow{}, nullptr)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decaying path. With delta_softplus = 1 (dt >= 0) and A <= 0 in every channel of a block,
+// every step decays (a = exp2(dt A2) <= 1): what every exported model does (A = -exp(A_log)).
+// The kernel checks that once per block and then runs the functions below, without the growth
+// checks above; other blocks run the general path.
+
+//! delta of a step past the end of the sequence on the decaying path: softplus(-inf) = 0 exactly,
+//! so with u = 0 the step's map is the identity, without a select per step.
+constexpr float kDeltaPad = -std::numeric_limits<float>::infinity();
+
+//! dt = softplus(delta + bias), dt u and D_skip u of the lane's steps (u = 0 and delta =
+//! kDeltaPad past the end of the sequence).
+QMAMBA_HD void prepare_decaying(float const* u, float const* delta, float bias, float d_skip, LaneSteps& s)
+{
+    QMAMBA_UNROLL
+    for (int i = 0; i < kItems; ++i)
+    {
+        float const dt = softplus(delta[i] + bias);
+        s.dt[i] = dt;
+        s.dtu[i] = dt * u[i];
+        s.y[i] = d_skip * u[i];
+    }
+}
+
+//! One state's step maps of the lane, h -> a[i] h + b[i] with a = exp2(dt A2) and b = dt u B:
+//! formed once, kept in registers from compose to replay.
+struct StepMaps
+{
+    float a[kItems];
+    float b[kItems];
+};
+
+template <typename BRow>
+QMAMBA_HD void step_maps(LaneSteps const& s, float a2, BRow const& b_row, StepMaps& m)
+{
+    QMAMBA_UNROLL
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float bv[kChunk];
+        b_row.chunk(part, bv);
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            int const i = kChunk * part + e;
+            m.a[i] = fast_exp2(s.dt[i] * a2);
+            m.b[i] = s.dtu[i] * bv[e];
+        }
+    }
+}
+
+//! The state after the lane's steps from a zero state: the b-part of their composed map.
+QMAMBA_HD float compose(StepMaps const& m)
+{
+    float h = m.b[0];
+    QMAMBA_UNROLL
+    for (int i = 1; i < kItems; ++i)
+    {
+        h = madd(m.a[i], h, m.b[i]);
+    }
+    return h;
+}
+
+//! Walks the lane's steps from its start state h, adding C h to y.
+template <typename CRow>
+QMAMBA_HD void replay_output(float h, StepMaps const& m, CRow const& c_row, float* y)
+{
+    QMAMBA_UNROLL
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float cv[kChunk];
+        c_row.chunk(part, cv);
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            int const i = kChunk * part + e;
+            h = madd(m.a[i], h, m.b[i]);
+            y[i] = madd(cv[e], h, y[i]);
+        }
+    }
+}
+
+//! Pass 1: the state after the lane's steps from a zero state, each decay formed where it is used
+//! (nothing kept for a replay).
+template <typename BRow>
+QMAMBA_HD float compose_steps(LaneSteps const& s, float a2, BRow const& b_row)
+{
+    float h = 0.0f;
+    QMAMBA_UNROLL
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float bv[kChunk];
+        b_row.chunk(part, bv);
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            int const i = kChunk * part + e;
+            float const b = s.dtu[i] * bv[e];
+            h = i == 0 ? b : madd(fast_exp2(s.dt[i] * a2), h, b);
+        }
+    }
+    return h;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -85,10 +85,17 @@ struct Io<float>
         }
     }
 
-    //! One 16-byte chunk (4 elements) of a B/C row into shared memory, inside the row and aligned.
+    //! One 16-byte chunk (4 elements) of a B/C row into shared memory, inside the row and aligned:
+    //! an asynchronous copy (cp.async, LDGSTS: no registers hold the data); wait_staged() waits.
     static __device__ __forceinline__ void stage_vector(float const* src, float* dst)
     {
-        *reinterpret_cast<float4*>(dst) = __ldg(reinterpret_cast<float4 const*>(src));
+        unsigned const to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src) : "memory");
+    }
+
+    static __device__ __forceinline__ void wait_staged()
+    {
+        asm volatile("cp.async.wait_all;" ::: "memory");
     }
 
     //! One 16-byte chunk (4 elements) of a B/C row into shared memory.
@@ -183,6 +190,10 @@ struct Io<__half>
         *reinterpret_cast<float4*>(dst + scan::stage_offset(0, 1)) = make_float4(f[4], f[5], f[6], f[7]);
     }
 
+    static __device__ __forceinline__ void wait_staged()
+    {
+    }
+
     //! One 16-byte chunk (8 elements) of a B/C row: two float chunks, at dst0 and dst1.
     static __device__ __forceinline__ void stage(__half const* row, int64_t t, int64_t end, bool vec, float* dst0,
         float* dst1)
@@ -218,27 +229,108 @@ __device__ __forceinline__ bool aligned_row(void const* p)
     return scan::aligned16(reinterpret_cast<uintptr_t>(p));
 }
 
-//! Shared memory of one block: the staged B and C rows (only B in pass 1: kMaps), A * log2(e) and
-//! the carried states.
+//! A lane's part of one staged row, from the address of its first chunk: chunk(part) = its values
+//! 4 part .. 4 part + 3 (one 16-byte shared load at a constant offset).
+struct LaneRow
+{
+    float const* at;
+
+    __device__ __forceinline__ void chunk(int part, float* out) const
+    {
+        float4 const x = *reinterpret_cast<float4 const*>(at + scan::stage_offset(0, part));
+        out[0] = x.x;
+        out[1] = x.y;
+        out[2] = x.z;
+        out[3] = x.w;
+    }
+};
+
+//! A lane's dt u in shared memory (Shared::dtu): chunk(part) = its values 4 part .. 4 part + 3.
+struct LaneArray
+{
+    float4 const* at; //!< &dtu[0][thread]
+
+    __device__ __forceinline__ void chunk(int part, float* out) const
+    {
+        float4 const x = at[part * kThreads];
+        out[0] = x.x;
+        out[1] = x.y;
+        out[2] = x.z;
+        out[3] = x.w;
+    }
+};
+
+//! One round of the 16-lane Kogge-Stone scan of the lanes' maps: a lane `kOff` or more lanes
+//! into its channel composes the map kOff lanes below before its own (b <- a b_below + b, and
+//! a <- a a_below when kWithA); the others keep theirs. The shuffle's in-range predicate selects
+//! the lanes, so no lane index is compared.
+template <int kOff, bool kWithA>
+__device__ __forceinline__ void scan_round(Affine& f)
+{
+    static_assert(kLanes == 16, "the shuffles' segment mask 0x1000 is for 16-lane segments");
+    if constexpr (kWithA)
+    {
+        asm("{\n\t.reg .pred p;\n\t.reg .f32 ub, ua;\n\t"
+            "shfl.sync.up.b32 ub|p, %0, %2, 0x1000, 0xffffffff;\n\t"
+            "shfl.sync.up.b32 ua, %1, %2, 0x1000, 0xffffffff;\n\t"
+            "@p fma.rn.f32 %0, %1, ub, %0;\n\t"
+            "@p mul.rn.f32 %1, %1, ua;\n\t}"
+            : "+f"(f.b), "+f"(f.a)
+            : "n"(kOff));
+    }
+    else
+    {
+        asm("{\n\t.reg .pred p;\n\t.reg .f32 ub;\n\t"
+            "shfl.sync.up.b32 ub|p, %0, %2, 0x1000, 0xffffffff;\n\t"
+            "@p fma.rn.f32 %0, %1, ub, %0;\n\t}"
+            : "+f"(f.b)
+            : "f"(f.a), "n"(kOff));
+    }
+}
+
+//! Shared memory of one block: the staged B and C rows (only B in pass 1: kMaps), A * log2(e),
+//! the carried states and each lane's dt sum of the tile.
 template <int N, bool kMaps>
 struct alignas(16) Shared
 {
-    static constexpr int kState = N;
     float bc[(kMaps ? 1 : 2) * N * kTile];
+    float acc[kMaps ? N : 1][kThreads]; //!< pass 1: each lane's partial segment map, per state
     float a2[kChannels][N];
     float carry[kChannels][N];
     float d_skip[kChannels];
     float bias[kChannels];
-    float dt_sum[kThreads]; //!< each lane's sum of dt in the current tile (read once per state)
+    float4 dtu[kMaps ? 1 : kItems / kChunk][kThreads]; //!< each lane's dt u, by chunks (through the state loop)
+    float dt_sum[kThreads]; //!< read once per state, not kept in a register through the state loop
 };
 
-//! The block's B (and C when kOutput) rows for steps [t0, t0 + kTile) into shared memory.
-template <typename T, int N, bool kOutput, typename Sm>
+//! What a block knows about its channel lanes.
+struct LaneCtx
+{
+    int32_t b;
+    int32_t k;
+    int32_t c;         //!< this lane's channel
+    int ch;            //!< its index in the block
+    int lane;          //!< 0 .. kLanes - 1 within the channel
+    unsigned mask;     //!< the channel's lanes in the warp
+    bool active;       //!< c is a channel of the group
+};
+
+//! What a block knows of its channels' decays: all A2 <= 0 (then every tile whose dt are all >= 0
+//! decays), and with softplus on (dt >= 0 always) every tile decays.
+struct BlockDecay
+{
+    bool a_nonpositive;
+    bool always;
+};
+
+//! The block's B (and C when kWithC) rows for steps [t0, t0 + kTile) into shared memory, each
+//! chunk checked (alignment, end of the row).
+template <typename T, int N, bool kWithC, typename Sm>
 __device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int32_t k, int64_t t0, Sm& sm)
 {
     constexpr int kElems = 16 / sizeof(T);           // elements per 16-byte global chunk
     constexpr int kPerRow = kTile / kElems;           // global chunks per row
-    constexpr int kRows = kOutput ? 2 * N : N;
+    constexpr int kRows = kWithC ? 2 * N : N;
     scan::Dims const& d = args.dims;
     int64_t const end = d.length;
     int64_t const group = scan::offset_bknl(d, b, k, 0);
@@ -265,262 +357,6 @@ __device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int3
         }
     }
 }
-
-//! A lane's view of one staged row: chunk(part) = its values 4 part .. 4 part + 3 (one 16-byte
-//! shared load).
-struct StagedRow
-{
-    float const* base;
-    int lane;
-
-    __device__ __forceinline__ void chunk(int part, float* out) const
-    {
-        float4 const x = *reinterpret_cast<float4 const*>(base + scan::stage_offset(lane, part));
-        out[0] = x.x;
-        out[1] = x.y;
-        out[2] = x.z;
-        out[3] = x.w;
-    }
-};
-
-template <typename Sm>
-__device__ __forceinline__ StagedRow staged_row(Sm const& sm, int row, int lane)
-{
-    return StagedRow{sm.bc + scan::stage_row(row), lane};
-}
-
-//! What a block knows about its channel lanes.
-struct LaneCtx
-{
-    int32_t b;
-    int32_t k;
-    int32_t c;         //!< this lane's channel
-    int ch;            //!< its index in the block
-    int lane;          //!< 0 .. kLanes - 1 within the channel
-    unsigned mask;     //!< the channel's lanes in the warp
-    bool active;       //!< c is a channel of the group
-};
-
-//! Scans tiles [begin, end) of every channel of the block from the states in sm.carry, leaving
-//! the states at `end` there. kOutput: writes y. `signs_seen` collects dt signs per state that
-//! grew (bit n). `dt_total` accumulates the lane's dt.
-template <typename T, int N, bool kOutput, typename Sm>
-__device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, uint32_t begin, uint32_t end,
-    unsigned* grew, float* dt_total)
-{
-    scan::Dims const& d = args.dims;
-    // Positions in a row fit 32 bits (L < 2^31, so t0 + kTile < 2^32): fewer registers through
-    // the state loop than 64-bit ones.
-    for (uint32_t t0 = begin; t0 < end; t0 += kTile)
-    {
-        // Row pointers per tile (cheap) rather than kept across the state loop (registers).
-        int64_t const row_off = scan::offset_bdl(d, opaque(at.b), opaque(at.active ? at.c : 0));
-        uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
-        int const count = at.active ? scan::steps_before(t, end) : 0;
-        scan::LaneSteps s;
-        {
-            T const* u_row = static_cast<T const*>(args.u) + row_off;
-            T const* delta_row = static_cast<T const*>(args.delta) + row_off;
-            float raw_u[kItems];
-            float raw_delta[kItems];
-            Io<T>::load(u_row, t, count, aligned_row(u_row), raw_u);
-            Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta);
-            scan::prepare_steps(raw_u, raw_delta, count, sm.bias[at.ch], sm.d_skip[at.ch], args.delta_softplus, s);
-        }
-        {
-            float const dt_sum = scan::lane_dt_sum(s);
-            sm.dt_sum[threadIdx.x] = dt_sum; // not kept in a register through the state loop
-            if (!kOutput)
-            {
-                *dt_total += dt_sum;
-            }
-        }
-        unsigned const signs = scan::dt_signs(s);
-        unsigned const neg = __ballot_sync(0xffffffffu, (signs & 1u) != 0) & at.mask;
-        unsigned const pos = __ballot_sync(0xffffffffu, (signs & 2u) != 0) & at.mask;
-        unsigned const channel_signs = (neg != 0 ? 1u : 0u) | (pos != 0 ? 2u : 0u);
-
-        __syncthreads(); // the previous tile's rows are read
-        stage_tile<T, N, kOutput>(args, at.b, at.k, t0, sm);
-        __syncthreads();
-
-        // Every lane runs the state loop, also those of a channel past the group's end (they
-        // scan zeros and store nothing), so that the shuffles below involve the whole warp.
-        {
-#pragma unroll 1
-            for (int n = 0; n < N; ++n)
-            {
-                float const a2 = sm.a2[at.ch][n];
-                float const carry = at.lane == 0 ? sm.carry[at.ch][n] : 0.0f; // lane 0 starts from it
-                float a[kItems];
-                scan::step_decays(s, a2, a);
-                StagedRow const b_row = staged_row(sm, n, at.lane);
-                StagedRow const c_row = staged_row(sm, N + n, at.lane);
-                float h_start; // the state before the lane's first step
-                float h_end;   // lane kLanes - 1: the state after the tile
-                // Both channels of the warp take the same path (the plain recurrence when either
-                // one's maps grow), so that the shuffles are warp-wide.
-                if (__any_sync(0xffffffffu, scan::grows(a2, channel_signs)))
-                {
-                    // The plain recurrence, lane after lane (every lane walks its steps from
-                    // the state broadcast so far; lane src's result goes on): no composed map.
-                    if (!kOutput && scan::grows(a2, channel_signs))
-                    {
-                        *grew |= 1u << n; // this channel's segment map would not be safe to compose
-                    }
-                    float h = __shfl_sync(0xffffffffu, carry, 0, kLanes);
-                    h_start = h;
-#pragma unroll 1
-                    for (int src = 0; src < kLanes; ++src)
-                    {
-                        if (at.lane == src)
-                        {
-                            h_start = h;
-                        }
-                        h = __shfl_sync(0xffffffffu, scan::replay(h, a, s.dtu, b_row, scan::NoRow{}, nullptr), src, kLanes);
-                    }
-                    h_end = h;
-                }
-                else
-                {
-                    Affine f = scan::lane_map(a, s.dtu, b_row, a2, sm.dt_sum[threadIdx.x]);
-                    if (at.lane == 0)
-                    {
-                        f.b = f.a * carry + f.b; // the carried state enters as lane 0's start
-                    }
-#pragma unroll
-                    for (int off = 1; off < kLanes; off *= 2)
-                    {
-                        float const up_b = __shfl_up_sync(0xffffffffu, f.b, off, kLanes);
-                        float const up_a = off < kLanes / 2 ? __shfl_up_sync(0xffffffffu, f.a, off, kLanes) : 1.0f;
-                        if (at.lane >= off)
-                        {
-                            f.b = f.a * up_b + f.b;
-                            f.a = f.a * up_a; // dead after the last round
-                        }
-                    }
-                    float const before = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
-                    h_start = at.lane == 0 ? carry : before;
-                    h_end = f.b;
-                }
-                if (kOutput)
-                {
-                    scan::replay(h_start, a, s.dtu, b_row, c_row, s.y);
-                }
-                __syncwarp(); // lane 0 has read sm.carry[ch][n]
-                if (at.lane == kLanes - 1)
-                {
-                    sm.carry[at.ch][n] = h_end;
-                }
-            }
-            if (kOutput && at.active)
-            {
-                T* y_row = static_cast<T*>(args.y) + scan::offset_bdl(d, opaque(at.b), opaque(at.c));
-                // t and count again rather than kept in registers through the state loop
-                uint32_t const t_out = t0 + static_cast<uint32_t>(at.lane) * kItems;
-                Io<T>::store(y_row, t_out, scan::steps_before(t_out, end), aligned_row(y_row), s.y);
-            }
-        }
-    }
-}
-
-//! The composition of the maps of segments 0 .. s-1 (pass 1's output) for each channel and
-//! state, into sm.carry. Lanes compose runs of segments, then a tree over the 16 lanes.
-//! Returns whether one of the maps is invalid (growing steps in that segment).
-template <typename Sm>
-__device__ bool compose_segments(ScanArgs const& args, Sm& sm, LaneCtx const& at, int32_t s, int32_t maps)
-{
-    constexpr int N = Sm::kState;
-    if (!at.active)
-    {
-        return false;
-    }
-    Affine const* ws = static_cast<Affine const*>(args.workspace);
-    int32_t const run = (s + kLanes - 1) / kLanes;
-    int32_t const first = at.lane * run;
-    int32_t const last = first + run < s ? first + run : s;
-    bool bad = false;
-#pragma unroll 1
-    for (int n = 0; n < N; ++n)
-    {
-        Affine f = scan::identity_map();
-        Affine const* m = ws + scan::offset_map(args.dims, at.b, at.c, n, 0, maps);
-        for (int32_t q = first; q < last; ++q)
-        {
-            Affine const g = m[q];
-            bad |= g.a < 0.0f;
-            f = scan::then(f, g);
-        }
-#pragma unroll
-        for (int off = 1; off < kLanes; off *= 2)
-        {
-            float const next_a = __shfl_down_sync(at.mask, f.a, off, kLanes);
-            float const next_b = __shfl_down_sync(at.mask, f.b, off, kLanes);
-            if (at.lane % (2 * off) == 0)
-            {
-                f = scan::then(f, Affine{next_a, next_b});
-            }
-        }
-        if (at.lane == 0)
-        {
-            sm.carry[at.ch][n] = f.b; // the state at the segment's start (from h = 0 at t = 0)
-        }
-    }
-    return bad;
-}
-
-//! The general path of one block (any signs of dt and A): growing (tile, state)s run as the plain
-//! recurrence, pass 1 marks their segment maps invalid, pass 2 then reruns the recurrence over
-//! the earlier segments.
-template <typename T, int N, bool kMaps, typename Sm>
-__device__ void general_segment(ScanArgs const& args, scan::Plan const& plan, Sm& sm, LaneCtx const& at,
-    scan::BlockCoord const& bc, uint32_t begin, uint32_t end)
-{
-    scan::Dims const& d = args.dims;
-    int const tid = static_cast<int>(threadIdx.x);
-    unsigned grew = 0;
-    float dt_total = 0.0f;
-    if constexpr (kMaps)
-    {
-        scan_tiles<T, N, false>(args, sm, at, begin, end, &grew, &dt_total);
-        __syncthreads();
-#pragma unroll
-        for (int off = 1; off < kLanes; off *= 2)
-        {
-            dt_total += __shfl_xor_sync(0xffffffffu, dt_total, off, kLanes);
-        }
-        if (at.active && at.lane < N)
-        {
-            int const n = at.lane;
-            bool const invalid = ((grew >> n) & 1u) != 0; // the same on every lane of the channel
-            Affine* ws = static_cast<Affine*>(args.workspace);
-            ws[scan::offset_map(d, at.b, at.c, n, bc.segment, plan.segments - 1)]
-                = Affine{invalid ? -1.0f : scan::fast_exp2(sm.a2[at.ch][n] * dt_total), sm.carry[at.ch][n]};
-        }
-    }
-    else
-    {
-        if (bc.segment > 0)
-        {
-            bool const bad = compose_segments(args, sm, at, bc.segment, plan.segments - 1);
-            if (__syncthreads_or(bad))
-            {
-                // An earlier segment had growing maps: run the recurrence over [0, begin) instead.
-                for (int i = tid; i < kChannels * N; i += kThreads)
-                {
-                    sm.carry[i / N][i % N] = 0.0f;
-                }
-                __syncthreads();
-                scan_tiles<T, N, false>(args, sm, at, 0u, begin, &grew, &dt_total);
-            }
-            __syncthreads();
-        }
-        scan_tiles<T, N, true>(args, sm, at, begin, end, &grew, &dt_total);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The decaying path (scan_math.h): softplus on and A <= 0 in every channel of the block.
 
 //! Whether every B (and C) row of the block's group can be staged with 16-byte loads: aligned
 //! first rows and rows a whole number of 16-byte chunks long.
@@ -564,13 +400,14 @@ __device__ __forceinline__ void stage_tile_vector(ScanArgs const& args, int32_t 
     }
 }
 
-//! Stages the tile's B (and C when kWithC) rows: vector path or stage_tile().
+//! Stages the tile's B (and C when kWithC) rows: the unchecked vector path, or stage_tile().
 template <typename T, int N, bool kWithC, typename Sm>
-__device__ __forceinline__ void stage_decaying(ScanArgs const& args, LaneCtx const& at, uint32_t t0, bool vec_rows, Sm& sm)
+__device__ __forceinline__ void stage(ScanArgs const& args, LaneCtx const& at, uint32_t t0, bool vec_rows, Sm& sm)
 {
     if (vec_rows && t0 + kTile <= static_cast<uint32_t>(args.dims.length))
     {
         stage_tile_vector<T, N, kWithC ? 2 * N : N>(args, at.b, at.k, t0, sm);
+        Io<T>::wait_staged(); // before the barrier that follows
     }
     else
     {
@@ -578,11 +415,13 @@ __device__ __forceinline__ void stage_decaying(ScanArgs const& args, LaneCtx con
     }
 }
 
-//! The lane's steps of tile t0 (u and delta, padded past `end`) -> dt, dt u, D_skip u.
+//! The lane's steps of tile t0: u and delta (16-byte loads where the row is aligned and the
+//! steps are inside [.., end)) -> dt, dt u, D_skip u.
 template <typename T, typename Sm>
-__device__ __forceinline__ void load_decaying(ScanArgs const& args, Sm const& sm, LaneCtx const& at, uint32_t t0,
+__device__ __forceinline__ void load_steps(ScanArgs const& args, Sm const& sm, LaneCtx const& at, uint32_t t0,
     uint32_t end, scan::LaneSteps& s)
 {
+    // the row offset from opaque indices: recomputed per tile, not kept across the state loop
     int64_t const row_off = scan::offset_bdl(args.dims, opaque(at.b), opaque(at.active ? at.c : 0));
     uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
     int const count = at.active ? scan::steps_before(t, end) : 0;
@@ -591,54 +430,127 @@ __device__ __forceinline__ void load_decaying(ScanArgs const& args, Sm const& sm
     float raw_u[kItems];
     float raw_delta[kItems];
     Io<T>::load(u_row, t, count, aligned_row(u_row), raw_u);
-    Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta, scan::kDeltaPad);
-    scan::prepare_decaying(raw_u, raw_delta, sm.bias[at.ch], sm.d_skip[at.ch], s);
+    if (args.delta_softplus)
+    {
+        Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta, scan::kDeltaPad);
+        scan::prepare_softplus(raw_u, raw_delta, sm.bias[at.ch], sm.d_skip[at.ch], s);
+    }
+    else
+    {
+        Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta);
+        scan::prepare_plain(raw_u, raw_delta, count, sm.bias[at.ch], sm.d_skip[at.ch], s);
+    }
 }
 
-//! One pass (or pass 2): tiles [begin, end) with output from the states in sm.carry. Per state,
-//! the lane's step maps stay in registers through compose -> 16-lane scan -> replay.
+//! Whether every step of the block's tile decays (a block-wide vote; also the barrier after
+//! which the previous tile's staged rows may be overwritten). The result goes through a warp
+//! vote so that the compiler knows it is the same on every lane (the shuffles after it need no
+//! divergence check).
+__device__ __forceinline__ bool tile_decays(BlockDecay const& decay, scan::LaneSteps const& s)
+{
+    bool const mine = decay.always || scan::steps_decay(s);
+    bool const all = __syncthreads_and(mine) != 0 && decay.a_nonpositive;
+    return __all_sync(0xffffffffu, all);
+}
+
+//! One tile's state loop when every step decays: per state, the lane's step maps stay in
+//! registers through compose -> 16-lane scan -> replay; the carried state enters at lane 0 and
+//! the last lane's state is carried to the next tile.
+template <int N, typename Sm>
+__device__ __forceinline__ void decaying_states(Sm& sm, LaneCtx const& at, scan::LaneSteps& s)
+{
+    // per state: its A2 and carried state, and the lane's part of its staged B row (the C row N
+    // rows further); pointers stepped, not recomputed from n
+    float* a2_at = &sm.a2[at.ch][0];
+    float* carry_at = &sm.carry[at.ch][0];
+    float const* dt_sum_at = &sm.dt_sum[threadIdx.x];
+    LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+    LaneArray const dtu{&sm.dtu[0][threadIdx.x]};
+#pragma unroll 1
+    for (int n = 0; n < N; ++n, ++a2_at, ++carry_at, b_row.at += kTile)
+    {
+        float const a2 = *a2_at;
+        float const carry = at.lane == 0 ? *carry_at : 0.0f; // lane 0 starts from it
+        scan::StepMaps m;
+        scan::step_maps(s.dt, dtu, a2, b_row, m);
+        // the lane's composed map, with the carried state entering at lane 0 (0 elsewhere)
+        Affine f{scan::fast_exp2(a2 * *dt_sum_at), 0.0f};
+        f.b = scan::madd(f.a, carry, scan::compose(m));
+        scan_round<1, true>(f);
+        scan_round<2, true>(f);
+        scan_round<4, true>(f);
+        scan_round<8, false>(f);
+        float const before = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
+        scan::replay_output(at.lane == 0 ? carry : before, m, LaneRow{b_row.at + N * kTile}, s.y);
+        __syncwarp(); // lane 0 has read the carried state
+        if (at.lane == kLanes - 1)
+        {
+            *carry_at = f.b;
+        }
+    }
+}
+
+//! One tile's state loop when a step may grow: per state, the channel's lanes walk their steps
+//! one after another from the carried state (exact, about 10x slower; no exported model gets
+//! here).
+template <int N, typename Sm>
+__device__ __forceinline__ void serial_states(Sm& sm, LaneCtx const& at, scan::LaneSteps& s)
+{
+#pragma unroll 1
+    for (int n = 0; n < N; ++n)
+    {
+        float const a2 = sm.a2[at.ch][n];
+        LaneRow const b_row{sm.bc + scan::stage_row(n) + scan::stage_offset(at.lane, 0)};
+        LaneRow const c_row{b_row.at + N * kTile};
+        LaneArray const dtu{&sm.dtu[0][threadIdx.x]};
+        float h = sm.carry[at.ch][n];
+#pragma unroll 1
+        for (int src = 0; src < kLanes; ++src)
+        {
+            if (at.lane == src)
+            {
+                h = scan::serial_steps(h, s.dt, dtu, a2, b_row, c_row, s.y);
+            }
+            h = __shfl_sync(0xffffffffu, h, src, kLanes);
+        }
+        __syncwarp(); // every lane has read the carried state
+        if (at.lane == 0)
+        {
+            sm.carry[at.ch][n] = h;
+        }
+    }
+}
+
+//! Scans tiles [from, end) of the block's channels from the states in sm.carry; writes y from
+//! `begin` on (from < begin: pass 2's catch-up over earlier segments, whole tiles).
 template <typename T, int N, typename Sm>
-__device__ void decaying_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, uint32_t begin, uint32_t end)
+__device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, BlockDecay const& decay, uint32_t from,
+    uint32_t begin, uint32_t end)
 {
     bool const vec_rows = rows_vectorisable<T, true>(args, at.b, at.k);
-    for (uint32_t t0 = begin; t0 < end; t0 += kTile)
+    for (uint32_t t0 = from; t0 < end; t0 += kTile)
     {
         scan::LaneSteps s;
-        load_decaying<T>(args, sm, at, t0, end, s);
-        sm.dt_sum[threadIdx.x] = scan::lane_dt_sum(s); // read once per state (not kept in a register)
-        __syncthreads(); // the previous tile's rows are read
-        stage_decaying<T, N, true>(args, at, t0, vec_rows, sm);
-        __syncthreads();
-#pragma unroll 1
-        for (int n = 0; n < N; ++n)
-        {
-            float const a2 = sm.a2[at.ch][n];
-            float const carry = at.lane == 0 ? sm.carry[at.ch][n] : 0.0f; // lane 0 starts from it
-            scan::StepMaps m;
-            scan::step_maps(s, a2, staged_row(sm, n, at.lane), m);
-            // the lane's composed map, with the carried state entering at lane 0 (0 elsewhere)
-            Affine f{scan::fast_exp2(a2 * sm.dt_sum[threadIdx.x]), 0.0f};
-            f.b = scan::madd(f.a, carry, scan::compose(m));
+        load_steps<T>(args, sm, at, t0, end, s);
+        sm.dt_sum[threadIdx.x] = scan::lane_dt_sum(s);
 #pragma unroll
-            for (int off = 1; off < kLanes; off *= 2)
-            {
-                float const up_b = __shfl_up_sync(0xffffffffu, f.b, off, kLanes);
-                float const up_a = off < kLanes / 2 ? __shfl_up_sync(0xffffffffu, f.a, off, kLanes) : 1.0f;
-                if (at.lane >= off)
-                {
-                    f.b = scan::madd(f.a, up_b, f.b);
-                    f.a = f.a * up_a; // dead after the last round
-                }
-            }
-            float const before = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
-            scan::replay_output(at.lane == 0 ? carry : before, m, staged_row(sm, N + n, at.lane), s.y);
-            __syncwarp(); // lane 0 has read sm.carry[ch][n]
-            if (at.lane == kLanes - 1)
-            {
-                sm.carry[at.ch][n] = f.b;
-            }
+        for (int part = 0; part < kItems / kChunk; ++part)
+        {
+            float const* v = s.dtu + kChunk * part;
+            sm.dtu[part][threadIdx.x] = make_float4(v[0], v[1], v[2], v[3]);
         }
-        if (at.active)
+        bool const decays = tile_decays(decay, s); // and the previous tile's rows are read
+        stage<T, N, true>(args, at, t0, vec_rows, sm);
+        __syncthreads();
+        if (decays)
+        {
+            decaying_states<N>(sm, at, s);
+        }
+        else
+        {
+            serial_states<N>(sm, at, s);
+        }
+        if (t0 >= begin && at.active)
         {
             T* y_row = static_cast<T*>(args.y) + scan::offset_bdl(args.dims, opaque(at.b), opaque(at.c));
             uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
@@ -649,27 +561,26 @@ __device__ void decaying_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, 
 
 //! Pass 1: the map of segment `segment` (tiles [begin, end)) into the workspace, by reduction:
 //! each lane keeps, per state, acc = the sum of its steps' contributions to the state at the
-//! end of the current tile; per tile acc <- acc exp2(A2 tile_dt) + h exp2(A2 after_dt), with h the
-//! lane's state from 0 and after_dt the dt of the channel's later lanes in the tile. No scan, no
-//! replay, no C; the states are unrolled (acc and A2 in registers).
+//! end of the current tile (in shared memory); per tile acc <- acc exp2(A2 tile_dt) +
+//! h exp2(A2 after_dt), with h the lane's state from 0 and after_dt the dt of the channel's later
+//! lanes in the tile. No scan, no replay, no C. A tile with a step that may grow makes the block's
+//! maps invalid (a = -1): pass 2 then reruns the recurrence over them.
 template <typename T, int N, typename Sm>
-__device__ void decaying_maps(ScanArgs const& args, Sm& sm, LaneCtx const& at, uint32_t begin, uint32_t end,
-    int32_t segment, int32_t maps)
+__device__ void segment_maps(ScanArgs const& args, Sm& sm, LaneCtx const& at, BlockDecay const& decay,
+    uint32_t begin, uint32_t end, int32_t segment, int32_t maps)
 {
     bool const vec_rows = rows_vectorisable<T, false>(args, at.b, at.k);
-    float a2[N];
-    float acc[N];
-#pragma unroll
-    for (int n = 0; n < N; ++n)
-    {
-        a2[n] = sm.a2[at.ch][n];
-        acc[n] = 0.0f;
-    }
     float dt_total = 0.0f;
+    bool valid = true;
     for (uint32_t t0 = begin; t0 < end; t0 += kTile)
     {
         scan::LaneSteps s;
-        load_decaying<T>(args, sm, at, t0, end, s);
+        load_steps<T>(args, sm, at, t0, end, s);
+        if (!tile_decays(decay, s)) // block-wide, and the previous tile's rows are read
+        {
+            valid = false;
+            break;
+        }
         float const lane_sum = scan::lane_dt_sum(s);
         dt_total += lane_sum;
         // suffix sums over the channel's lanes: incl = this lane's and later lanes' dt
@@ -686,45 +597,90 @@ __device__ void decaying_maps(ScanArgs const& args, Sm& sm, LaneCtx const& at, u
         float const next = __shfl_down_sync(0xffffffffu, incl, 1, kLanes);
         float const after = at.lane == kLanes - 1 ? 0.0f : next;
         float const tile = __shfl_sync(0xffffffffu, incl, 0, kLanes);
-        __syncthreads(); // the previous tile's rows are read
-        stage_decaying<T, N, false>(args, at, t0, vec_rows, sm);
+        bool const first = t0 == begin;
+        stage<T, N, false>(args, at, t0, vec_rows, sm);
         __syncthreads();
-#pragma unroll
-        for (int n = 0; n < N; ++n)
+        float const* a2_at = &sm.a2[at.ch][0];
+        float* acc_at = &sm.acc[0][threadIdx.x];
+        LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+#pragma unroll 1
+        for (int n = 0; n < N; ++n, ++a2_at, acc_at += kThreads, b_row.at += kTile)
         {
-            float const h = scan::compose_steps(s, a2[n], staged_row(sm, n, at.lane));
-            acc[n] = scan::madd(acc[n], scan::fast_exp2(a2[n] * tile), h * scan::fast_exp2(a2[n] * after));
+            float const a2 = *a2_at;
+            float const h = scan::compose_steps(s, a2, b_row);
+            float const acc = first ? 0.0f : *acc_at;
+            *acc_at = scan::madd(acc, scan::fast_exp2(a2 * tile), h * scan::fast_exp2(a2 * after));
         }
     }
 #pragma unroll
     for (int off = 1; off < kLanes; off *= 2)
     {
         dt_total += __shfl_xor_sync(0xffffffffu, dt_total, off, kLanes);
-#pragma unroll
-        for (int n = 0; n < N; ++n)
-        {
-            acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off, kLanes);
-        }
     }
-    if (at.active)
+    // each state's sum over the channel's lanes; lane n writes state n's map
+    Affine* ws = static_cast<Affine*>(args.workspace) + scan::offset_map(args.dims, at.b, at.c, 0, segment, maps);
+#pragma unroll 1
+    for (int n = 0; n < N; ++n)
     {
-        Affine* ws = static_cast<Affine*>(args.workspace) + scan::offset_map(args.dims, at.b, at.c, 0, segment, maps);
+        float acc = valid ? sm.acc[n][threadIdx.x] : 0.0f;
 #pragma unroll
-        for (int n = 0; n < N; ++n)
+        for (int off = 1; off < kLanes; off *= 2)
         {
-            if (at.lane == n)
-            {
-                ws[static_cast<int64_t>(n) * maps] = Affine{scan::fast_exp2(a2[n] * dt_total), acc[n]};
-            }
+            acc += __shfl_xor_sync(0xffffffffu, acc, off, kLanes);
+        }
+        if (at.active && at.lane == n)
+        {
+            ws[static_cast<int64_t>(n) * maps] = Affine{valid ? scan::fast_exp2(sm.a2[at.ch][n] * dt_total) : -1.0f, acc};
         }
     }
 }
 
-// ---------------------------------------------------------------------------------------------
+//! The composition of the maps of segments 0 .. s-1 (pass 1's output) for each channel and
+//! state, into sm.carry. Lanes compose runs of segments, then a tree over the 16 lanes.
+//! Returns whether one of the maps is invalid.
+template <int N, typename Sm>
+__device__ bool compose_segments(ScanArgs const& args, Sm& sm, LaneCtx const& at, int32_t s, int32_t maps)
+{
+    if (!at.active)
+    {
+        return false;
+    }
+    Affine const* ws = static_cast<Affine const*>(args.workspace);
+    int32_t const run = (s + kLanes - 1) / kLanes;
+    int32_t const first = at.lane * run;
+    int32_t const last = first + run < s ? first + run : s;
+    bool bad = false;
+#pragma unroll 1
+    for (int n = 0; n < N; ++n)
+    {
+        Affine f = scan::identity_map();
+        Affine const* m = ws + scan::offset_map(args.dims, at.b, at.c, n, 0, maps);
+        for (int32_t q = first; q < last; ++q)
+        {
+            Affine const g = m[q];
+            bad |= g.a < 0.0f;
+            f = scan::then(f, g);
+        }
+#pragma unroll
+        for (int off = 1; off < kLanes; off *= 2)
+        {
+            float const next_a = __shfl_down_sync(at.mask, f.a, off, kLanes);
+            float const next_b = __shfl_down_sync(at.mask, f.b, off, kLanes);
+            if (at.lane % (2 * off) == 0)
+            {
+                f = scan::then(f, Affine{next_a, next_b});
+            }
+        }
+        if (at.lane == 0)
+        {
+            sm.carry[at.ch][n] = f.b; // the state at the segment's start (from h = 0 at t = 0)
+        }
+    }
+    return bad;
+}
 
 //! kMaps = false: scans segment blockIdx's segment with output (all of L when there is one
-//! segment). kMaps = true: pass 1, the segment's map into the workspace. A block whose channels
-//! all decay (softplus on, A <= 0) takes the decaying path; others the general one.
+//! segment). kMaps = true: pass 1, the segment's map into the workspace.
 template <typename T, int N, bool kMaps>
 __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_scan_kernel(ScanArgs args, scan::Plan plan)
 {
@@ -742,7 +698,7 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
     at.active = at.ch < bc.channels;
     at.mask = 0xffffu << (tid & 16);
 
-    bool decays = true; // A2 <= 0 (false for NaN)
+    bool nonpositive = true; // A2 <= 0 (false for NaN)
     for (int i = tid; i < kChannels * N; i += kThreads)
     {
         int const ch = i / N;
@@ -750,7 +706,7 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
         float const a2 = ch < bc.channels ? __ldg(args.A + static_cast<int64_t>(bc.first_channel + ch) * N + n) * scan::kLog2e : 0.0f;
         sm.a2[ch][n] = a2;
         sm.carry[ch][n] = 0.0f;
-        decays = decays && a2 <= 0.0f;
+        nonpositive = nonpositive && a2 <= 0.0f;
     }
     if (tid < kChannels)
     {
@@ -759,29 +715,36 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
         sm.d_skip[tid] = valid && args.D_skip != nullptr ? __ldg(args.D_skip + c) : 0.0f;
         sm.bias[tid] = valid && args.delta_bias != nullptr ? __ldg(args.delta_bias + c) : 0.0f;
     }
-    bool const decaying = __syncthreads_and(decays) != 0 && args.delta_softplus;
+    BlockDecay decay{};
+    decay.a_nonpositive = __syncthreads_and(nonpositive) != 0;
+    decay.always = decay.a_nonpositive && args.delta_softplus;
 
     // [begin, end) of the row; 32 bits suffice (L < 2^31)
     uint32_t const begin = static_cast<uint32_t>(static_cast<int64_t>(bc.segment) * plan.segment_length);
     uint32_t const end = static_cast<uint32_t>(
         begin + plan.segment_length < d.length ? begin + plan.segment_length : static_cast<int64_t>(d.length));
-    if (decaying)
+    if constexpr (kMaps)
     {
-        if constexpr (kMaps)
-        {
-            decaying_maps<T, N>(args, sm, at, begin, end, bc.segment, plan.segments - 1);
-        }
-        else
-        {
-            if (bc.segment > 0)
-            {
-                compose_segments(args, sm, at, bc.segment, plan.segments - 1); // never invalid here
-            }
-            decaying_tiles<T, N>(args, sm, at, begin, end);
-        }
-        return;
+        segment_maps<T, N>(args, sm, at, decay, begin, end, bc.segment, plan.segments - 1);
     }
-    general_segment<T, N, kMaps>(args, plan, sm, at, bc, begin, end);
+    else
+    {
+        // An earlier segment with an invalid map: the recurrence over [0, begin) first, without
+        // output (the same loop), instead of composing the maps.
+        bool catch_up = false;
+        if (bc.segment > 0)
+        {
+            catch_up = __syncthreads_or(compose_segments<N>(args, sm, at, bc.segment, plan.segments - 1)) != 0;
+            if (catch_up)
+            {
+                for (int i = tid; i < kChannels * N; i += kThreads)
+                {
+                    sm.carry[i / N][i % N] = 0.0f;
+                }
+            }
+        }
+        scan_tiles<T, N>(args, sm, at, decay, catch_up ? 0u : begin, begin, end);
+    }
 }
 
 template <typename T, int N>

@@ -74,8 +74,9 @@ struct PathCount
 {
     int64_t vector = 0;
     int64_t scalar = 0;
-    int64_t decaying_blocks = 0; //!< blocks (of both passes) that took the decaying path
-    int64_t general_blocks = 0;
+    int64_t decaying_tiles = 0; //!< block tiles (both passes) whose steps all decay
+    int64_t serial_tiles = 0;   //!< block tiles run lane after lane (a step may grow)
+    int64_t catch_ups = 0;      //!< pass-2 blocks that reran earlier segments (invalid maps)
 };
 
 void load_lane(float const* row, int64_t t, int count, bool vec, float* out, PathCount& paths, float fill = 0.0f)
@@ -170,9 +171,8 @@ struct Block
     BlockCoord at;
     Shared sm;
     PathCount& paths;
-    unsigned grew[kChannels] = {};
-    float dt_total[kThreads] = {};
-    bool decaying = true; //!< softplus on and A2 <= 0 for every channel of the block (__syncthreads_and)
+    bool a_nonpositive = true; //!< every A2 of the block <= 0 (__syncthreads_and)
+    bool always = false;       //!< and softplus on: every tile decays
 
     Block(Inputs const& inputs, BlockCoord coord, PathCount& p)
         : in(inputs)
@@ -189,25 +189,20 @@ struct Block
             {
                 sm.a2[ch][n] = valid ? in.A[static_cast<int64_t>(c) * d.state + n] * kLog2e : 0.0f;
                 sm.carry[ch][n] = 0.0f;
+                a_nonpositive = a_nonpositive && sm.a2[ch][n] <= 0.0f;
             }
             sm.d_skip[ch] = valid && in.D_skip != nullptr ? in.D_skip[c] : 0.0f;
             sm.bias[ch] = valid && in.delta_bias != nullptr ? in.delta_bias[c] : 0.0f;
         }
-        for (int ch = 0; ch < kChannels; ++ch)
-        {
-            for (int n = 0; n < d.state; ++n)
-            {
-                decaying = decaying && sm.a2[ch][n] <= 0.0f;
-            }
-        }
-        decaying = decaying && in.softplus;
-        ++(decaying ? paths.decaying_blocks : paths.general_blocks);
+        always = a_nonpositive && in.softplus;
     }
 
-    //! The lanes' steps of tile t0 on the decaying path: u and delta padded past `end`.
-    void load_decaying(int64_t t0, int64_t end, LaneSteps* steps, int* count)
+    //! load_steps(): the lanes' steps of tile t0 (u and delta; softplus: delta padded with
+    //! kDeltaPad past `end`, plain: dt = 0 there); returns tile_decays(), the block's vote.
+    bool load_steps(int64_t t0, int64_t end, LaneSteps* steps, int* count)
     {
         Dims const& d = in.d;
+        bool all = true;
         for (int thread = 0; thread < kThreads; ++thread)
         {
             int const ch = thread / kLanes;
@@ -219,14 +214,26 @@ struct Block
             float raw_u[kItems];
             float raw_delta[kItems];
             load_lane(in.u + row_start, t, count[thread], row_aligned(in, kU, row_start), raw_u, paths);
-            load_lane(in.delta + row_start, t, count[thread], row_aligned(in, kDelta, row_start), raw_delta, paths,
-                kDeltaPad);
-            prepare_decaying(raw_u, raw_delta, sm.bias[ch], sm.d_skip[ch], steps[thread]);
+            bool const delta_vec = row_aligned(in, kDelta, row_start);
+            if (in.softplus)
+            {
+                load_lane(in.delta + row_start, t, count[thread], delta_vec, raw_delta, paths, kDeltaPad);
+                prepare_softplus(raw_u, raw_delta, sm.bias[ch], sm.d_skip[ch], steps[thread]);
+            }
+            else
+            {
+                load_lane(in.delta + row_start, t, count[thread], delta_vec, raw_delta, paths);
+                prepare_plain(raw_u, raw_delta, count[thread], sm.bias[ch], sm.d_skip[ch], steps[thread]);
+            }
+            all = all && (always || steps_decay(steps[thread]));
         }
+        bool const decays = all && a_nonpositive;
+        ++(decays ? paths.decaying_tiles : paths.serial_tiles);
+        return decays;
     }
 
-    //! decaying_tiles(): tiles [begin, end) with output from sm.carry.
-    void decaying_tiles(int64_t begin, int64_t end, float* y)
+    //! scan_tiles(): tiles [begin, end) from sm.carry; y into `y` when output.
+    void scan_tiles(int64_t begin, int64_t end, bool output, float* y)
     {
         Dims const& d = in.d;
         bool const vec_rows = rows_vectorisable(in, at.b, at.k, true);
@@ -235,7 +242,7 @@ struct Block
             static LaneSteps steps[kThreads];
             float dt_sum[kThreads];
             int count[kThreads];
-            load_decaying(t0, end, steps, count);
+            bool const decays = load_steps(t0, end, steps, count);
             for (int thread = 0; thread < kThreads; ++thread)
             {
                 dt_sum[thread] = lane_dt_sum(steps[thread]);
@@ -245,14 +252,24 @@ struct Block
             {
                 for (int n = 0; n < d.state; ++n)
                 {
-                    decaying_state(ch, n, steps + ch * kLanes, dt_sum + ch * kLanes);
+                    if (decays)
+                    {
+                        decaying_state(ch, n, steps + ch * kLanes, dt_sum + ch * kLanes);
+                    }
+                    else
+                    {
+                        serial_state(ch, n, steps + ch * kLanes);
+                    }
                 }
-                store_y(t0, ch, steps, count, y);
+                if (output)
+                {
+                    store_y(t0, ch, steps, count, y);
+                }
             }
         }
     }
 
-    //! The body of decaying_tiles()'s state loop: step maps, compose, 16-lane scan, replay.
+    //! decaying_states()'s body for one state: step maps, compose, 16-lane scan, replay.
     void decaying_state(int ch, int n, LaneSteps* s, float const* dt_sum)
     {
         float const a2 = sm.a2[ch][n];
@@ -261,19 +278,21 @@ struct Block
         Affine f[kLanes];
         for (int lane = 0; lane < kLanes; ++lane)
         {
-            step_maps(s[lane], a2, HostRow{sm.bc.data() + stage_row(n), lane}, m[lane]);
+            step_maps(s[lane].dt, LaneArray{s[lane].dtu}, a2, HostRow{sm.bc.data() + stage_row(n), lane}, m[lane]);
             f[lane].a = fast_exp2(a2 * dt_sum[lane]);
             f[lane].b = madd(f[lane].a, lane == 0 ? carry : 0.0f, compose(m[lane]));
         }
-        for (int off = 1; off < kLanes; off *= 2) // __shfl_up_sync rounds
+        for (int off = 1; off < kLanes; off *= 2) // scan_round(): shuffles up, in-range lanes compose
         {
             Affine up[kLanes];
             std::copy(f, f + kLanes, up);
             for (int lane = off; lane < kLanes; ++lane)
             {
-                float const up_a = off < kLanes / 2 ? up[lane - off].a : 1.0f;
                 f[lane].b = madd(f[lane].a, up[lane - off].b, f[lane].b);
-                f[lane].a = f[lane].a * up_a;
+                if (off < kLanes / 2)
+                {
+                    f[lane].a = f[lane].a * up[lane - off].a;
+                }
             }
         }
         for (int lane = 0; lane < kLanes; ++lane)
@@ -284,13 +303,27 @@ struct Block
         sm.carry[ch][n] = f[kLanes - 1].b;
     }
 
-    //! decaying_maps(): pass 1 on the decaying path, the segment's maps by reduction.
-    void decaying_maps(std::vector<Affine>& ws, Plan const& plan, int64_t begin, int64_t end)
+    //! serial_states()'s body for one state: the lanes walk their steps one after another.
+    void serial_state(int ch, int n, LaneSteps* s)
+    {
+        float const a2 = sm.a2[ch][n];
+        float h = sm.carry[ch][n];
+        for (int lane = 0; lane < kLanes; ++lane)
+        {
+            h = serial_steps(h, s[lane].dt, LaneArray{s[lane].dtu}, a2, HostRow{sm.bc.data() + stage_row(n), lane},
+                HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
+        }
+        sm.carry[ch][n] = h;
+    }
+
+    //! segment_maps(): pass 1, the segment's maps by reduction (invalid when a tile may grow).
+    void segment_maps(std::vector<Affine>& ws, Plan const& plan, int64_t begin, int64_t end)
     {
         Dims const& d = in.d;
         bool const vec_rows = rows_vectorisable(in, at.b, at.k, false);
         static float acc[kThreads][kMaxState];
         float total[kThreads] = {};
+        bool valid = true;
         for (auto& row : acc)
         {
             std::fill(row, row + kMaxState, 0.0f);
@@ -301,7 +334,11 @@ struct Block
             int count[kThreads];
             float after[kThreads];
             float tile[kThreads];
-            load_decaying(t0, end, steps, count);
+            if (!load_steps(t0, end, steps, count))
+            {
+                valid = false;
+                break;
+            }
             for (int ch = 0; ch < kChannels; ++ch)
             {
                 float incl[kLanes];
@@ -361,7 +398,7 @@ struct Block
             for (int n = 0; n < d.state; ++n) // lane n writes state n's map
             {
                 ws[offset_map(d, at.b, at.first_channel + ch, n, at.segment, plan.segments - 1)]
-                    = Affine{fast_exp2(sm.a2[ch][n] * v[n]), acc[ch * kLanes + n][n]};
+                    = Affine{valid ? fast_exp2(sm.a2[ch][n] * v[n]) : -1.0f, acc[ch * kLanes + n][n]};
             }
         }
     }
@@ -381,121 +418,6 @@ struct Block
                 y[row_start + t + i] = steps[thread].y[i];
             }
         }
-    }
-
-    //! scan_tiles(): tiles [begin, end) from sm.carry; y into `y` when output.
-    void scan_tiles(int64_t begin, int64_t end, bool output, float* y)
-    {
-        Dims const& d = in.d;
-        for (int64_t t0 = begin; t0 < end; t0 += kTile)
-        {
-            static LaneSteps steps[kThreads];
-            float dt_sum[kThreads];
-            int count[kThreads];
-            unsigned channel_signs[kChannels] = {};
-            for (int thread = 0; thread < kThreads; ++thread)
-            {
-                int const ch = thread / kLanes;
-                int const lane = thread % kLanes;
-                bool const active = ch < at.channels;
-                int64_t const row_start = offset_bdl(d, at.b, active ? at.first_channel + ch : 0);
-                int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
-                count[thread] = active ? steps_before(t, end) : 0;
-                float raw_u[kItems];
-                float raw_delta[kItems];
-                load_lane(in.u + row_start, t, count[thread], row_aligned(in, kU, row_start), raw_u, paths);
-                load_lane(in.delta + row_start, t, count[thread], row_aligned(in, kDelta, row_start), raw_delta, paths);
-                prepare_steps(raw_u, raw_delta, count[thread], sm.bias[ch], sm.d_skip[ch], in.softplus, steps[thread]);
-                dt_sum[thread] = lane_dt_sum(steps[thread]);
-                if (!output)
-                {
-                    dt_total[thread] += dt_sum[thread];
-                }
-                channel_signs[ch] |= dt_signs(steps[thread]); // the two ballots of the channel's lanes
-            }
-            stage_tile(in, at.b, at.k, t0, output, sm, paths);
-            for (int ch = 0; ch < at.channels; ++ch)
-            {
-                LaneSteps* s = steps + ch * kLanes;
-                int const pair = ch ^ 1; // the other channel of the warp (a channel past the group's end never grows)
-                for (int n = 0; n < d.state; ++n)
-                {
-                    // __any_sync over the warp: both channels run the plain recurrence when either grows
-                    bool const serial = grows(sm.a2[ch][n], channel_signs[ch])
-                        || (pair < at.channels && grows(sm.a2[pair][n], channel_signs[pair]));
-                    if (grows(sm.a2[ch][n], channel_signs[ch]))
-                    {
-                        grew[ch] |= 1u << n;
-                    }
-                    scan_state(ch, n, s, dt_sum + ch * kLanes, serial, output);
-                }
-                if (output)
-                {
-                    store_y(t0, ch, steps, count, y);
-                }
-            }
-        }
-    }
-
-    //! One state of one channel for one tile: the body of the kernel's state loop. `serial`: the
-    //! plain recurrence, lane after lane (this channel's or the warp's other channel's maps grow).
-    void scan_state(int ch, int n, LaneSteps* s, float const* dt_sum, bool serial, bool output)
-    {
-        float const a2 = sm.a2[ch][n];
-        float const carry = sm.carry[ch][n];
-        float a[kLanes][kItems];
-        float h_start[kLanes];
-        float h_end = 0.0f;
-        for (int lane = 0; lane < kLanes; ++lane)
-        {
-            step_decays(s[lane], a2, a[lane]);
-        }
-        auto const b_row = [&](int lane) { return HostRow{sm.bc.data() + stage_row(n), lane}; };
-        if (serial)
-        {
-            float h = carry;
-            for (int src = 0; src < kLanes; ++src)
-            {
-                h_start[src] = h;
-                h = replay(h, a[src], s[src].dtu, b_row(src), NoRow{}, nullptr);
-            }
-            h_end = h;
-        }
-        else
-        {
-            Affine f[kLanes];
-            for (int lane = 0; lane < kLanes; ++lane)
-            {
-                f[lane] = lane_map(a[lane], s[lane].dtu, b_row(lane), a2, dt_sum[lane]);
-            }
-            f[0].b = f[0].a * carry + f[0].b;
-            for (int off = 1; off < kLanes; off *= 2) // __shfl_up_sync rounds
-            {
-                Affine up[kLanes];
-                std::copy(f, f + kLanes, up);
-                for (int lane = off; lane < kLanes; ++lane)
-                {
-                    float const up_a = off < kLanes / 2 ? up[lane - off].a : 1.0f;
-                    f[lane].b = f[lane].a * up[lane - off].b + f[lane].b;
-                    f[lane].a = f[lane].a * up_a;
-                }
-            }
-            h_start[0] = carry;
-            for (int lane = 1; lane < kLanes; ++lane)
-            {
-                h_start[lane] = f[lane - 1].b;
-            }
-            h_end = f[kLanes - 1].b;
-        }
-        if (output)
-        {
-            for (int lane = 0; lane < kLanes; ++lane)
-            {
-                replay(h_start[lane], a[lane], s[lane].dtu, b_row(lane),
-                    HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
-            }
-        }
-        sm.carry[ch][n] = h_end;
     }
 
     //! compose_segments(): the maps of segments 0 .. s-1 into sm.carry; whether one is invalid.
@@ -534,30 +456,6 @@ struct Block
         }
         return bad;
     }
-
-    //! Pass 1's end: each channel's lanes sum their dt (xor butterfly), lane n writes state n's map.
-    void write_maps(std::vector<Affine>& ws, Plan const& plan)
-    {
-        for (int ch = 0; ch < at.channels; ++ch)
-        {
-            float* v = dt_total + ch * kLanes;
-            for (int off = 1; off < kLanes; off *= 2)
-            {
-                float before[kLanes];
-                std::copy(v, v + kLanes, before);
-                for (int lane = 0; lane < kLanes; ++lane)
-                {
-                    v[lane] = before[lane] + before[lane ^ off];
-                }
-            }
-            for (int n = 0; n < in.d.state; ++n)
-            {
-                bool const invalid = ((grew[ch] >> n) & 1u) != 0;
-                ws[offset_map(in.d, at.b, at.first_channel + ch, n, at.segment, plan.segments - 1)]
-                    = Affine{invalid ? -1.0f : fast_exp2(sm.a2[ch][n] * v[n]), sm.carry[ch][n]};
-            }
-        }
-    }
 };
 
 //! The launcher: pass 1 (when segmented), then pass 2.
@@ -576,13 +474,7 @@ void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
-        if (blk.decaying)
-        {
-            blk.decaying_maps(ws, plan, begin, end);
-            continue;
-        }
-        blk.scan_tiles(begin, end, false, nullptr);
-        blk.write_maps(ws, plan);
+        blk.segment_maps(ws, plan, begin, end);
     }
     for (int64_t block = 0; block < per * plan.segments; ++block)
     {
@@ -590,18 +482,10 @@ void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
-        if (blk.decaying)
-        {
-            if (blk.at.segment > 0 && blk.compose_segments(ws, blk.at.segment, plan.segments - 1))
-            {
-                std::fprintf(stderr, "host_harness: an invalid segment map on the decaying path\n");
-                std::exit(3);
-            }
-            blk.decaying_tiles(begin, end, y);
-            continue;
-        }
         if (blk.at.segment > 0 && blk.compose_segments(ws, blk.at.segment, plan.segments - 1))
         {
+            // an earlier segment's map is invalid: the recurrence over [0, begin) first
+            ++paths.catch_ups;
             for (int ch = 0; ch < kChannels; ++ch)
             {
                 std::fill(blk.sm.carry[ch], blk.sm.carry[ch] + kMaxState, 0.0f);
@@ -786,9 +670,9 @@ int main(int argc, char** argv)
     std::fclose(out);
     // For the tests: the plan and how many lane loads, stores and staging chunks took each path.
     std::printf("{\"segments\": %d, \"segment_length\": %lld, \"vector\": %lld, \"scalar\": %lld, "
-                "\"decaying_blocks\": %lld, \"general_blocks\": %lld}\n",
+                "\"decaying_tiles\": %lld, \"serial_tiles\": %lld, \"catch_ups\": %lld}\n",
         plan.segments, static_cast<long long>(plan.segment_length), static_cast<long long>(paths.vector),
-        static_cast<long long>(paths.scalar), static_cast<long long>(paths.decaying_blocks),
-        static_cast<long long>(paths.general_blocks));
+        static_cast<long long>(paths.scalar), static_cast<long long>(paths.decaying_tiles),
+        static_cast<long long>(paths.serial_tiles), static_cast<long long>(paths.catch_ups));
     return 0;
 }

@@ -168,13 +168,6 @@ QMAMBA_HD float softplus(float z)
     return madd(s, p, std::fmax(z, 0.0f));
 }
 
-//! dt = softplus(delta + bias) or delta + bias.
-QMAMBA_HD float step_size(float delta, float bias, bool use_softplus)
-{
-    float const z = delta + bias;
-    return use_softplus ? softplus(z) : z;
-}
-
 // ---------------------------------------------------------------------------------------------
 // One lane's share of a tile.
 
@@ -188,21 +181,35 @@ struct LaneSteps
     float y[kItems];
 };
 
-//! Fills `s` from the raw u and delta of `count` valid steps.
-QMAMBA_HD void prepare_steps(float const* u, float const* delta, int count, float bias, float d_skip,
-    bool use_softplus, LaneSteps& s)
+//! delta of a step past the end of the sequence with softplus on: softplus(-inf) = 0 exactly, so
+//! with u = 0 the step's map is the identity, without a select per step.
+constexpr float kDeltaPad = -std::numeric_limits<float>::infinity();
+
+//! delta_softplus = 1: dt = softplus(delta + bias), dt u and D_skip u of the lane's steps (u = 0
+//! and delta = kDeltaPad past the end of the sequence).
+QMAMBA_HD void prepare_softplus(float const* u, float const* delta, float bias, float d_skip, LaneSteps& s)
 {
     QMAMBA_UNROLL
     for (int i = 0; i < kItems; ++i)
     {
-        // step_size on every item, then a select (no branch around the softplus on the GPU)
-        bool const valid = i < count;
-        float const step = step_size(valid ? delta[i] : 0.0f, bias, use_softplus);
-        float const dt = valid ? step : 0.0f;
-        float const uu = valid ? u[i] : 0.0f;
+        float const dt = softplus(delta[i] + bias);
         s.dt[i] = dt;
-        s.dtu[i] = dt * uu;
-        s.y[i] = d_skip * uu;
+        s.dtu[i] = dt * u[i];
+        s.y[i] = d_skip * u[i];
+    }
+}
+
+//! delta_softplus = 0: dt = delta + bias for the `count` steps inside the sequence, 0 after
+//! (u = 0 there).
+QMAMBA_HD void prepare_plain(float const* u, float const* delta, int count, float bias, float d_skip, LaneSteps& s)
+{
+    QMAMBA_UNROLL
+    for (int i = 0; i < kItems; ++i)
+    {
+        float const dt = i < count ? delta[i] + bias : 0.0f;
+        s.dt[i] = dt;
+        s.dtu[i] = dt * u[i];
+        s.y[i] = d_skip * u[i];
     }
 }
 
@@ -218,129 +225,69 @@ QMAMBA_HD float lane_dt_sum(LaneSteps const& s)
     return sum;
 }
 
-//! Bit 0: some dt < 0; bit 1: some dt > 0. A state with A2 < 0 grows (a > 1) in a tile where
-//! some dt < 0, one with A2 > 0 where some dt > 0.
-QMAMBA_HD unsigned dt_signs(LaneSteps const& s)
+//! Whether every dt of the lane is >= 0 (false for NaN). With A2 <= 0 in every state, each step
+//! then decays: a = exp2(dt A2) <= 1.
+QMAMBA_HD bool steps_decay(LaneSteps const& s)
 {
-    unsigned signs = 0;
+    bool all = true;
     QMAMBA_UNROLL
     for (int i = 0; i < kItems; ++i)
     {
-        signs |= (s.dt[i] < 0.0f ? 1u : 0u) | (s.dt[i] > 0.0f ? 2u : 0u);
+        all = all && s.dt[i] >= 0.0f;
     }
-    return signs;
-}
-
-QMAMBA_HD bool grows(float a2, unsigned channel_signs)
-{
-    return (a2 < 0.0f && (channel_signs & 1u) != 0) || (a2 > 0.0f && (channel_signs & 2u) != 0);
-}
-
-//! One state's decays for the lane's steps, a = exp2(dt A2): the one exp2 per state and step,
-//! kept in registers from compose to replay. The other half of a step map, b = dt u B, is formed
-//! where it is used (lane_map, replay) from dt u and the staged B: 16 more registers for b would
-//! not leave the kernel a margin under 128.
-QMAMBA_HD void step_decays(LaneSteps const& s, float a2, float* a)
-{
-    QMAMBA_UNROLL
-    for (int i = 0; i < kItems; ++i)
-    {
-        a[i] = fast_exp2(s.dt[i] * a2);
-    }
-}
-
-//! Stands for "no C row": replay() then only advances the state.
-struct NoRow
-{
-};
-
-//! Walks the lane's steps from state h with decays a and b = dtu * B (b_row: the lane's staged B
-//! row, read by chunks: chunk(part, out) gives its values 4 part .. 4 part + 3, one 16-byte
-//! shared load on the GPU), adding C h to y when `c_row` is a row. Returns the state after them.
-template <typename BRow, typename CRow>
-QMAMBA_HD float replay(float h, float const* a, float const* dtu, BRow const& b_row, CRow const& c_row, float* y)
-{
-    QMAMBA_UNROLL
-    for (int part = 0; part < kItems / kChunk; ++part)
-    {
-        float bv[kChunk];
-        float cv[kChunk] = {};
-        b_row.chunk(part, bv);
-        if constexpr (!std::is_same<CRow, NoRow>::value)
-        {
-            c_row.chunk(part, cv);
-        }
-        QMAMBA_UNROLL
-        for (int e = 0; e < kChunk; ++e)
-        {
-            int const i = kChunk * part + e;
-            h = a[i] * h + dtu[i] * bv[e];
-            if constexpr (!std::is_same<CRow, NoRow>::value)
-            {
-                y[i] += cv[e] * h;
-            }
-        }
-    }
-    return h;
-}
-
-//! The composed map of the lane's steps: b-part by the recurrence from a zero state (a replay
-//! from 0 without output), a-part exp2(A2 * sum dt) (one exp2 instead of 15 dependent multiplies).
-template <typename BRow>
-QMAMBA_HD Affine lane_map(float const* a, float const* dtu, BRow const& b_row, float a2, float dt_sum)
-{
-    return Affine{fast_exp2(a2 * dt_sum), replay(0.0f, a, dtu, b_row, NoRow{}, nullptr)};
+    return all;
 }
 
 // ---------------------------------------------------------------------------------------------
-// The decaying path. With delta_softplus = 1 (dt >= 0) and A <= 0 in every channel of a block,
-// every step decays (a = exp2(dt A2) <= 1): what every exported model does (A = -exp(A_log)).
-// The kernel checks that once per block and then runs the functions below, without the growth
-// checks above; other blocks run the general path.
+// Decaying tiles: every step of the tile decays (dt >= 0 and A2 <= 0), as in every exported model
+// (softplus on, A = -exp(A_log)). The lanes' maps are then composed and scanned: composed maps
+// only ever hold decays <= 1, so nothing overflows and nothing divides by a cumulative product.
 
-//! delta of a step past the end of the sequence on the decaying path: softplus(-inf) = 0 exactly,
-//! so with u = 0 the step's map is the identity, without a select per step.
-constexpr float kDeltaPad = -std::numeric_limits<float>::infinity();
-
-//! dt = softplus(delta + bias), dt u and D_skip u of the lane's steps (u = 0 and delta =
-//! kDeltaPad past the end of the sequence).
-QMAMBA_HD void prepare_decaying(float const* u, float const* delta, float bias, float d_skip, LaneSteps& s)
-{
-    QMAMBA_UNROLL
-    for (int i = 0; i < kItems; ++i)
-    {
-        float const dt = softplus(delta[i] + bias);
-        s.dt[i] = dt;
-        s.dtu[i] = dt * u[i];
-        s.y[i] = d_skip * u[i];
-    }
-}
-
-//! One state's step maps of the lane, h -> a[i] h + b[i] with a = exp2(dt A2) and b = dt u B:
-//! formed once, kept in registers from compose to replay.
+//! One state's step maps of the lane, h -> a[i] h + b[i] with a = exp2(dt A2) (the one exp2 per
+//! state and step) and b = dt u B: formed once, kept in registers from compose to replay.
 struct StepMaps
 {
     float a[kItems];
     float b[kItems];
 };
 
-template <typename BRow>
-QMAMBA_HD void step_maps(LaneSteps const& s, float a2, BRow const& b_row, StepMaps& m)
+//! b_row: the lane's part of a staged B row, dtu: the lane's dt u, both read by chunks:
+//! chunk(part, out) gives values 4 part .. 4 part + 3 (one 16-byte shared load on the GPU: the
+//! kernel keeps dt u in shared memory through the state loop, so that the maps fit in registers).
+template <typename DtuRow, typename BRow>
+QMAMBA_HD void step_maps(float const* dt, DtuRow const& dtu, float a2, BRow const& b_row, StepMaps& m)
 {
     QMAMBA_UNROLL
     for (int part = 0; part < kItems / kChunk; ++part)
     {
         float bv[kChunk];
+        float uv[kChunk];
         b_row.chunk(part, bv);
+        dtu.chunk(part, uv);
         QMAMBA_UNROLL
         for (int e = 0; e < kChunk; ++e)
         {
             int const i = kChunk * part + e;
-            m.a[i] = fast_exp2(s.dt[i] * a2);
-            m.b[i] = s.dtu[i] * bv[e];
+            m.a[i] = fast_exp2(dt[i] * a2);
+            m.b[i] = uv[e] * bv[e];
         }
     }
 }
+
+//! A lane's kItems values in an array, read by chunks as a staged row is.
+struct LaneArray
+{
+    float const* values;
+
+    QMAMBA_HD void chunk(int part, float* out) const
+    {
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            out[e] = values[kChunk * part + e];
+        }
+    }
+};
 
 //! The state after the lane's steps from a zero state: the b-part of their composed map.
 QMAMBA_HD float compose(StepMaps const& m)
@@ -390,6 +337,38 @@ QMAMBA_HD float compose_steps(LaneSteps const& s, float a2, BRow const& b_row)
             int const i = kChunk * part + e;
             float const b = s.dtu[i] * bv[e];
             h = i == 0 ? b : madd(fast_exp2(s.dt[i] * a2), h, b);
+        }
+    }
+    return h;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other tiles (a step with dt A2 > 0 is possible: delta_softplus = 0 with dt < 0, A > 0, NaN): a
+// step map can then grow (a > 1) and composed maps could overflow where the recurrence is
+// finite, so the lanes walk their steps one after another (exact, slower), and pass 1 marks the
+// segment's maps invalid.
+
+//! Walks the lane's steps from h (decays formed on the way), adding C h to y; returns the state
+//! after them.
+template <typename DtuRow, typename BRow, typename CRow>
+QMAMBA_HD float serial_steps(float h, float const* dt, DtuRow const& dtu, float a2, BRow const& b_row,
+    CRow const& c_row, float* y)
+{
+    QMAMBA_UNROLL
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float bv[kChunk];
+        float cv[kChunk];
+        float uv[kChunk];
+        b_row.chunk(part, bv);
+        c_row.chunk(part, cv);
+        dtu.chunk(part, uv);
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            int const i = kChunk * part + e;
+            h = madd(fast_exp2(dt[i] * a2), h, uv[e] * bv[e]);
+            y[i] = madd(cv[e], h, y[i]);
         }
     }
     return h;

@@ -1,0 +1,285 @@
+"""Instructions per step of the selective-scan kernels, counted in their SASS (no GPU needed).
+
+``cuobjdump -sass`` lists each kernel's instructions. This module cuts a kernel into basic
+blocks, finds its loops (natural loops of the control-flow graph) and counts the instructions
+of one iteration along the *main path*: at every branch the side with more 128-bit vector
+memory instructions (``LDG.E.128``, ``STG.E.128``, ``STS.128``, ``LDGSTS.E.BYPASS.128``: the
+vector loads, stores and staging of aligned rows and whole tiles), then the side without a doubly nested loop (the serial
+fallback of tiles whose steps may grow), then the one with more ``MUFU.EX2`` (softplus on, as in
+every exported model), then the shorter one; a nested loop is counted separately. On the decaying path (softplus on, A <= 0) that is the path every tile of a long,
+aligned sequence takes, so
+
+    instructions per (channel, step) = (tile loop + N x state loop) / kItems
+
+for the one-pass kernel (and pass 2), and tile loop / kItems for pass 1 (its states are
+unrolled). ``tools/sass_steps.py`` prints them and the roofline model built on them
+(docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+#: A SASS instruction line of cuobjdump: /*addr*/ [@P] OPCODE operands ;
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+#: What the main path prefers at a branch.
+VECTOR_OPS = ("LDG.E.128", "STG.E.128", "STS.128", "LDGSTS.E.BYPASS.128")
+#: Steps per lane and tile (scan::kItems).
+ITEMS = 16
+
+
+@dataclass(frozen=True)
+class Instr:
+    addr: int
+    pred: str
+    op: str
+    args: str
+
+
+def parse_functions(sass: str) -> dict[str, list[Instr]]:
+    """Function name -> its instructions, from ``cuobjdump -sass`` output (one architecture's
+    functions: call it on one cubin or per ``code for sm_XX`` section)."""
+    out: dict[str, list[Instr]] = {}
+    current: Optional[list] = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = out.setdefault(m.group(1), [])
+            continue
+        if current is None:
+            continue
+        m = _INSTR.search(line)
+        if m:
+            current.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
+    return out
+
+
+def split_architectures(sass: str) -> dict[str, str]:
+    """``cuobjdump -sass`` of a fat binary -> {"sm_90": its text, ...}."""
+    parts: dict[str, list[str]] = {}
+    arch = None
+    for line in sass.splitlines():
+        m = re.search(r"code for (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        if arch:
+            parts.setdefault(arch, []).append(line)
+    return {a: "\n".join(lines) for a, lines in parts.items()}
+
+
+def _is_vector(op: str) -> bool:
+    return any(op == v or op.startswith(v + ".") for v in VECTOR_OPS)
+
+
+@dataclass
+class Loop:
+    header: int
+    body: set
+    latches: set
+    parent: Optional[int] = None
+
+
+@dataclass
+class Path:
+    """One iteration of a loop along its main path."""
+    vector: int = 0
+    count: int = 0
+    ops: Counter = field(default_factory=Counter)
+    nested: list = field(default_factory=list)  #: headers of the nested loops it passes
+    deep: int = 0  #: nested loops passed that have loops of their own
+
+    def key(self) -> tuple:
+        """What the main path maximises."""
+        return (self.vector, -self.deep, self.opcode("MUFU.EX2"), -self.count)
+
+    def __add__(self, other: "Path") -> "Path":
+        return Path(self.vector + other.vector, self.count + other.count, self.ops + other.ops,
+                    self.nested + other.nested, self.deep + other.deep)
+
+    def opcode(self, prefix: str) -> int:
+        """Instructions whose opcode is `prefix` or starts with `prefix` + '.'."""
+        return sum(n for op, n in self.ops.items() if op == prefix or op.startswith(prefix + "."))
+
+
+class Cfg:
+    """Basic blocks, edges and natural loops of one function."""
+
+    def __init__(self, instrs: list[Instr]):
+        self.instrs = instrs
+        index = {ins.addr: i for i, ins in enumerate(instrs)}
+        leaders = {0}
+        for i, ins in enumerate(instrs):
+            if ins.op.startswith(("BRA", "EXIT", "RET", "BRX", "JMP")):
+                if i + 1 < len(instrs):
+                    leaders.add(i + 1)
+                m = _BRANCH_TARGET.search(ins.args)
+                if ins.op.startswith("BRA") and m:
+                    leaders.add(index[int(m.group(1), 16)])
+        starts = sorted(leaders)
+        self.blocks = [(s, starts[j + 1] if j + 1 < len(starts) else len(instrs)) for j, s in enumerate(starts)]
+        block_of = {s: k for k, (s, _) in enumerate(self.blocks)}
+        self.succ: list[list[int]] = [[] for _ in self.blocks]
+        for k, (s, e) in enumerate(self.blocks):
+            last = instrs[e - 1]
+            follow = k + 1 if k + 1 < len(self.blocks) else None
+            if last.op.startswith("BRA"):
+                self.succ[k].append(block_of[index[int(_BRANCH_TARGET.search(last.args).group(1), 16)]])
+                if last.pred and follow is not None:
+                    self.succ[k].append(follow)
+            elif last.op.startswith(("EXIT", "RET")):
+                if last.pred and follow is not None:
+                    self.succ[k].append(follow)
+            elif follow is not None:
+                self.succ[k].append(follow)
+        self.pred: list[list[int]] = [[] for _ in self.blocks]
+        for k, targets in enumerate(self.succ):
+            for t in targets:
+                self.pred[t].append(k)
+        self.loops = self._loops()
+
+    def ops(self, k: int) -> list[str]:
+        s, e = self.blocks[k]
+        return [ins.op for ins in self.instrs[s:e]]
+
+    def _dominators(self) -> dict[int, set]:
+        reach, stack = {0}, [0]
+        while stack:
+            for t in self.succ[stack.pop()]:
+                if t not in reach:
+                    reach.add(t)
+                    stack.append(t)
+        dom = {k: set(reach) for k in reach}
+        dom[0] = {0}
+        changed = True
+        while changed:
+            changed = False
+            for k in sorted(reach - {0}):
+                preds = [dom[p] for p in self.pred[k] if p in reach]
+                new = (set.intersection(*preds) if preds else set()) | {k}
+                if new != dom[k]:
+                    dom[k], changed = new, True
+        return dom
+
+    def _loops(self) -> list[Loop]:
+        dom = self._dominators()
+        found: dict[int, Loop] = {}
+        for k in dom:
+            for h in self.succ[k]:
+                if h not in dom[k]:
+                    continue  # not a back edge
+                body, stack = {h, k}, [k]
+                while stack:
+                    x = stack.pop()
+                    if x == h:
+                        continue
+                    for p in self.pred[x]:
+                        if p not in body and p in dom:
+                            body.add(p)
+                            stack.append(p)
+                loop = found.setdefault(h, Loop(h, set(), set()))
+                loop.body |= body
+                loop.latches.add(k)
+        loops = sorted(found.values(), key=lambda lp: len(lp.body))
+        for lp in loops:
+            lp.parent = next((o.header for o in loops if o is not lp and lp.body < o.body), None)
+        return loops
+
+    def loop(self, header: int) -> Loop:
+        return next(lp for lp in self.loops if lp.header == header)
+
+    def main_path(self, loop: Loop) -> Optional[Path]:
+        """One iteration of `loop` from its header back to it, nested loops skipped (entered at
+        their header, left by an exit), preferring vector memory instructions, then fewer
+        instructions."""
+        inner = [lp for lp in self.loops if lp.parent == loop.header]
+        owner = {b: lp for lp in inner for b in lp.body}
+
+        def successors(k: int) -> list[int]:
+            if k in owner:
+                lp = owner[k]
+                exits = {t for b in lp.body for t in self.succ[b] if t not in lp.body}
+                return sorted(t for t in exits if t in loop.body and t != loop.header)
+            return [t for t in self.succ[k] if t in loop.body and t != loop.header]
+
+        visiting: set = set()
+
+        @functools.lru_cache(maxsize=None)
+        def best(k: int) -> Optional[Path]:
+            if k in owner and owner[k].header != k or k in visiting:
+                return None
+            visiting.add(k)
+            try:
+                if k in owner:
+                    deep = any(lp.parent == k for lp in self.loops)
+                    here = Path(nested=[k], deep=int(deep))
+                else:
+                    ops = self.ops(k)
+                    here = Path(sum(map(_is_vector, ops)), len(ops), Counter(ops))
+                options = [best(t) for t in successors(k)]
+                options = [o for o in options if o is not None]
+                if k in loop.latches:
+                    options.append(Path())
+                if not options:
+                    return None
+                return here + max(options, key=Path.key)
+            finally:
+                visiting.discard(k)
+
+        return best(loop.header)
+
+
+@dataclass
+class StepCounts:
+    """Instructions of a decaying-path kernel, per lane."""
+    tile: int                    #: one tile along the main path, without the state loop
+    state: int                   #: one iteration of the state loop (0: states unrolled, pass 1)
+    states: int                  #: N
+    mufu_tile: int
+    mufu_state: int
+    tile_ops: Counter
+    state_ops: Counter
+
+    @property
+    def per_tile(self) -> int:
+        return self.tile + self.states * self.state
+
+    @property
+    def per_step(self) -> float:
+        """Instructions per (channel, step): a lane owns ITEMS steps of one channel per tile."""
+        return self.per_tile / ITEMS
+
+    @property
+    def mufu_per_step(self) -> float:
+        return (self.mufu_tile + self.states * self.mufu_state) / ITEMS
+
+
+def decaying_counts(instrs: list[Instr], states: int) -> StepCounts:
+    """The decaying path's tile loop of a kernel: the loop whose main path has 128-bit loads and
+    either a nested state loop with >= ITEMS MUFU.EX2 (one pass, pass 2) or >= ITEMS x N
+    MUFU.EX2 itself (pass 1, states unrolled)."""
+    cfg = Cfg(instrs)
+    best: Optional[StepCounts] = None
+    for lp in cfg.loops:
+        path = cfg.main_path(lp)
+        if path is None or not path.opcode("LDG.E.128"):
+            continue
+        inner = [cfg.main_path(cfg.loop(h)) for h in path.nested]
+        state_loops = [p for p in inner if p is not None and p.opcode("MUFU.EX2") >= ITEMS]
+        if len(state_loops) == 1 and len(inner) == 1:
+            s = state_loops[0]
+            found = StepCounts(path.count, s.count, states, path.opcode("MUFU"), s.opcode("MUFU"), path.ops, s.ops)
+        elif not inner and path.opcode("MUFU.EX2") >= ITEMS * states:
+            found = StepCounts(path.count, 0, states, path.opcode("MUFU"), 0, path.ops, Counter())
+        else:
+            continue
+        if best is not None:
+            raise ValueError("two decaying tile loops in one kernel")
+        best = found
+    if best is None:
+        raise ValueError("no decaying tile loop found")
+    return best

@@ -2,8 +2,10 @@
 
 * the host harness (tests/host_harness.cpp: scan_math.h replayed with the kernel's layout: 8
   channels x 16 lanes per block, 16 steps per lane, the vector or scalar path of each row, B and
-  C staged through a shared-memory image, the 16-lane scans in shuffle order, growing maps,
-  carried states, the two passes) matches the float64 reference scan to 1e-5;
+  C staged through a shared-memory image, the 16-lane scans in shuffle order, decaying tiles
+  (composed maps) and the others (lanes one after another), carried states, the two passes with
+  pass 1 by reduction and pass 2's catch-up after invalid maps) matches the float64 reference
+  scan to 1e-5;
 * the staging and lane index functions are conflict-free bijections (--check-layout);
 * the launcher's segment plan follows the GPU's occupancy (--plan);
 * nvcc compiles the kernel for Orin (sm_87) and Hopper (sm_90).
@@ -86,8 +88,11 @@ def test_host_harness_matches_reference(harness, batch, dim, groups, length, sta
     if not softplus:  # dt = delta + bias stays positive: decaying states (growing ones: below)
         case["delta"] = case["delta"].abs() * 0.1
         case["delta_bias"] = case["delta_bias"].abs()
-    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=softplus)
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=softplus, stats=stats)
     assert _rel_error(got, _reference(case, softplus)) <= 1e-5
+    # A < 0 and dt >= 0 (softplus, or delta + bias >= 0): every tile takes the composed-map loop
+    assert stats["decaying_tiles"] > 0 and stats["serial_tiles"] == 0 and stats["catch_ups"] == 0
 
 
 @pytest.mark.parametrize("state", range(1, 17))
@@ -168,38 +173,49 @@ def _growing_case(length, state=4, dim=8):
 
 @pytest.mark.parametrize("segments", [1, 2, 3])
 def test_host_harness_growing_decays(harness, segments):
-    """Growing maps run as the plain recurrence (and invalidate pass 1's maps): the result stays
-    finite and matches the reference where composing maps would overflow."""
+    """Tiles with growing steps run lanes one after another (and invalidate pass 1's maps, so pass
+    2 reruns the earlier segments): the result stays finite and matches the reference where
+    composing maps would overflow."""
     case = _growing_case(4 * TILE - 300)
     want = _reference(case, False)
     assert np.isfinite(want).all() and np.abs(want).max() > 1e10
-    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments, stats=stats)
     assert np.isfinite(got).all()
     assert _rel_error(got, want) <= 1e-5
+    assert stats["decaying_tiles"] == 0 and stats["serial_tiles"] > 0
+    assert stats["catch_ups"] == (segments - 1)  # every later segment's block reruns the earlier ones
 
 
 def test_host_harness_growing_in_some_tiles_only(harness):
-    """Mixed signs: dt < 0 only in the second tile (fast path before and after it)."""
+    """Mixed signs: dt < 0 only in the second tile (composed maps before and after it; with three
+    segments only the third segment's block reruns the earlier ones)."""
     case = _case(1, 8, 1, 3 * TILE, 8, seed=22)
     case["delta"] = case["delta"].abs() * 0.2
     case["delta"][..., TILE:2 * TILE] *= -0.1
     case["delta_bias"] = torch.zeros_like(case["delta_bias"])
     want = _reference(case, False)
-    for segments in (1, 3):
-        got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+    for segments, serial, catch_ups in ((1, 1, 0), (3, 3, 1)):
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments, stats=stats)
         assert _rel_error(got, want) <= 1e-5, segments
+        # one pass: only tile 2 is serial; three segments: tile 2 in pass 1 (its map invalid), in
+        # pass 2, and again in segment 3's catch-up
+        assert (stats["serial_tiles"], stats["catch_ups"]) == (serial, catch_ups), stats
 
 
 def test_host_harness_positive_A_grows_with_softplus(harness):
     """A > 0 (outside the models' A = -exp(A_log)) with softplus on: dt > 0 grows too. Only
-    channels 0 and 5 grow: their warp partners (1 and 4) run the plain recurrence with them and
-    keep valid segment maps."""
-    case = _case(1, 8, 1, 3 * TILE + 100, 4, seed=23)
+    channels 0 and 5 grow: their block runs lanes one after another, the other block composes."""
+    case = _case(1, 16, 1, 3 * TILE + 100, 4, seed=23)
     case["A"][[0, 5]] = 0.01
     want = _reference(case, True)
     for segments in (1, 3):
-        got = plugin.run_host_harness(harness, _numpy(case), segments=segments)
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
         assert _rel_error(got, want) <= 1e-5, segments
+        # the block of channels 0..7 walks its lanes one after another, the block of 8..15 not
+        assert stats["serial_tiles"] > 0 and stats["decaying_tiles"] > 0, stats
 
 
 def test_host_harness_differs_when_the_carry_is_wrong(harness):

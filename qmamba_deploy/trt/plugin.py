@@ -173,7 +173,8 @@ def nvcc_compile(out: Path, archs: Sequence[int] = (87, 90), root: Optional[Path
 #: selective_scan_kernel<T, N, kMaps> in a mangled name: T = f (float) or 6__half, N, kMaps.
 _KERNEL_NAME = re.compile(r"selective_scan_kernelI(f|6__half)Li(\d+)ELb([01])E")
 #: The opcodes the report counts per kernel.
-SASS_OPCODES = ("LDG.E.128", "STG.E.128", "LDS.128", "STS.128", "MUFU.EX2", "SHFL", "LDL", "STL")
+SASS_OPCODES = ("LDG.E.128", "STG.E.128", "LDS.128", "STS.128", "LDGSTS.E.BYPASS.128", "MUFU.EX2", "SHFL", "LDL",
+                "STL")
 #: __launch_bounds__(128, 4): 65536 registers / (4 x 128 threads).
 MAX_REGISTERS = 128
 

@@ -288,19 +288,31 @@ __device__ __forceinline__ void scan_round(Affine& f)
     }
 }
 
-//! Shared memory of one block: the staged B and C rows (only B in pass 1: kMaps), A * log2(e),
-//! the carried states and each lane's dt sum of the tile.
+//! Shared memory of one block: the staged B and C rows (only B in pass 1: kMaps), a per-lane
+//! area (pass 1: each lane's partial segment maps by state; otherwise each lane's dt u by chunks,
+//! kept there through the state loop), A * log2(e), the carried states, and each lane's dt sum
+//! of the tile (read once per state, not kept in a register through the state loop).
 template <int N, bool kMaps>
 struct alignas(16) Shared
 {
     float bc[(kMaps ? 1 : 2) * N * kTile];
-    float acc[kMaps ? N : 1][kThreads]; //!< pass 1: each lane's partial segment map, per state
+    float4 lanes[(kMaps ? N : kItems) / kChunk * kThreads + (kMaps && N % kChunk != 0 ? kThreads : 0)];
     float a2[kChannels][N];
     float carry[kChannels][N];
     float d_skip[kChannels];
     float bias[kChannels];
-    float4 dtu[kMaps ? 1 : kItems / kChunk][kThreads]; //!< each lane's dt u, by chunks (through the state loop)
-    float dt_sum[kThreads]; //!< read once per state, not kept in a register through the state loop
+    float dt_sum[kThreads];
+
+    //! Pass 1: lane `thread`'s partial map of state n.
+    __device__ __forceinline__ float& acc(int n, int thread)
+    {
+        return reinterpret_cast<float*>(lanes)[n * kThreads + thread];
+    }
+    //! One pass / pass 2: lane `thread`'s dt u, steps 4 part .. 4 part + 3.
+    __device__ __forceinline__ float4& dtu(int part, int thread)
+    {
+        return lanes[part * kThreads + thread];
+    }
 };
 
 //! What a block knows about its channel lanes.
@@ -311,7 +323,6 @@ struct LaneCtx
     int32_t c;         //!< this lane's channel
     int ch;            //!< its index in the block
     int lane;          //!< 0 .. kLanes - 1 within the channel
-    unsigned mask;     //!< the channel's lanes in the warp
     bool active;       //!< c is a channel of the group
 };
 
@@ -465,7 +476,7 @@ __device__ __forceinline__ void decaying_states(Sm& sm, LaneCtx const& at, scan:
     float* carry_at = &sm.carry[at.ch][0];
     float const* dt_sum_at = &sm.dt_sum[threadIdx.x];
     LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
-    LaneArray const dtu{&sm.dtu[0][threadIdx.x]};
+    LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
 #pragma unroll 1
     for (int n = 0; n < N; ++n, ++a2_at, ++carry_at, b_row.at += kTile)
     {
@@ -502,7 +513,7 @@ __device__ __forceinline__ void serial_states(Sm& sm, LaneCtx const& at, scan::L
         float const a2 = sm.a2[at.ch][n];
         LaneRow const b_row{sm.bc + scan::stage_row(n) + scan::stage_offset(at.lane, 0)};
         LaneRow const c_row{b_row.at + N * kTile};
-        LaneArray const dtu{&sm.dtu[0][threadIdx.x]};
+        LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
         float h = sm.carry[at.ch][n];
 #pragma unroll 1
         for (int src = 0; src < kLanes; ++src)
@@ -537,7 +548,7 @@ __device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, Bloc
         for (int part = 0; part < kItems / kChunk; ++part)
         {
             float const* v = s.dtu + kChunk * part;
-            sm.dtu[part][threadIdx.x] = make_float4(v[0], v[1], v[2], v[3]);
+            sm.dtu(part, threadIdx.x) = make_float4(v[0], v[1], v[2], v[3]);
         }
         bool const decays = tile_decays(decay, s); // and the previous tile's rows are read
         stage<T, N, true>(args, at, t0, vec_rows, sm);
@@ -601,7 +612,7 @@ __device__ void segment_maps(ScanArgs const& args, Sm& sm, LaneCtx const& at, Bl
         stage<T, N, false>(args, at, t0, vec_rows, sm);
         __syncthreads();
         float const* a2_at = &sm.a2[at.ch][0];
-        float* acc_at = &sm.acc[0][threadIdx.x];
+        float* acc_at = &sm.acc(0, threadIdx.x);
         LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
 #pragma unroll 1
         for (int n = 0; n < N; ++n, ++a2_at, acc_at += kThreads, b_row.at += kTile)
@@ -617,64 +628,72 @@ __device__ void segment_maps(ScanArgs const& args, Sm& sm, LaneCtx const& at, Bl
     {
         dt_total += __shfl_xor_sync(0xffffffffu, dt_total, off, kLanes);
     }
-    // each state's sum over the channel's lanes; lane n writes state n's map
-    Affine* ws = static_cast<Affine*>(args.workspace) + scan::offset_map(args.dims, at.b, at.c, 0, segment, maps);
-#pragma unroll 1
-    for (int n = 0; n < N; ++n)
+    __syncthreads(); // every lane's partial maps are in shared memory
+    // lane n < N of each channel: state n's map, its lanes' partial maps summed by a pairwise tree
+    if (at.active && at.lane < N)
     {
-        float acc = valid ? sm.acc[n][threadIdx.x] : 0.0f;
+        int const n = at.lane;
+        float b = 0.0f;
+        if (valid)
+        {
+            float v[kLanes];
 #pragma unroll
-        for (int off = 1; off < kLanes; off *= 2)
-        {
-            acc += __shfl_xor_sync(0xffffffffu, acc, off, kLanes);
+            for (int q = 0; q < kLanes / kChunk; ++q)
+            {
+                float4 const x = *reinterpret_cast<float4 const*>(&sm.acc(n, at.ch * kLanes + kChunk * q));
+                v[kChunk * q] = x.x;
+                v[kChunk * q + 1] = x.y;
+                v[kChunk * q + 2] = x.z;
+                v[kChunk * q + 3] = x.w;
+            }
+            b = scan::pairwise_sum(v);
         }
-        if (at.active && at.lane == n)
-        {
-            ws[static_cast<int64_t>(n) * maps] = Affine{valid ? scan::fast_exp2(sm.a2[at.ch][n] * dt_total) : -1.0f, acc};
-        }
+        Affine* ws = static_cast<Affine*>(args.workspace);
+        ws[scan::offset_map(args.dims, at.b, at.c, n, segment, maps)]
+            = Affine{valid ? scan::fast_exp2(sm.a2[at.ch][n] * dt_total) : -1.0f, b};
     }
 }
 
 //! The composition of the maps of segments 0 .. s-1 (pass 1's output) for each channel and
-//! state, into sm.carry. Lanes compose runs of segments, then a tree over the 16 lanes.
-//! Returns whether one of the maps is invalid.
+//! state of the block, into sm.carry: scan::compose_parts() threads per (channel, state) compose
+//! runs of maps, then a shuffle tree. Returns whether one of the maps is invalid.
 template <int N, typename Sm>
-__device__ bool compose_segments(ScanArgs const& args, Sm& sm, LaneCtx const& at, int32_t s, int32_t maps)
+__device__ bool compose_segments(ScanArgs const& args, Sm& sm, scan::BlockCoord const& bc, int32_t s, int32_t maps)
 {
-    if (!at.active)
-    {
-        return false;
-    }
-    Affine const* ws = static_cast<Affine const*>(args.workspace);
-    int32_t const run = (s + kLanes - 1) / kLanes;
-    int32_t const first = at.lane * run;
+    constexpr int kParts = scan::compose_parts(N);
+    int const pair = static_cast<int>(threadIdx.x) / kParts;
+    int const part = static_cast<int>(threadIdx.x) % kParts;
+    int const ch = pair / N;
+    int const n = pair % N;
+    bool const mine = pair < kChannels * N && ch < bc.channels;
+    int32_t const run = (s + kParts - 1) / kParts;
+    int32_t const first = part * run;
     int32_t const last = first + run < s ? first + run : s;
+    Affine f = scan::identity_map();
     bool bad = false;
-#pragma unroll 1
-    for (int n = 0; n < N; ++n)
+    if (mine)
     {
-        Affine f = scan::identity_map();
-        Affine const* m = ws + scan::offset_map(args.dims, at.b, at.c, n, 0, maps);
+        Affine const* m = static_cast<Affine const*>(args.workspace) + scan::offset_map(args.dims, bc.b, bc.first_channel + ch, n, 0, maps);
         for (int32_t q = first; q < last; ++q)
         {
             Affine const g = m[q];
             bad |= g.a < 0.0f;
             f = scan::then(f, g);
         }
+    }
 #pragma unroll
-        for (int off = 1; off < kLanes; off *= 2)
+    for (int off = 1; off < kParts; off *= 2)
+    {
+        float const next_a = __shfl_down_sync(0xffffffffu, f.a, off, kParts);
+        float const next_b = __shfl_down_sync(0xffffffffu, f.b, off, kParts);
+        if (part % (2 * off) == 0)
         {
-            float const next_a = __shfl_down_sync(at.mask, f.a, off, kLanes);
-            float const next_b = __shfl_down_sync(at.mask, f.b, off, kLanes);
-            if (at.lane % (2 * off) == 0)
-            {
-                f = scan::then(f, Affine{next_a, next_b});
-            }
+            f = scan::then(f, Affine{next_a, next_b});
         }
-        if (at.lane == 0)
-        {
-            sm.carry[at.ch][n] = f.b; // the state at the segment's start (from h = 0 at t = 0)
-        }
+    }
+    if (mine && part == 0)
+    {
+        sm.carry[ch][n] = f.b; // the state at the segment's start (from h = 0 at t = 0)
     }
     return bad;
 }
@@ -696,17 +715,17 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
     at.lane = tid % kLanes;
     at.c = bc.first_channel + at.ch;
     at.active = at.ch < bc.channels;
-    at.mask = 0xffffu << (tid & 16);
 
     bool nonpositive = true; // A2 <= 0 (false for NaN)
-    for (int i = tid; i < kChannels * N; i += kThreads)
+    static_assert(kChannels * N <= kThreads, "one (channel, state) per thread");
+    if (tid < kChannels * N)
     {
-        int const ch = i / N;
-        int const n = i % N;
+        int const ch = tid / N;
+        int const n = tid % N;
         float const a2 = ch < bc.channels ? __ldg(args.A + static_cast<int64_t>(bc.first_channel + ch) * N + n) * scan::kLog2e : 0.0f;
         sm.a2[ch][n] = a2;
         sm.carry[ch][n] = 0.0f;
-        nonpositive = nonpositive && a2 <= 0.0f;
+        nonpositive = a2 <= 0.0f;
     }
     if (tid < kChannels)
     {
@@ -734,13 +753,10 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
         bool catch_up = false;
         if (bc.segment > 0)
         {
-            catch_up = __syncthreads_or(compose_segments<N>(args, sm, at, bc.segment, plan.segments - 1)) != 0;
-            if (catch_up)
+            catch_up = __syncthreads_or(compose_segments<N>(args, sm, bc, bc.segment, plan.segments - 1)) != 0;
+            if (catch_up && tid < kChannels * N)
             {
-                for (int i = tid; i < kChannels * N; i += kThreads)
-                {
-                    sm.carry[i / N][i % N] = 0.0f;
-                }
+                sm.carry[tid / N][tid % N] = 0.0f;
             }
         }
         scan_tiles<T, N>(args, sm, at, decay, catch_up ? 0u : begin, begin, end);

@@ -380,25 +380,21 @@ struct Block
             for (int off = 1; off < kLanes; off *= 2) // __shfl_xor_sync butterflies
             {
                 float before[kLanes];
-                float acc_before[kLanes][kMaxState];
                 std::copy(v, v + kLanes, before);
                 for (int lane = 0; lane < kLanes; ++lane)
                 {
-                    std::copy(acc[ch * kLanes + lane], acc[ch * kLanes + lane] + kMaxState, acc_before[lane]);
-                }
-                for (int lane = 0; lane < kLanes; ++lane)
-                {
                     v[lane] = before[lane] + before[lane ^ off];
-                    for (int n = 0; n < d.state; ++n)
-                    {
-                        acc[ch * kLanes + lane][n] = acc_before[lane][n] + acc_before[lane ^ off][n];
-                    }
                 }
             }
-            for (int n = 0; n < d.state; ++n) // lane n writes state n's map
+            for (int n = 0; n < d.state; ++n) // lane n: its state's partial maps of the 16 lanes
             {
+                float lanes[kLanes];
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    lanes[lane] = acc[ch * kLanes + lane][n];
+                }
                 ws[offset_map(d, at.b, at.first_channel + ch, n, at.segment, plan.segments - 1)]
-                    = Affine{valid ? fast_exp2(sm.a2[ch][n] * v[n]) : -1.0f, acc[ch * kLanes + n][n]};
+                    = Affine{valid ? fast_exp2(sm.a2[ch][n] * v[n]) : -1.0f, valid ? pairwise_sum(lanes) : 0.0f};
             }
         }
     }
@@ -423,32 +419,31 @@ struct Block
     //! compose_segments(): the maps of segments 0 .. s-1 into sm.carry; whether one is invalid.
     bool compose_segments(std::vector<Affine> const& ws, int32_t s, int32_t maps)
     {
+        int const parts = compose_parts(in.d.state);
+        int32_t const run = (s + parts - 1) / parts;
         bool bad = false;
-        int32_t const run = (s + kLanes - 1) / kLanes;
         for (int ch = 0; ch < at.channels; ++ch)
         {
             for (int n = 0; n < in.d.state; ++n)
             {
-                Affine f[kLanes];
-                for (int lane = 0; lane < kLanes; ++lane)
+                std::vector<Affine> f(static_cast<size_t>(parts), identity_map());
+                Affine const* m = ws.data() + offset_map(in.d, at.b, at.first_channel + ch, n, 0, maps);
+                for (int part = 0; part < parts; ++part)
                 {
-                    f[lane] = identity_map();
-                    int32_t const first = lane * run;
+                    int32_t const first = part * run;
                     int32_t const last = first + run < s ? first + run : s;
-                    Affine const* m = ws.data() + offset_map(in.d, at.b, at.first_channel + ch, n, 0, maps);
                     for (int32_t q = first; q < last; ++q)
                     {
                         bad |= m[q].a < 0.0f;
-                        f[lane] = then(f[lane], m[q]);
+                        f[part] = then(f[part], m[q]);
                     }
                 }
-                for (int off = 1; off < kLanes; off *= 2) // __shfl_down_sync tree
+                for (int off = 1; off < parts; off *= 2) // __shfl_down_sync tree
                 {
-                    Affine next[kLanes];
-                    std::copy(f, f + kLanes, next);
-                    for (int lane = 0; lane + off < kLanes; lane += 2 * off)
+                    std::vector<Affine> const next = f;
+                    for (int part = 0; part + off < parts; part += 2 * off)
                     {
-                        f[lane] = then(f[lane], next[lane + off]);
+                        f[part] = then(f[part], next[part + off]);
                     }
                 }
                 sm.carry[ch][n] = f[0].b;

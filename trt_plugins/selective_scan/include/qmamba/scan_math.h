@@ -99,8 +99,8 @@ struct Dims
     int32_t state;   //!< N
 };
 
-//! h -> a * h + b.
-struct Affine
+//! h -> a * h + b (8-byte aligned: one 64-bit load or store on the GPU).
+struct alignas(8) Affine
 {
     float a;
     float b;
@@ -223,6 +223,21 @@ QMAMBA_HD float lane_dt_sum(LaneSteps const& s)
         sum += s.dt[i];
     }
     return sum;
+}
+
+//! v[0] + ... + v[15] by a pairwise tree: ((v0 + v1) + (v2 + v3)) + ...
+QMAMBA_HD float pairwise_sum(float const* v)
+{
+    static_assert(kLanes == 16, "a tree of four levels");
+    float t[8];
+    QMAMBA_UNROLL
+    for (int i = 0; i < 8; ++i)
+    {
+        t[i] = v[2 * i] + v[2 * i + 1];
+    }
+    float const q0 = (t[0] + t[1]) + (t[2] + t[3]);
+    float const q1 = (t[4] + t[5]) + (t[6] + t[7]);
+    return q0 + q1;
 }
 
 //! Whether every dt of the lane is >= 0 (false for NaN). With A2 <= 0 in every state, each step
@@ -490,19 +505,22 @@ struct BlockCoord
 
 //! blockIdx.x -> coordinates, for a grid of `segments` segments (consecutive blocks share a
 //! group's B and C in L2).
+//! Unsigned 32-bit arithmetic: a grid has fewer than 2^31 blocks (check_dims, max_segments), and
+//! it takes a third of the instructions of 64-bit division on the GPU.
 QMAMBA_HD BlockCoord block_coord(Dims const& d, int64_t block, int32_t segments)
 {
-    int32_t const per_group = d.dim / d.groups;
-    int32_t const bpg = blocks_per_group(d);
+    uint32_t const per_group = static_cast<uint32_t>(d.dim) / static_cast<uint32_t>(d.groups);
+    uint32_t const bpg = (per_group + kChannels - 1) / kChannels;
+    uint32_t x = static_cast<uint32_t>(block);
     BlockCoord at{};
-    int32_t const j = static_cast<int32_t>(block % bpg);
-    block /= bpg;
-    at.k = static_cast<int32_t>(block % d.groups);
-    block /= d.groups;
-    at.segment = static_cast<int32_t>(block % segments);
-    at.b = static_cast<int32_t>(block / segments);
-    at.first_channel = at.k * per_group + j * kChannels;
-    int32_t const left = per_group - j * kChannels;
+    uint32_t const j = x % bpg;
+    x /= bpg;
+    at.k = static_cast<int32_t>(x % static_cast<uint32_t>(d.groups));
+    x /= static_cast<uint32_t>(d.groups);
+    at.segment = static_cast<int32_t>(x % static_cast<uint32_t>(segments));
+    at.b = static_cast<int32_t>(x / static_cast<uint32_t>(segments));
+    at.first_channel = static_cast<int32_t>(static_cast<uint32_t>(at.k) * per_group + j * kChannels);
+    int32_t const left = static_cast<int32_t>(per_group - j * kChannels);
     at.channels = left < kChannels ? left : kChannels;
     return at;
 }
@@ -562,6 +580,19 @@ inline int32_t segments_for(Dims const& d, int32_t sm_count, int32_t blocks_per_
         }
     }
     return best;
+}
+
+//! Pass 2's composition of the earlier segments' maps: the block's kChannels x N (channel, state)
+//! pairs get `parts` consecutive threads each (a power of two, as many as fit in kThreads);
+//! part p composes its run of maps in order, then a shuffle tree over the parts.
+constexpr QMAMBA_HD int compose_parts(int state)
+{
+    int parts = 1;
+    while (2 * parts * kChannels * state <= kThreads)
+    {
+        parts *= 2;
+    }
+    return parts;
 }
 
 //! Workspace offset of segment s's map for (b, c, n) when pass 1 writes `maps` = S - 1 segments:

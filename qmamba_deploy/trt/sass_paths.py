@@ -233,16 +233,35 @@ class Cfg:
         return best(loop.header)
 
 
+#: Bytes one thread moves through shared memory per instruction (loads and stores; LDGSTS
+#: writes 16 bytes).
+_SMEM_BYTES = {"LDS": 4, "LDS.U8": 1, "LDS.64": 8, "LDS.128": 16, "STS": 4, "STS.64": 8, "STS.128": 16,
+               "LDGSTS.E.BYPASS.128": 16}
+
+
+def smem_bytes(ops: Counter) -> int:
+    return sum(n * _SMEM_BYTES.get(op, 0) for op, n in ops.items())
+
+
 @dataclass
 class StepCounts:
-    """Instructions of a decaying-path kernel, per lane."""
+    """Instructions of a kernel's decaying path, per thread."""
     tile: int                    #: one tile along the main path, without the state loop
-    state: int                   #: one iteration of the state loop (0: states unrolled, pass 1)
+    state: int                   #: one iteration of the state loop (0: states unrolled)
     states: int                  #: N
     mufu_tile: int
     mufu_state: int
     tile_ops: Counter
     state_ops: Counter
+    setup: int = 0               #: once per block before the tile loop (every instruction there,
+                                 #: both sides of its branches, loops but the map loop excluded)
+    tail: int = 0                #: once per block after it, the same way
+    map_cost: float = 0.0        #: pass 2: per map of an earlier segment a thread composes
+
+    @property
+    def smem_per_step(self) -> float:
+        """Shared-memory bytes per (channel, step)."""
+        return (smem_bytes(self.tile_ops) + self.states * smem_bytes(self.state_ops)) / ITEMS
 
     @property
     def per_tile(self) -> int:
@@ -279,7 +298,59 @@ def decaying_counts(instrs: list[Instr], states: int) -> StepCounts:
             continue
         if best is not None:
             raise ValueError("two decaying tile loops in one kernel")
+        found.setup, found.tail, found.map_cost = _outside(cfg, lp)
         best = found
     if best is None:
         raise ValueError("no decaying tile loop found")
     return best
+
+
+def _outside(cfg: Cfg, tile: Loop) -> tuple:
+    """(setup, tail, map cost) around the tile loop: the longest path from the kernel's entry to
+    the tile loop, and from the tile loop to the end, other loops skipped (a block's once-only
+    work, counting the longer side of every branch: a warp whose lanes diverge issues both), and
+    the map loop of pass 2 (64-bit map loads) as instructions per map."""
+    tops = [lp for lp in cfg.loops if lp.parent is None and lp is not tile]
+    owner = {b: lp for lp in tops for b in lp.body}
+    map_cost = 0.0
+    for lp in cfg.loops:
+        if lp is tile or lp.header in tile.body:
+            continue
+        path = cfg.main_path(lp)
+        maps = path.opcode("LDG.E.64") if path else 0
+        if maps:  # the unrolled main loop: the most maps per iteration
+            map_cost = path.count / maps if map_cost == 0.0 else min(map_cost, path.count / maps)
+
+    def successors(k: int) -> list:
+        if k in owner:
+            lp = owner[k]
+            return sorted({t for b in lp.body for t in cfg.succ[b] if t not in lp.body})
+        return cfg.succ[k]
+
+    def cost(k: int) -> int:
+        if k in owner:
+            return 0
+        return sum(1 for op in cfg.ops(k) if not op.startswith("NOP"))
+
+    def longest(start: int, stop) -> int:
+        visiting: set = set()
+
+        @functools.lru_cache(maxsize=None)
+        def best(k: int) -> int:
+            if stop(k):
+                return 0
+            if k in visiting or (k in owner and owner[k].header != k):
+                return -10 ** 9
+            visiting.add(k)
+            try:
+                tails = [best(t) for t in successors(k)]
+                return cost(k) + max(tails, default=0)
+            finally:
+                visiting.discard(k)
+
+        return max(best(start), 0)
+
+    setup = longest(0, lambda k: k == tile.header)
+    exits = sorted({t for b in tile.body for t in cfg.succ[b] if t not in tile.body})
+    tail = max((longest(t, lambda k: k in tile.body) for t in exits), default=0)
+    return setup, tail, map_cost

@@ -353,8 +353,12 @@ __device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int3
     static_assert(kThreads % kPerRow == 0, "a thread stages the same chunk of every row it stages");
     scan::StageItem const item = scan::stage_item(static_cast<int>(threadIdx.x) % kPerRow, kElems);
     int64_t const t = t0 + item.step;
-    for (int row = static_cast<int>(threadIdx.x) / kPerRow; row < kRows; row += kThreads / kPerRow)
+    // not unrolled, each row's address computed in the loop from an opaque row: this fallback
+    // (misaligned rows, the last tile) is not worth keeping precomputed addresses in registers
+#pragma unroll 1
+    for (int first = static_cast<int>(threadIdx.x) / kPerRow; first < kRows; first += kThreads / kPerRow)
     {
+        int const row = opaque(first);
         // rows 0 .. N-1: B, N .. 2N-1: C
         T const* src = (row < N ? b_rows : c_rows) + static_cast<int64_t>(row < N ? row : row - N) * end;
         float* dst = sm.bc + scan::stage_row(row) + item.offset;
@@ -426,30 +430,44 @@ __device__ __forceinline__ void stage(ScanArgs const& args, LaneCtx const& at, u
     }
 }
 
-//! The lane's steps of tile t0: u and delta (16-byte loads where the row is aligned and the
-//! steps are inside [.., end)) -> dt, dt u, D_skip u.
+//! Where the lane's steps of tile t0 are in a [B, D, L] tensor (element index) and how many of
+//! them lie before `end`; recomputed per tile from opaque indices rather than kept in registers
+//! across the state loop. 16-byte accesses when that address is aligned (then the row is: t is a
+//! multiple of 16 elements) and all kItems steps are inside.
+struct LaneSpan
+{
+    int64_t at;
+    int count;
+};
+
+__device__ __forceinline__ LaneSpan lane_span(ScanArgs const& args, LaneCtx const& at, uint32_t t0, uint32_t end)
+{
+    uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
+    uint32_t const left = end > t ? end - t : 0u;
+    int64_t const row = static_cast<int64_t>(opaque(at.b)) * args.dims.dim + opaque(at.active ? at.c : 0);
+    return LaneSpan{row * args.dims.length + t, at.active ? static_cast<int>(left < kItems ? left : kItems) : 0};
+}
+
+//! The lane's steps of tile t0: u and delta -> dt, dt u, D_skip u.
 template <typename T, typename Sm>
 __device__ __forceinline__ void load_steps(ScanArgs const& args, Sm const& sm, LaneCtx const& at, uint32_t t0,
     uint32_t end, scan::LaneSteps& s)
 {
-    // the row offset from opaque indices: recomputed per tile, not kept across the state loop
-    int64_t const row_off = scan::offset_bdl(args.dims, opaque(at.b), opaque(at.active ? at.c : 0));
-    uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
-    int const count = at.active ? scan::steps_before(t, end) : 0;
-    T const* u_row = static_cast<T const*>(args.u) + row_off;
-    T const* delta_row = static_cast<T const*>(args.delta) + row_off;
+    LaneSpan const span = lane_span(args, at, t0, end);
+    T const* u = static_cast<T const*>(args.u) + span.at;
+    T const* delta = static_cast<T const*>(args.delta) + span.at;
     float raw_u[kItems];
     float raw_delta[kItems];
-    Io<T>::load(u_row, t, count, aligned_row(u_row), raw_u);
+    Io<T>::load(u, 0, span.count, aligned_row(u), raw_u);
     if (args.delta_softplus)
     {
-        Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta, scan::kDeltaPad);
+        Io<T>::load(delta, 0, span.count, aligned_row(delta), raw_delta, scan::kDeltaPad);
         scan::prepare_softplus(raw_u, raw_delta, sm.bias[at.ch], sm.d_skip[at.ch], s);
     }
     else
     {
-        Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta);
-        scan::prepare_plain(raw_u, raw_delta, count, sm.bias[at.ch], sm.d_skip[at.ch], s);
+        Io<T>::load(delta, 0, span.count, aligned_row(delta), raw_delta);
+        scan::prepare_plain(raw_u, raw_delta, span.count, sm.bias[at.ch], sm.d_skip[at.ch], s);
     }
 }
 
@@ -563,9 +581,9 @@ __device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, Bloc
         }
         if (t0 >= begin && at.active)
         {
-            T* y_row = static_cast<T*>(args.y) + scan::offset_bdl(args.dims, opaque(at.b), opaque(at.c));
-            uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
-            Io<T>::store(y_row, t, scan::steps_before(t, end), aligned_row(y_row), s.y);
+            LaneSpan const span = lane_span(args, at, t0, end);
+            T* y = static_cast<T*>(args.y) + span.at;
+            Io<T>::store(y, 0, span.count, aligned_row(y), s.y);
         }
     }
 }
@@ -705,8 +723,7 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
 {
     __shared__ Shared<N, kMaps> sm;
     scan::Dims const& d = args.dims;
-    int32_t const grid_segments = kMaps ? plan.segments - 1 : plan.segments;
-    scan::BlockCoord const bc = scan::block_coord(d, blockIdx.x, grid_segments);
+    scan::BlockCoord const bc = scan::block_coord(plan, blockIdx.x, kMaps);
     int const tid = static_cast<int>(threadIdx.x);
     LaneCtx at{};
     at.b = bc.b;

@@ -18,7 +18,8 @@
 // OUT.bin: float32 y [B,D,L] (NaN where no block wrote).
 //
 // --check-layout: the staging and lane index functions are a bijection onto the staged tile,
-// and the kernel's 16-byte shared stores and loads are free of bank conflicts.
+// the kernel's 16-byte shared stores and loads are free of bank conflicts, and the block
+// coordinates' fast division is exact.
 // --plan: the launcher's segment plan for these dims on that GPU, and the workspace, as JSON.
 #include <algorithm>
 #include <cstdio>
@@ -465,7 +466,7 @@ void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
     };
     for (int64_t block = 0; plan.segments > 1 && block < per * (plan.segments - 1); ++block)
     {
-        Block blk(in, block_coord(d, block, plan.segments - 1), paths);
+        Block blk(in, block_coord(plan, static_cast<uint32_t>(block), true), paths);
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
@@ -473,7 +474,7 @@ void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
     }
     for (int64_t block = 0; block < per * plan.segments; ++block)
     {
-        Block blk(in, block_coord(d, block, plan.segments), paths);
+        Block blk(in, block_coord(plan, static_cast<uint32_t>(block), false), paths);
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
@@ -555,6 +556,28 @@ int check_layout()
             if (groups.size() != 8)
             {
                 std::printf("lane loads of part %d conflict\n", part);
+                ++failures;
+            }
+        }
+    }
+    // fast_div / divide (block coordinates): exact for dividends below 2^31
+    for (uint32_t d : {1u, 2u, 3u, 5u, 6u, 7u, 48u, 63u, 64u, 65u, 127u, 1000u, 65535u, 65536u, 1u << 20, 123456789u,
+             (1u << 30) + 1u, (1u << 31) - 1u})
+    {
+        FastDiv const f = fast_div(d);
+        for (uint32_t n : {0u, 1u, d - 1, d, d + 1, 2 * d - 1, 1000003u, (1u << 30) - 1u, (1u << 31) - 2u, (1u << 31) - 1u})
+        {
+            if (n < (1u << 31) && divide(n, f) != n / d)
+            {
+                std::printf("divide(%u, %u) = %u, not %u\n", n, d, divide(n, f), n / d);
+                ++failures;
+            }
+        }
+        for (uint32_t n = 0; n < 100000; n += 7)
+        {
+            if (divide(n, f) != n / d)
+            {
+                std::printf("divide(%u, %u) = %u, not %u\n", n, d, divide(n, f), n / d);
                 ++failures;
             }
         }

@@ -476,12 +476,53 @@ QMAMBA_HD int64_t blocks_per_segment(Dims const& d)
     return static_cast<int64_t>(d.batch) * d.groups * blocks_per_group(d);
 }
 
+//! n / d for n < 2^31 by a multiply-high and a shift (Granlund-Montgomery): with
+//! l = ceil(log2 d) >= 1, m = ceil(2^(31 + l) / d) < 2^32 and n / d = (n m / 2^32) >> (l - 1);
+//! d = 1 keeps m = 0. Computed on the host once per call (Plan), used per block on the GPU.
+struct FastDiv
+{
+    uint32_t m;
+    uint32_t shift;
+};
+
+QMAMBA_HD FastDiv fast_div(uint32_t d)
+{
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < d)
+    {
+        ++l;
+    }
+    if (l == 0)
+    {
+        return FastDiv{0, 0};
+    }
+    uint64_t const m = ((uint64_t{1} << (31 + l)) + d - 1) / d;
+    return FastDiv{static_cast<uint32_t>(m), l - 1};
+}
+
+QMAMBA_HD uint32_t divide(uint32_t n, FastDiv f)
+{
+#if defined(__CUDA_ARCH__)
+    uint32_t const high = __umulhi(n, f.m);
+#else
+    uint32_t const high = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.m) >> 32);
+#endif
+    return f.m == 0 ? n : high >> f.shift;
+}
+
 //! How a call is cut: `segments` segments of `segment_length` steps (whole tiles; the last may
-//! be shorter).
+//! be shorter), and what the blocks need to find their place (grids have fewer than 2^31 blocks:
+//! check_dims, max_segments).
 struct Plan
 {
     int32_t segments;
     int64_t segment_length;
+    uint32_t groups;        //!< K
+    uint32_t per_group;     //!< channels per group, D / K
+    uint32_t group_blocks;  //!< blocks per group, ceil(D / K / kChannels)
+    FastDiv by_group_blocks;
+    FastDiv by_groups;
+    FastDiv by_segments[2]; //!< by S (pass 2, one pass) and by S - 1 (pass 1)
 };
 
 //! The plan for (at most) `segments` segments: whole tiles per segment, no empty segment.
@@ -490,7 +531,17 @@ QMAMBA_HD Plan plan_for(Dims const& d, int32_t segments)
     int64_t const tiles = tiles_in(d) < 1 ? 1 : tiles_in(d);
     int64_t const wanted = segments < 1 ? 1 : (segments > tiles ? tiles : segments);
     int64_t const per_segment = (tiles + wanted - 1) / wanted;
-    return Plan{static_cast<int32_t>((tiles + per_segment - 1) / per_segment), per_segment * kTile};
+    Plan p{};
+    p.segments = static_cast<int32_t>((tiles + per_segment - 1) / per_segment);
+    p.segment_length = per_segment * kTile;
+    p.groups = static_cast<uint32_t>(d.groups);
+    p.per_group = static_cast<uint32_t>(d.dim / d.groups);
+    p.group_blocks = static_cast<uint32_t>(blocks_per_group(d));
+    p.by_group_blocks = fast_div(p.group_blocks);
+    p.by_groups = fast_div(static_cast<uint32_t>(d.groups));
+    p.by_segments[0] = fast_div(static_cast<uint32_t>(p.segments));
+    p.by_segments[1] = fast_div(static_cast<uint32_t>(p.segments > 1 ? p.segments - 1 : 1));
+    return p;
 }
 
 //! Where one block works: batch b, group k, its first channel, segment s.
@@ -503,24 +554,22 @@ struct BlockCoord
     int32_t segment;
 };
 
-//! blockIdx.x -> coordinates, for a grid of `segments` segments (consecutive blocks share a
-//! group's B and C in L2).
-//! Unsigned 32-bit arithmetic: a grid has fewer than 2^31 blocks (check_dims, max_segments), and
-//! it takes a third of the instructions of 64-bit division on the GPU.
-QMAMBA_HD BlockCoord block_coord(Dims const& d, int64_t block, int32_t segments)
+//! Block `block` of pass 2 / one pass (pass1 = false: S segments) or of pass 1 (S - 1 segments)
+//! -> coordinates: consecutive blocks are the blocks of one group at one segment (they share B
+//! and C in L2), then groups, segments, batch.
+QMAMBA_HD BlockCoord block_coord(Plan const& p, uint32_t block, bool pass1)
 {
-    uint32_t const per_group = static_cast<uint32_t>(d.dim) / static_cast<uint32_t>(d.groups);
-    uint32_t const bpg = (per_group + kChannels - 1) / kChannels;
-    uint32_t x = static_cast<uint32_t>(block);
+    uint32_t const segments = static_cast<uint32_t>(pass1 ? p.segments - 1 : p.segments);
+    uint32_t const x = divide(block, p.by_group_blocks); // block = x * group_blocks + j
+    uint32_t const y = divide(x, p.by_groups);             // x = y * groups + k
+    uint32_t const b = divide(y, p.by_segments[pass1 ? 1 : 0]);
+    uint32_t const j = block - x * p.group_blocks;
     BlockCoord at{};
-    uint32_t const j = x % bpg;
-    x /= bpg;
-    at.k = static_cast<int32_t>(x % static_cast<uint32_t>(d.groups));
-    x /= static_cast<uint32_t>(d.groups);
-    at.segment = static_cast<int32_t>(x % static_cast<uint32_t>(segments));
-    at.b = static_cast<int32_t>(x / static_cast<uint32_t>(segments));
-    at.first_channel = static_cast<int32_t>(static_cast<uint32_t>(at.k) * per_group + j * kChannels);
-    int32_t const left = static_cast<int32_t>(per_group - j * kChannels);
+    at.k = static_cast<int32_t>(x - y * p.groups);
+    at.segment = static_cast<int32_t>(y - b * segments);
+    at.b = static_cast<int32_t>(b);
+    at.first_channel = static_cast<int32_t>(static_cast<uint32_t>(at.k) * p.per_group + j * kChannels);
+    int32_t const left = static_cast<int32_t>(p.per_group - j * kChannels);
     at.channels = left < kChannels ? left : kChannels;
     return at;
 }

@@ -97,14 +97,16 @@ def test_host_harness_matches_reference(harness, batch, dim, groups, length, sta
 
 @pytest.mark.parametrize("state", range(1, 17))
 def test_host_harness_every_state_size(harness, state):
-    """Every instantiated N, in one pass and in two (pass 1's maps of N states)."""
+    """Every instantiated N, in one pass, in two (pass 1's maps of N states) and, up to
+    kMaxFusedState = 12, in the fused mode (one tile per block: 3 here)."""
     case = _case(1, 12, 2, 2 * TILE + 40, state, seed=100 + state)
     case["A"] = case["A"] * 0.05  # slow decay: the carried states and segment maps matter
     want = _reference(case, True)
-    for segments in (1, 3):
+    for segments in (1, 3, -1) if state <= 12 else (1, 3):
         stats = {}
         got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
-        assert stats["segments"] == segments
+        assert stats["segments"] == 3 if segments == -1 else segments
+        assert stats["fused"] == (segments == -1)
         assert _rel_error(got, want) <= 1e-5, segments
 
 
@@ -187,6 +189,27 @@ def test_host_harness_growing_decays(harness, segments):
     assert stats["catch_ups"] == (segments - 1)  # every later segment's block reruns the earlier ones
 
 
+@pytest.mark.parametrize("elem_bytes", [4, 2])
+def test_host_harness_fused_mode(harness, elem_bytes):
+    """The fused mode (phase 1 of every block, the grid-wide barrier, phase 2): several blocks per
+    group and groups, an odd L (the last tile partial), misaligned rows; a group with A > 0 is
+    scanned lane after lane by its segment-0 block while the other group fuses."""
+    case = _case(2, 20, 2, 6 * TILE + 13, 8, seed=31)
+    case["A"] = case["A"] * 0.05
+    want = _reference(case, True)
+    for offsets in ({}, {"u": 1, "B": 2, "y": 3}):
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), segments=-1, elem_bytes=elem_bytes, offsets=offsets,
+                                      stats=stats)
+        assert stats["fused"] and stats["segments"] == 7 and stats["serial_tiles"] == 0
+        assert _rel_error(got, want) <= 1e-5, offsets
+    case["A"][12] = 0.01  # group 1 (channels 10..19) does not decay
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), segments=-1, elem_bytes=elem_bytes, stats=stats)
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+    assert stats["serial_tiles"] == 2 * 7 * 1  # per batch item: channel 12's block, its 7 tiles, once
+
+
 def test_host_harness_growing_in_some_tiles_only(harness):
     """Mixed signs: dt < 0 only in the second tile (composed maps before and after it; with three
     segments only the third segment's block reruns the earlier ones)."""
@@ -239,6 +262,8 @@ def test_host_harness_rejects_bad_dims(harness, tmp_path):
         plugin.run_host_harness(harness, inputs)
     with pytest.raises(RuntimeError, match="at most 1 segments"):
         plugin.run_host_harness(harness, _numpy(_case(1, 4, 1, 100, 2, seed=0)), segments=2)
+    with pytest.raises(RuntimeError, match="the fused mode needs softplus"):
+        plugin.run_host_harness(harness, _numpy(_case(1, 4, 1, 600, 2, seed=0)), segments=-1, delta_softplus=False)
 
 
 def test_layout_is_conflict_free(harness):
@@ -246,10 +271,31 @@ def test_layout_is_conflict_free(harness):
     assert run.returncode == 0 and "layout ok" in run.stdout, run.stdout
 
 
-def _plan(harness, batch, dim, groups, length, state, sms, blocks_per_sm):
-    run = subprocess.run([str(harness), "--plan", *map(str, (batch, dim, groups, length, state, sms, blocks_per_sm))],
+def _plan(harness, batch, dim, groups, length, state, sms, blocks_per_sm, fused_blocks_per_sm=0):
+    run = subprocess.run([str(harness), "--plan", *map(str, (batch, dim, groups, length, state, sms, blocks_per_sm,
+                                                             fused_blocks_per_sm))],
                          capture_output=True, text=True, check=True)
     return json.loads(run.stdout)
+
+
+def test_launcher_fuses_batch_1_when_every_block_fits(harness):
+    """MambaIRv2-light at batch 1: the fused mode (one launch, 64 one-tile blocks per channel
+    group) when the fused kernel's blocks all fit the GPU (132 SMs x 4), two passes otherwise
+    (no cooperative launch: 0; an Orin's 16 SMs; batch 2's 768 blocks); never without softplus or
+    when the caller asks for two passes."""
+    light = (48, 1, 16384, 8)
+    fused = _plan(harness, 1, *light, 132, 4, 4)
+    assert fused["fused"] and fused["segments"] == 64 and fused["segment_length"] == TILE
+    assert not _plan(harness, 1, *light, 132, 4, 0)["fused"]
+    assert not _plan(harness, 1, *light, 16, 4, 4)["fused"]
+    assert not _plan(harness, 2, *light, 132, 4, 4)["fused"]
+    assert not _plan(harness, 1, 48, 1, 16384, 16, 132, 4, 4)["fused"]  # N > kMaxFusedState
+    case = _numpy(_case(1, 8, 1, 4 * TILE, 4, seed=41))
+    for softplus, two_passes, want in ((True, False, True), (False, False, False), (True, True, False)):
+        stats = {}
+        plugin.run_host_harness(harness, case, delta_softplus=softplus, fused_blocks_per_sm=4, two_passes=two_passes,
+                                stats=stats)
+        assert stats["fused"] == want, (softplus, two_passes)
 
 
 def test_segments_follow_occupancy_and_fill_the_gpu(harness):
@@ -297,7 +343,7 @@ def test_nvcc_compiles_the_kernel_for_orin_and_hopper(tmp_path):
     with_sass = plugin.cuda_binary("cuobjdump") is not None and plugin.cuda_binary("nvdisasm") is not None
     rows = plugin.kernel_report(log[0], exe if with_sass else None)
     expected = {(arch, io, n, kernel) for arch in ("sm_87", "sm_90") for io in ("fp32", "fp16")
-                for n in range(1, 17) for kernel in ("scan", "maps")}
+                for n in range(1, 17) for kernel in ("scan", "maps", "fused") if kernel != "fused" or n <= 12}
     assert {(r.arch, r.io, r.state, r.kernel) for r in rows} == expected
     problems = [f"{r.arch} {r.io} N={r.state} {r.kernel}: {p}" for r in rows for p in r.problems()]
     assert not problems, "\n".join(problems)
@@ -313,12 +359,12 @@ def test_nvcc_compiles_the_kernel_for_orin_and_hopper(tmp_path):
 
 def test_kernel_report_reads_ptxas_and_flags_problems():
     """The parser behind the register check: it reads ptxas's lines and its verdict can fail."""
-    text = """ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelIfLi8ELb0EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_90'
-ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelIfLi8ELb0EEEvNS_8ScanArgsENS_4scan4PlanE
+    text = """ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelIfLi8ELi0EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_90'
+ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelIfLi8ELi0EEEvNS_8ScanArgsENS_4scan4PlanE
     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
 ptxas info    : Used 128 registers, used 1 barriers, 17472 bytes smem
-ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelI6__halfLi16ELb1EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_87'
-ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelI6__halfLi16ELb1EEEvNS_8ScanArgsENS_4scan4PlanE
+ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelI6__halfLi16ELi1EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_87'
+ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelI6__halfLi16ELi1EEEvNS_8ScanArgsENS_4scan4PlanE
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 168 registers, used 1 barriers, 33856 bytes smem
 """
@@ -369,7 +415,7 @@ GPU_CHECK = plugin.plugin_source_dir().parents[1] / "tools" / "gpu_kernel_check.
 FAKE_KERNEL_CHECK = """#!/usr/bin/env bash
 # stands in for kernel_check: prints its JSON line; "fails" for the --grow case when asked to
 if [[ "${FAIL_GROW:-0}" == 1 && " $* " == *" --grow "* ]]; then echo bad; exit 1; fi
-echo '{"gpu": "fake", "cc": "9.0", "sms": 132, "blocks_per_sm": 4, "B": '$1', "D": '$2', "K": '$3', "L": '$4', "N": '$5', "io": "fp32", "softplus": true, "grow": false, "offset": 0, "segments": 3, "max_rel_error": 1e-7, "max_rel_error_one_pass": 1e-7, "tolerance": 1e-5, "ms": 0.01, "ms_one_pass": 0.02, "bytes": 1000, "GBps": 100.0, "GBps_one_pass": 50.0, "peak_GBps": 3350.0, "fraction_of_peak": 0.03, "fraction_of_peak_one_pass": 0.015}'
+echo '{"gpu": "fake", "cc": "9.0", "sms": 132, "blocks_per_sm": 4, "fused_blocks_per_sm": 4, "B": '$1', "D": '$2', "K": '$3', "L": '$4', "N": '$5', "io": "fp32", "softplus": true, "grow": false, "positive_a": false, "offset": 0, "segments": 3, "fused": true, "max_rel_error": 1e-7, "max_rel_error_two_passes": 2e-7, "max_rel_error_one_pass": 1e-7, "tolerance": 1e-5, "ms": 0.01, "ms_two_passes": 0.015, "ms_one_pass": 0.02, "bytes": 1000, "GBps": 100.0, "GBps_two_passes": 66.7, "GBps_one_pass": 50.0, "peak_GBps": 3350.0, "fraction_of_peak": 0.03, "fraction_of_peak_two_passes": 0.02, "fraction_of_peak_one_pass": 0.015}'
 """
 
 
@@ -414,4 +460,6 @@ def test_gpu_kernel_check_script_runs_and_summarises(tmp_path, fail):
     assert {r["name"] for r in summary["runs"] if r["rc"] != 0} == (
         {"edge_grow_fp32", "edge_grow_fp16", "sanitize_memcheck_grow", "sanitize_racecheck_grow",
          "sanitize_synccheck_grow"} if fail else set())
-    assert "| v2light_128_fp32 | 0 | 1 | 48 | 1 | 16384 | 8 |" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "| v2light_128_fp32 | 0 | 1 | 48 | 1 | 16384 | 8 | fp32 | fused, 3 tiles | 1.00e-07 / 2.00e-07 / 1.00e-07 |" in md
+    assert "sanitize_racecheck_positive_a" in names

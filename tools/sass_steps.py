@@ -6,16 +6,19 @@ model built on them (docs/deploy.md, "Roofline model"). No GPU is needed; no GPU
 Compiles the kernel (with tests/kernel_check.cu, as tools/ptxas_report.py does), reads each
 kernel's SASS with cuobjdump and counts, along the main path of its decaying tiles
 (qmamba_deploy/trt/sass_paths.py): the tile loop, the state loop, MUFU and shared-memory bytes
-per (channel, step), the block's setup and tail, and pass 2's cost per composed map. Then the
+per (channel, step), the block's setup and tail, and the cost per composed map (the fused
+kernel: its whole path, with its two state loops). Then the
 model for MambaIRv2-light (D = 48, K = 1, N = 8) on H100, H200 (sm_90 counts) and Orin (sm_87):
 
 * compute: an SM issues 4 warp instructions per clock; a share eta_issue = 0.8 of the slots is
   kept busy (an assumption); MUFU: 16 per SM per clock; shared memory: 128 bytes per clock;
 * memory: the op's minimum bytes per (channel, step), 3 s + 2 N s / D (s = element size), at
   eta_dram = 0.9 of the peak;
-* one pass, a full wave of blocks (large batch); two passes at batch 1, 128x128 (L = 16384), with
-  the segments the launcher picks on that GPU (host harness --plan): pass 1 on S - 1 segments,
-  pass 2 on S, each block's setup and tail, and pass 2's composition of the earlier maps.
+* one pass, a full wave of blocks (large batch); at batch 1, 128x128 (L = 16384): two passes with
+  the segments the launcher picks on that GPU (host harness --plan; pass 1 on S - 1 segments,
+  pass 2 on S, each block's setup and tail, pass 2's composition of the earlier maps), and the
+  fused mode where the launcher picks it (all blocks resident at 4 per SM: one tile per block,
+  its whole path once, the composition of the earlier tiles' maps).
 
 The fraction of HBM bandwidth = min(compute rate, memory rate) / (HBM rate at the minimum bytes).
 """
@@ -85,12 +88,24 @@ def one_pass(c: sass_paths.StepCounts, length: int) -> Work:
     return Work(c.per_step + per_block(c.setup + c.tail, length), c.mufu_per_step, c.smem_per_step)
 
 
+def composed_maps(states: int, segments: int) -> float:
+    """Maps of earlier segments one thread composes, on average over the segments
+    (scan::compose_parts() threads per (channel, state))."""
+    parts = 1
+    while 2 * parts * CHANNELS * states <= THREADS:
+        parts *= 2
+    return sum(math.ceil(s / parts) for s in range(segments)) / segments
+
+
+def fused(c: sass_paths.StepCounts, segments: int) -> Work:
+    """The fused mode: one tile per block, its whole path once per tile."""
+    return Work(c.per_step + per_block(composed_maps(c.states, segments) * c.map_cost, ITEMS * sass_paths.ITEMS),
+                c.mufu_per_step, c.smem_per_step)
+
+
 def two_passes(scan: sass_paths.StepCounts, maps: sass_paths.StepCounts, segments: int, seg_len: int) -> list:
     """[pass 1, pass 2] per (channel, step) of the whole sequence."""
-    parts = 1
-    while 2 * parts * CHANNELS * scan.states <= THREADS:
-        parts *= 2
-    composed = sum(math.ceil(s / parts) for s in range(segments)) / segments  # maps per thread, mean
+    composed = composed_maps(scan.states, segments)
     share = (segments - 1) / segments
     p1 = Work(share * (maps.per_step + per_block(maps.setup + maps.tail, seg_len)), share * maps.mufu_per_step,
               share * maps.smem_per_step)
@@ -109,10 +124,11 @@ def fraction(gpu: Gpu, works: list, elem: int, state: int, dim: int) -> dict:
             "issue": sum(w.issue for w in works), "mufu": sum(w.mufu for w in works)}
 
 
-def plan(harness: Path, batch: int, gpu: Gpu, blocks_per_sm: int = 4) -> dict:
+def plan(harness: Path, batch: int, gpu: Gpu, fused_blocks_per_sm: int, blocks_per_sm: int = 4) -> dict:
+    """The launcher's choice (host harness --plan) at the kernels' 4 resident blocks per SM."""
     out = subprocess.run([str(harness), "--plan", str(batch), str(LIGHT["dim"]), str(LIGHT["groups"]),
-                          str(LIGHT["length"]), str(LIGHT["state"]), str(gpu.sms), str(blocks_per_sm)],
-                         capture_output=True, text=True, check=True)
+                          str(LIGHT["length"]), str(LIGHT["state"]), str(gpu.sms), str(blocks_per_sm),
+                          str(fused_blocks_per_sm)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -128,7 +144,8 @@ def counts_of(binary: Path, states: set) -> dict:
         for name, instrs in sass_paths.parse_functions(part).items():
             key = plugin._kernel_key(name)
             if key and key[1] in states:
-                out[(arch, *key)] = sass_paths.decaying_counts(instrs, key[1])
+                count = sass_paths.fused_counts if key[2] == "fused" else sass_paths.decaying_counts
+                out[(arch, *key)] = count(instrs, key[1])
     return out
 
 
@@ -147,7 +164,8 @@ def main() -> int:
         print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for (arch, io, n, kernel), c in sorted(counts.items()):
             if n in args.states:
-                print(f"| {arch} | {io} | {n} | {'pass 1' if kernel == 'maps' else 'one pass / pass 2'} | {c.tile} | "
+                name = {"maps": "pass 1", "scan": "one pass / pass 2", "fused": "fused"}[kernel]
+                print(f"| {arch} | {io} | {n} | {name} | {c.tile} | "
                       f"{c.state or '-'} | {c.per_step:.1f} | {c.mufu_per_step:.2f} | {c.smem_per_step:.0f} | "
                       f"{c.setup} | {c.tail} | {c.map_cost or '-'} |")
         model = []
@@ -158,11 +176,14 @@ def main() -> int:
                 key = (gpu.arch, io, LIGHT["state"])
                 if key + ("scan",) not in counts:
                     continue
-                scan, maps = counts[key + ("scan",)], counts[key + ("maps",)]
-                p = plan(harness, 1, gpu)
+                scan, maps, fuse = (counts[key + (k,)] for k in ("scan", "maps", "fused"))
+                two = plan(harness, 1, gpu, 0)
+                auto = plan(harness, 1, gpu, 4)
                 modes = {"one pass, full wave": [one_pass(scan, LIGHT["length"])],
-                         f"batch 1: two passes, {p['segments']} segments": two_passes(
-                             scan, maps, p["segments"], p["segment_length"])}
+                         f"batch 1: two passes, {two['segments']} segments": two_passes(
+                             scan, maps, two["segments"], two["segment_length"])}
+                if auto["fused"]:
+                    modes[f"batch 1: fused, {auto['segments']} tiles"] = [fused(fuse, auto["segments"])]
                 for mode, works in modes.items():
                     f = fraction(gpu, works, elem, LIGHT["state"], LIGHT["dim"])
                     model.append({"gpu": gpu.name, "io": io, "mode": mode, **f})

@@ -232,6 +232,41 @@ class Cfg:
 
         return best(loop.header)
 
+    def kernel_path(self) -> Optional[Path]:
+        """The kernel from its entry to an exit, loops skipped (entered at their header, left by
+        an exit; they are in Path.nested): at each branch the side with more vector memory
+        instructions, then without a doubly nested loop, then with more MUFU.EX2, then the
+        longer one (a warp whose lanes diverge issues both sides; this counts the longer)."""
+        tops = [lp for lp in self.loops if lp.parent is None]
+        owner = {b: lp for lp in tops for b in lp.body}
+        visiting: set = set()
+
+        def key(p: Path) -> tuple:
+            return (p.vector, -p.deep, p.opcode("MUFU.EX2"), p.count)
+
+        @functools.lru_cache(maxsize=None)
+        def best(k: int) -> Optional[Path]:
+            if k in owner and owner[k].header != k or k in visiting:
+                return None
+            visiting.add(k)
+            try:
+                if k in owner:
+                    lp = owner[k]
+                    here = Path(nested=[k], deep=int(any(o.parent == k for o in self.loops)))
+                    targets = sorted({t for b in lp.body for t in self.succ[b] if t not in lp.body})
+                else:
+                    ops = [op for op in self.ops(k) if not op.startswith("NOP")]
+                    here = Path(sum(map(_is_vector, ops)), len(ops), Counter(ops))
+                    targets = self.succ[k]
+                if not targets:
+                    return here
+                options = [o for o in (best(t) for t in targets) if o is not None]
+                return here + max(options, key=key) if options else None
+            finally:
+                visiting.discard(k)
+
+        return best(0)
+
 
 #: Bytes one thread moves through shared memory per instruction (loads and stores; LDGSTS
 #: writes 16 bytes).
@@ -350,7 +385,29 @@ def _outside(cfg: Cfg, tile: Loop) -> tuple:
 
         return max(best(start), 0)
 
+    if not tile.body:
+        return 0, 0, map_cost
     setup = longest(0, lambda k: k == tile.header)
     exits = sorted({t for b in tile.body for t in cfg.succ[b] if t not in tile.body})
     tail = max((longest(t, lambda k: k in tile.body) for t in exits), default=0)
     return setup, tail, map_cost
+
+
+def fused_counts(instrs: list[Instr], states: int) -> StepCounts:
+    """The fused kernel (one tile per block, no tile loop): the kernel's path (Cfg.kernel_path:
+    setup, loads, softplus, staging, store) as `tile`, its two state loops (phase 1 with the
+    lane scan, phase 2 with the replay) as one `state`, and the map loop's cost per map."""
+    cfg = Cfg(instrs)
+    path = cfg.kernel_path()
+    if path is None:
+        raise ValueError("no path through the fused kernel")
+    phases = [cfg.main_path(cfg.loop(h)) for h in path.nested]
+    phases = [p for p in phases if p is not None and p.opcode("MUFU.EX2") >= ITEMS - 1]
+    first = [p for p in phases if p.opcode("SHFL") >= 8]
+    second = [p for p in phases if not p.opcode("SHFL")]
+    if len(first) != 1 or len(second) != 1:
+        raise ValueError("the fused kernel's two state loops not found")
+    state_ops = first[0].ops + second[0].ops
+    _, _, map_cost = _outside(cfg, Loop(-1, set(), set()))
+    return StepCounts(path.count, first[0].count + second[0].count, states, path.opcode("MUFU"),
+                      first[0].opcode("MUFU") + second[0].opcode("MUFU"), path.ops, state_ops, map_cost=map_cost)

@@ -10,6 +10,7 @@
 //      state lives in shared memory. A (tile, state) with growing maps runs lane after lane;
 //   4. y is stored with 16-byte stores.
 // Pass 1 of the segmented mode is the same loop without C, replay and y (kOutput = false).
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 
 #include "qmamba/selective_scan.h"
@@ -288,15 +289,26 @@ __device__ __forceinline__ void scan_round(Affine& f)
     }
 }
 
-//! Shared memory of one block: the staged B and C rows (only B in pass 1: kMaps), a per-lane
-//! area (pass 1: each lane's partial segment maps by state; otherwise each lane's dt u by chunks,
-//! kept there through the state loop), A * log2(e), the carried states, and each lane's dt sum
-//! of the tile (read once per state, not kept in a register through the state loop).
-template <int N, bool kMaps>
+//! The kernel's passes: one pass or pass 2 (kScanPass), pass 1 (kMapsPass), and the fused
+//! mode (kFusedPass: one launch, one tile per block, a grid-wide barrier between the segment maps
+//! and the output).
+constexpr int kScanPass = 0;
+constexpr int kMapsPass = 1;
+constexpr int kFusedPass = 2;
+using scan::kMaxFusedState;
+
+//! Shared memory of one block: the staged B and C rows (only B in pass 1), a per-lane area (pass
+//! 1: each lane's partial segment maps by state; otherwise each lane's dt u by chunks, kept there
+//! through the state loop), the fused mode's lane prefix maps, A * log2(e), the carried states,
+//! and each lane's dt sum of the tile (read once per state, not kept in a register through the
+//! state loop).
+template <int N, int kPass>
 struct alignas(16) Shared
 {
+    static constexpr bool kMaps = kPass == kMapsPass;
     float bc[(kMaps ? 1 : 2) * N * kTile];
     float4 lanes[(kMaps ? N : kItems) / kChunk * kThreads + (kMaps && N % kChunk != 0 ? kThreads : 0)];
+    float2 prefix[kPass == kFusedPass ? N * kThreads : 1];
     float a2[kChannels][N];
     float carry[kChannels][N];
     float d_skip[kChannels];
@@ -308,7 +320,7 @@ struct alignas(16) Shared
     {
         return reinterpret_cast<float*>(lanes)[n * kThreads + thread];
     }
-    //! One pass / pass 2: lane `thread`'s dt u, steps 4 part .. 4 part + 3.
+    //! One pass / pass 2 / fused: lane `thread`'s dt u, steps 4 part .. 4 part + 3.
     __device__ __forceinline__ float4& dtu(int part, int thread)
     {
         return lanes[part * kThreads + thread];
@@ -552,7 +564,7 @@ __device__ __forceinline__ void serial_states(Sm& sm, LaneCtx const& at, scan::L
 
 //! Scans tiles [from, end) of the block's channels from the states in sm.carry; writes y from
 //! `begin` on (from < begin: pass 2's catch-up over earlier segments, whole tiles).
-template <typename T, int N, typename Sm>
+template <typename T, int N, bool kSerialOnly = false, typename Sm>
 __device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, BlockDecay const& decay, uint32_t from,
     uint32_t begin, uint32_t end)
 {
@@ -571,7 +583,7 @@ __device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, Bloc
         bool const decays = tile_decays(decay, s); // and the previous tile's rows are read
         stage<T, N, true>(args, at, t0, vec_rows, sm);
         __syncthreads();
-        if (decays)
+        if (!kSerialOnly && decays)
         {
             decaying_states<N>(sm, at, s);
         }
@@ -636,7 +648,7 @@ __device__ void segment_maps(ScanArgs const& args, Sm& sm, LaneCtx const& at, Bl
         for (int n = 0; n < N; ++n, ++a2_at, acc_at += kThreads, b_row.at += kTile)
         {
             float const a2 = *a2_at;
-            float const h = scan::compose_steps(s, a2, b_row);
+            float const h = scan::compose_steps(s.dt, scan::LaneArray{s.dtu}, a2, b_row);
             float const acc = first ? 0.0f : *acc_at;
             *acc_at = scan::madd(acc, scan::fast_exp2(a2 * tile), h * scan::fast_exp2(a2 * after));
         }
@@ -716,14 +728,119 @@ __device__ bool compose_segments(ScanArgs const& args, Sm& sm, scan::BlockCoord 
     return bad;
 }
 
-//! kMaps = false: scans segment blockIdx's segment with output (all of L when there is one
-//! segment). kMaps = true: pass 1, the segment's map into the workspace.
-template <typename T, int N, bool kMaps>
+// ---------------------------------------------------------------------------------------------
+// The fused mode: one launch of one-tile segments, all blocks resident (a cooperative launch).
+// Phase 1 composes each lane's steps (decays formed on the way), scans the 16 lanes' maps and
+// keeps each lane's exclusive prefix map in shared memory; the tile's map goes to the workspace.
+// After a grid-wide barrier, phase 2 composes the earlier tiles' maps into the state at the
+// tile's start and replays each lane's steps from its prefix (the decays formed again): no second
+// launch, no second load of u, delta, B and C, no second softplus.
+
+//! Phase 1 for every state; `publish`: the block's maps of state 0 in the workspace (null for
+//! the last segment, whose map nobody reads), states `maps` apart.
+template <int N, typename Sm>
+__device__ __forceinline__ void fused_maps(Sm& sm, LaneCtx const& at, scan::LaneSteps const& s, Affine* publish,
+    int32_t maps)
+{
+    float const* a2_at = &sm.a2[at.ch][0];
+    float2* prefix_at = &sm.prefix[threadIdx.x];
+    LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+    LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
+    float const* dt_sum_at = &sm.dt_sum[threadIdx.x];
+#pragma unroll 1
+    for (int n = 0; n < N; ++n, ++a2_at, prefix_at += kThreads, b_row.at += kTile)
+    {
+        float const a2 = *a2_at;
+        Affine f{scan::fast_exp2(a2 * *dt_sum_at), scan::compose_steps(s.dt, dtu, a2, b_row)};
+        scan_round<1, true>(f);
+        scan_round<2, true>(f);
+        scan_round<4, true>(f);
+        scan_round<8, true>(f);
+        float const below_a = __shfl_up_sync(0xffffffffu, f.a, 1, kLanes);
+        float const below_b = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
+        *prefix_at = at.lane == 0 ? make_float2(1.0f, 0.0f) : make_float2(below_a, below_b);
+        if (publish != nullptr && at.lane == kLanes - 1 && at.active)
+        {
+            publish[static_cast<int64_t>(n) * maps] = f;
+        }
+    }
+}
+
+//! Phase 2 for every state: each lane's start state from its prefix map and the state at the
+//! tile's start (sm.carry), then its steps with output.
+template <int N, typename Sm>
+__device__ __forceinline__ void fused_output(Sm& sm, LaneCtx const& at, scan::LaneSteps& s)
+{
+    float const* a2_at = &sm.a2[at.ch][0];
+    float const* carry_at = &sm.carry[at.ch][0];
+    float2 const* prefix_at = &sm.prefix[threadIdx.x];
+    LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+    LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
+#pragma unroll 1
+    for (int n = 0; n < N; ++n, ++a2_at, ++carry_at, prefix_at += kThreads, b_row.at += kTile)
+    {
+        float2 const p = *prefix_at;
+        scan::serial_steps(scan::madd(p.x, *carry_at, p.y), s.dt, dtu, *a2_at, b_row, LaneRow{b_row.at + N * kTile}, s.y);
+    }
+}
+
+//! One block of the fused mode: tile `bc.segment` of its channels. A block whose channels do not
+//! all decay (A > 0 or NaN; the launcher fuses only with softplus on) publishes nothing; the
+//! segment-0 block of its group then scans the whole sequence lane after lane, the others stop.
+template <typename T, int N, typename Sm>
+__device__ void fused_segment(ScanArgs const& args, scan::Plan const& plan, Sm& sm, LaneCtx const& at,
+    scan::BlockCoord const& bc, BlockDecay const& decay, uint32_t begin, uint32_t end)
+{
+    int32_t const maps = plan.segments - 1;
+    scan::LaneSteps s;
+    if (decay.always)
+    {
+        load_steps<T>(args, sm, at, begin, end, s);
+        sm.dt_sum[threadIdx.x] = scan::lane_dt_sum(s);
+#pragma unroll
+        for (int part = 0; part < kItems / kChunk; ++part)
+        {
+            float const* v = s.dtu + kChunk * part;
+            sm.dtu(part, threadIdx.x) = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        stage<T, N, true>(args, at, begin, rows_vectorisable<T, true>(args, at.b, at.k), sm);
+        __syncthreads();
+        Affine* publish = bc.segment < maps
+            ? static_cast<Affine*>(args.workspace) + scan::offset_map(args.dims, at.b, at.c, 0, bc.segment, maps)
+            : nullptr;
+        fused_maps<N>(sm, at, s, publish, maps);
+    }
+    cooperative_groups::this_grid().sync(); // every block's maps are in the workspace
+    if (!decay.always)
+    {
+        if (bc.segment == 0)
+        {
+            scan_tiles<T, N, true>(args, sm, at, decay, 0u, 0u, static_cast<uint32_t>(args.dims.length));
+        }
+        return;
+    }
+    if (bc.segment > 0)
+    {
+        compose_segments<N>(args, sm, bc, bc.segment, maps); // valid: the group decays
+        __syncthreads();
+    }
+    fused_output<N>(sm, at, s);
+    if (at.active)
+    {
+        LaneSpan const span = lane_span(args, at, begin, end);
+        T* y = static_cast<T*>(args.y) + span.at;
+        Io<T>::store(y, 0, span.count, aligned_row(y), s.y);
+    }
+}
+
+//! kScanPass: scans segment blockIdx's segment with output (all of L when there is one
+//! segment). kMapsPass: pass 1, the segment's map into the workspace. kFusedPass: the fused mode.
+template <typename T, int N, int kPass>
 __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_scan_kernel(ScanArgs args, scan::Plan plan)
 {
-    __shared__ Shared<N, kMaps> sm;
+    __shared__ Shared<N, kPass> sm;
     scan::Dims const& d = args.dims;
-    scan::BlockCoord const bc = scan::block_coord(plan, blockIdx.x, kMaps);
+    scan::BlockCoord const bc = scan::block_coord(plan, blockIdx.x, kPass == kMapsPass);
     int const tid = static_cast<int>(threadIdx.x);
     LaneCtx at{};
     at.b = bc.b;
@@ -759,9 +876,13 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
     uint32_t const begin = static_cast<uint32_t>(static_cast<int64_t>(bc.segment) * plan.segment_length);
     uint32_t const end = static_cast<uint32_t>(
         begin + plan.segment_length < d.length ? begin + plan.segment_length : static_cast<int64_t>(d.length));
-    if constexpr (kMaps)
+    if constexpr (kPass == kMapsPass)
     {
         segment_maps<T, N>(args, sm, at, decay, begin, end, bc.segment, plan.segments - 1);
+    }
+    else if constexpr (kPass == kFusedPass)
+    {
+        fused_segment<T, N>(args, plan, sm, at, bc, decay, begin, end);
     }
     else
     {
@@ -781,33 +902,64 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
 }
 
 template <typename T, int N>
-cudaError_t launch_with_state(ScanArgs const& args, scan::Plan const& plan, cudaStream_t stream)
+cudaError_t launch_with_state(ScanArgs const& args, scan::Choice const& choice, cudaStream_t stream)
 {
     int64_t const per = scan::blocks_per_segment(args.dims);
+    scan::Plan plan = choice.plan;
+    if (choice.fused)
+    {
+        if constexpr (N > kMaxFusedState)
+        {
+            return cudaErrorInvalidValue;
+        }
+        else
+        {
+            ScanArgs a = args;
+            void* params[] = {&a, &plan};
+            return cudaLaunchCooperativeKernel(reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kFusedPass>),
+                dim3(static_cast<unsigned>(per * plan.segments)), dim3(kThreads), params, 0, stream);
+        }
+    }
     if (plan.segments > 1)
     {
-        selective_scan_kernel<T, N, true>
+        selective_scan_kernel<T, N, kMapsPass>
             <<<static_cast<unsigned>(per * (plan.segments - 1)), kThreads, 0, stream>>>(args, plan);
     }
-    selective_scan_kernel<T, N, false><<<static_cast<unsigned>(per * plan.segments), kThreads, 0, stream>>>(args, plan);
+    selective_scan_kernel<T, N, kScanPass><<<static_cast<unsigned>(per * plan.segments), kThreads, 0, stream>>>(args, plan);
     return cudaGetLastError();
 }
 
+//! Resident blocks per SM of the one-pass / pass-2 kernel, and of the fused kernel (0 where there
+//! is none: N > kMaxFusedState, or the device has no cooperative launch).
 template <typename T, int N>
 struct Occupancy
 {
-    static int run()
+    static int blocks(void const* kernel)
     {
         int blocks = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, selective_scan_kernel<T, N, false>, kThreads, 0)
-            != cudaSuccess)
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess)
         {
             cudaGetLastError();
             return 0;
         }
         return blocks;
     }
-    static int invalid()
+    static int run(bool fused)
+    {
+        if (!fused)
+        {
+            return blocks(reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kScanPass>));
+        }
+        if constexpr (N > kMaxFusedState)
+        {
+            return 0;
+        }
+        else
+        {
+            return blocks(reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kFusedPass>));
+        }
+    }
+    static int invalid(bool)
     {
         return 0;
     }
@@ -816,11 +968,11 @@ struct Occupancy
 template <typename T, int N>
 struct Launch
 {
-    static cudaError_t run(ScanArgs const& args, scan::Plan const& plan, cudaStream_t stream)
+    static cudaError_t run(ScanArgs const& args, scan::Choice const& choice, cudaStream_t stream)
     {
-        return launch_with_state<T, N>(args, plan, stream);
+        return launch_with_state<T, N>(args, choice, stream);
     }
-    static cudaError_t invalid(ScanArgs const&, scan::Plan const&, cudaStream_t)
+    static cudaError_t invalid(ScanArgs const&, scan::Choice const&, cudaStream_t)
     {
         return cudaErrorInvalidValue;
     }
@@ -855,10 +1007,15 @@ auto with_types(IOType io, int32_t state, Args const&... args)
 cudaError_t describe_device(DeviceInfo* info)
 {
     int device = 0;
+    int cooperative = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess)
     {
         e = cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device);
+    }
+    if (e == cudaSuccess)
+    {
+        e = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
     }
     if (e != cudaSuccess)
     {
@@ -868,7 +1025,9 @@ cudaError_t describe_device(DeviceInfo* info)
     {
         for (int32_t n = 1; n <= scan::kMaxState; ++n)
         {
-            info->blocks_per_sm[io][n - 1] = with_types<Occupancy>(static_cast<IOType>(io), n);
+            info->blocks_per_sm[io][n - 1] = with_types<Occupancy>(static_cast<IOType>(io), n, false);
+            info->fused_blocks_per_sm[io][n - 1]
+                = cooperative != 0 ? with_types<Occupancy>(static_cast<IOType>(io), n, true) : 0;
         }
     }
     return cudaSuccess;
@@ -885,11 +1044,12 @@ cudaError_t launch_selective_scan(ScanArgs const& args, cudaStream_t stream)
     {
         return cudaSuccess;
     }
-    int32_t segments = 1;
+    scan::Choice choice{scan::plan_for(args.dims, 1), false};
     if (args.workspace != nullptr)
     {
         int32_t sm_count = args.sm_count;
         int32_t blocks_per_sm = args.blocks_per_sm;
+        int32_t fused_blocks_per_sm = args.fused_blocks_per_sm;
         if (sm_count <= 0 || blocks_per_sm <= 0)
         {
             // Not cached by the caller (the plugin caches it in attachToContext): ask the runtime.
@@ -901,11 +1061,12 @@ cudaError_t launch_selective_scan(ScanArgs const& args, cudaStream_t stream)
             }
             sm_count = info.sm_count;
             blocks_per_sm = info.blocks_per_sm[static_cast<int>(args.io)][args.dims.state - 1];
+            fused_blocks_per_sm = info.fused_blocks_per_sm[static_cast<int>(args.io)][args.dims.state - 1];
         }
-        segments = scan::segments_for(args.dims, sm_count, blocks_per_sm);
+        choice = scan::choose(args.dims, args.delta_softplus && args.strategy == Strategy::kAuto, sm_count,
+            blocks_per_sm, fused_blocks_per_sm);
     }
-    scan::Plan const plan = scan::plan_for(args.dims, segments);
-    return with_types<Launch>(args.io, args.dims.state, args, plan, stream);
+    return with_types<Launch>(args.io, args.dims.state, args, choice, stream);
 }
 
 } // namespace qmamba

@@ -2,25 +2,29 @@
 // block's layout step for step, so that the Python tests can compare it with the reference scan
 // (tests/test_trt_plugin.py): 8 channels x 16 lanes per block, 16 steps per lane, the vector or
 // scalar path each row's (simulated) address takes, B and C staged into a shared-memory image
-// with the kernel's index functions, the 16-lane scans in shuffle order, growing maps run lane
-// after lane, carried states, and the two passes with their workspace maps.
+// with the kernel's index functions, the 16-lane scans in shuffle order, tiles that may grow run
+// lane after lane, carried states, the two passes with their workspace maps, and the fused mode
+// (phase 1 of every block, the grid-wide barrier, phase 2).
 //
 //   host_harness IN.bin OUT.bin
 //   host_harness --check-layout
-//   host_harness --plan B D K L N SM_COUNT BLOCKS_PER_SM
+//   host_harness --plan B D K L N SM_COUNT BLOCKS_PER_SM [FUSED_BLOCKS_PER_SM]
 //
-// IN.bin: int32 B, D, K, L, N, delta_softplus, has_D_skip, has_delta_bias, segments (0: as the
-// launcher chooses with sm_count and blocks_per_sm below), elem_bytes (4: fp32 I/O, 2: fp16 I/O;
-// it decides vector widths and alignment, the values are float32 either way), the element
+// IN.bin: int32 B, D, K, L, N, delta_softplus, has_D_skip, has_delta_bias, segments (> 0: two
+// passes with that many segments; 0: as the launcher chooses with sm_count, blocks_per_sm,
+// fused_blocks_per_sm and strategy below; -1: the fused mode), elem_bytes (4: fp32 I/O, 2: fp16
+// I/O; it decides vector widths and alignment, the values are float32 either way), the element
 // offsets of the base pointers of u, delta, B, C and y from a 16-byte boundary (to replay
-// misaligned tensors), sm_count, blocks_per_sm; then float32 u [B,D,L], delta [B,D,L],
-// A [D,N], B [B,K,N,L], C [B,K,N,L], D_skip [D] and delta_bias [D] when present.
+// misaligned tensors), sm_count, blocks_per_sm, fused_blocks_per_sm, strategy (0: auto, 1: two
+// passes); then float32 u [B,D,L], delta [B,D,L], A [D,N], B [B,K,N,L], C [B,K,N,L], D_skip [D]
+// and delta_bias [D] when present.
 // OUT.bin: float32 y [B,D,L] (NaN where no block wrote).
 //
 // --check-layout: the staging and lane index functions are a bijection onto the staged tile,
 // the kernel's 16-byte shared stores and loads are free of bank conflicts, and the block
 // coordinates' fast division is exact.
-// --plan: the launcher's segment plan for these dims on that GPU, and the workspace, as JSON.
+// --plan: the launcher's choice for these dims on that GPU (segments, fused or not; softplus on),
+// and the workspace, as JSON.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -370,7 +374,8 @@ struct Block
                 for (int n = 0; n < d.state; ++n)
                 {
                     float const a2 = sm.a2[ch][n];
-                    float const h = compose_steps(steps[thread], a2, HostRow{sm.bc.data() + stage_row(n), thread % kLanes});
+                    float const h = compose_steps(steps[thread].dt, LaneArray{steps[thread].dtu}, a2,
+                        HostRow{sm.bc.data() + stage_row(n), thread % kLanes});
                     acc[thread][n] = madd(acc[thread][n], fast_exp2(a2 * tile[thread]), h * fast_exp2(a2 * after[thread]));
                 }
             }
@@ -417,6 +422,99 @@ struct Block
         }
     }
 
+    //! fused_segment()'s phase 1: the tile's steps (kept for phase 2), each lane's exclusive
+    //! prefix map per state (kept), and the tile's maps into the workspace unless it is the last.
+    std::vector<LaneSteps> fused_steps;
+    std::vector<int> fused_count;
+    std::vector<Affine> fused_prefix; // [n][thread]
+
+    void fused_phase1(std::vector<Affine>& ws, Plan const& plan, int64_t begin, int64_t end)
+    {
+        Dims const& d = in.d;
+        fused_steps.assign(kThreads, LaneSteps{});
+        fused_count.assign(kThreads, 0);
+        fused_prefix.assign(static_cast<size_t>(d.state) * kThreads, Affine{kNaN, kNaN});
+        if (!always)
+        {
+            return; // nothing published: segment 0's block scans the whole sequence in phase 2
+        }
+        load_steps(begin, end, fused_steps.data(), fused_count.data());
+        float dt_sum[kThreads];
+        for (int thread = 0; thread < kThreads; ++thread)
+        {
+            dt_sum[thread] = lane_dt_sum(fused_steps[thread]);
+        }
+        stage_tile(in, at.b, at.k, begin, true, sm, paths, rows_vectorisable(in, at.b, at.k, true) && begin + kTile <= d.length);
+        int32_t const maps = plan.segments - 1;
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            for (int n = 0; n < d.state; ++n)
+            {
+                float const a2 = sm.a2[ch][n];
+                Affine f[kLanes];
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    LaneSteps const& s = fused_steps[ch * kLanes + lane];
+                    f[lane] = Affine{fast_exp2(a2 * dt_sum[ch * kLanes + lane]),
+                        compose_steps(s.dt, LaneArray{s.dtu}, a2, HostRow{sm.bc.data() + stage_row(n), lane})};
+                }
+                for (int off = 1; off < kLanes; off *= 2) // scan_round() with the decays in every round
+                {
+                    Affine up[kLanes];
+                    std::copy(f, f + kLanes, up);
+                    for (int lane = off; lane < kLanes; ++lane)
+                    {
+                        f[lane].b = madd(f[lane].a, up[lane - off].b, f[lane].b);
+                        f[lane].a = f[lane].a * up[lane - off].a;
+                    }
+                }
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    fused_prefix[static_cast<size_t>(n) * kThreads + ch * kLanes + lane]
+                        = lane == 0 ? Affine{1.0f, 0.0f} : f[lane - 1];
+                }
+                if (at.segment < maps)
+                {
+                    ws[offset_map(d, at.b, at.first_channel + ch, n, at.segment, maps)] = f[kLanes - 1];
+                }
+            }
+        }
+    }
+
+    //! Phase 2, after the grid-wide barrier.
+    void fused_phase2(std::vector<Affine> const& ws, Plan const& plan, int64_t begin, float* y)
+    {
+        Dims const& d = in.d;
+        if (!always)
+        {
+            if (at.segment == 0)
+            {
+                scan_tiles(0, d.length, true, y);
+            }
+            return;
+        }
+        if (at.segment > 0 && compose_segments(ws, at.segment, plan.segments - 1))
+        {
+            std::fprintf(stderr, "host_harness: an invalid map in the fused mode\n");
+            std::exit(3);
+        }
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            for (int n = 0; n < d.state; ++n)
+            {
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    int const thread = ch * kLanes + lane;
+                    LaneSteps& s = fused_steps[thread];
+                    Affine const p = fused_prefix[static_cast<size_t>(n) * kThreads + thread];
+                    serial_steps(madd(p.a, sm.carry[ch][n], p.b), s.dt, LaneArray{s.dtu}, sm.a2[ch][n],
+                        HostRow{sm.bc.data() + stage_row(n), lane}, HostRow{sm.bc.data() + stage_row(d.state + n), lane}, s.y);
+                }
+            }
+            store_y(begin, ch, fused_steps.data(), fused_count.data(), y);
+        }
+    }
+
     //! compose_segments(): the maps of segments 0 .. s-1 into sm.carry; whether one is invalid.
     bool compose_segments(std::vector<Affine> const& ws, int32_t s, int32_t maps)
     {
@@ -453,6 +551,27 @@ struct Block
         return bad;
     }
 };
+
+//! The fused mode: every block's phase 1, the grid-wide barrier, every block's phase 2.
+void run_fused(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
+{
+    Dims const& d = in.d;
+    int64_t const per = blocks_per_segment(d);
+    std::vector<Affine> ws(workspace_bytes(d) / sizeof(Affine), Affine{kNaN, kNaN});
+    std::vector<Block> blocks;
+    blocks.reserve(static_cast<size_t>(per * plan.segments));
+    for (int64_t block = 0; block < per * plan.segments; ++block)
+    {
+        blocks.emplace_back(in, block_coord(plan, static_cast<uint32_t>(block), false), paths);
+        Block& blk = blocks.back();
+        int64_t const begin = blk.at.segment * plan.segment_length;
+        blk.fused_phase1(ws, plan, begin, std::min<int64_t>(begin + plan.segment_length, d.length));
+    }
+    for (Block& blk : blocks)
+    {
+        blk.fused_phase2(ws, plan, blk.at.segment * plan.segment_length, y);
+    }
+}
 
 //! The launcher: pass 1 (when segmented), then pass 2.
 void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
@@ -592,7 +711,7 @@ bool read_floats(std::FILE* f, std::vector<float>& v, int64_t n)
     return std::fread(v.data(), sizeof(float), v.size(), f) == v.size();
 }
 
-constexpr int kHeaderInts = 17;
+constexpr int kHeaderInts = 19;
 
 } // namespace
 
@@ -602,7 +721,7 @@ int main(int argc, char** argv)
     {
         return check_layout();
     }
-    if (argc == 9 && std::strcmp(argv[1], "--plan") == 0)
+    if ((argc == 9 || argc == 10) && std::strcmp(argv[1], "--plan") == 0)
     {
         Dims const d{std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6])};
         if (char const* why = check_dims(d))
@@ -610,16 +729,19 @@ int main(int argc, char** argv)
             std::fprintf(stderr, "host_harness: %s\n", why);
             return 2;
         }
-        Plan const plan = plan_for(d, segments_for(d, std::atoi(argv[7]), std::atoi(argv[8])));
-        std::printf("{\"segments\": %d, \"segment_length\": %lld, \"blocks_per_segment\": %lld, "
+        int32_t const fused_blocks_per_sm = argc == 10 ? std::atoi(argv[9]) : 0;
+        Choice const choice = choose(d, true, std::atoi(argv[7]), std::atoi(argv[8]), fused_blocks_per_sm);
+        std::printf("{\"segments\": %d, \"segment_length\": %lld, \"fused\": %s, \"blocks_per_segment\": %lld, "
                     "\"max_segments\": %lld, \"workspace_bytes\": %llu}\n",
-            plan.segments, static_cast<long long>(plan.segment_length), static_cast<long long>(blocks_per_segment(d)),
-            static_cast<long long>(max_segments(d)), static_cast<unsigned long long>(workspace_bytes(d)));
+            choice.plan.segments, static_cast<long long>(choice.plan.segment_length), choice.fused ? "true" : "false",
+            static_cast<long long>(blocks_per_segment(d)), static_cast<long long>(max_segments(d)),
+            static_cast<unsigned long long>(workspace_bytes(d)));
         return 0;
     }
     if (argc != 3)
     {
-        std::fprintf(stderr, "usage: host_harness IN.bin OUT.bin | --check-layout | --plan B D K L N SM_COUNT BLOCKS_PER_SM\n");
+        std::fprintf(stderr, "usage: host_harness IN.bin OUT.bin | --check-layout | --plan B D K L N SM_COUNT "
+                             "BLOCKS_PER_SM [FUSED_BLOCKS_PER_SM]\n");
         return 2;
     }
     std::FILE* in = std::fopen(argv[1], "rb");
@@ -668,17 +790,42 @@ int main(int argc, char** argv)
     Inputs const inputs{d, header[5] != 0, u.data(), delta.data(), A.data(), B.data(), C.data(),
         D_skip.empty() ? nullptr : D_skip.data(), delta_bias.empty() ? nullptr : delta_bias.data(), header[9],
         {header[10], header[11], header[12], header[13], header[14]}};
-    int32_t const segments = header[8] > 0 ? header[8] : segments_for(d, header[15], header[16]);
-    if (segments > max_segments(d))
+    // segments > 0: two passes with that many; 0: as the launcher chooses; -1: the fused mode
+    Choice choice{};
+    if (header[8] > 0)
     {
-        std::fprintf(stderr, "host_harness: at most %lld segments for these dims\n",
-            static_cast<long long>(max_segments(d)));
+        choice = Choice{plan_for(d, header[8]), false};
+    }
+    else if (header[8] == 0)
+    {
+        choice = choose(d, inputs.softplus && header[18] == 0, header[15], header[16], header[17]);
+    }
+    else
+    {
+        choice = Choice{plan_for(d, static_cast<int32_t>(tiles_in(d))), true};
+    }
+    if (header[8] > max_segments(d))
+    {
+        std::fprintf(stderr, "host_harness: at most %lld segments for these dims\n", static_cast<long long>(max_segments(d)));
         return 2;
     }
-    Plan const plan = plan_for(d, segments);
+    if (choice.fused && (!inputs.softplus || d.state > kMaxFusedState || tiles_in(d) > max_segments(d)))
+    {
+        std::fprintf(stderr, "host_harness: the fused mode needs softplus, N <= %d and at most %lld tiles\n",
+            kMaxFusedState, static_cast<long long>(max_segments(d)));
+        return 2;
+    }
+    Plan const plan = choice.plan;
     std::vector<float> y(static_cast<size_t>(bdl), kNaN);
     PathCount paths;
-    run(inputs, plan, y.data(), paths);
+    if (choice.fused)
+    {
+        run_fused(inputs, plan, y.data(), paths);
+    }
+    else
+    {
+        run(inputs, plan, y.data(), paths);
+    }
     std::FILE* out = std::fopen(argv[2], "wb");
     if (out == nullptr || std::fwrite(y.data(), sizeof(float), y.size(), out) != y.size())
     {
@@ -687,9 +834,10 @@ int main(int argc, char** argv)
     }
     std::fclose(out);
     // For the tests: the plan and how many lane loads, stores and staging chunks took each path.
-    std::printf("{\"segments\": %d, \"segment_length\": %lld, \"vector\": %lld, \"scalar\": %lld, "
+    std::printf("{\"segments\": %d, \"segment_length\": %lld, \"fused\": %s, \"vector\": %lld, \"scalar\": %lld, "
                 "\"decaying_tiles\": %lld, \"serial_tiles\": %lld, \"catch_ups\": %lld}\n",
-        plan.segments, static_cast<long long>(plan.segment_length), static_cast<long long>(paths.vector),
+        plan.segments, static_cast<long long>(plan.segment_length), choice.fused ? "true" : "false",
+        static_cast<long long>(paths.vector),
         static_cast<long long>(paths.scalar), static_cast<long long>(paths.decaying_tiles),
         static_cast<long long>(paths.serial_tiles), static_cast<long long>(paths.catch_ups));
     return 0;

@@ -335,23 +335,25 @@ QMAMBA_HD void replay_output(float h, StepMaps const& m, CRow const& c_row, floa
     }
 }
 
-//! Pass 1: the state after the lane's steps from a zero state, each decay formed where it is used
-//! (nothing kept for a replay).
-template <typename BRow>
-QMAMBA_HD float compose_steps(LaneSteps const& s, float a2, BRow const& b_row)
+//! Pass 1 and the fused mode's first phase: the state after the lane's steps from a zero state,
+//! each decay formed where it is used (nothing kept for a replay).
+template <typename DtuRow, typename BRow>
+QMAMBA_HD float compose_steps(float const* dt, DtuRow const& dtu, float a2, BRow const& b_row)
 {
     float h = 0.0f;
     QMAMBA_UNROLL
     for (int part = 0; part < kItems / kChunk; ++part)
     {
         float bv[kChunk];
+        float uv[kChunk];
         b_row.chunk(part, bv);
+        dtu.chunk(part, uv);
         QMAMBA_UNROLL
         for (int e = 0; e < kChunk; ++e)
         {
             int const i = kChunk * part + e;
-            float const b = s.dtu[i] * bv[e];
-            h = i == 0 ? b : madd(fast_exp2(s.dt[i] * a2), h, b);
+            float const b = uv[e] * bv[e];
+            h = i == 0 ? b : madd(fast_exp2(dt[i] * a2), h, b);
         }
     }
     return h;
@@ -629,6 +631,42 @@ inline int32_t segments_for(Dims const& d, int32_t sm_count, int32_t blocks_per_
         }
     }
     return best;
+}
+
+//! The fused mode (one launch of one-tile segments with a grid-wide barrier between the tiles'
+//! maps and the output; needs every block resident, a cooperative launch, softplus on): its
+//! largest N (its shared memory stays within 48 KB of static shared memory), and its cost per
+//! block in plan_cost's units (phase 1 composes without output, phase 2 replays with the decays
+//! formed again: about 1.3 of a one-pass tile's instructions by the SASS counts).
+constexpr int kMaxFusedState = 12;
+constexpr double kFusedTileCost = 1.3;
+
+//! What the launcher runs: a plan of one or two passes, or the fused mode (plan: one tile per
+//! segment).
+struct Choice
+{
+    Plan plan;
+    bool fused;
+};
+
+//! The cheapest of one pass, two passes (segments_for) and, when `fusable` (softplus on, the
+//! caller allows it), the fused mode when all its blocks fit the GPU at `fused_blocks_per_sm`.
+inline Choice choose(Dims const& d, bool fusable, int32_t sm_count, int32_t blocks_per_sm, int32_t fused_blocks_per_sm)
+{
+    Plan const plan = plan_for(d, segments_for(d, sm_count, blocks_per_sm));
+    int64_t const tiles = tiles_in(d);
+    int64_t const per = blocks_per_segment(d);
+    bool const fits = static_cast<int64_t>(sm_count) * fused_blocks_per_sm >= per * tiles;
+    if (fusable && d.state <= kMaxFusedState && fused_blocks_per_sm > 0 && tiles > 1 && tiles <= max_segments(d) && fits)
+    {
+        int64_t const slots = static_cast<int64_t>(sm_count < 1 ? 1 : sm_count) * (blocks_per_sm < 1 ? 1 : blocks_per_sm);
+        double const fused = kFusedTileCost + kPrologueCostPerSegment * static_cast<double>(tiles - 1);
+        if (fused < plan_cost(d, plan, slots) * 0.999)
+        {
+            return Choice{plan_for(d, static_cast<int32_t>(tiles)), true};
+        }
+    }
+    return Choice{plan, false};
 }
 
 //! Pass 2's composition of the earlier segments' maps: the block's kChannels x N (channel, state)

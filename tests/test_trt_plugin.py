@@ -415,7 +415,7 @@ GPU_CHECK = plugin.plugin_source_dir().parents[1] / "tools" / "gpu_kernel_check.
 FAKE_KERNEL_CHECK = """#!/usr/bin/env bash
 # stands in for kernel_check: prints its JSON line; "fails" for the --grow case when asked to
 if [[ "${FAIL_GROW:-0}" == 1 && " $* " == *" --grow "* ]]; then echo bad; exit 1; fi
-echo '{"gpu": "fake", "cc": "9.0", "sms": 132, "blocks_per_sm": 4, "fused_blocks_per_sm": 4, "B": '$1', "D": '$2', "K": '$3', "L": '$4', "N": '$5', "io": "fp32", "softplus": true, "grow": false, "positive_a": false, "offset": 0, "segments": 3, "fused": true, "max_rel_error": 1e-7, "max_rel_error_two_passes": 2e-7, "max_rel_error_one_pass": 1e-7, "tolerance": 1e-5, "ms": 0.01, "ms_two_passes": 0.015, "ms_one_pass": 0.02, "bytes": 1000, "GBps": 100.0, "GBps_two_passes": 66.7, "GBps_one_pass": 50.0, "peak_GBps": 3350.0, "fraction_of_peak": 0.03, "fraction_of_peak_two_passes": 0.02, "fraction_of_peak_one_pass": 0.015}'
+echo '{"gpu": "fake", "cc": "9.0", "sms": 132, "blocks_per_sm": 4, "fused_blocks_per_sm": 4, "B": '$1', "D": '$2', "K": '$3', "L": '$4', "N": '$5', "io": "fp32", "softplus": true, "grow": false, "positive_a": false, "offset": 0, "segments": 3, "fused": true, "max_rel_error": 1e-7, "max_rel_error_two_passes": 2e-7, "max_rel_error_one_pass": 1e-7, "max_rel_error_graph": 1e-7, "tolerance": 1e-5, "ms": 0.01, "ms_two_passes": 0.015, "ms_one_pass": 0.02, "bytes": 1000, "GBps": 100.0, "GBps_two_passes": 66.7, "GBps_one_pass": 50.0, "peak_GBps": 3350.0, "fraction_of_peak": 0.03, "fraction_of_peak_two_passes": 0.02, "fraction_of_peak_one_pass": 0.015}'
 """
 
 
@@ -461,5 +461,6 @@ def test_gpu_kernel_check_script_runs_and_summarises(tmp_path, fail):
         {"edge_grow_fp32", "edge_grow_fp16", "sanitize_memcheck_grow", "sanitize_racecheck_grow",
          "sanitize_synccheck_grow"} if fail else set())
     md = (out / "summary.md").read_text()
-    assert "| v2light_128_fp32 | 0 | 1 | 48 | 1 | 16384 | 8 | fp32 | fused, 3 tiles | 1.00e-07 / 2.00e-07 / 1.00e-07 |" in md
+    assert ("| v2light_128_fp32 | 0 | 1 | 48 | 1 | 16384 | 8 | fp32 | fused, 3 tiles | "
+            "1.00e-07 / 2.00e-07 / 1.00e-07 / 1.00e-07 |") in md
     assert "sanitize_racecheck_positive_a" in names

@@ -17,7 +17,8 @@
 //    float64 run of the contract's recurrence on the CPU: the max |error| relative to max |y|;
 //    fails (exit 1) above 1e-5 (fp32 I/O) or 1e-2 (fp16 I/O). Three modes: one pass (no
 //    workspace), the launcher's choice with a workspace (one pass, two passes or the fused mode:
-//    "fused" in the output says which), and two passes forced (Strategy::kTwoPasses).
+//    "fused" in the output says which), two passes forced (Strategy::kTwoPasses), and the
+//    launcher's choice captured into a CUDA graph and replayed (max_rel_error_graph).
 // 2. `iterations` timed launches per mode (CUDA events): mean ms per call, the bytes the op
 //    must move at least (u, delta, y per channel; B, C once per group; A, D, bias), the
 //    effective bandwidth and its fraction of the GPU's peak (from the device attributes, or
@@ -280,15 +281,32 @@ int main(int argc, char** argv)
     CHECK_CUDA(cudaEventCreate(&start));
     CHECK_CUDA(cudaEventCreate(&stop));
 
-    //! (max relative error, ms per call) of one mode.
-    auto const run_mode = [&](void* ws, qmamba::Strategy strategy, double* rel, double* ms) {
+    //! (max relative error, ms per call) of one mode; `graph`: the checked call is captured into a
+    //! CUDA graph and replayed from it (as TensorRT may run an engine), the timed ones are not.
+    auto const run_mode = [&](void* ws, qmamba::Strategy strategy, bool graph, double* rel, double* ms) {
         args.workspace = ws;
         args.strategy = strategy;
         args.fused_blocks_per_sm = info.fused_blocks_per_sm[half ? 1 : 0][d.state - 1];
         args.sm_count = info.sm_count; // cached, as the plugin does
         args.blocks_per_sm = blocks_per_sm;
         CHECK_CUDA(cudaMemset(by.base, 0xff, (bdl + offset) * io_size)); // NaN where nothing is written
-        CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
+        if (graph)
+        {
+            cudaGraph_t captured = nullptr;
+            cudaGraphExec_t exec = nullptr;
+            CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+            CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
+            CHECK_CUDA(cudaStreamEndCapture(stream, &captured));
+            CHECK_CUDA(cudaGraphInstantiate(&exec, captured, 0));
+            CHECK_CUDA(cudaGraphLaunch(exec, stream));
+            CHECK_CUDA(cudaStreamSynchronize(stream));
+            CHECK_CUDA(cudaGraphExecDestroy(exec));
+            CHECK_CUDA(cudaGraphDestroy(captured));
+        }
+        else
+        {
+            CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
+        }
         CHECK_CUDA(cudaStreamSynchronize(stream));
         std::vector<float> y(bdl);
         if (half)
@@ -313,7 +331,7 @@ int main(int argc, char** argv)
         }
         *rel = max_err / std::fmax(1.0, max_ref);
         *ms = 0.0;
-        if (!timing || iterations <= 0)
+        if (!timing || iterations <= 0 || graph)
         {
             return;
         }
@@ -332,10 +350,11 @@ int main(int argc, char** argv)
         CHECK_CUDA(cudaEventElapsedTime(&total_ms, start, stop));
         *ms = total_ms / iterations;
     };
-    double rel_single = 0, ms_single = 0, rel = 0, ms = 0, rel_two = 0, ms_two = 0;
-    run_mode(nullptr, qmamba::Strategy::kAuto, &rel_single, &ms_single);
-    run_mode(workspace, qmamba::Strategy::kAuto, &rel, &ms);
-    run_mode(workspace, qmamba::Strategy::kTwoPasses, &rel_two, &ms_two);
+    double rel_single = 0, ms_single = 0, rel = 0, ms = 0, rel_two = 0, ms_two = 0, rel_graph = 0, ms_graph = 0;
+    run_mode(nullptr, qmamba::Strategy::kAuto, false, &rel_single, &ms_single);
+    run_mode(workspace, qmamba::Strategy::kAuto, false, &rel, &ms);
+    run_mode(workspace, qmamba::Strategy::kTwoPasses, false, &rel_two, &ms_two);
+    run_mode(workspace, qmamba::Strategy::kAuto, true, &rel_graph, &ms_graph);
     qmamba::scan::Choice const choice = qmamba::scan::choose(d, softplus, info.sm_count, blocks_per_sm,
         info.fused_blocks_per_sm[half ? 1 : 0][d.state - 1]);
     double const bytes = 3.0 * bdl * io_size + 2.0 * bknl * io_size + (d.dim * (d.state + 2.0)) * sizeof(float);
@@ -355,14 +374,15 @@ int main(int argc, char** argv)
                 "\"fused_blocks_per_sm\": %d, \"B\": %d, \"D\": %d, \"K\": %d, \"L\": %d, \"N\": %d, \"io\": \"%s\", "
                 "\"softplus\": %s, \"grow\": %s, \"positive_a\": %s, \"offset\": %d, \"segments\": %d, \"fused\": %s, "
                 "\"max_rel_error\": %.3e, \"max_rel_error_two_passes\": %.3e, \"max_rel_error_one_pass\": %.3e, "
+                "\"max_rel_error_graph\": %.3e, "
                 "\"tolerance\": %.0e, \"ms\": %.4f, \"ms_two_passes\": %.4f, \"ms_one_pass\": %.4f, \"bytes\": %.0f, "
                 "\"GBps\": %.1f, \"GBps_two_passes\": %.1f, \"GBps_one_pass\": %.1f, \"peak_GBps\": %.1f, "
                 "\"fraction_of_peak\": %.3f, \"fraction_of_peak_two_passes\": %.3f, \"fraction_of_peak_one_pass\": %.3f}\n",
         prop.name, prop.major, prop.minor, prop.multiProcessorCount, blocks_per_sm,
         info.fused_blocks_per_sm[half ? 1 : 0][d.state - 1], d.batch, d.dim, d.groups, d.length, d.state,
         half ? "fp16" : "fp32", softplus ? "true" : "false", grow ? "true" : "false", positive_a ? "true" : "false",
-        offset, choice.plan.segments, choice.fused ? "true" : "false", rel, rel_two, rel_single, tolerance, ms, ms_two,
+        offset, choice.plan.segments, choice.fused ? "true" : "false", rel, rel_two, rel_single, rel_graph, tolerance, ms, ms_two,
         ms_single, bytes, gbps, gbps_two, gbps_single, peak, peak > 0 ? gbps / peak : 0.0,
         peak > 0 ? gbps_two / peak : 0.0, peak > 0 ? gbps_single / peak : 0.0);
-    return rel <= tolerance && rel_two <= tolerance && rel_single <= tolerance ? 0 : 1;
+    return rel <= tolerance && rel_two <= tolerance && rel_single <= tolerance && rel_graph <= tolerance ? 0 : 1;
 }

@@ -127,7 +127,12 @@ class Cfg:
         for k, (s, e) in enumerate(self.blocks):
             last = instrs[e - 1]
             follow = k + 1 if k + 1 < len(self.blocks) else None
-            if last.op.startswith("BRA"):
+            if last.op.startswith("BRA.DIV"):
+                # to the warp-divergent fallback of the shuffles that follow (emulated lane by
+                # lane): not taken while the warp is converged, which the kernel keeps it
+                if follow is not None:
+                    self.succ[k].append(follow)
+            elif last.op.startswith("BRA"):
                 self.succ[k].append(block_of[index[int(_BRANCH_TARGET.search(last.args).group(1), 16)]])
                 if last.pred and follow is not None:
                     self.succ[k].append(follow)

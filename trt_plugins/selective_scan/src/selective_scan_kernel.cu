@@ -704,6 +704,7 @@ __device__ bool compose_segments(ScanArgs const& args, Sm& sm, scan::BlockCoord 
     if (mine)
     {
         Affine const* m = static_cast<Affine const*>(args.workspace) + scan::offset_map(args.dims, bc.b, bc.first_channel + ch, n, 0, maps);
+#pragma unroll 4
         for (int32_t q = first; q < last; ++q)
         {
             Affine const g = m[q];
@@ -868,8 +869,10 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
         sm.d_skip[tid] = valid && args.D_skip != nullptr ? __ldg(args.D_skip + c) : 0.0f;
         sm.bias[tid] = valid && args.delta_bias != nullptr ? __ldg(args.delta_bias + c) : 0.0f;
     }
+    // block-wide votes, made warp-uniform for the compiler (the shuffles under them need no
+    // divergence check)
     BlockDecay decay{};
-    decay.a_nonpositive = __syncthreads_and(nonpositive) != 0;
+    decay.a_nonpositive = __all_sync(0xffffffffu, __syncthreads_and(nonpositive) != 0);
     decay.always = decay.a_nonpositive && args.delta_softplus;
 
     // [begin, end) of the row; 32 bits suffice (L < 2^31)

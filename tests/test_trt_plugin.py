@@ -378,6 +378,37 @@ ptxas info    : Used 168 registers, used 1 barriers, 33856 bytes smem
     assert b.problems() == ["no 128-bit global load (LDG.E.128) in the SASS"]
 
 
+def _sass(lines):
+    """cuobjdump-style SASS of one kernel from (address, instruction) pairs."""
+    body = "\n".join(f"        /*{a:04x}*/                   {i} ;" for a, i in lines)
+    return "        Function : _ZN6qmamba21selective_scan_kernelIfLi2ELi0EEEvNS_8ScanArgsENS_4scan4PlanE\n" + body
+
+
+def test_sass_main_path_counts():
+    """The counter behind the roofline model (qmamba_deploy/trt/sass_paths.py) on a made-up
+    kernel: setup, a tile loop whose vector side (LDG.E.128) beats its longer scalar side, a
+    state loop with 16 MUFU.EX2 and a BRA.DIV into a divergent fallback that is not counted."""
+    from qmamba_deploy.trt import sass_paths
+
+    lines = [(0x000, "MOV R1, c[0x0][0x28]"), (0x010, "BRA.DIV UR4, 0x1c0"),    # setup
+             (0x020, "@P0 BRA 0x50"),                                           # tile loop: branch
+             (0x030, "LDG.E R4, desc[UR4][R2.64]"), (0x040, "BRA 0x60"),         # scalar side
+             (0x050, "LDG.E.128 R4, desc[UR4][R2.64]"),                          # vector side
+             (0x060, "FMUL R2, R2, R3")]                                         # state loop
+    lines += [(0x070 + 16 * i, "MUFU.EX2 R2, R2") for i in range(16)]           # 0x070 .. 0x160
+    lines += [(0x170, "@P1 BRA 0x60"),                                          # state loop back edge
+              (0x180, "@P2 BRA 0x20"),                                          # tile loop back edge
+              (0x190, "EXIT")]
+    lines += [(0x1c0 + 16 * i, "SHFL.IDX PT, R3, R3, RZ, 0x1f") for i in range(3)] + [(0x1f0, "BRA 0x20")]
+    instrs = next(iter(sass_paths.parse_functions(_sass(lines)).values()))
+    counts = sass_paths.decaying_counts(instrs, states=2)
+    assert counts.state == 18                     # FMUL, 16 MUFU.EX2, the back edge
+    assert counts.tile == 3                       # the branch, the LDG.E.128, the back edge
+    assert counts.setup == 2 and counts.mufu_state == 16  # MOV, BRA.DIV: its fallback not taken
+    assert counts.per_step == (3 + 2 * 18) / 16
+    assert counts.tile_ops["LDG.E.128"] == 1 and "LDG.E" not in counts.tile_ops
+
+
 @pytest.mark.gpu
 def test_kernel_matches_the_reference_on_the_gpu(tmp_path):
     if not torch.cuda.is_available() or not shutil.which("nvcc"):

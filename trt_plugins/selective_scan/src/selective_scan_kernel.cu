@@ -1,15 +1,16 @@
-// The SelectiveScan forward kernel (layout and arithmetic: include/qmamba/scan_math.h).
+// The SelectiveScan forward kernel (layout, arithmetic and modes: include/qmamba/scan_math.h).
 //
 // One block = 8 channels of one group x 16 lanes, per tile of 256 steps:
 //   1. each lane loads its 16 consecutive steps of u and delta (16-byte loads where the row is
-//      aligned), computes dt (softplus), dt * u and D_skip * u;
-//   2. the block stages the tile's B and C rows (N each, float32, swizzled 16-byte chunks) in
-//      shared memory;
-//   3. per state n (a runtime loop, so registers do not grow with N): the lane's 16 step maps
-//      (one exp2 each) stay in registers through compose -> 16-lane scan -> replay; the carried
-//      state lives in shared memory. A (tile, state) with growing maps runs lane after lane;
+//      aligned), computes dt (softplus), dt * u (to shared memory) and D_skip * u;
+//   2. the block stages the tile's B and C rows (N each, float32, swizzled 16-byte chunks; fp32
+//      with cp.async) in shared memory, and votes whether every step of the tile decays;
+//   3. per state n (a runtime loop, so registers do not grow with N): in a decaying tile the
+//      lane's 16 step maps (one exp2 each) stay in registers through compose -> 16-lane scan ->
+//      replay, the carried state in shared memory; any other tile runs lane after lane;
 //   4. y is stored with 16-byte stores.
-// Pass 1 of the segmented mode is the same loop without C, replay and y (kOutput = false).
+// Pass 1 of the two-pass mode reduces each segment to its map (no scan, no C, no y); the fused
+// mode does both passes' work in one launch with a grid-wide barrier between them.
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
 

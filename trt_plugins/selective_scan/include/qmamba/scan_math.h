@@ -18,25 +18,29 @@
 //   * u and delta come in with 16-byte loads (a row is read with vector loads when its address
 //     is 16-byte aligned and the lane's 16 steps are inside the sequence; scalar loads otherwise);
 //   * the whole block stages the tile's B and C rows of the group (N rows each) into shared
-//     memory as float32, with 16-byte loads and stores, so the 8 channels read B and C from
-//     shared memory instead of 8 times from L2;
-//   * per state n: the lane computes its 16 step maps once (one exp2 each, A pre-scaled by
-//     log2(e)), composes them, a 16-lane Kogge-Stone scan of the composed maps (the carried state
-//     folded into lane 0) gives every lane its start state, and the lane replays its 16 steps
-//     from it with the same maps, adding C h to y. The last lane's inclusive state is carried to
-//     the next tile.
-// Growing maps: a step map with dt A > 0 (a > 1: delta_softplus = 0 with dt < 0, or A > 0)
-// can overflow when composed with others although the recurrence is finite. Such a (tile,
-// state) is detected per channel and run as the plain recurrence, lane after lane (exact, slower).
-// So composed maps only ever hold decays <= 1, and nothing divides by a cumulative product.
+//     memory as float32, so the 8 channels read B and C from shared memory instead of 8 times
+//     from L2;
+//   * decaying tiles (every step of the block decays: dt >= 0 and A <= 0, a vote per tile; always
+//     with softplus on and A = -exp(A_log)): per state n the lane forms its 16 step maps once (one
+//     exp2 each, A pre-scaled by log2(e); b = dt u B), composes them, a 16-lane Kogge-Stone scan
+//     of the composed maps (the carried state folded into lane 0) gives every lane its start
+//     state, and the lane replays its 16 steps from it with the kept maps, adding C h to y. The
+//     last lane's inclusive state is carried to the next tile. Composed maps only ever hold
+//     decays <= 1, and nothing divides by a cumulative product;
+//   * other tiles (a step may grow: delta_softplus = 0 with dt < 0, A > 0, NaN): the lanes walk
+//     their steps one after another (exact, slower), since composed maps could overflow where
+//     the recurrence is finite.
 //
-// Segments (two passes, when the B * K * ceil(Dk / 8) blocks of one pass leave the GPU idle):
-// each sequence is cut into S segments of whole tiles, one block each. Pass 1 runs segments
-// 0 .. S-2 without output and writes each segment's map (decay exp2(A2 * sum dt), state from a
-// zero start) to the workspace; a segment that had growing steps writes an invalid map (a = -1).
-// Pass 2 composes the maps of the earlier segments (16 lanes per channel in parallel, then a
-// tree), or, when one of them is invalid, runs the recurrence over them again, then scans its
-// segment with output.
+// Modes (choose(), when a workspace is given and one pass would leave the GPU idle):
+//   * two passes: each sequence is cut into S segments of whole tiles, one block each. Pass 1
+//     runs segments 0 .. S-2 without output and writes each segment's map (decay
+//     exp2(A2 * sum dt), state from a zero start) by reduction (no scan, no replay); a segment
+//     with a tile that may grow writes an invalid map (a = -1). Pass 2 composes the maps of the
+//     earlier segments (compose_parts() threads per channel and state, then a tree), or, when one
+//     of them is invalid, runs the recurrence over them again, then scans its segment;
+//   * fused: one launch of one-tile segments, all blocks resident (a cooperative launch): phase
+//     1 composes and scans each tile's lanes and writes the tile's maps, a grid-wide barrier,
+//     phase 2 composes the earlier tiles' maps and replays each lane from its prefix map.
 //
 // This header is plain C++ when not compiled by nvcc (QMAMBA_HD expands to `inline`), so
 // tests/host_harness.cpp runs exactly this arithmetic and these index functions on a CPU.

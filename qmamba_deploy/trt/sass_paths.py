@@ -197,57 +197,12 @@ class Cfg:
     def loop(self, header: int) -> Loop:
         return next(lp for lp in self.loops if lp.header == header)
 
-    def main_path(self, loop: Loop) -> Optional[Path]:
-        """One iteration of `loop` from its header back to it, nested loops skipped (entered at
-        their header, left by an exit), preferring vector memory instructions, then fewer
-        instructions."""
-        inner = [lp for lp in self.loops if lp.parent == loop.header]
-        owner = {b: lp for lp in inner for b in lp.body}
-
-        def successors(k: int) -> list[int]:
-            if k in owner:
-                lp = owner[k]
-                exits = {t for b in lp.body for t in self.succ[b] if t not in lp.body}
-                return sorted(t for t in exits if t in loop.body and t != loop.header)
-            return [t for t in self.succ[k] if t in loop.body and t != loop.header]
-
+    def _best_path(self, start: int, loops: list, inside, done, key) -> Optional[Path]:
+        """The best path (by `key`) from block `start` through the blocks `inside` accepts, each
+        loop of `loops` entered at its header and left by an exit (in Path.nested); it ends at
+        a block where `done` holds (an empty ending is allowed there) or with no way on."""
+        owner = {b: lp for lp in loops for b in lp.body}
         visiting: set = set()
-
-        @functools.lru_cache(maxsize=None)
-        def best(k: int) -> Optional[Path]:
-            if k in owner and owner[k].header != k or k in visiting:
-                return None
-            visiting.add(k)
-            try:
-                if k in owner:
-                    deep = any(lp.parent == k for lp in self.loops)
-                    here = Path(nested=[k], deep=int(deep))
-                else:
-                    ops = self.ops(k)
-                    here = Path(sum(map(_is_vector, ops)), len(ops), Counter(ops))
-                options = [best(t) for t in successors(k)]
-                options = [o for o in options if o is not None]
-                if k in loop.latches:
-                    options.append(Path())
-                if not options:
-                    return None
-                return here + max(options, key=Path.key)
-            finally:
-                visiting.discard(k)
-
-        return best(loop.header)
-
-    def kernel_path(self) -> Optional[Path]:
-        """The kernel from its entry to an exit, loops skipped (entered at their header, left by
-        an exit; they are in Path.nested): at each branch the side with more vector memory
-        instructions, then without a doubly nested loop, then with more MUFU.EX2, then the
-        longer one (a warp whose lanes diverge issues both sides; this counts the longer)."""
-        tops = [lp for lp in self.loops if lp.parent is None]
-        owner = {b: lp for lp in tops for b in lp.body}
-        visiting: set = set()
-
-        def key(p: Path) -> tuple:
-            return (p.vector, -p.deep, p.opcode("MUFU.EX2"), p.count)
 
         @functools.lru_cache(maxsize=None)
         def best(k: int) -> Optional[Path]:
@@ -260,17 +215,35 @@ class Cfg:
                     here = Path(nested=[k], deep=int(any(o.parent == k for o in self.loops)))
                     targets = sorted({t for b in lp.body for t in self.succ[b] if t not in lp.body})
                 else:
-                    ops = [op for op in self.ops(k) if not op.startswith("NOP")]
+                    ops = self.ops(k)  # NOPs too: the scheduler issues them
                     here = Path(sum(map(_is_vector, ops)), len(ops), Counter(ops))
                     targets = self.succ[k]
-                if not targets:
-                    return here
+                targets = [t for t in targets if inside(t)]
                 options = [o for o in (best(t) for t in targets) if o is not None]
+                if done(k, targets):
+                    options.append(Path())
                 return here + max(options, key=key) if options else None
             finally:
                 visiting.discard(k)
 
-        return best(0)
+        return best(start)
+
+    def main_path(self, loop: Loop) -> Optional[Path]:
+        """One iteration of `loop` from its header back to it, nested loops skipped (entered at
+        their header, left by an exit), preferring vector memory instructions, then no doubly
+        nested loop, then more MUFU.EX2, then fewer instructions (Path.key)."""
+        return self._best_path(loop.header, [lp for lp in self.loops if lp.parent == loop.header],
+                               lambda t: t in loop.body and t != loop.header,
+                               lambda k, targets: k in loop.latches, Path.key)
+
+    def kernel_path(self) -> Optional[Path]:
+        """The kernel from its entry to an exit, loops skipped (entered at their header, left by
+        an exit; they are in Path.nested): at each branch the side with more vector memory
+        instructions, then without a doubly nested loop, then with more MUFU.EX2, then the
+        longer one (a warp whose lanes diverge issues both sides; this counts the longer)."""
+        return self._best_path(0, [lp for lp in self.loops if lp.parent is None], lambda t: True,
+                               lambda k, targets: not targets,
+                               lambda p: (p.vector, -p.deep, p.opcode("MUFU.EX2"), p.count))
 
 
 #: Bytes one thread moves through shared memory per instruction (loads and stores; LDGSTS
@@ -370,7 +343,7 @@ def _outside(cfg: Cfg, tile: Loop) -> tuple:
     def cost(k: int) -> int:
         if k in owner:
             return 0
-        return sum(1 for op in cfg.ops(k) if not op.startswith("NOP"))
+        return len(cfg.ops(k))
 
     def longest(start: int, stop) -> int:
         visiting: set = set()

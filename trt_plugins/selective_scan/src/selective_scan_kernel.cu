@@ -484,6 +484,21 @@ __device__ __forceinline__ void load_steps(ScanArgs const& args, Sm const& sm, L
     }
 }
 
+//! load_steps(), then the lane's dt sum and dt u into shared memory for the state loop.
+template <typename T, typename Sm>
+__device__ __forceinline__ void load_tile(ScanArgs const& args, Sm& sm, LaneCtx const& at, uint32_t t0, uint32_t end,
+    scan::LaneSteps& s)
+{
+    load_steps<T>(args, sm, at, t0, end, s);
+    sm.dt_sum[threadIdx.x] = scan::lane_dt_sum(s);
+#pragma unroll
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float const* v = s.dtu + kChunk * part;
+        sm.dtu(part, threadIdx.x) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+}
+
 //! Whether every step of the block's tile decays (a block-wide vote; also the barrier after
 //! which the previous tile's staged rows may be overwritten). The result goes through a warp
 //! vote so that the compiler knows it is the same on every lane (the shuffles after it need no
@@ -573,14 +588,7 @@ __device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, Bloc
     for (uint32_t t0 = from; t0 < end; t0 += kTile)
     {
         scan::LaneSteps s;
-        load_steps<T>(args, sm, at, t0, end, s);
-        sm.dt_sum[threadIdx.x] = scan::lane_dt_sum(s);
-#pragma unroll
-        for (int part = 0; part < kItems / kChunk; ++part)
-        {
-            float const* v = s.dtu + kChunk * part;
-            sm.dtu(part, threadIdx.x) = make_float4(v[0], v[1], v[2], v[3]);
-        }
+        load_tile<T>(args, sm, at, t0, end, s);
         bool const decays = tile_decays(decay, s); // and the previous tile's rows are read
         stage<T, N, true>(args, at, t0, vec_rows, sm);
         __syncthreads();
@@ -797,14 +805,7 @@ __device__ void fused_segment(ScanArgs const& args, scan::Plan const& plan, Sm& 
     scan::LaneSteps s;
     if (decay.always)
     {
-        load_steps<T>(args, sm, at, begin, end, s);
-        sm.dt_sum[threadIdx.x] = scan::lane_dt_sum(s);
-#pragma unroll
-        for (int part = 0; part < kItems / kChunk; ++part)
-        {
-            float const* v = s.dtu + kChunk * part;
-            sm.dtu(part, threadIdx.x) = make_float4(v[0], v[1], v[2], v[3]);
-        }
+        load_tile<T>(args, sm, at, begin, end, s);
         stage<T, N, true>(args, at, begin, rows_vectorisable<T, true>(args, at.b, at.k), sm);
         __syncthreads();
         Affine* publish = bc.segment < maps

@@ -270,11 +270,12 @@ struct StepMaps
     float b[kItems];
 };
 
-//! b_row: the lane's part of a staged B row, dtu: the lane's dt u, both read by chunks:
-//! chunk(part, out) gives values 4 part .. 4 part + 3 (one 16-byte shared load on the GPU: the
-//! kernel keeps dt u in shared memory through the state loop, so that the maps fit in registers).
-template <typename DtuRow, typename BRow>
-QMAMBA_HD void step_maps(float const* dt, DtuRow const& dtu, float a2, BRow const& b_row, StepMaps& m)
+//! f(i, b) for the lane's steps i = 0 .. kItems-1 in order, with b = dt u B: b_row is the lane's
+//! part of a staged B row, dtu the lane's dt u, both read by chunks: chunk(part, out) gives values
+//! 4 part .. 4 part + 3 (one 16-byte shared load on the GPU: the kernel keeps dt u in shared
+//! memory through the state loop, so that the maps fit in registers).
+template <typename DtuRow, typename BRow, typename F>
+QMAMBA_HD void for_each_b(DtuRow const& dtu, BRow const& b_row, F&& f)
 {
     QMAMBA_UNROLL
     for (int part = 0; part < kItems / kChunk; ++part)
@@ -286,11 +287,18 @@ QMAMBA_HD void step_maps(float const* dt, DtuRow const& dtu, float a2, BRow cons
         QMAMBA_UNROLL
         for (int e = 0; e < kChunk; ++e)
         {
-            int const i = kChunk * part + e;
-            m.a[i] = fast_exp2(dt[i] * a2);
-            m.b[i] = uv[e] * bv[e];
+            f(kChunk * part + e, uv[e] * bv[e]);
         }
     }
+}
+
+template <typename DtuRow, typename BRow>
+QMAMBA_HD void step_maps(float const* dt, DtuRow const& dtu, float a2, BRow const& b_row, StepMaps& m)
+{
+    for_each_b(dtu, b_row, [&](int i, float b) {
+        m.a[i] = fast_exp2(dt[i] * a2);
+        m.b[i] = b;
+    });
 }
 
 //! A lane's kItems values in an array, read by chunks as a staged row is.
@@ -345,21 +353,7 @@ template <typename DtuRow, typename BRow>
 QMAMBA_HD float compose_steps(float const* dt, DtuRow const& dtu, float a2, BRow const& b_row)
 {
     float h = 0.0f;
-    QMAMBA_UNROLL
-    for (int part = 0; part < kItems / kChunk; ++part)
-    {
-        float bv[kChunk];
-        float uv[kChunk];
-        b_row.chunk(part, bv);
-        dtu.chunk(part, uv);
-        QMAMBA_UNROLL
-        for (int e = 0; e < kChunk; ++e)
-        {
-            int const i = kChunk * part + e;
-            float const b = uv[e] * bv[e];
-            h = i == 0 ? b : madd(fast_exp2(dt[i] * a2), h, b);
-        }
-    }
+    for_each_b(dtu, b_row, [&](int i, float b) { h = i == 0 ? b : madd(fast_exp2(dt[i] * a2), h, b); });
     return h;
 }
 

@@ -921,8 +921,17 @@ cudaError_t launch_with_state(ScanArgs const& args, scan::Choice const& choice, 
         {
             ScanArgs a = args;
             void* params[] = {&a, &plan};
-            return cudaLaunchCooperativeKernel(reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kFusedPass>),
+            cudaError_t const e = cudaLaunchCooperativeKernel(
+                reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kFusedPass>),
                 dim3(static_cast<unsigned>(per * plan.segments)), dim3(kThreads), params, 0, stream);
+            if (e != cudaErrorCooperativeLaunchTooLarge)
+            {
+                return e;
+            }
+            // Fewer blocks resident than the cached occupancy said (another context, MPS, a
+            // shared-memory carveout): nothing was launched; two passes instead.
+            cudaGetLastError();
+            plan = choice.unfused;
         }
     }
     if (plan.segments > 1)
@@ -1049,7 +1058,7 @@ cudaError_t launch_selective_scan(ScanArgs const& args, cudaStream_t stream)
     {
         return cudaSuccess;
     }
-    scan::Choice choice{scan::plan_for(args.dims, 1), false};
+    scan::Choice choice{scan::plan_for(args.dims, 1), false, scan::plan_for(args.dims, 1)};
     if (args.workspace != nullptr)
     {
         int32_t sm_count = args.sm_count;

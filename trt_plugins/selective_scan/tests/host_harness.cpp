@@ -794,7 +794,7 @@ int main(int argc, char** argv)
     Choice choice{};
     if (header[8] > 0)
     {
-        choice = Choice{plan_for(d, header[8]), false};
+        choice = Choice{plan_for(d, header[8]), false, plan_for(d, header[8])};
     }
     else if (header[8] == 0)
     {
@@ -802,7 +802,7 @@ int main(int argc, char** argv)
     }
     else
     {
-        choice = Choice{plan_for(d, static_cast<int32_t>(tiles_in(d))), true};
+        choice = Choice{plan_for(d, static_cast<int32_t>(tiles_in(d))), true, plan_for(d, 1)};
     }
     if (header[8] > max_segments(d))
     {

@@ -640,11 +640,13 @@ constexpr int kMaxFusedState = 12;
 constexpr double kFusedTileCost = 1.3;
 
 //! What the launcher runs: a plan of one or two passes, or the fused mode (plan: one tile per
-//! segment).
+//! segment; `unfused`: the plan of one or two passes to run instead should the cooperative
+//! launch find fewer resident blocks than the occupancy it was chosen with).
 struct Choice
 {
     Plan plan;
     bool fused;
+    Plan unfused;
 };
 
 //! The cheapest of one pass, two passes (segments_for) and, when `fusable` (softplus on, the
@@ -661,10 +663,10 @@ inline Choice choose(Dims const& d, bool fusable, int32_t sm_count, int32_t bloc
         double const fused = kFusedTileCost + kPrologueCostPerSegment * static_cast<double>(tiles - 1);
         if (fused < plan_cost(d, plan, slots) * 0.999)
         {
-            return Choice{plan_for(d, static_cast<int32_t>(tiles)), true};
+            return Choice{plan_for(d, static_cast<int32_t>(tiles)), true, plan};
         }
     }
-    return Choice{plan, false};
+    return Choice{plan, false, plan};
 }
 
 //! Pass 2's composition of the earlier segments' maps: the block's kChannels x N (channel, state)

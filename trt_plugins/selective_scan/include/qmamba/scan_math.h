@@ -585,7 +585,7 @@ QMAMBA_HD int64_t max_segments(Dims const& d)
 }
 
 //! Relative costs for segments_for, in units of "one block scans one tile with output":
-//! a tile of pass 1 (no C, no replay, no y: about 0.7 of the bytes and of the instructions),
+//! a tile of pass 1 (no C, no replay, no y: about 0.7 of the bytes, 0.63 of the instructions),
 //! the second launch, and the composition of the earlier segments' maps per segment.
 constexpr double kMapsTileCost = 0.7;
 constexpr double kSecondLaunchCost = 1.0;
@@ -635,9 +635,10 @@ inline int32_t segments_for(Dims const& d, int32_t sm_count, int32_t blocks_per_
 //! maps and the output; needs every block resident, a cooperative launch, softplus on): its
 //! largest N (its shared memory stays within 48 KB of static shared memory), and its cost per
 //! block in plan_cost's units (phase 1 composes without output, phase 2 replays with the decays
-//! formed again: about 1.3 of a one-pass tile's instructions by the SASS counts).
+//! formed again, and the block's setup comes with every tile: about 1.5 of a one-pass tile's
+//! instructions by the SASS counts, 148 against 99 per step at N = 8).
 constexpr int kMaxFusedState = 12;
-constexpr double kFusedTileCost = 1.3;
+constexpr double kFusedTileCost = 1.5;
 
 //! What the launcher runs: a plan of one or two passes, or the fused mode (plan: one tile per
 //! segment; `unfused`: the plan of one or two passes to run instead should the cooperative

@@ -319,15 +319,20 @@ def test_segments_follow_occupancy_and_fill_the_gpu(harness):
 
 def test_workspace_fits_every_plan_of_smaller_shapes(harness):
     """getWorkspaceSize sizes for the profile's largest shapes; every smaller batch and length the
-    launcher may then cut into more segments must fit (maps [B, D, N, S - 1])."""
+    launcher may then cut into more segments, or fuse into one-tile segments, must fit (maps
+    [B, D, N, S - 1])."""
     dim, groups, state = 48, 1, 8
     most = _plan(harness, 8, dim, groups, 65536, state, 132, 4)
+    fused = 0
     for batch in (1, 2, 3, 8):
-        for length in (256, 5000, 65536):
+        for length in (256, 5000, 16384, 65536):
             for sms, per_sm in ((132, 4), (16, 4), (512, 16)):
-                p = _plan(harness, batch, dim, groups, length, state, sms, per_sm)
-                assert p["segments"] <= p["max_segments"]
-                assert batch * dim * state * (p["segments"] - 1) * 8 <= most["workspace_bytes"]
+                for fused_per_sm in (0, per_sm):
+                    p = _plan(harness, batch, dim, groups, length, state, sms, per_sm, fused_per_sm)
+                    fused += p["fused"]
+                    assert p["segments"] <= p["max_segments"]
+                    assert batch * dim * state * (p["segments"] - 1) * 8 <= most["workspace_bytes"]
+    assert fused > 0
 
 
 @pytest.mark.slow

@@ -195,7 +195,11 @@ cudaError_t qmamba::describe_device(qmamba::DeviceInfo* info)
     ++gDescribeCalls;
     info->sm_count = 132;
     for (int io = 0; io < 2; ++io)
-        for (int n = 0; n < qmamba::scan::kMaxState; ++n) info->blocks_per_sm[io][n] = 4 + io * 16 + n;
+        for (int n = 0; n < qmamba::scan::kMaxState; ++n)
+        {
+            info->blocks_per_sm[io][n] = 4 + io * 16 + n;
+            info->fused_blocks_per_sm[io][n] = 40 + io * 16 + n;
+        }
     return cudaSuccess;
 }
 char const* cudaGetErrorName(cudaError_t) { return "cudaErrorInvalidValue"; }
@@ -408,6 +412,7 @@ int main()
     desc[ct::kINPUT_B].dims.d[2] = 4;
     for (int i = 0; i < 3; ++i) CHECK(attachedRuntime->enqueue(desc, desc + 7, inputs, outputs, workspace, nullptr) == 0);
     CHECK(gDescribeCalls == 1 && gArgs.sm_count == 132 && gArgs.blocks_per_sm == 4 + 16 + 3);
+    CHECK(gArgs.fused_blocks_per_sm == 40 + 16 + 3 && gArgs.strategy == qmamba::Strategy::kAuto);
     std::unique_ptr<IPluginV3> cloned(attached->clone());  // TensorRT may clone an attached plugin
     auto* clonedRuntime = static_cast<IPluginV3OneRuntime*>(cloned->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     CHECK(clonedRuntime->enqueue(desc, desc + 7, inputs, outputs, workspace, nullptr) == 0 && gArgs.sm_count == 132);

@@ -2,8 +2,10 @@
 
 * the host harness (tests/host_harness.cpp: scan_math.h replayed with the kernel's layout: 8
   channels x 16 lanes per block, 16 steps per lane, the vector or scalar path of each row, B and
-  C staged through a shared-memory image, the 16-lane scans in shuffle order, growing maps,
-  carried states, the two passes) matches the float64 reference scan to 1e-5;
+  C staged through a shared-memory image, the 16-lane scans in shuffle order, decaying tiles
+  (composed maps) and the others (lanes one after another), carried states, the two passes with
+  pass 1 by reduction and pass 2's catch-up after invalid maps) matches the float64 reference
+  scan to 1e-5;
 * the staging and lane index functions are conflict-free bijections (--check-layout);
 * the launcher's segment plan follows the GPU's occupancy (--plan);
 * nvcc compiles the kernel for Orin (sm_87) and Hopper (sm_90).
@@ -86,20 +88,25 @@ def test_host_harness_matches_reference(harness, batch, dim, groups, length, sta
     if not softplus:  # dt = delta + bias stays positive: decaying states (growing ones: below)
         case["delta"] = case["delta"].abs() * 0.1
         case["delta_bias"] = case["delta_bias"].abs()
-    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=softplus)
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=softplus, stats=stats)
     assert _rel_error(got, _reference(case, softplus)) <= 1e-5
+    # A < 0 and dt >= 0 (softplus, or delta + bias >= 0): every tile takes the composed-map loop
+    assert stats["decaying_tiles"] > 0 and stats["serial_tiles"] == 0 and stats["catch_ups"] == 0
 
 
 @pytest.mark.parametrize("state", range(1, 17))
 def test_host_harness_every_state_size(harness, state):
-    """Every instantiated N, in one pass and in two (pass 1's maps of N states)."""
+    """Every instantiated N, in one pass, in two (pass 1's maps of N states) and, up to
+    kMaxFusedState = 12, in the fused mode (one tile per block: 3 here)."""
     case = _case(1, 12, 2, 2 * TILE + 40, state, seed=100 + state)
     case["A"] = case["A"] * 0.05  # slow decay: the carried states and segment maps matter
     want = _reference(case, True)
-    for segments in (1, 3):
+    for segments in (1, 3, -1) if state <= 12 else (1, 3):
         stats = {}
         got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
-        assert stats["segments"] == segments
+        assert stats["segments"] == 3 if segments == -1 else segments
+        assert stats["fused"] == (segments == -1)
         assert _rel_error(got, want) <= 1e-5, segments
 
 
@@ -168,38 +175,70 @@ def _growing_case(length, state=4, dim=8):
 
 @pytest.mark.parametrize("segments", [1, 2, 3])
 def test_host_harness_growing_decays(harness, segments):
-    """Growing maps run as the plain recurrence (and invalidate pass 1's maps): the result stays
-    finite and matches the reference where composing maps would overflow."""
+    """Tiles with growing steps run lanes one after another (and invalidate pass 1's maps, so pass
+    2 reruns the earlier segments): the result stays finite and matches the reference where
+    composing maps would overflow."""
     case = _growing_case(4 * TILE - 300)
     want = _reference(case, False)
     assert np.isfinite(want).all() and np.abs(want).max() > 1e10
-    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments, stats=stats)
     assert np.isfinite(got).all()
     assert _rel_error(got, want) <= 1e-5
+    assert stats["decaying_tiles"] == 0 and stats["serial_tiles"] > 0
+    assert stats["catch_ups"] == (segments - 1)  # every later segment's block reruns the earlier ones
+
+
+@pytest.mark.parametrize("elem_bytes", [4, 2])
+def test_host_harness_fused_mode(harness, elem_bytes):
+    """The fused mode (phase 1 of every block, the grid-wide barrier, phase 2): several blocks per
+    group and groups, an odd L (the last tile partial), misaligned rows; a group with A > 0 is
+    scanned lane after lane by its segment-0 block while the other group fuses."""
+    case = _case(2, 20, 2, 6 * TILE + 13, 8, seed=31)
+    case["A"] = case["A"] * 0.05
+    want = _reference(case, True)
+    for offsets in ({}, {"u": 1, "B": 2, "y": 3}):
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), segments=-1, elem_bytes=elem_bytes, offsets=offsets,
+                                      stats=stats)
+        assert stats["fused"] and stats["segments"] == 7 and stats["serial_tiles"] == 0
+        assert _rel_error(got, want) <= 1e-5, offsets
+    case["A"][12] = 0.01  # group 1 (channels 10..19) does not decay
+    stats = {}
+    got = plugin.run_host_harness(harness, _numpy(case), segments=-1, elem_bytes=elem_bytes, stats=stats)
+    assert _rel_error(got, _reference(case, True)) <= 1e-5
+    assert stats["serial_tiles"] == 2 * 7 * 1  # per batch item: channel 12's block, its 7 tiles, once
 
 
 def test_host_harness_growing_in_some_tiles_only(harness):
-    """Mixed signs: dt < 0 only in the second tile (fast path before and after it)."""
+    """Mixed signs: dt < 0 only in the second tile (composed maps before and after it; with three
+    segments only the third segment's block reruns the earlier ones)."""
     case = _case(1, 8, 1, 3 * TILE, 8, seed=22)
     case["delta"] = case["delta"].abs() * 0.2
     case["delta"][..., TILE:2 * TILE] *= -0.1
     case["delta_bias"] = torch.zeros_like(case["delta_bias"])
     want = _reference(case, False)
-    for segments in (1, 3):
-        got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments)
+    for segments, serial, catch_ups in ((1, 1, 0), (3, 3, 1)):
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), delta_softplus=False, segments=segments, stats=stats)
         assert _rel_error(got, want) <= 1e-5, segments
+        # one pass: only tile 2 is serial; three segments: tile 2 in pass 1 (its map invalid), in
+        # pass 2, and again in segment 3's catch-up
+        assert (stats["serial_tiles"], stats["catch_ups"]) == (serial, catch_ups), stats
 
 
 def test_host_harness_positive_A_grows_with_softplus(harness):
     """A > 0 (outside the models' A = -exp(A_log)) with softplus on: dt > 0 grows too. Only
-    channels 0 and 5 grow: their warp partners (1 and 4) run the plain recurrence with them and
-    keep valid segment maps."""
-    case = _case(1, 8, 1, 3 * TILE + 100, 4, seed=23)
+    channels 0 and 5 grow: their block runs lanes one after another, the other block composes."""
+    case = _case(1, 16, 1, 3 * TILE + 100, 4, seed=23)
     case["A"][[0, 5]] = 0.01
     want = _reference(case, True)
     for segments in (1, 3):
-        got = plugin.run_host_harness(harness, _numpy(case), segments=segments)
+        stats = {}
+        got = plugin.run_host_harness(harness, _numpy(case), segments=segments, stats=stats)
         assert _rel_error(got, want) <= 1e-5, segments
+        # the block of channels 0..7 walks its lanes one after another, the block of 8..15 not
+        assert stats["serial_tiles"] > 0 and stats["decaying_tiles"] > 0, stats
 
 
 def test_host_harness_differs_when_the_carry_is_wrong(harness):
@@ -223,6 +262,8 @@ def test_host_harness_rejects_bad_dims(harness, tmp_path):
         plugin.run_host_harness(harness, inputs)
     with pytest.raises(RuntimeError, match="at most 1 segments"):
         plugin.run_host_harness(harness, _numpy(_case(1, 4, 1, 100, 2, seed=0)), segments=2)
+    with pytest.raises(RuntimeError, match="the fused mode needs softplus"):
+        plugin.run_host_harness(harness, _numpy(_case(1, 4, 1, 600, 2, seed=0)), segments=-1, delta_softplus=False)
 
 
 def test_layout_is_conflict_free(harness):
@@ -230,10 +271,31 @@ def test_layout_is_conflict_free(harness):
     assert run.returncode == 0 and "layout ok" in run.stdout, run.stdout
 
 
-def _plan(harness, batch, dim, groups, length, state, sms, blocks_per_sm):
-    run = subprocess.run([str(harness), "--plan", *map(str, (batch, dim, groups, length, state, sms, blocks_per_sm))],
+def _plan(harness, batch, dim, groups, length, state, sms, blocks_per_sm, fused_blocks_per_sm=0):
+    run = subprocess.run([str(harness), "--plan", *map(str, (batch, dim, groups, length, state, sms, blocks_per_sm,
+                                                             fused_blocks_per_sm))],
                          capture_output=True, text=True, check=True)
     return json.loads(run.stdout)
+
+
+def test_launcher_fuses_batch_1_when_every_block_fits(harness):
+    """MambaIRv2-light at batch 1: the fused mode (one launch, 64 one-tile blocks per channel
+    group) when the fused kernel's blocks all fit the GPU (132 SMs x 4), two passes otherwise
+    (no cooperative launch: 0; an Orin's 16 SMs; batch 2's 768 blocks); never without softplus or
+    when the caller asks for two passes."""
+    light = (48, 1, 16384, 8)
+    fused = _plan(harness, 1, *light, 132, 4, 4)
+    assert fused["fused"] and fused["segments"] == 64 and fused["segment_length"] == TILE
+    assert not _plan(harness, 1, *light, 132, 4, 0)["fused"]
+    assert not _plan(harness, 1, *light, 16, 4, 4)["fused"]
+    assert not _plan(harness, 2, *light, 132, 4, 4)["fused"]
+    assert not _plan(harness, 1, 48, 1, 16384, 16, 132, 4, 4)["fused"]  # N > kMaxFusedState
+    case = _numpy(_case(1, 8, 1, 4 * TILE, 4, seed=41))
+    for softplus, two_passes, want in ((True, False, True), (False, False, False), (True, True, False)):
+        stats = {}
+        plugin.run_host_harness(harness, case, delta_softplus=softplus, fused_blocks_per_sm=4, two_passes=two_passes,
+                                stats=stats)
+        assert stats["fused"] == want, (softplus, two_passes)
 
 
 def test_segments_follow_occupancy_and_fill_the_gpu(harness):
@@ -257,15 +319,20 @@ def test_segments_follow_occupancy_and_fill_the_gpu(harness):
 
 def test_workspace_fits_every_plan_of_smaller_shapes(harness):
     """getWorkspaceSize sizes for the profile's largest shapes; every smaller batch and length the
-    launcher may then cut into more segments must fit (maps [B, D, N, S - 1])."""
+    launcher may then cut into more segments, or fuse into one-tile segments, must fit (maps
+    [B, D, N, S - 1])."""
     dim, groups, state = 48, 1, 8
     most = _plan(harness, 8, dim, groups, 65536, state, 132, 4)
+    fused = 0
     for batch in (1, 2, 3, 8):
-        for length in (256, 5000, 65536):
+        for length in (256, 5000, 16384, 65536):
             for sms, per_sm in ((132, 4), (16, 4), (512, 16)):
-                p = _plan(harness, batch, dim, groups, length, state, sms, per_sm)
-                assert p["segments"] <= p["max_segments"]
-                assert batch * dim * state * (p["segments"] - 1) * 8 <= most["workspace_bytes"]
+                for fused_per_sm in (0, per_sm):
+                    p = _plan(harness, batch, dim, groups, length, state, sms, per_sm, fused_per_sm)
+                    fused += p["fused"]
+                    assert p["segments"] <= p["max_segments"]
+                    assert batch * dim * state * (p["segments"] - 1) * 8 <= most["workspace_bytes"]
+    assert fused > 0
 
 
 @pytest.mark.slow
@@ -281,7 +348,7 @@ def test_nvcc_compiles_the_kernel_for_orin_and_hopper(tmp_path):
     with_sass = plugin.cuda_binary("cuobjdump") is not None and plugin.cuda_binary("nvdisasm") is not None
     rows = plugin.kernel_report(log[0], exe if with_sass else None)
     expected = {(arch, io, n, kernel) for arch in ("sm_87", "sm_90") for io in ("fp32", "fp16")
-                for n in range(1, 17) for kernel in ("scan", "maps")}
+                for n in range(1, 17) for kernel in ("scan", "maps", "fused") if kernel != "fused" or n <= 12}
     assert {(r.arch, r.io, r.state, r.kernel) for r in rows} == expected
     problems = [f"{r.arch} {r.io} N={r.state} {r.kernel}: {p}" for r in rows for p in r.problems()]
     assert not problems, "\n".join(problems)
@@ -297,12 +364,12 @@ def test_nvcc_compiles_the_kernel_for_orin_and_hopper(tmp_path):
 
 def test_kernel_report_reads_ptxas_and_flags_problems():
     """The parser behind the register check: it reads ptxas's lines and its verdict can fail."""
-    text = """ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelIfLi8ELb0EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_90'
-ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelIfLi8ELb0EEEvNS_8ScanArgsENS_4scan4PlanE
+    text = """ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelIfLi8ELi0EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_90'
+ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelIfLi8ELi0EEEvNS_8ScanArgsENS_4scan4PlanE
     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
 ptxas info    : Used 128 registers, used 1 barriers, 17472 bytes smem
-ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelI6__halfLi16ELb1EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_87'
-ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelI6__halfLi16ELb1EEEvNS_8ScanArgsENS_4scan4PlanE
+ptxas info    : Compiling entry function '_ZN6qmamba21selective_scan_kernelI6__halfLi16ELi1EEEvNS_8ScanArgsENS_4scan4PlanE' for 'sm_87'
+ptxas info    : Function properties for _ZN6qmamba21selective_scan_kernelI6__halfLi16ELi1EEEvNS_8ScanArgsENS_4scan4PlanE
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 168 registers, used 1 barriers, 33856 bytes smem
 """
@@ -314,6 +381,37 @@ ptxas info    : Used 168 registers, used 1 barriers, 33856 bytes smem
     assert b.problems() == ["168 registers > 128"]
     b.registers, b.sass = 100, {"LDG.E.128": 0, "STG.E.128": 0, "LDL": 0, "STL": 0}
     assert b.problems() == ["no 128-bit global load (LDG.E.128) in the SASS"]
+
+
+def _sass(lines):
+    """cuobjdump-style SASS of one kernel from (address, instruction) pairs."""
+    body = "\n".join(f"        /*{a:04x}*/                   {i} ;" for a, i in lines)
+    return "        Function : _ZN6qmamba21selective_scan_kernelIfLi2ELi0EEEvNS_8ScanArgsENS_4scan4PlanE\n" + body
+
+
+def test_sass_main_path_counts():
+    """The counter behind the roofline model (qmamba_deploy/trt/sass_paths.py) on a made-up
+    kernel: setup, a tile loop whose vector side (LDG.E.128) beats its longer scalar side, a
+    state loop with 16 MUFU.EX2 and a BRA.DIV into a divergent fallback that is not counted."""
+    from qmamba_deploy.trt import sass_paths
+
+    lines = [(0x000, "MOV R1, c[0x0][0x28]"), (0x010, "BRA.DIV UR4, 0x1c0"),    # setup
+             (0x020, "@P0 BRA 0x50"),                                           # tile loop: branch
+             (0x030, "LDG.E R4, desc[UR4][R2.64]"), (0x040, "BRA 0x60"),         # scalar side
+             (0x050, "LDG.E.128 R4, desc[UR4][R2.64]"),                          # vector side
+             (0x060, "FMUL R2, R2, R3")]                                         # state loop
+    lines += [(0x070 + 16 * i, "MUFU.EX2 R2, R2") for i in range(16)]           # 0x070 .. 0x160
+    lines += [(0x170, "@P1 BRA 0x60"),                                          # state loop back edge
+              (0x180, "@P2 BRA 0x20"),                                          # tile loop back edge
+              (0x190, "EXIT")]
+    lines += [(0x1c0 + 16 * i, "SHFL.IDX PT, R3, R3, RZ, 0x1f") for i in range(3)] + [(0x1f0, "BRA 0x20")]
+    instrs = next(iter(sass_paths.parse_functions(_sass(lines)).values()))
+    counts = sass_paths.decaying_counts(instrs, states=2)
+    assert counts.state == 18                     # FMUL, 16 MUFU.EX2, the back edge
+    assert counts.tile == 3                       # the branch, the LDG.E.128, the back edge
+    assert counts.setup == 2 and counts.mufu_state == 16  # MOV, BRA.DIV: its fallback not taken
+    assert counts.per_step == (3 + 2 * 18) / 16
+    assert counts.tile_ops["LDG.E.128"] == 1 and "LDG.E" not in counts.tile_ops
 
 
 @pytest.mark.gpu
@@ -353,7 +451,7 @@ GPU_CHECK = plugin.plugin_source_dir().parents[1] / "tools" / "gpu_kernel_check.
 FAKE_KERNEL_CHECK = """#!/usr/bin/env bash
 # stands in for kernel_check: prints its JSON line; "fails" for the --grow case when asked to
 if [[ "${FAIL_GROW:-0}" == 1 && " $* " == *" --grow "* ]]; then echo bad; exit 1; fi
-echo '{"gpu": "fake", "cc": "9.0", "sms": 132, "blocks_per_sm": 4, "B": '$1', "D": '$2', "K": '$3', "L": '$4', "N": '$5', "io": "fp32", "softplus": true, "grow": false, "offset": 0, "segments": 3, "max_rel_error": 1e-7, "max_rel_error_one_pass": 1e-7, "tolerance": 1e-5, "ms": 0.01, "ms_one_pass": 0.02, "bytes": 1000, "GBps": 100.0, "GBps_one_pass": 50.0, "peak_GBps": 3350.0, "fraction_of_peak": 0.03, "fraction_of_peak_one_pass": 0.015}'
+echo '{"gpu": "fake", "cc": "9.0", "sms": 132, "blocks_per_sm": 4, "fused_blocks_per_sm": 4, "B": '$1', "D": '$2', "K": '$3', "L": '$4', "N": '$5', "io": "fp32", "softplus": true, "grow": false, "positive_a": false, "offset": 0, "segments": 3, "fused": true, "max_rel_error": 1e-7, "max_rel_error_two_passes": 2e-7, "max_rel_error_one_pass": 1e-7, "max_rel_error_graph": 1e-7, "tolerance": 1e-5, "ms": 0.01, "ms_two_passes": 0.015, "ms_one_pass": 0.02, "bytes": 1000, "GBps": 100.0, "GBps_two_passes": 66.7, "GBps_one_pass": 50.0, "peak_GBps": 3350.0, "fraction_of_peak": 0.03, "fraction_of_peak_two_passes": 0.02, "fraction_of_peak_one_pass": 0.015}'
 """
 
 
@@ -398,4 +496,7 @@ def test_gpu_kernel_check_script_runs_and_summarises(tmp_path, fail):
     assert {r["name"] for r in summary["runs"] if r["rc"] != 0} == (
         {"edge_grow_fp32", "edge_grow_fp16", "sanitize_memcheck_grow", "sanitize_racecheck_grow",
          "sanitize_synccheck_grow"} if fail else set())
-    assert "| v2light_128_fp32 | 0 | 1 | 48 | 1 | 16384 | 8 |" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert ("| v2light_128_fp32 | 0 | 1 | 48 | 1 | 16384 | 8 | fp32 | fused, 3 tiles | "
+            "1.00e-07 / 2.00e-07 / 1.00e-07 / 1.00e-07 |") in md
+    assert "sanitize_racecheck_positive_a" in names

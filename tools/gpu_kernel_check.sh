@@ -5,13 +5,15 @@
 #
 # 1. builds trt_plugins/selective_scan/tests/kernel_check.cu with the kernel for this GPU
 #    (nvcc -arch=native; KERNEL_CHECK=/path/to/kernel_check uses a prebuilt one instead);
-# 2. checks it against the float64 recurrence and times it, in both modes each time (one pass
-#    without a workspace, and with the workspace that lets the launcher cut segments: two
-#    passes), on the released models' scan shapes (MambaIRv2-light D = 48, K = 1, N = 8 and
-#    MambaIR-light D = 288, K = 4, N = 10 at 64x64 .. 256x256 inputs; a 16-state shape), fp32 and
-#    fp16, and on the edge cases (misaligned base pointers, odd L, softplus off, growing maps);
-# 3. runs compute-sanitizer memcheck, racecheck and synccheck on small shapes (both modes,
-#    segmented included, fp32 and fp16, growing maps, misaligned pointers);
+# 2. checks it against the float64 recurrence and times it, in three modes each time (one pass
+#    without a workspace; with the workspace, the launcher's choice: two passes or, at batch 1
+#    where every block fits the GPU, the fused mode; two passes forced; and the launcher's choice
+#    captured into a CUDA graph, as TensorRT may run it), on the released
+#    models' scan shapes (MambaIRv2-light D = 48, K = 1, N = 8 and MambaIR-light D = 288, K = 4,
+#    N = 10 at 64x64 .. 256x256 inputs; a 16-state shape), fp32 and fp16, and on the edge cases
+#    (misaligned base pointers, odd L, softplus off, growing maps, A > 0 with softplus);
+# 3. runs compute-sanitizer memcheck, racecheck and synccheck on small shapes (every mode, the
+#    fused one included, fp32 and fp16, growing maps, A > 0, misaligned pointers);
 # 4. writes OUT_DIR/summary.json (every run: command, exit code, kernel_check's JSON line) and
 #    OUT_DIR/summary.md (the table: error vs tolerance, ms, GB/s, fraction of peak bandwidth),
 #    with the raw logs in OUT_DIR/logs/.
@@ -94,7 +96,7 @@ run() {
     fi
 }
 
-# --- correctness and speed (both modes in every run) --------------------------------------------
+# --- correctness and speed (the three modes in every run) ---------------------------------------
 for io in fp32 fp16; do
     for side in 64 128 256; do
         L=$((side * side))
@@ -110,6 +112,7 @@ run edge_oddL_fp32 edge "$EXE" 1 12 1 777 16 fp32 3
 run edge_nosoftplus_fp32 edge "$EXE" 1 16 2 3000 4 fp32 3 0 --no-softplus
 run edge_grow_fp32 edge "$EXE" 1 16 1 3000 4 fp32 3 0 --grow
 run edge_grow_fp16 edge "$EXE" 1 8 1 2000 8 fp16 3 0 --grow
+run edge_positive_a_fp32 edge "$EXE" 1 16 1 3000 8 fp32 3 0 --positive-a
 run edge_tiny edge "$EXE" 1 1 1 1 1 fp32 3
 
 # --- compute-sanitizer ----------------------------------------------------------------------------
@@ -122,7 +125,8 @@ if [[ "$SANITIZE" != "0" ]]; then
     else
         die 2 "compute-sanitizer not found (PATH or beside nvcc); SANITIZE=0 skips it"
     fi
-    # Small shapes: racecheck is slow. Each run does both modes; 2 groups x 1 block -> 3 segments.
+    # Small shapes: racecheck is slow. Each run does the three modes (2 groups x 1 block, 3 tiles:
+    # the launcher fuses the first two with softplus on).
     for tool in memcheck racecheck synccheck; do
         extra=()
         [[ $tool == racecheck ]] && extra=(--racecheck-report all)
@@ -132,6 +136,8 @@ if [[ "$SANITIZE" != "0" ]]; then
             "$EXE" 1 20 2 555 8 fp16 0 0 --offset 1 --no-timing
         run "sanitize_${tool}_grow" sanitizer "$SANITIZER" --tool $tool --error-exitcode 1 ${extra[@]+"${extra[@]}"} \
             "$EXE" 1 9 1 900 16 fp32 0 0 --grow --no-timing
+        run "sanitize_${tool}_positive_a" sanitizer "$SANITIZER" --tool $tool --error-exitcode 1 ${extra[@]+"${extra[@]}"} \
+            "$EXE" 1 16 1 700 8 fp32 0 0 --positive-a --no-timing
     done
 fi
 
@@ -149,19 +155,21 @@ summary = {"status": "failed" if failed else "passed", "gpu": gpu, "sanitizers":
 lines = ["# GPU kernel check", "", "```", gpu, "```", "",
          f"**{'FAILED' if failed else 'passed'}**: {sum(r['rc'] == 0 for r in runs)} of {len(runs)} runs"
          + ("" if sanitize else " (sanitizers skipped: SANITIZE=0)"), "",
-         "| run | rc | B | D | K | L | N | I/O | segments | max rel. error (2 passes / 1 pass) | tolerance | "
-         "ms (2 passes / 1 pass) | GB/s | fraction of peak (2 passes / 1 pass) |",
-         "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---|---:|---|"]
+         "| run | rc | B | D | K | L | N | I/O | launcher's choice | max rel. error (choice / 2 passes / 1 pass / graph) | "
+         "tolerance | ms (choice / 2 passes / 1 pass) | GB/s (choice) | fraction of peak (choice / 2 passes / 1 pass) |",
+         "|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|---:|---|"]
 for r in runs:
     j = r["result"] or {}
     if not j:
         lines.append(f"| {r['name']} | {r['rc']} | | | | | | | | (no result: see logs/{r['name']}.txt) | | | | |")
         continue
+    choice = f"fused, {j['segments']} tiles" if j["fused"] else f"{j['segments']} segment(s)"
     lines.append(
-        f"| {r['name']} | {r['rc']} | {j['B']} | {j['D']} | {j['K']} | {j['L']} | {j['N']} | {j['io']} | "
-        f"{j['segments']} | {j['max_rel_error']:.2e} / {j['max_rel_error_one_pass']:.2e} | {j['tolerance']:.0e} | "
-        f"{j['ms']:.4f} / {j['ms_one_pass']:.4f} | {j['GBps']:.0f} | "
-        f"{j['fraction_of_peak']:.3f} / {j['fraction_of_peak_one_pass']:.3f} |")
+        f"| {r['name']} | {r['rc']} | {j['B']} | {j['D']} | {j['K']} | {j['L']} | {j['N']} | {j['io']} | {choice} | "
+        f"{j['max_rel_error']:.2e} / {j['max_rel_error_two_passes']:.2e} / {j['max_rel_error_one_pass']:.2e} / "
+        f"{j['max_rel_error_graph']:.2e} | "
+        f"{j['tolerance']:.0e} | {j['ms']:.4f} / {j['ms_two_passes']:.4f} / {j['ms_one_pass']:.4f} | {j['GBps']:.0f} | "
+        f"{j['fraction_of_peak']:.3f} / {j['fraction_of_peak_two_passes']:.3f} / {j['fraction_of_peak_one_pass']:.3f} |")
 lines += ["", "Bytes counted: the op's minimum (u, delta, y per channel; B, C once per group; A, D, bias).",
           "Peak: from the device attributes (memory clock x bus width x 2)."]
 (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -113,12 +113,15 @@ _TENSOR_OFFSETS = ("u", "delta", "B", "C", "y")
 def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus: bool = True,
                      segments: int = 0, elem_bytes: int = 4, offsets: Mapping[str, int] | None = None,
                      sm_count: int = HARNESS_SM_COUNT, blocks_per_sm: int = HARNESS_BLOCKS_PER_SM,
+                     fused_blocks_per_sm: int = 0, two_passes: bool = False,
                      stats: dict | None = None) -> np.ndarray:
     """Runs the harness on the op's inputs (contract names; D_skip/delta_bias may be None).
 
-    ``segments``: blocks per (batch, channel) sequence, as the kernel's two-pass mode cuts it; 0
-    lets the harness choose as the launcher would on ``sm_count`` SMs with ``blocks_per_sm``
-    resident blocks. ``elem_bytes`` (4: fp32 I/O, 2: fp16 I/O) and ``offsets`` (elements between a
+    ``segments``: blocks per (batch, channel) sequence, as the kernel's two-pass mode cuts it; -1:
+    the fused mode (one tile per block); 0 lets the harness choose as the launcher would on
+    ``sm_count`` SMs with ``blocks_per_sm`` resident blocks (and ``fused_blocks_per_sm`` of the
+    fused kernel, 0: none; ``two_passes``: the launcher's Strategy::kTwoPasses). ``elem_bytes``
+    (4: fp32 I/O, 2: fp16 I/O) and ``offsets`` (elements between a
     16-byte boundary and the base pointer of u, delta, B, C or y) decide which rows the kernel
     reads with 16-byte vector loads; the values stay float32. ``stats`` receives the plan and the
     counts of vector and scalar accesses."""
@@ -132,7 +135,8 @@ def run_host_harness(exe: Path, inputs: Mapping[str, np.ndarray], delta_softplus
         raise ValueError(f"offsets for unknown tensors {sorted(unknown)}; known: {_TENSOR_OFFSETS}")
     header = np.array([batch, dim, groups, length, state, int(delta_softplus)]
                       + [int(x is not None) for x in optional] + [segments, elem_bytes]
-                      + [offsets.get(name, 0) for name in _TENSOR_OFFSETS] + [sm_count, blocks_per_sm],
+                      + [offsets.get(name, 0) for name in _TENSOR_OFFSETS]
+                      + [sm_count, blocks_per_sm, fused_blocks_per_sm, int(two_passes)],
                       dtype=np.int32)
     arrays = [inputs[k] for k in ("u", "delta", "A", "B", "C")] + [x for x in optional if x is not None]
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,9 +175,12 @@ def nvcc_compile(out: Path, archs: Sequence[int] = (87, 90), root: Path | None =
 # What ptxas and the SASS say about the kernels (tools/ptxas_report.py, tests/test_trt_plugin.py).
 
 #: selective_scan_kernel<T, N, kMaps> in a mangled name: T = f (float) or 6__half, N, kMaps.
-_KERNEL_NAME = re.compile(r"selective_scan_kernelI(f|6__half)Li(\d+)ELb([01])E")
+_KERNEL_NAME = re.compile(r"selective_scan_kernelI(f|6__half)Li(\d+)ELi([012])E")
+#: The kernel's passes (kScanPass, kMapsPass, kFusedPass in the kernel source).
+_PASSES = ("scan", "maps", "fused")
 #: The opcodes the report counts per kernel.
-SASS_OPCODES = ("LDG.E.128", "STG.E.128", "LDS.128", "STS.128", "MUFU.EX2", "SHFL", "LDL", "STL")
+SASS_OPCODES = ("LDG.E.128", "STG.E.128", "LDS.128", "STS.128", "LDGSTS.E.BYPASS.128", "MUFU.EX2", "SHFL", "LDL",
+                "STL")
 #: __launch_bounds__(128, 4): 65536 registers / (4 x 128 threads).
 MAX_REGISTERS = 128
 
@@ -183,7 +190,7 @@ class KernelResources:
     arch: str              #: "sm_90"
     io: str                #: "fp32" or "fp16"
     state: int             #: N
-    kernel: str            #: "scan" (one pass / pass 2) or "maps" (pass 1)
+    kernel: str            #: "scan" (one pass / pass 2), "maps" (pass 1) or "fused"
     registers: int
     spill_stores: int
     spill_loads: int
@@ -212,7 +219,7 @@ def _kernel_key(mangled: str):
     m = _KERNEL_NAME.search(mangled)
     if not m:
         return None
-    return ("fp32" if m.group(1) == "f" else "fp16", int(m.group(2)), "maps" if m.group(3) == "1" else "scan")
+    return ("fp32" if m.group(1) == "f" else "fp16", int(m.group(2)), _PASSES[int(m.group(3))])
 
 
 def parse_ptxas(text: str) -> list[KernelResources]:

@@ -1,15 +1,17 @@
-// The SelectiveScan forward kernel (layout and arithmetic: include/qmamba/scan_math.h).
+// The SelectiveScan forward kernel (layout, arithmetic and modes: include/qmamba/scan_math.h).
 //
 // One block = 8 channels of one group x 16 lanes, per tile of 256 steps:
 //   1. each lane loads its 16 consecutive steps of u and delta (16-byte loads where the row is
-//      aligned), computes dt (softplus), dt * u and D_skip * u;
-//   2. the block stages the tile's B and C rows (N each, float32, swizzled 16-byte chunks) in
-//      shared memory;
-//   3. per state n (a runtime loop, so registers do not grow with N): the lane's 16 step maps
-//      (one exp2 each) stay in registers through compose -> 16-lane scan -> replay; the carried
-//      state lives in shared memory. A (tile, state) with growing maps runs lane after lane;
+//      aligned), computes dt (softplus), dt * u (to shared memory) and D_skip * u;
+//   2. the block stages the tile's B and C rows (N each, float32, swizzled 16-byte chunks; fp32
+//      with cp.async) in shared memory, and votes whether every step of the tile decays;
+//   3. per state n (a runtime loop, so registers do not grow with N): in a decaying tile the
+//      lane's 16 step maps (one exp2 each) stay in registers through compose -> 16-lane scan ->
+//      replay, the carried state in shared memory; any other tile runs lane after lane;
 //   4. y is stored with 16-byte stores.
-// Pass 1 of the segmented mode is the same loop without C, replay and y (kOutput = false).
+// Pass 1 of the two-pass mode reduces each segment to its map (no scan, no C, no y); the fused
+// mode does both passes' work in one launch with a grid-wide barrier between them.
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 
 #include "qmamba/selective_scan.h"
@@ -38,8 +40,9 @@ struct Io;
 template <>
 struct Io<float>
 {
-    //! The lane's kItems steps from row + t (count valid, zeros after).
-    static __device__ __forceinline__ void load(float const* row, int64_t t, int count, bool vec, float* out)
+    //! The lane's kItems steps from row + t (count valid, `fill` after).
+    static __device__ __forceinline__ void load(float const* row, int64_t t, int count, bool vec, float* out,
+        float fill = 0.0f)
     {
         if (vec && count == kItems)
         {
@@ -58,7 +61,7 @@ struct Io<float>
 #pragma unroll
         for (int i = 0; i < kItems; ++i)
         {
-            out[i] = i < count ? __ldg(row + t + i) : 0.0f;
+            out[i] = i < count ? __ldg(row + t + i) : fill;
         }
     }
 
@@ -82,6 +85,19 @@ struct Io<float>
                 row[t + i] = in[i];
             }
         }
+    }
+
+    //! One 16-byte chunk (4 elements) of a B/C row into shared memory, inside the row and aligned:
+    //! an asynchronous copy (cp.async, LDGSTS: no registers hold the data); wait_staged() waits.
+    static __device__ __forceinline__ void stage_vector(float const* src, float* dst)
+    {
+        unsigned const to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src) : "memory");
+    }
+
+    static __device__ __forceinline__ void wait_staged()
+    {
+        asm volatile("cp.async.wait_all;" ::: "memory");
     }
 
     //! One 16-byte chunk (4 elements) of a B/C row into shared memory.
@@ -118,7 +134,8 @@ struct Io<__half>
         }
     }
 
-    static __device__ __forceinline__ void load(__half const* row, int64_t t, int count, bool vec, float* out)
+    static __device__ __forceinline__ void load(__half const* row, int64_t t, int count, bool vec, float* out,
+        float fill = 0.0f)
     {
         if (vec && count == kItems)
         {
@@ -133,7 +150,7 @@ struct Io<__half>
 #pragma unroll
         for (int i = 0; i < kItems; ++i)
         {
-            out[i] = i < count ? __half2float(__ldg(row + t + i)) : 0.0f;
+            out[i] = i < count ? __half2float(__ldg(row + t + i)) : fill;
         }
     }
 
@@ -165,6 +182,20 @@ struct Io<__half>
         }
     }
 
+    //! One 16-byte chunk (8 elements) of a B/C row, inside the row and aligned: two float chunks,
+    //! at dst and dst + scan::stage_offset(0, 1).
+    static __device__ __forceinline__ void stage_vector(__half const* src, float* dst)
+    {
+        float f[8];
+        unpack(__ldg(reinterpret_cast<uint4 const*>(src)), f);
+        *reinterpret_cast<float4*>(dst) = make_float4(f[0], f[1], f[2], f[3]);
+        *reinterpret_cast<float4*>(dst + scan::stage_offset(0, 1)) = make_float4(f[4], f[5], f[6], f[7]);
+    }
+
+    static __device__ __forceinline__ void wait_staged()
+    {
+    }
+
     //! One 16-byte chunk (8 elements) of a B/C row: two float chunks, at dst0 and dst1.
     static __device__ __forceinline__ void stage(__half const* row, int64_t t, int64_t end, bool vec, float* dst0,
         float* dst1)
@@ -187,30 +218,143 @@ struct Io<__half>
     }
 };
 
+//! `x`, opaque to the optimiser: what is computed from it is computed where it is used, not
+//! hoisted out of a loop and kept in registers across the state loop.
+__device__ __forceinline__ int32_t opaque(int32_t x)
+{
+    asm volatile("" : "+r"(x));
+    return x;
+}
+
 __device__ __forceinline__ bool aligned_row(void const* p)
 {
     return scan::aligned16(reinterpret_cast<uintptr_t>(p));
 }
 
-//! Shared memory of one block: the staged B and C rows, A * log2(e) and the carried states.
-template <int N>
+//! A lane's part of one staged row, from the address of its first chunk: chunk(part) = its values
+//! 4 part .. 4 part + 3 (one 16-byte shared load at a constant offset).
+struct LaneRow
+{
+    float const* at;
+
+    __device__ __forceinline__ void chunk(int part, float* out) const
+    {
+        float4 const x = *reinterpret_cast<float4 const*>(at + scan::stage_offset(0, part));
+        out[0] = x.x;
+        out[1] = x.y;
+        out[2] = x.z;
+        out[3] = x.w;
+    }
+};
+
+//! A lane's dt u in shared memory (Shared::dtu): chunk(part) = its values 4 part .. 4 part + 3.
+struct LaneArray
+{
+    float4 const* at; //!< &dtu[0][thread]
+
+    __device__ __forceinline__ void chunk(int part, float* out) const
+    {
+        float4 const x = at[part * kThreads];
+        out[0] = x.x;
+        out[1] = x.y;
+        out[2] = x.z;
+        out[3] = x.w;
+    }
+};
+
+//! One round of the 16-lane Kogge-Stone scan of the lanes' maps: a lane `kOff` or more lanes
+//! into its channel composes the map kOff lanes below before its own (b <- a b_below + b, and
+//! a <- a a_below when kWithA); the others keep theirs. The shuffle's in-range predicate selects
+//! the lanes, so no lane index is compared.
+template <int kOff, bool kWithA>
+__device__ __forceinline__ void scan_round(Affine& f)
+{
+    static_assert(kLanes == 16, "the shuffles' segment mask 0x1000 is for 16-lane segments");
+    if constexpr (kWithA)
+    {
+        asm("{\n\t.reg .pred p;\n\t.reg .f32 ub, ua;\n\t"
+            "shfl.sync.up.b32 ub|p, %0, %2, 0x1000, 0xffffffff;\n\t"
+            "shfl.sync.up.b32 ua, %1, %2, 0x1000, 0xffffffff;\n\t"
+            "@p fma.rn.f32 %0, %1, ub, %0;\n\t"
+            "@p mul.rn.f32 %1, %1, ua;\n\t}"
+            : "+f"(f.b), "+f"(f.a)
+            : "n"(kOff));
+    }
+    else
+    {
+        asm("{\n\t.reg .pred p;\n\t.reg .f32 ub;\n\t"
+            "shfl.sync.up.b32 ub|p, %0, %2, 0x1000, 0xffffffff;\n\t"
+            "@p fma.rn.f32 %0, %1, ub, %0;\n\t}"
+            : "+f"(f.b)
+            : "f"(f.a), "n"(kOff));
+    }
+}
+
+//! The kernel's passes: one pass or pass 2 (kScanPass), pass 1 (kMapsPass), and the fused
+//! mode (kFusedPass: one launch, one tile per block, a grid-wide barrier between the segment maps
+//! and the output).
+constexpr int kScanPass = 0;
+constexpr int kMapsPass = 1;
+constexpr int kFusedPass = 2;
+using scan::kMaxFusedState;
+
+//! Shared memory of one block: the staged B and C rows (only B in pass 1), a per-lane area (pass
+//! 1: each lane's partial segment maps by state; otherwise each lane's dt u by chunks, kept there
+//! through the state loop), the fused mode's lane prefix maps, A * log2(e), the carried states,
+//! and each lane's dt sum of the tile (read once per state, not kept in a register through the
+//! state loop).
+template <int N, int kPass>
 struct alignas(16) Shared
 {
-    float bc[2 * N * kTile];
+    static constexpr bool kMaps = kPass == kMapsPass;
+    float bc[(kMaps ? 1 : 2) * N * kTile];
+    float4 lanes[(kMaps ? N : kItems) / kChunk * kThreads + (kMaps && N % kChunk != 0 ? kThreads : 0)];
+    float2 prefix[kPass == kFusedPass ? N * kThreads : 1];
     float a2[kChannels][N];
     float carry[kChannels][N];
     float d_skip[kChannels];
     float bias[kChannels];
-    float dt_sum[kThreads]; //!< each lane's sum of dt in the current tile (read once per state)
+    float dt_sum[kThreads];
+
+    //! Pass 1: lane `thread`'s partial map of state n.
+    __device__ __forceinline__ float& acc(int n, int thread)
+    {
+        return reinterpret_cast<float*>(lanes)[n * kThreads + thread];
+    }
+    //! One pass / pass 2 / fused: lane `thread`'s dt u, steps 4 part .. 4 part + 3.
+    __device__ __forceinline__ float4& dtu(int part, int thread)
+    {
+        return lanes[part * kThreads + thread];
+    }
 };
 
-//! The block's B (and C when kOutput) rows for steps [t0, t0 + kTile) into shared memory.
-template <typename T, int N, bool kOutput>
-__device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int32_t k, int64_t t0, Shared<N>& sm)
+//! What a block knows about its channel lanes.
+struct LaneCtx
+{
+    int32_t b;
+    int32_t k;
+    int32_t c;         //!< this lane's channel
+    int ch;            //!< its index in the block
+    int lane;          //!< 0 .. kLanes - 1 within the channel
+    bool active;       //!< c is a channel of the group
+};
+
+//! What a block knows of its channels' decays: all A2 <= 0 (then every tile whose dt are all >= 0
+//! decays), and with softplus on (dt >= 0 always) every tile decays.
+struct BlockDecay
+{
+    bool a_nonpositive;
+    bool always;
+};
+
+//! The block's B (and C when kWithC) rows for steps [t0, t0 + kTile) into shared memory, each
+//! chunk checked (alignment, end of the row).
+template <typename T, int N, bool kWithC, typename Sm>
+__device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int32_t k, int64_t t0, Sm& sm)
 {
     constexpr int kElems = 16 / sizeof(T);           // elements per 16-byte global chunk
     constexpr int kPerRow = kTile / kElems;           // global chunks per row
-    constexpr int kRows = kOutput ? 2 * N : N;
+    constexpr int kRows = kWithC ? 2 * N : N;
     scan::Dims const& d = args.dims;
     int64_t const end = d.length;
     int64_t const group = scan::offset_bknl(d, b, k, 0);
@@ -222,8 +366,12 @@ __device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int3
     static_assert(kThreads % kPerRow == 0, "a thread stages the same chunk of every row it stages");
     scan::StageItem const item = scan::stage_item(static_cast<int>(threadIdx.x) % kPerRow, kElems);
     int64_t const t = t0 + item.step;
-    for (int row = static_cast<int>(threadIdx.x) / kPerRow; row < kRows; row += kThreads / kPerRow)
+    // not unrolled, each row's address computed in the loop from an opaque row: this fallback
+    // (misaligned rows, the last tile) is not worth keeping precomputed addresses in registers
+#pragma unroll 1
+    for (int first = static_cast<int>(threadIdx.x) / kPerRow; first < kRows; first += kThreads / kPerRow)
     {
+        int const row = opaque(first);
         // rows 0 .. N-1: B, N .. 2N-1: C
         T const* src = (row < N ? b_rows : c_rows) + static_cast<int64_t>(row < N ? row : row - N) * end;
         float* dst = sm.bc + scan::stage_row(row) + item.offset;
@@ -238,217 +386,464 @@ __device__ __forceinline__ void stage_tile(ScanArgs const& args, int32_t b, int3
     }
 }
 
-//! A lane's view of one staged row: chunk(part) = its values 4 part .. 4 part + 3 (one 16-byte
-//! shared load).
-struct StagedRow
+//! Whether every B (and C) row of the block's group can be staged with 16-byte loads: aligned
+//! first rows and rows a whole number of 16-byte chunks long.
+template <typename T, bool kWithC>
+__device__ __forceinline__ bool rows_vectorisable(ScanArgs const& args, int32_t b, int32_t k)
 {
-    float const* base;
-    int lane;
-
-    __device__ __forceinline__ void chunk(int part, float* out) const
-    {
-        float4 const x = *reinterpret_cast<float4 const*>(base + scan::stage_offset(lane, part));
-        out[0] = x.x;
-        out[1] = x.y;
-        out[2] = x.z;
-        out[3] = x.w;
-    }
-};
-
-template <int N>
-__device__ __forceinline__ StagedRow staged_row(Shared<N> const& sm, int row, int lane)
-{
-    return StagedRow{sm.bc + scan::stage_row(row), lane};
+    int64_t const group = scan::offset_bknl(args.dims, b, k, 0);
+    bool const rows = static_cast<int64_t>(args.dims.length) * static_cast<int64_t>(sizeof(T)) % scan::kVecBytes == 0;
+    return rows && aligned_row(static_cast<T const*>(args.B) + group)
+        && (!kWithC || aligned_row(static_cast<T const*>(args.C) + group));
 }
 
-//! What a block knows about its channel lanes.
-struct LaneCtx
+//! stage_tile() for a tile inside the sequence whose rows are all vectorisable: every thread
+//! stages its chunk of kRows / (kThreads / chunks per row) rows, unrolled, without checks.
+template <typename T, int N, int kRows, typename Sm>
+__device__ __forceinline__ void stage_tile_vector(ScanArgs const& args, int32_t b, int32_t k, uint32_t t0, Sm& sm)
 {
-    int32_t b;
-    int32_t k;
-    int32_t c;         //!< this lane's channel
-    int ch;            //!< its index in the block
-    int lane;          //!< 0 .. kLanes - 1 within the channel
-    unsigned mask;     //!< the channel's lanes in the warp
-    bool active;       //!< c is a channel of the group
+    constexpr int kElems = 16 / sizeof(T);
+    constexpr int kPerRow = kTile / kElems;
+    constexpr int kStride = kThreads / kPerRow; // rows staged by the block per round
+    int64_t const length = args.dims.length;
+    int64_t const group = scan::offset_bknl(args.dims, b, k, 0);
+    int const first = static_cast<int>(threadIdx.x) / kPerRow;
+    scan::StageItem const item = scan::stage_item(static_cast<int>(threadIdx.x) % kPerRow, kElems);
+    int64_t const at = group + first * length + t0 + item.step;
+    T const* const b_src = static_cast<T const*>(args.B) + at;
+    T const* const c_src = static_cast<T const*>(args.C) + at;
+    float* const dst = sm.bc + scan::stage_row(first) + item.offset;
+#pragma unroll
+    for (int r = 0; r < kRows; r += kStride)
+    {
+        // rows first + r: B rows 0 .. N-1, then C rows (known at compile time unless the round
+        // straddles N)
+        int const row = first + r;
+        if (kRows % kStride == 0 || row < kRows)
+        {
+            bool const is_b = r + kStride <= N || (r < N && row < N);
+            T const* src = is_b ? b_src + r * length : c_src + (r - N) * length;
+            Io<T>::stage_vector(src, dst + scan::stage_row(r));
+        }
+    }
+}
+
+//! Stages the tile's B (and C when kWithC) rows: the unchecked vector path, or stage_tile().
+template <typename T, int N, bool kWithC, typename Sm>
+__device__ __forceinline__ void stage(ScanArgs const& args, LaneCtx const& at, uint32_t t0, bool vec_rows, Sm& sm)
+{
+    if (vec_rows && t0 + kTile <= static_cast<uint32_t>(args.dims.length))
+    {
+        stage_tile_vector<T, N, kWithC ? 2 * N : N>(args, at.b, at.k, t0, sm);
+        Io<T>::wait_staged(); // before the barrier that follows
+    }
+    else
+    {
+        stage_tile<T, N, kWithC>(args, at.b, at.k, t0, sm);
+    }
+}
+
+//! Where the lane's steps of tile t0 are in a [B, D, L] tensor (element index) and how many of
+//! them lie before `end`; recomputed per tile from opaque indices rather than kept in registers
+//! across the state loop. 16-byte accesses when that address is aligned (then the row is: t is a
+//! multiple of 16 elements) and all kItems steps are inside.
+struct LaneSpan
+{
+    int64_t at;
+    int count;
 };
 
-//! Scans tiles [begin, end) of every channel of the block from the states in sm.carry, leaving
-//! the states at `end` there. kOutput: writes y. `signs_seen` collects dt signs per state that
-//! grew (bit n). `dt_total` accumulates the lane's dt.
-template <typename T, int N, bool kOutput>
-__device__ void scan_tiles(ScanArgs const& args, Shared<N>& sm, LaneCtx const& at, uint32_t begin, uint32_t end,
-    unsigned* grew, float* dt_total)
+__device__ __forceinline__ LaneSpan lane_span(ScanArgs const& args, LaneCtx const& at, uint32_t t0, uint32_t end)
 {
-    scan::Dims const& d = args.dims;
-    // Positions in a row fit 32 bits (L < 2^31, so t0 + kTile < 2^32): fewer registers through
-    // the state loop than 64-bit ones.
+    uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
+    uint32_t const left = end > t ? end - t : 0u;
+    int64_t const row = static_cast<int64_t>(opaque(at.b)) * args.dims.dim + opaque(at.active ? at.c : 0);
+    return LaneSpan{row * args.dims.length + t, at.active ? static_cast<int>(left < kItems ? left : kItems) : 0};
+}
+
+//! The lane's steps of tile t0: u and delta -> dt, dt u, D_skip u.
+template <typename T, typename Sm>
+__device__ __forceinline__ void load_steps(ScanArgs const& args, Sm const& sm, LaneCtx const& at, uint32_t t0,
+    uint32_t end, scan::LaneSteps& s)
+{
+    LaneSpan const span = lane_span(args, at, t0, end);
+    T const* u = static_cast<T const*>(args.u) + span.at;
+    T const* delta = static_cast<T const*>(args.delta) + span.at;
+    float raw_u[kItems];
+    float raw_delta[kItems];
+    Io<T>::load(u, 0, span.count, aligned_row(u), raw_u);
+    if (args.delta_softplus)
+    {
+        Io<T>::load(delta, 0, span.count, aligned_row(delta), raw_delta, scan::kDeltaPad);
+        scan::prepare_softplus(raw_u, raw_delta, sm.bias[at.ch], sm.d_skip[at.ch], s);
+    }
+    else
+    {
+        Io<T>::load(delta, 0, span.count, aligned_row(delta), raw_delta);
+        scan::prepare_plain(raw_u, raw_delta, span.count, sm.bias[at.ch], sm.d_skip[at.ch], s);
+    }
+}
+
+//! load_steps(), then the lane's dt sum and dt u into shared memory for the state loop.
+template <typename T, typename Sm>
+__device__ __forceinline__ void load_tile(ScanArgs const& args, Sm& sm, LaneCtx const& at, uint32_t t0, uint32_t end,
+    scan::LaneSteps& s)
+{
+    load_steps<T>(args, sm, at, t0, end, s);
+    sm.dt_sum[threadIdx.x] = scan::lane_dt_sum(s);
+#pragma unroll
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float const* v = s.dtu + kChunk * part;
+        sm.dtu(part, threadIdx.x) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+}
+
+//! Whether every step of the block's tile decays (a block-wide vote; also the barrier after
+//! which the previous tile's staged rows may be overwritten). The result goes through a warp
+//! vote so that the compiler knows it is the same on every lane (the shuffles after it need no
+//! divergence check).
+__device__ __forceinline__ bool tile_decays(BlockDecay const& decay, scan::LaneSteps const& s)
+{
+    bool const mine = decay.always || scan::steps_decay(s);
+    bool const all = __syncthreads_and(mine) != 0 && decay.a_nonpositive;
+    return __all_sync(0xffffffffu, all);
+}
+
+//! One tile's state loop when every step decays: per state, the lane's step maps stay in
+//! registers through compose -> 16-lane scan -> replay; the carried state enters at lane 0 and
+//! the last lane's state is carried to the next tile.
+template <int N, typename Sm>
+__device__ __forceinline__ void decaying_states(Sm& sm, LaneCtx const& at, scan::LaneSteps& s)
+{
+    // per state: its A2 and carried state, and the lane's part of its staged B row (the C row N
+    // rows further); pointers stepped, not recomputed from n
+    float* a2_at = &sm.a2[at.ch][0];
+    float* carry_at = &sm.carry[at.ch][0];
+    float const* dt_sum_at = &sm.dt_sum[threadIdx.x];
+    LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+    LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
+#pragma unroll 1
+    for (int n = 0; n < N; ++n, ++a2_at, ++carry_at, b_row.at += kTile)
+    {
+        float const a2 = *a2_at;
+        float const carry = at.lane == 0 ? *carry_at : 0.0f; // lane 0 starts from it
+        scan::StepMaps m;
+        scan::step_maps(s.dt, dtu, a2, b_row, m);
+        // the lane's composed map, with the carried state entering at lane 0 (0 elsewhere)
+        Affine f{scan::fast_exp2(a2 * *dt_sum_at), 0.0f};
+        f.b = scan::madd(f.a, carry, scan::compose(m));
+        scan_round<1, true>(f);
+        scan_round<2, true>(f);
+        scan_round<4, true>(f);
+        scan_round<8, false>(f);
+        float const before = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
+        scan::replay_output(at.lane == 0 ? carry : before, m, LaneRow{b_row.at + N * kTile}, s.y);
+        __syncwarp(); // lane 0 has read the carried state
+        if (at.lane == kLanes - 1)
+        {
+            *carry_at = f.b;
+        }
+    }
+}
+
+//! One tile's state loop when a step may grow: per state, the channel's lanes walk their steps
+//! one after another from the carried state (exact, about 10x slower; no exported model gets
+//! here).
+template <int N, typename Sm>
+__device__ __forceinline__ void serial_states(Sm& sm, LaneCtx const& at, scan::LaneSteps& s)
+{
+#pragma unroll 1
+    for (int n = 0; n < N; ++n)
+    {
+        float const a2 = sm.a2[at.ch][n];
+        LaneRow const b_row{sm.bc + scan::stage_row(n) + scan::stage_offset(at.lane, 0)};
+        LaneRow const c_row{b_row.at + N * kTile};
+        LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
+        float h = sm.carry[at.ch][n];
+#pragma unroll 1
+        for (int src = 0; src < kLanes; ++src)
+        {
+            if (at.lane == src)
+            {
+                h = scan::serial_steps(h, s.dt, dtu, a2, b_row, c_row, s.y);
+            }
+            h = __shfl_sync(0xffffffffu, h, src, kLanes);
+        }
+        __syncwarp(); // every lane has read the carried state
+        if (at.lane == 0)
+        {
+            sm.carry[at.ch][n] = h;
+        }
+    }
+}
+
+//! Scans tiles [from, end) of the block's channels from the states in sm.carry; writes y from
+//! `begin` on (from < begin: pass 2's catch-up over earlier segments, whole tiles).
+template <typename T, int N, bool kSerialOnly = false, typename Sm>
+__device__ void scan_tiles(ScanArgs const& args, Sm& sm, LaneCtx const& at, BlockDecay const& decay, uint32_t from,
+    uint32_t begin, uint32_t end)
+{
+    bool const vec_rows = rows_vectorisable<T, true>(args, at.b, at.k);
+    for (uint32_t t0 = from; t0 < end; t0 += kTile)
+    {
+        scan::LaneSteps s;
+        load_tile<T>(args, sm, at, t0, end, s);
+        bool const decays = tile_decays(decay, s); // and the previous tile's rows are read
+        stage<T, N, true>(args, at, t0, vec_rows, sm);
+        __syncthreads();
+        if (!kSerialOnly && decays)
+        {
+            decaying_states<N>(sm, at, s);
+        }
+        else
+        {
+            serial_states<N>(sm, at, s);
+        }
+        if (t0 >= begin && at.active)
+        {
+            LaneSpan const span = lane_span(args, at, t0, end);
+            T* y = static_cast<T*>(args.y) + span.at;
+            Io<T>::store(y, 0, span.count, aligned_row(y), s.y);
+        }
+    }
+}
+
+//! Pass 1: the map of segment `segment` (tiles [begin, end)) into the workspace, by reduction:
+//! each lane keeps, per state, acc = the sum of its steps' contributions to the state at the
+//! end of the current tile (in shared memory); per tile acc <- acc exp2(A2 tile_dt) +
+//! h exp2(A2 after_dt), with h the lane's state from 0 and after_dt the dt of the channel's later
+//! lanes in the tile. No scan, no replay, no C. A tile with a step that may grow makes the block's
+//! maps invalid (a = -1): pass 2 then reruns the recurrence over them.
+template <typename T, int N, typename Sm>
+__device__ void segment_maps(ScanArgs const& args, Sm& sm, LaneCtx const& at, BlockDecay const& decay,
+    uint32_t begin, uint32_t end, int32_t segment, int32_t maps)
+{
+    bool const vec_rows = rows_vectorisable<T, false>(args, at.b, at.k);
+    float dt_total = 0.0f;
+    bool valid = true;
     for (uint32_t t0 = begin; t0 < end; t0 += kTile)
     {
-        // Row pointers per tile (cheap) rather than kept across the state loop (registers).
-        int64_t const row_off = scan::offset_bdl(d, at.b, at.active ? at.c : 0);
-        uint32_t const t = t0 + static_cast<uint32_t>(at.lane) * kItems;
-        int const count = at.active ? scan::steps_before(t, end) : 0;
         scan::LaneSteps s;
+        load_steps<T>(args, sm, at, t0, end, s);
+        if (!tile_decays(decay, s)) // block-wide, and the previous tile's rows are read
         {
-            T const* u_row = static_cast<T const*>(args.u) + row_off;
-            T const* delta_row = static_cast<T const*>(args.delta) + row_off;
-            float raw_u[kItems];
-            float raw_delta[kItems];
-            Io<T>::load(u_row, t, count, aligned_row(u_row), raw_u);
-            Io<T>::load(delta_row, t, count, aligned_row(delta_row), raw_delta);
-            scan::prepare_steps(raw_u, raw_delta, count, sm.bias[at.ch], sm.d_skip[at.ch], args.delta_softplus, s);
+            valid = false;
+            break;
         }
-        {
-            float const dt_sum = scan::lane_dt_sum(s);
-            sm.dt_sum[threadIdx.x] = dt_sum; // not kept in a register through the state loop
-            if (!kOutput)
-            {
-                *dt_total += dt_sum;
-            }
-        }
-        unsigned const signs = scan::dt_signs(s);
-        unsigned const neg = __ballot_sync(0xffffffffu, (signs & 1u) != 0) & at.mask;
-        unsigned const pos = __ballot_sync(0xffffffffu, (signs & 2u) != 0) & at.mask;
-        unsigned const channel_signs = (neg != 0 ? 1u : 0u) | (pos != 0 ? 2u : 0u);
-
-        __syncthreads(); // the previous tile's rows are read
-        stage_tile<T, N, kOutput>(args, at.b, at.k, t0, sm);
-        __syncthreads();
-
-        // Every lane runs the state loop, also those of a channel past the group's end (they
-        // scan zeros and store nothing), so that the shuffles below involve the whole warp.
-        {
-#pragma unroll 1
-            for (int n = 0; n < N; ++n)
-            {
-                float const a2 = sm.a2[at.ch][n];
-                float const carry = at.lane == 0 ? sm.carry[at.ch][n] : 0.0f; // lane 0 starts from it
-                float a[kItems];
-                scan::step_decays(s, a2, a);
-                StagedRow const b_row = staged_row(sm, n, at.lane);
-                StagedRow const c_row = staged_row(sm, N + n, at.lane);
-                float h_start; // the state before the lane's first step
-                float h_end;   // lane kLanes - 1: the state after the tile
-                // Both channels of the warp take the same path (the plain recurrence when either
-                // one's maps grow), so that the shuffles are warp-wide.
-                if (__any_sync(0xffffffffu, scan::grows(a2, channel_signs)))
-                {
-                    // The plain recurrence, lane after lane (every lane walks its steps from
-                    // the state broadcast so far; lane src's result goes on): no composed map.
-                    if (!kOutput && scan::grows(a2, channel_signs))
-                    {
-                        *grew |= 1u << n; // this channel's segment map would not be safe to compose
-                    }
-                    float h = __shfl_sync(0xffffffffu, carry, 0, kLanes);
-                    h_start = h;
-#pragma unroll 1
-                    for (int src = 0; src < kLanes; ++src)
-                    {
-                        if (at.lane == src)
-                        {
-                            h_start = h;
-                        }
-                        h = __shfl_sync(0xffffffffu, scan::replay(h, a, s.dtu, b_row, scan::NoRow{}, nullptr), src, kLanes);
-                    }
-                    h_end = h;
-                }
-                else
-                {
-                    Affine f = scan::lane_map(a, s.dtu, b_row, a2, sm.dt_sum[threadIdx.x]);
-                    if (at.lane == 0)
-                    {
-                        f.b = f.a * carry + f.b; // the carried state enters as lane 0's start
-                    }
+        float const lane_sum = scan::lane_dt_sum(s);
+        dt_total += lane_sum;
+        // suffix sums over the channel's lanes: incl = this lane's and later lanes' dt
+        float incl = lane_sum;
 #pragma unroll
-                    for (int off = 1; off < kLanes; off *= 2)
-                    {
-                        float const up_b = __shfl_up_sync(0xffffffffu, f.b, off, kLanes);
-                        float const up_a = off < kLanes / 2 ? __shfl_up_sync(0xffffffffu, f.a, off, kLanes) : 1.0f;
-                        if (at.lane >= off)
-                        {
-                            f.b = f.a * up_b + f.b;
-                            f.a = f.a * up_a; // dead after the last round
-                        }
-                    }
-                    float const before = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
-                    h_start = at.lane == 0 ? carry : before;
-                    h_end = f.b;
-                }
-                if (kOutput)
-                {
-                    scan::replay(h_start, a, s.dtu, b_row, c_row, s.y);
-                }
-                __syncwarp(); // lane 0 has read sm.carry[ch][n]
-                if (at.lane == kLanes - 1)
-                {
-                    sm.carry[at.ch][n] = h_end;
-                }
-            }
-            if (kOutput && at.active)
+        for (int off = 1; off < kLanes; off *= 2)
+        {
+            float const later = __shfl_down_sync(0xffffffffu, incl, off, kLanes);
+            if (at.lane + off < kLanes)
             {
-                T* y_row = static_cast<T*>(args.y) + scan::offset_bdl(d, at.b, at.c);
-                // t and count again rather than kept in registers through the state loop
-                uint32_t const t_out = t0 + static_cast<uint32_t>(at.lane) * kItems;
-                Io<T>::store(y_row, t_out, scan::steps_before(t_out, end), aligned_row(y_row), s.y);
+                incl += later;
             }
         }
+        float const next = __shfl_down_sync(0xffffffffu, incl, 1, kLanes);
+        float const after = at.lane == kLanes - 1 ? 0.0f : next;
+        float const tile = __shfl_sync(0xffffffffu, incl, 0, kLanes);
+        bool const first = t0 == begin;
+        stage<T, N, false>(args, at, t0, vec_rows, sm);
+        __syncthreads();
+        float const* a2_at = &sm.a2[at.ch][0];
+        float* acc_at = &sm.acc(0, threadIdx.x);
+        LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+#pragma unroll 1
+        for (int n = 0; n < N; ++n, ++a2_at, acc_at += kThreads, b_row.at += kTile)
+        {
+            float const a2 = *a2_at;
+            float const h = scan::compose_steps(s.dt, scan::LaneArray{s.dtu}, a2, b_row);
+            float const acc = first ? 0.0f : *acc_at;
+            *acc_at = scan::madd(acc, scan::fast_exp2(a2 * tile), h * scan::fast_exp2(a2 * after));
+        }
+    }
+#pragma unroll
+    for (int off = 1; off < kLanes; off *= 2)
+    {
+        dt_total += __shfl_xor_sync(0xffffffffu, dt_total, off, kLanes);
+    }
+    __syncthreads(); // every lane's partial maps are in shared memory
+    // lane n < N of each channel: state n's map, its lanes' partial maps summed by a pairwise tree
+    if (at.active && at.lane < N)
+    {
+        int const n = at.lane;
+        float b = 0.0f;
+        if (valid)
+        {
+            float v[kLanes];
+#pragma unroll
+            for (int q = 0; q < kLanes / kChunk; ++q)
+            {
+                float4 const x = *reinterpret_cast<float4 const*>(&sm.acc(n, at.ch * kLanes + kChunk * q));
+                v[kChunk * q] = x.x;
+                v[kChunk * q + 1] = x.y;
+                v[kChunk * q + 2] = x.z;
+                v[kChunk * q + 3] = x.w;
+            }
+            b = scan::pairwise_sum(v);
+        }
+        Affine* ws = static_cast<Affine*>(args.workspace);
+        ws[scan::offset_map(args.dims, at.b, at.c, n, segment, maps)]
+            = Affine{valid ? scan::fast_exp2(sm.a2[at.ch][n] * dt_total) : -1.0f, b};
     }
 }
 
 //! The composition of the maps of segments 0 .. s-1 (pass 1's output) for each channel and
-//! state, into sm.carry. Lanes compose runs of segments, then a tree over the 16 lanes.
-//! Returns whether one of the maps is invalid (growing steps in that segment).
-template <int N>
-__device__ bool compose_segments(ScanArgs const& args, Shared<N>& sm, LaneCtx const& at, int32_t s, int32_t maps)
+//! state of the block, into sm.carry: scan::compose_parts() threads per (channel, state) compose
+//! runs of maps, then a shuffle tree. Returns whether one of the maps is invalid.
+template <int N, typename Sm>
+__device__ bool compose_segments(ScanArgs const& args, Sm& sm, scan::BlockCoord const& bc, int32_t s, int32_t maps)
 {
-    if (!at.active)
-    {
-        return false;
-    }
-    Affine const* ws = static_cast<Affine const*>(args.workspace);
-    int32_t const run = (s + kLanes - 1) / kLanes;
-    int32_t const first = at.lane * run;
+    constexpr int kParts = scan::compose_parts(N);
+    int const pair = static_cast<int>(threadIdx.x) / kParts;
+    int const part = static_cast<int>(threadIdx.x) % kParts;
+    int const ch = pair / N;
+    int const n = pair % N;
+    bool const mine = pair < kChannels * N && ch < bc.channels;
+    int32_t const run = (s + kParts - 1) / kParts;
+    int32_t const first = part * run;
     int32_t const last = first + run < s ? first + run : s;
+    Affine f = scan::identity_map();
     bool bad = false;
-#pragma unroll 1
-    for (int n = 0; n < N; ++n)
+    if (mine)
     {
-        Affine f = scan::identity_map();
-        Affine const* m = ws + scan::offset_map(args.dims, at.b, at.c, n, 0, maps);
+        Affine const* m = static_cast<Affine const*>(args.workspace) + scan::offset_map(args.dims, bc.b, bc.first_channel + ch, n, 0, maps);
+#pragma unroll 4
         for (int32_t q = first; q < last; ++q)
         {
             Affine const g = m[q];
             bad |= g.a < 0.0f;
             f = scan::then(f, g);
         }
+    }
 #pragma unroll
-        for (int off = 1; off < kLanes; off *= 2)
+    for (int off = 1; off < kParts; off *= 2)
+    {
+        float const next_a = __shfl_down_sync(0xffffffffu, f.a, off, kParts);
+        float const next_b = __shfl_down_sync(0xffffffffu, f.b, off, kParts);
+        if (part % (2 * off) == 0)
         {
-            float const next_a = __shfl_down_sync(at.mask, f.a, off, kLanes);
-            float const next_b = __shfl_down_sync(at.mask, f.b, off, kLanes);
-            if (at.lane % (2 * off) == 0)
-            {
-                f = scan::then(f, Affine{next_a, next_b});
-            }
+            f = scan::then(f, Affine{next_a, next_b});
         }
-        if (at.lane == 0)
-        {
-            sm.carry[at.ch][n] = f.b; // the state at the segment's start (from h = 0 at t = 0)
-        }
+    }
+    if (mine && part == 0)
+    {
+        sm.carry[ch][n] = f.b; // the state at the segment's start (from h = 0 at t = 0)
     }
     return bad;
 }
 
-//! kMaps = false: scans segment blockIdx's segment with output (all of L when there is one
-//! segment). kMaps = true: pass 1, the segment's map into the workspace.
-template <typename T, int N, bool kMaps>
+// ---------------------------------------------------------------------------------------------
+// The fused mode: one launch of one-tile segments, all blocks resident (a cooperative launch).
+// Phase 1 composes each lane's steps (decays formed on the way), scans the 16 lanes' maps and
+// keeps each lane's exclusive prefix map in shared memory; the tile's map goes to the workspace.
+// After a grid-wide barrier, phase 2 composes the earlier tiles' maps into the state at the
+// tile's start and replays each lane's steps from its prefix (the decays formed again): no second
+// launch, no second load of u, delta, B and C, no second softplus.
+
+//! Phase 1 for every state; `publish`: the block's maps of state 0 in the workspace (null for
+//! the last segment, whose map nobody reads), states `maps` apart.
+template <int N, typename Sm>
+__device__ __forceinline__ void fused_maps(Sm& sm, LaneCtx const& at, scan::LaneSteps const& s, Affine* publish,
+    int32_t maps)
+{
+    float const* a2_at = &sm.a2[at.ch][0];
+    float2* prefix_at = &sm.prefix[threadIdx.x];
+    LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+    LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
+    float const* dt_sum_at = &sm.dt_sum[threadIdx.x];
+#pragma unroll 1
+    for (int n = 0; n < N; ++n, ++a2_at, prefix_at += kThreads, b_row.at += kTile)
+    {
+        float const a2 = *a2_at;
+        Affine f{scan::fast_exp2(a2 * *dt_sum_at), scan::compose_steps(s.dt, dtu, a2, b_row)};
+        scan_round<1, true>(f);
+        scan_round<2, true>(f);
+        scan_round<4, true>(f);
+        scan_round<8, true>(f);
+        float const below_a = __shfl_up_sync(0xffffffffu, f.a, 1, kLanes);
+        float const below_b = __shfl_up_sync(0xffffffffu, f.b, 1, kLanes);
+        *prefix_at = at.lane == 0 ? make_float2(1.0f, 0.0f) : make_float2(below_a, below_b);
+        if (publish != nullptr && at.lane == kLanes - 1 && at.active)
+        {
+            publish[static_cast<int64_t>(n) * maps] = f;
+        }
+    }
+}
+
+//! Phase 2 for every state: each lane's start state from its prefix map and the state at the
+//! tile's start (sm.carry), then its steps with output.
+template <int N, typename Sm>
+__device__ __forceinline__ void fused_output(Sm& sm, LaneCtx const& at, scan::LaneSteps& s)
+{
+    float const* a2_at = &sm.a2[at.ch][0];
+    float const* carry_at = &sm.carry[at.ch][0];
+    float2 const* prefix_at = &sm.prefix[threadIdx.x];
+    LaneRow b_row{sm.bc + scan::stage_offset(at.lane, 0)};
+    LaneArray const dtu{&sm.dtu(0, threadIdx.x)};
+#pragma unroll 1
+    for (int n = 0; n < N; ++n, ++a2_at, ++carry_at, prefix_at += kThreads, b_row.at += kTile)
+    {
+        float2 const p = *prefix_at;
+        scan::serial_steps(scan::madd(p.x, *carry_at, p.y), s.dt, dtu, *a2_at, b_row, LaneRow{b_row.at + N * kTile}, s.y);
+    }
+}
+
+//! One block of the fused mode: tile `bc.segment` of its channels. A block whose channels do not
+//! all decay (A > 0 or NaN; the launcher fuses only with softplus on) publishes nothing; the
+//! segment-0 block of its group then scans the whole sequence lane after lane, the others stop.
+template <typename T, int N, typename Sm>
+__device__ void fused_segment(ScanArgs const& args, scan::Plan const& plan, Sm& sm, LaneCtx const& at,
+    scan::BlockCoord const& bc, BlockDecay const& decay, uint32_t begin, uint32_t end)
+{
+    int32_t const maps = plan.segments - 1;
+    scan::LaneSteps s;
+    if (decay.always)
+    {
+        load_tile<T>(args, sm, at, begin, end, s);
+        stage<T, N, true>(args, at, begin, rows_vectorisable<T, true>(args, at.b, at.k), sm);
+        __syncthreads();
+        Affine* publish = bc.segment < maps
+            ? static_cast<Affine*>(args.workspace) + scan::offset_map(args.dims, at.b, at.c, 0, bc.segment, maps)
+            : nullptr;
+        fused_maps<N>(sm, at, s, publish, maps);
+    }
+    cooperative_groups::this_grid().sync(); // every block's maps are in the workspace
+    if (!decay.always)
+    {
+        if (bc.segment == 0)
+        {
+            scan_tiles<T, N, true>(args, sm, at, decay, 0u, 0u, static_cast<uint32_t>(args.dims.length));
+        }
+        return;
+    }
+    if (bc.segment > 0)
+    {
+        compose_segments<N>(args, sm, bc, bc.segment, maps); // valid: the group decays
+        __syncthreads();
+    }
+    fused_output<N>(sm, at, s);
+    if (at.active)
+    {
+        LaneSpan const span = lane_span(args, at, begin, end);
+        T* y = static_cast<T*>(args.y) + span.at;
+        Io<T>::store(y, 0, span.count, aligned_row(y), s.y);
+    }
+}
+
+//! kScanPass: scans segment blockIdx's segment with output (all of L when there is one
+//! segment). kMapsPass: pass 1, the segment's map into the workspace. kFusedPass: the fused mode.
+template <typename T, int N, int kPass>
 __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_scan_kernel(ScanArgs args, scan::Plan plan)
 {
-    __shared__ Shared<N> sm;
+    __shared__ Shared<N, kPass> sm;
     scan::Dims const& d = args.dims;
-    int32_t const grid_segments = kMaps ? plan.segments - 1 : plan.segments;
-    scan::BlockCoord const bc = scan::block_coord(d, blockIdx.x, grid_segments);
+    scan::BlockCoord const bc = scan::block_coord(plan, blockIdx.x, kPass == kMapsPass);
     int const tid = static_cast<int>(threadIdx.x);
     LaneCtx at{};
     at.b = bc.b;
@@ -457,14 +852,17 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
     at.lane = tid % kLanes;
     at.c = bc.first_channel + at.ch;
     at.active = at.ch < bc.channels;
-    at.mask = 0xffffu << (tid & 16);
 
-    for (int i = tid; i < kChannels * N; i += kThreads)
+    bool nonpositive = true; // A2 <= 0 (false for NaN)
+    static_assert(kChannels * N <= kThreads, "one (channel, state) per thread");
+    if (tid < kChannels * N)
     {
-        int const ch = i / N;
-        int const n = i % N;
-        sm.a2[ch][n] = ch < bc.channels ? __ldg(args.A + static_cast<int64_t>(bc.first_channel + ch) * N + n) * scan::kLog2e : 0.0f;
+        int const ch = tid / N;
+        int const n = tid % N;
+        float const a2 = ch < bc.channels ? __ldg(args.A + static_cast<int64_t>(bc.first_channel + ch) * N + n) * scan::kLog2e : 0.0f;
+        sm.a2[ch][n] = a2;
         sm.carry[ch][n] = 0.0f;
+        nonpositive = a2 <= 0.0f;
     }
     if (tid < kChannels)
     {
@@ -473,79 +871,109 @@ __global__ void __launch_bounds__(kThreads, scan::kMinBlocksPerSm) selective_sca
         sm.d_skip[tid] = valid && args.D_skip != nullptr ? __ldg(args.D_skip + c) : 0.0f;
         sm.bias[tid] = valid && args.delta_bias != nullptr ? __ldg(args.delta_bias + c) : 0.0f;
     }
-    __syncthreads();
+    // block-wide votes, made warp-uniform for the compiler (the shuffles under them need no
+    // divergence check)
+    BlockDecay decay{};
+    decay.a_nonpositive = __all_sync(0xffffffffu, __syncthreads_and(nonpositive) != 0);
+    decay.always = decay.a_nonpositive && args.delta_softplus;
 
     // [begin, end) of the row; 32 bits suffice (L < 2^31)
     uint32_t const begin = static_cast<uint32_t>(static_cast<int64_t>(bc.segment) * plan.segment_length);
     uint32_t const end = static_cast<uint32_t>(
         begin + plan.segment_length < d.length ? begin + plan.segment_length : static_cast<int64_t>(d.length));
-    unsigned grew = 0;
-    float dt_total = 0.0f;
-    if (kMaps)
+    if constexpr (kPass == kMapsPass)
     {
-        scan_tiles<T, N, false>(args, sm, at, begin, end, &grew, &dt_total);
-        __syncthreads();
-#pragma unroll
-        for (int off = 1; off < kLanes; off *= 2)
-        {
-            dt_total += __shfl_xor_sync(0xffffffffu, dt_total, off, kLanes);
-        }
-        if (at.active && at.lane < N)
-        {
-            int const n = at.lane;
-            bool const invalid = ((grew >> n) & 1u) != 0; // the same on every lane of the channel
-            Affine* ws = static_cast<Affine*>(args.workspace);
-            ws[scan::offset_map(d, at.b, at.c, n, bc.segment, plan.segments - 1)]
-                = Affine{invalid ? -1.0f : scan::fast_exp2(sm.a2[at.ch][n] * dt_total), sm.carry[at.ch][n]};
-        }
-        return;
+        segment_maps<T, N>(args, sm, at, decay, begin, end, bc.segment, plan.segments - 1);
     }
-    if (bc.segment > 0)
+    else if constexpr (kPass == kFusedPass)
     {
-        bool const bad = compose_segments(args, sm, at, bc.segment, plan.segments - 1);
-        if (__syncthreads_or(bad))
+        fused_segment<T, N>(args, plan, sm, at, bc, decay, begin, end);
+    }
+    else
+    {
+        // An earlier segment with an invalid map: the recurrence over [0, begin) first, without
+        // output (the same loop), instead of composing the maps.
+        bool catch_up = false;
+        if (bc.segment > 0)
         {
-            // An earlier segment had growing maps: run the recurrence over [0, begin) instead.
-            for (int i = tid; i < kChannels * N; i += kThreads)
+            catch_up = __syncthreads_or(compose_segments<N>(args, sm, bc, bc.segment, plan.segments - 1)) != 0;
+            if (catch_up && tid < kChannels * N)
             {
-                sm.carry[i / N][i % N] = 0.0f;
+                sm.carry[tid / N][tid % N] = 0.0f;
             }
-            __syncthreads();
-            scan_tiles<T, N, false>(args, sm, at, 0u, begin, &grew, &dt_total);
         }
-        __syncthreads();
+        scan_tiles<T, N>(args, sm, at, decay, catch_up ? 0u : begin, begin, end);
     }
-    scan_tiles<T, N, true>(args, sm, at, begin, end, &grew, &dt_total);
 }
 
 template <typename T, int N>
-cudaError_t launch_with_state(ScanArgs const& args, scan::Plan const& plan, cudaStream_t stream)
+cudaError_t launch_with_state(ScanArgs const& args, scan::Choice const& choice, cudaStream_t stream)
 {
     int64_t const per = scan::blocks_per_segment(args.dims);
+    scan::Plan plan = choice.plan;
+    if (choice.fused)
+    {
+        if constexpr (N > kMaxFusedState)
+        {
+            return cudaErrorInvalidValue;
+        }
+        else
+        {
+            ScanArgs a = args;
+            void* params[] = {&a, &plan};
+            cudaError_t const e = cudaLaunchCooperativeKernel(
+                reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kFusedPass>),
+                dim3(static_cast<unsigned>(per * plan.segments)), dim3(kThreads), params, 0, stream);
+            if (e != cudaErrorCooperativeLaunchTooLarge)
+            {
+                return e;
+            }
+            // Fewer blocks resident than the cached occupancy said (another context, MPS, a
+            // shared-memory carveout): nothing was launched; two passes instead.
+            cudaGetLastError();
+            plan = choice.unfused;
+        }
+    }
     if (plan.segments > 1)
     {
-        selective_scan_kernel<T, N, true>
+        selective_scan_kernel<T, N, kMapsPass>
             <<<static_cast<unsigned>(per * (plan.segments - 1)), kThreads, 0, stream>>>(args, plan);
     }
-    selective_scan_kernel<T, N, false><<<static_cast<unsigned>(per * plan.segments), kThreads, 0, stream>>>(args, plan);
+    selective_scan_kernel<T, N, kScanPass><<<static_cast<unsigned>(per * plan.segments), kThreads, 0, stream>>>(args, plan);
     return cudaGetLastError();
 }
 
+//! Resident blocks per SM of the one-pass / pass-2 kernel, and of the fused kernel (0 where there
+//! is none: N > kMaxFusedState, or the device has no cooperative launch).
 template <typename T, int N>
 struct Occupancy
 {
-    static int run()
+    static int blocks(void const* kernel)
     {
         int blocks = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, selective_scan_kernel<T, N, false>, kThreads, 0)
-            != cudaSuccess)
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess)
         {
             cudaGetLastError();
             return 0;
         }
         return blocks;
     }
-    static int invalid()
+    static int run(bool fused)
+    {
+        if (!fused)
+        {
+            return blocks(reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kScanPass>));
+        }
+        if constexpr (N > kMaxFusedState)
+        {
+            return 0;
+        }
+        else
+        {
+            return blocks(reinterpret_cast<void const*>(&selective_scan_kernel<T, N, kFusedPass>));
+        }
+    }
+    static int invalid(bool)
     {
         return 0;
     }
@@ -554,11 +982,11 @@ struct Occupancy
 template <typename T, int N>
 struct Launch
 {
-    static cudaError_t run(ScanArgs const& args, scan::Plan const& plan, cudaStream_t stream)
+    static cudaError_t run(ScanArgs const& args, scan::Choice const& choice, cudaStream_t stream)
     {
-        return launch_with_state<T, N>(args, plan, stream);
+        return launch_with_state<T, N>(args, choice, stream);
     }
-    static cudaError_t invalid(ScanArgs const&, scan::Plan const&, cudaStream_t)
+    static cudaError_t invalid(ScanArgs const&, scan::Choice const&, cudaStream_t)
     {
         return cudaErrorInvalidValue;
     }
@@ -593,10 +1021,15 @@ auto with_types(IOType io, int32_t state, Args const&... args)
 cudaError_t describe_device(DeviceInfo* info)
 {
     int device = 0;
+    int cooperative = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess)
     {
         e = cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device);
+    }
+    if (e == cudaSuccess)
+    {
+        e = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
     }
     if (e != cudaSuccess)
     {
@@ -606,7 +1039,9 @@ cudaError_t describe_device(DeviceInfo* info)
     {
         for (int32_t n = 1; n <= scan::kMaxState; ++n)
         {
-            info->blocks_per_sm[io][n - 1] = with_types<Occupancy>(static_cast<IOType>(io), n);
+            info->blocks_per_sm[io][n - 1] = with_types<Occupancy>(static_cast<IOType>(io), n, false);
+            info->fused_blocks_per_sm[io][n - 1]
+                = cooperative != 0 ? with_types<Occupancy>(static_cast<IOType>(io), n, true) : 0;
         }
     }
     return cudaSuccess;
@@ -623,11 +1058,12 @@ cudaError_t launch_selective_scan(ScanArgs const& args, cudaStream_t stream)
     {
         return cudaSuccess;
     }
-    int32_t segments = 1;
+    scan::Choice choice{scan::plan_for(args.dims, 1), false, scan::plan_for(args.dims, 1)};
     if (args.workspace != nullptr)
     {
         int32_t sm_count = args.sm_count;
         int32_t blocks_per_sm = args.blocks_per_sm;
+        int32_t fused_blocks_per_sm = args.fused_blocks_per_sm;
         if (sm_count <= 0 || blocks_per_sm <= 0)
         {
             // Not cached by the caller (the plugin caches it in attachToContext): ask the runtime.
@@ -639,11 +1075,12 @@ cudaError_t launch_selective_scan(ScanArgs const& args, cudaStream_t stream)
             }
             sm_count = info.sm_count;
             blocks_per_sm = info.blocks_per_sm[static_cast<int>(args.io)][args.dims.state - 1];
+            fused_blocks_per_sm = info.fused_blocks_per_sm[static_cast<int>(args.io)][args.dims.state - 1];
         }
-        segments = scan::segments_for(args.dims, sm_count, blocks_per_sm);
+        choice = scan::choose(args.dims, args.delta_softplus && args.strategy == Strategy::kAuto, sm_count,
+            blocks_per_sm, fused_blocks_per_sm);
     }
-    scan::Plan const plan = scan::plan_for(args.dims, segments);
-    return with_types<Launch>(args.io, args.dims.state, args, plan, stream);
+    return with_types<Launch>(args.io, args.dims.state, args, choice, stream);
 }
 
 } // namespace qmamba

@@ -475,6 +475,7 @@ int32_t SelectiveScanPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc
     args.sm_count = mDevice.sm_count; // from attachToContext; 0: the launcher asks the runtime
     bool const known = args.dims.state >= 1 && args.dims.state <= scan::kMaxState;
     args.blocks_per_sm = known ? mDevice.blocks_per_sm[static_cast<int>(args.io)][args.dims.state - 1] : 0;
+    args.fused_blocks_per_sm = known ? mDevice.fused_blocks_per_sm[static_cast<int>(args.io)][args.dims.state - 1] : 0;
 
     cudaError_t const status = launch_selective_scan(args, stream);
     if (status != cudaSuccess)

@@ -2,24 +2,29 @@
 // block's layout step for step, so that the Python tests can compare it with the reference scan
 // (tests/test_trt_plugin.py): 8 channels x 16 lanes per block, 16 steps per lane, the vector or
 // scalar path each row's (simulated) address takes, B and C staged into a shared-memory image
-// with the kernel's index functions, the 16-lane scans in shuffle order, growing maps run lane
-// after lane, carried states, and the two passes with their workspace maps.
+// with the kernel's index functions, the 16-lane scans in shuffle order, tiles that may grow run
+// lane after lane, carried states, the two passes with their workspace maps, and the fused mode
+// (phase 1 of every block, the grid-wide barrier, phase 2).
 //
 //   host_harness IN.bin OUT.bin
 //   host_harness --check-layout
-//   host_harness --plan B D K L N SM_COUNT BLOCKS_PER_SM
+//   host_harness --plan B D K L N SM_COUNT BLOCKS_PER_SM [FUSED_BLOCKS_PER_SM]
 //
-// IN.bin: int32 B, D, K, L, N, delta_softplus, has_D_skip, has_delta_bias, segments (0: as the
-// launcher chooses with sm_count and blocks_per_sm below), elem_bytes (4: fp32 I/O, 2: fp16 I/O;
-// it decides vector widths and alignment, the values are float32 either way), the element
+// IN.bin: int32 B, D, K, L, N, delta_softplus, has_D_skip, has_delta_bias, segments (> 0: two
+// passes with that many segments; 0: as the launcher chooses with sm_count, blocks_per_sm,
+// fused_blocks_per_sm and strategy below; -1: the fused mode), elem_bytes (4: fp32 I/O, 2: fp16
+// I/O; it decides vector widths and alignment, the values are float32 either way), the element
 // offsets of the base pointers of u, delta, B, C and y from a 16-byte boundary (to replay
-// misaligned tensors), sm_count, blocks_per_sm; then float32 u [B,D,L], delta [B,D,L],
-// A [D,N], B [B,K,N,L], C [B,K,N,L], D_skip [D] and delta_bias [D] when present.
+// misaligned tensors), sm_count, blocks_per_sm, fused_blocks_per_sm, strategy (0: auto, 1: two
+// passes); then float32 u [B,D,L], delta [B,D,L], A [D,N], B [B,K,N,L], C [B,K,N,L], D_skip [D]
+// and delta_bias [D] when present.
 // OUT.bin: float32 y [B,D,L] (NaN where no block wrote).
 //
 // --check-layout: the staging and lane index functions are a bijection onto the staged tile,
-// and the kernel's 16-byte shared stores and loads are free of bank conflicts.
-// --plan: the launcher's segment plan for these dims on that GPU, and the workspace, as JSON.
+// the kernel's 16-byte shared stores and loads are free of bank conflicts, and the block
+// coordinates' fast division is exact.
+// --plan: the launcher's choice for these dims on that GPU (segments, fused or not; softplus on),
+// and the workspace, as JSON.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -74,9 +79,12 @@ struct PathCount
 {
     int64_t vector = 0;
     int64_t scalar = 0;
+    int64_t decaying_tiles = 0; //!< block tiles (both passes) whose steps all decay
+    int64_t serial_tiles = 0;   //!< block tiles run lane after lane (a step may grow)
+    int64_t catch_ups = 0;      //!< pass-2 blocks that reran earlier segments (invalid maps)
 };
 
-void load_lane(float const* row, int64_t t, int count, bool vec, float* out, PathCount& paths)
+void load_lane(float const* row, int64_t t, int count, bool vec, float* out, PathCount& paths, float fill = 0.0f)
 {
     if (vec && count == kItems)
     {
@@ -93,7 +101,7 @@ void load_lane(float const* row, int64_t t, int count, bool vec, float* out, Pat
     ++paths.scalar;
     for (int i = 0; i < kItems; ++i)
     {
-        out[i] = i < count ? row[t + i] : 0.0f;
+        out[i] = i < count ? row[t + i] : fill;
     }
 }
 
@@ -118,8 +126,18 @@ struct HostRow
     }
 };
 
+//! rows_vectorisable(): the group's first B (and C) rows aligned, rows whole 16-byte chunks long.
+bool rows_vectorisable(Inputs const& in, int32_t b, int32_t k, bool with_c)
+{
+    int64_t const group = offset_bknl(in.d, b, k, 0);
+    return static_cast<int64_t>(in.d.length) * in.elem_bytes % kVecBytes == 0 && row_aligned(in, kB, group)
+        && (!with_c || row_aligned(in, kC, group));
+}
+
 //! stage_tile(): every thread's 16-byte chunks of the N B rows (and N C rows) of the group.
-void stage_tile(Inputs const& in, int32_t b, int32_t k, int64_t t0, bool with_c, Shared& sm, PathCount& paths)
+//! `whole_tile`: the decaying path's stage_tile_vector() (the same slots, every chunk a vector).
+void stage_tile(Inputs const& in, int32_t b, int32_t k, int64_t t0, bool with_c, Shared& sm, PathCount& paths,
+    bool whole_tile = false)
 {
     Dims const& d = in.d;
     int const elems = vector_elems(in.elem_bytes);
@@ -139,7 +157,7 @@ void stage_tile(Inputs const& in, int32_t b, int32_t k, int64_t t0, bool with_c,
             StageItem const item = stage_item(f % per_row, elems);
             int64_t const t = t0 + item.step;
             float* dst = sm.bc.data() + stage_row(row) + item.offset;
-            bool const whole = vec && t + elems <= d.length;
+            bool const whole = whole_tile || (vec && t + elems <= d.length);
             ++(whole ? paths.vector : paths.scalar);
             for (int e = 0; e < elems; ++e)
             {
@@ -158,8 +176,8 @@ struct Block
     BlockCoord at;
     Shared sm;
     PathCount& paths;
-    unsigned grew[kChannels] = {};
-    float dt_total[kThreads] = {};
+    bool a_nonpositive = true; //!< every A2 of the block <= 0 (__syncthreads_and)
+    bool always = false;       //!< and softplus on: every tile decays
 
     Block(Inputs const& inputs, BlockCoord coord, PathCount& p)
         : in(inputs)
@@ -176,182 +194,196 @@ struct Block
             {
                 sm.a2[ch][n] = valid ? in.A[static_cast<int64_t>(c) * d.state + n] * kLog2e : 0.0f;
                 sm.carry[ch][n] = 0.0f;
+                a_nonpositive = a_nonpositive && sm.a2[ch][n] <= 0.0f;
             }
             sm.d_skip[ch] = valid && in.D_skip != nullptr ? in.D_skip[c] : 0.0f;
             sm.bias[ch] = valid && in.delta_bias != nullptr ? in.delta_bias[c] : 0.0f;
         }
+        always = a_nonpositive && in.softplus;
+    }
+
+    //! load_steps(): the lanes' steps of tile t0 (u and delta; softplus: delta padded with
+    //! kDeltaPad past `end`, plain: dt = 0 there); returns tile_decays(), the block's vote.
+    bool load_steps(int64_t t0, int64_t end, LaneSteps* steps, int* count)
+    {
+        Dims const& d = in.d;
+        bool all = true;
+        for (int thread = 0; thread < kThreads; ++thread)
+        {
+            int const ch = thread / kLanes;
+            int const lane = thread % kLanes;
+            bool const active = ch < at.channels;
+            int64_t const row_start = offset_bdl(d, at.b, active ? at.first_channel + ch : 0);
+            int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
+            count[thread] = active ? steps_before(t, end) : 0;
+            float raw_u[kItems];
+            float raw_delta[kItems];
+            load_lane(in.u + row_start, t, count[thread], row_aligned(in, kU, row_start), raw_u, paths);
+            bool const delta_vec = row_aligned(in, kDelta, row_start);
+            if (in.softplus)
+            {
+                load_lane(in.delta + row_start, t, count[thread], delta_vec, raw_delta, paths, kDeltaPad);
+                prepare_softplus(raw_u, raw_delta, sm.bias[ch], sm.d_skip[ch], steps[thread]);
+            }
+            else
+            {
+                load_lane(in.delta + row_start, t, count[thread], delta_vec, raw_delta, paths);
+                prepare_plain(raw_u, raw_delta, count[thread], sm.bias[ch], sm.d_skip[ch], steps[thread]);
+            }
+            all = all && (always || steps_decay(steps[thread]));
+        }
+        bool const decays = all && a_nonpositive;
+        ++(decays ? paths.decaying_tiles : paths.serial_tiles);
+        return decays;
     }
 
     //! scan_tiles(): tiles [begin, end) from sm.carry; y into `y` when output.
     void scan_tiles(int64_t begin, int64_t end, bool output, float* y)
     {
         Dims const& d = in.d;
+        bool const vec_rows = rows_vectorisable(in, at.b, at.k, true);
         for (int64_t t0 = begin; t0 < end; t0 += kTile)
         {
             static LaneSteps steps[kThreads];
             float dt_sum[kThreads];
             int count[kThreads];
-            unsigned channel_signs[kChannels] = {};
+            bool const decays = load_steps(t0, end, steps, count);
             for (int thread = 0; thread < kThreads; ++thread)
             {
-                int const ch = thread / kLanes;
-                int const lane = thread % kLanes;
-                bool const active = ch < at.channels;
-                int64_t const row_start = offset_bdl(d, at.b, active ? at.first_channel + ch : 0);
-                int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
-                count[thread] = active ? steps_before(t, end) : 0;
-                float raw_u[kItems];
-                float raw_delta[kItems];
-                load_lane(in.u + row_start, t, count[thread], row_aligned(in, kU, row_start), raw_u, paths);
-                load_lane(in.delta + row_start, t, count[thread], row_aligned(in, kDelta, row_start), raw_delta, paths);
-                prepare_steps(raw_u, raw_delta, count[thread], sm.bias[ch], sm.d_skip[ch], in.softplus, steps[thread]);
                 dt_sum[thread] = lane_dt_sum(steps[thread]);
-                if (!output)
-                {
-                    dt_total[thread] += dt_sum[thread];
-                }
-                channel_signs[ch] |= dt_signs(steps[thread]); // the two ballots of the channel's lanes
             }
-            stage_tile(in, at.b, at.k, t0, output, sm, paths);
+            stage_tile(in, at.b, at.k, t0, true, sm, paths, vec_rows && t0 + kTile <= d.length);
             for (int ch = 0; ch < at.channels; ++ch)
             {
-                LaneSteps* s = steps + ch * kLanes;
-                int const pair = ch ^ 1; // the other channel of the warp (a channel past the group's end never grows)
                 for (int n = 0; n < d.state; ++n)
                 {
-                    // __any_sync over the warp: both channels run the plain recurrence when either grows
-                    bool const serial = grows(sm.a2[ch][n], channel_signs[ch])
-                        || (pair < at.channels && grows(sm.a2[pair][n], channel_signs[pair]));
-                    if (grows(sm.a2[ch][n], channel_signs[ch]))
+                    if (decays)
                     {
-                        grew[ch] |= 1u << n;
+                        decaying_state(ch, n, steps + ch * kLanes, dt_sum + ch * kLanes);
                     }
-                    scan_state(ch, n, s, dt_sum + ch * kLanes, serial, output);
+                    else
+                    {
+                        serial_state(ch, n, steps + ch * kLanes);
+                    }
                 }
                 if (output)
                 {
-                    int64_t const row_start = offset_bdl(d, at.b, at.first_channel + ch);
-                    for (int lane = 0; lane < kLanes; ++lane)
-                    {
-                        int const thread = ch * kLanes + lane;
-                        int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
-                        bool const vec = row_aligned(in, kY, row_start) && count[thread] == kItems;
-                        ++(vec ? paths.vector : paths.scalar);
-                        for (int i = 0; i < count[thread]; ++i)
-                        {
-                            y[row_start + t + i] = steps[thread].y[i];
-                        }
-                    }
+                    store_y(t0, ch, steps, count, y);
                 }
             }
         }
     }
 
-    //! One state of one channel for one tile: the body of the kernel's state loop. `serial`: the
-    //! plain recurrence, lane after lane (this channel's or the warp's other channel's maps grow).
-    void scan_state(int ch, int n, LaneSteps* s, float const* dt_sum, bool serial, bool output)
+    //! decaying_states()'s body for one state: step maps, compose, 16-lane scan, replay.
+    void decaying_state(int ch, int n, LaneSteps* s, float const* dt_sum)
     {
         float const a2 = sm.a2[ch][n];
         float const carry = sm.carry[ch][n];
-        float a[kLanes][kItems];
-        float h_start[kLanes];
-        float h_end = 0.0f;
+        static StepMaps m[kLanes];
+        Affine f[kLanes];
         for (int lane = 0; lane < kLanes; ++lane)
         {
-            step_decays(s[lane], a2, a[lane]);
+            step_maps(s[lane].dt, LaneArray{s[lane].dtu}, a2, HostRow{sm.bc.data() + stage_row(n), lane}, m[lane]);
+            f[lane].a = fast_exp2(a2 * dt_sum[lane]);
+            f[lane].b = madd(f[lane].a, lane == 0 ? carry : 0.0f, compose(m[lane]));
         }
-        auto const b_row = [&](int lane) { return HostRow{sm.bc.data() + stage_row(n), lane}; };
-        if (serial)
+        for (int off = 1; off < kLanes; off *= 2) // scan_round(): shuffles up, in-range lanes compose
         {
-            float h = carry;
-            for (int src = 0; src < kLanes; ++src)
+            Affine up[kLanes];
+            std::copy(f, f + kLanes, up);
+            for (int lane = off; lane < kLanes; ++lane)
             {
-                h_start[src] = h;
-                h = replay(h, a[src], s[src].dtu, b_row(src), NoRow{}, nullptr);
-            }
-            h_end = h;
-        }
-        else
-        {
-            Affine f[kLanes];
-            for (int lane = 0; lane < kLanes; ++lane)
-            {
-                f[lane] = lane_map(a[lane], s[lane].dtu, b_row(lane), a2, dt_sum[lane]);
-            }
-            f[0].b = f[0].a * carry + f[0].b;
-            for (int off = 1; off < kLanes; off *= 2) // __shfl_up_sync rounds
-            {
-                Affine up[kLanes];
-                std::copy(f, f + kLanes, up);
-                for (int lane = off; lane < kLanes; ++lane)
+                f[lane].b = madd(f[lane].a, up[lane - off].b, f[lane].b);
+                if (off < kLanes / 2)
                 {
-                    float const up_a = off < kLanes / 2 ? up[lane - off].a : 1.0f;
-                    f[lane].b = f[lane].a * up[lane - off].b + f[lane].b;
-                    f[lane].a = f[lane].a * up_a;
+                    f[lane].a = f[lane].a * up[lane - off].a;
                 }
             }
-            h_start[0] = carry;
-            for (int lane = 1; lane < kLanes; ++lane)
-            {
-                h_start[lane] = f[lane - 1].b;
-            }
-            h_end = f[kLanes - 1].b;
         }
-        if (output)
+        for (int lane = 0; lane < kLanes; ++lane)
         {
-            for (int lane = 0; lane < kLanes; ++lane)
-            {
-                replay(h_start[lane], a[lane], s[lane].dtu, b_row(lane),
-                    HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
-            }
+            replay_output(lane == 0 ? carry : f[lane - 1].b, m[lane],
+                HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
         }
-        sm.carry[ch][n] = h_end;
+        sm.carry[ch][n] = f[kLanes - 1].b;
     }
 
-    //! compose_segments(): the maps of segments 0 .. s-1 into sm.carry; whether one is invalid.
-    bool compose_segments(std::vector<Affine> const& ws, int32_t s, int32_t maps)
+    //! serial_states()'s body for one state: the lanes walk their steps one after another.
+    void serial_state(int ch, int n, LaneSteps* s)
     {
-        bool bad = false;
-        int32_t const run = (s + kLanes - 1) / kLanes;
-        for (int ch = 0; ch < at.channels; ++ch)
+        float const a2 = sm.a2[ch][n];
+        float h = sm.carry[ch][n];
+        for (int lane = 0; lane < kLanes; ++lane)
         {
-            for (int n = 0; n < in.d.state; ++n)
+            h = serial_steps(h, s[lane].dt, LaneArray{s[lane].dtu}, a2, HostRow{sm.bc.data() + stage_row(n), lane},
+                HostRow{sm.bc.data() + stage_row(in.d.state + n), lane}, s[lane].y);
+        }
+        sm.carry[ch][n] = h;
+    }
+
+    //! segment_maps(): pass 1, the segment's maps by reduction (invalid when a tile may grow).
+    void segment_maps(std::vector<Affine>& ws, Plan const& plan, int64_t begin, int64_t end)
+    {
+        Dims const& d = in.d;
+        bool const vec_rows = rows_vectorisable(in, at.b, at.k, false);
+        static float acc[kThreads][kMaxState];
+        float total[kThreads] = {};
+        bool valid = true;
+        for (auto& row : acc)
+        {
+            std::fill(row, row + kMaxState, 0.0f);
+        }
+        for (int64_t t0 = begin; t0 < end; t0 += kTile)
+        {
+            static LaneSteps steps[kThreads];
+            int count[kThreads];
+            float after[kThreads];
+            float tile[kThreads];
+            if (!load_steps(t0, end, steps, count))
             {
-                Affine f[kLanes];
+                valid = false;
+                break;
+            }
+            for (int ch = 0; ch < kChannels; ++ch)
+            {
+                float incl[kLanes];
                 for (int lane = 0; lane < kLanes; ++lane)
                 {
-                    f[lane] = identity_map();
-                    int32_t const first = lane * run;
-                    int32_t const last = first + run < s ? first + run : s;
-                    Affine const* m = ws.data() + offset_map(in.d, at.b, at.first_channel + ch, n, 0, maps);
-                    for (int32_t q = first; q < last; ++q)
-                    {
-                        bad |= m[q].a < 0.0f;
-                        f[lane] = then(f[lane], m[q]);
-                    }
+                    incl[lane] = lane_dt_sum(steps[ch * kLanes + lane]);
+                    total[ch * kLanes + lane] += incl[lane];
                 }
-                for (int off = 1; off < kLanes; off *= 2) // __shfl_down_sync tree
+                for (int off = 1; off < kLanes; off *= 2) // __shfl_down_sync rounds: suffix sums
                 {
-                    Affine next[kLanes];
-                    std::copy(f, f + kLanes, next);
-                    for (int lane = 0; lane + off < kLanes; lane += 2 * off)
+                    float later[kLanes];
+                    std::copy(incl, incl + kLanes, later);
+                    for (int lane = 0; lane + off < kLanes; ++lane)
                     {
-                        f[lane] = then(f[lane], next[lane + off]);
+                        incl[lane] += later[lane + off];
                     }
                 }
-                sm.carry[ch][n] = f[0].b;
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    after[ch * kLanes + lane] = lane == kLanes - 1 ? 0.0f : incl[lane + 1];
+                    tile[ch * kLanes + lane] = incl[0];
+                }
+            }
+            stage_tile(in, at.b, at.k, t0, false, sm, paths, vec_rows && t0 + kTile <= d.length);
+            for (int thread = 0; thread < at.channels * kLanes; ++thread)
+            {
+                int const ch = thread / kLanes;
+                for (int n = 0; n < d.state; ++n)
+                {
+                    float const a2 = sm.a2[ch][n];
+                    float const h = compose_steps(steps[thread].dt, LaneArray{steps[thread].dtu}, a2,
+                        HostRow{sm.bc.data() + stage_row(n), thread % kLanes});
+                    acc[thread][n] = madd(acc[thread][n], fast_exp2(a2 * tile[thread]), h * fast_exp2(a2 * after[thread]));
+                }
             }
         }
-        return bad;
-    }
-
-    //! Pass 1's end: each channel's lanes sum their dt (xor butterfly), lane n writes state n's map.
-    void write_maps(std::vector<Affine>& ws, Plan const& plan)
-    {
         for (int ch = 0; ch < at.channels; ++ch)
         {
-            float* v = dt_total + ch * kLanes;
-            for (int off = 1; off < kLanes; off *= 2)
+            float* v = total + ch * kLanes;
+            for (int off = 1; off < kLanes; off *= 2) // __shfl_xor_sync butterflies
             {
                 float before[kLanes];
                 std::copy(v, v + kLanes, before);
@@ -360,15 +392,186 @@ struct Block
                     v[lane] = before[lane] + before[lane ^ off];
                 }
             }
-            for (int n = 0; n < in.d.state; ++n)
+            for (int n = 0; n < d.state; ++n) // lane n: its state's partial maps of the 16 lanes
             {
-                bool const invalid = ((grew[ch] >> n) & 1u) != 0;
-                ws[offset_map(in.d, at.b, at.first_channel + ch, n, at.segment, plan.segments - 1)]
-                    = Affine{invalid ? -1.0f : fast_exp2(sm.a2[ch][n] * v[n]), sm.carry[ch][n]};
+                float lanes[kLanes];
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    lanes[lane] = acc[ch * kLanes + lane][n];
+                }
+                ws[offset_map(d, at.b, at.first_channel + ch, n, at.segment, plan.segments - 1)]
+                    = Affine{valid ? fast_exp2(sm.a2[ch][n] * v[n]) : -1.0f, valid ? pairwise_sum(lanes) : 0.0f};
             }
         }
     }
+
+    //! The y store of channel ch's lanes (16-byte stores where the row is aligned, all steps inside).
+    void store_y(int64_t t0, int ch, LaneSteps const* steps, int const* count, float* y)
+    {
+        int64_t const row_start = offset_bdl(in.d, at.b, at.first_channel + ch);
+        for (int lane = 0; lane < kLanes; ++lane)
+        {
+            int const thread = ch * kLanes + lane;
+            int64_t const t = t0 + static_cast<int64_t>(lane) * kItems;
+            bool const vec = row_aligned(in, kY, row_start) && count[thread] == kItems;
+            ++(vec ? paths.vector : paths.scalar);
+            for (int i = 0; i < count[thread]; ++i)
+            {
+                y[row_start + t + i] = steps[thread].y[i];
+            }
+        }
+    }
+
+    //! fused_segment()'s phase 1: the tile's steps (kept for phase 2), each lane's exclusive
+    //! prefix map per state (kept), and the tile's maps into the workspace unless it is the last.
+    std::vector<LaneSteps> fused_steps;
+    std::vector<int> fused_count;
+    std::vector<Affine> fused_prefix; // [n][thread]
+
+    void fused_phase1(std::vector<Affine>& ws, Plan const& plan, int64_t begin, int64_t end)
+    {
+        Dims const& d = in.d;
+        fused_steps.assign(kThreads, LaneSteps{});
+        fused_count.assign(kThreads, 0);
+        fused_prefix.assign(static_cast<size_t>(d.state) * kThreads, Affine{kNaN, kNaN});
+        if (!always)
+        {
+            return; // nothing published: segment 0's block scans the whole sequence in phase 2
+        }
+        load_steps(begin, end, fused_steps.data(), fused_count.data());
+        float dt_sum[kThreads];
+        for (int thread = 0; thread < kThreads; ++thread)
+        {
+            dt_sum[thread] = lane_dt_sum(fused_steps[thread]);
+        }
+        stage_tile(in, at.b, at.k, begin, true, sm, paths, rows_vectorisable(in, at.b, at.k, true) && begin + kTile <= d.length);
+        int32_t const maps = plan.segments - 1;
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            for (int n = 0; n < d.state; ++n)
+            {
+                float const a2 = sm.a2[ch][n];
+                Affine f[kLanes];
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    LaneSteps const& s = fused_steps[ch * kLanes + lane];
+                    f[lane] = Affine{fast_exp2(a2 * dt_sum[ch * kLanes + lane]),
+                        compose_steps(s.dt, LaneArray{s.dtu}, a2, HostRow{sm.bc.data() + stage_row(n), lane})};
+                }
+                for (int off = 1; off < kLanes; off *= 2) // scan_round() with the decays in every round
+                {
+                    Affine up[kLanes];
+                    std::copy(f, f + kLanes, up);
+                    for (int lane = off; lane < kLanes; ++lane)
+                    {
+                        f[lane].b = madd(f[lane].a, up[lane - off].b, f[lane].b);
+                        f[lane].a = f[lane].a * up[lane - off].a;
+                    }
+                }
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    fused_prefix[static_cast<size_t>(n) * kThreads + ch * kLanes + lane]
+                        = lane == 0 ? Affine{1.0f, 0.0f} : f[lane - 1];
+                }
+                if (at.segment < maps)
+                {
+                    ws[offset_map(d, at.b, at.first_channel + ch, n, at.segment, maps)] = f[kLanes - 1];
+                }
+            }
+        }
+    }
+
+    //! Phase 2, after the grid-wide barrier.
+    void fused_phase2(std::vector<Affine> const& ws, Plan const& plan, int64_t begin, float* y)
+    {
+        Dims const& d = in.d;
+        if (!always)
+        {
+            if (at.segment == 0)
+            {
+                scan_tiles(0, d.length, true, y);
+            }
+            return;
+        }
+        if (at.segment > 0 && compose_segments(ws, at.segment, plan.segments - 1))
+        {
+            std::fprintf(stderr, "host_harness: an invalid map in the fused mode\n");
+            std::exit(3);
+        }
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            for (int n = 0; n < d.state; ++n)
+            {
+                for (int lane = 0; lane < kLanes; ++lane)
+                {
+                    int const thread = ch * kLanes + lane;
+                    LaneSteps& s = fused_steps[thread];
+                    Affine const p = fused_prefix[static_cast<size_t>(n) * kThreads + thread];
+                    serial_steps(madd(p.a, sm.carry[ch][n], p.b), s.dt, LaneArray{s.dtu}, sm.a2[ch][n],
+                        HostRow{sm.bc.data() + stage_row(n), lane}, HostRow{sm.bc.data() + stage_row(d.state + n), lane}, s.y);
+                }
+            }
+            store_y(begin, ch, fused_steps.data(), fused_count.data(), y);
+        }
+    }
+
+    //! compose_segments(): the maps of segments 0 .. s-1 into sm.carry; whether one is invalid.
+    bool compose_segments(std::vector<Affine> const& ws, int32_t s, int32_t maps)
+    {
+        int const parts = compose_parts(in.d.state);
+        int32_t const run = (s + parts - 1) / parts;
+        bool bad = false;
+        for (int ch = 0; ch < at.channels; ++ch)
+        {
+            for (int n = 0; n < in.d.state; ++n)
+            {
+                std::vector<Affine> f(static_cast<size_t>(parts), identity_map());
+                Affine const* m = ws.data() + offset_map(in.d, at.b, at.first_channel + ch, n, 0, maps);
+                for (int part = 0; part < parts; ++part)
+                {
+                    int32_t const first = part * run;
+                    int32_t const last = first + run < s ? first + run : s;
+                    for (int32_t q = first; q < last; ++q)
+                    {
+                        bad |= m[q].a < 0.0f;
+                        f[part] = then(f[part], m[q]);
+                    }
+                }
+                for (int off = 1; off < parts; off *= 2) // __shfl_down_sync tree
+                {
+                    std::vector<Affine> const next = f;
+                    for (int part = 0; part + off < parts; part += 2 * off)
+                    {
+                        f[part] = then(f[part], next[part + off]);
+                    }
+                }
+                sm.carry[ch][n] = f[0].b;
+            }
+        }
+        return bad;
+    }
 };
+
+//! The fused mode: every block's phase 1, the grid-wide barrier, every block's phase 2.
+void run_fused(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
+{
+    Dims const& d = in.d;
+    int64_t const per = blocks_per_segment(d);
+    std::vector<Affine> ws(workspace_bytes(d) / sizeof(Affine), Affine{kNaN, kNaN});
+    std::vector<Block> blocks;
+    blocks.reserve(static_cast<size_t>(per * plan.segments));
+    for (int64_t block = 0; block < per * plan.segments; ++block)
+    {
+        blocks.emplace_back(in, block_coord(plan, static_cast<uint32_t>(block), false), paths);
+        Block& blk = blocks.back();
+        int64_t const begin = blk.at.segment * plan.segment_length;
+        blk.fused_phase1(ws, plan, begin, std::min<int64_t>(begin + plan.segment_length, d.length));
+    }
+    for (Block& blk : blocks)
+    {
+        blk.fused_phase2(ws, plan, blk.at.segment * plan.segment_length, y);
+    }
+}
 
 //! The launcher: pass 1 (when segmented), then pass 2.
 void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
@@ -382,21 +585,22 @@ void run(Inputs const& in, Plan const& plan, float* y, PathCount& paths)
     };
     for (int64_t block = 0; plan.segments > 1 && block < per * (plan.segments - 1); ++block)
     {
-        Block blk(in, block_coord(d, block, plan.segments - 1), paths);
+        Block blk(in, block_coord(plan, static_cast<uint32_t>(block), true), paths);
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
-        blk.scan_tiles(begin, end, false, nullptr);
-        blk.write_maps(ws, plan);
+        blk.segment_maps(ws, plan, begin, end);
     }
     for (int64_t block = 0; block < per * plan.segments; ++block)
     {
-        Block blk(in, block_coord(d, block, plan.segments), paths);
+        Block blk(in, block_coord(plan, static_cast<uint32_t>(block), false), paths);
         int64_t begin = 0;
         int64_t end = 0;
         bounds(blk.at.segment, &begin, &end);
         if (blk.at.segment > 0 && blk.compose_segments(ws, blk.at.segment, plan.segments - 1))
         {
+            // an earlier segment's map is invalid: the recurrence over [0, begin) first
+            ++paths.catch_ups;
             for (int ch = 0; ch < kChannels; ++ch)
             {
                 std::fill(blk.sm.carry[ch], blk.sm.carry[ch] + kMaxState, 0.0f);
@@ -475,6 +679,28 @@ int check_layout()
             }
         }
     }
+    // fast_div / divide (block coordinates): exact for dividends below 2^31
+    for (uint32_t d : {1u, 2u, 3u, 5u, 6u, 7u, 48u, 63u, 64u, 65u, 127u, 1000u, 65535u, 65536u, 1u << 20, 123456789u,
+             (1u << 30) + 1u, (1u << 31) - 1u})
+    {
+        FastDiv const f = fast_div(d);
+        for (uint32_t n : {0u, 1u, d - 1, d, d + 1, 2 * d - 1, 1000003u, (1u << 30) - 1u, (1u << 31) - 2u, (1u << 31) - 1u})
+        {
+            if (n < (1u << 31) && divide(n, f) != n / d)
+            {
+                std::printf("divide(%u, %u) = %u, not %u\n", n, d, divide(n, f), n / d);
+                ++failures;
+            }
+        }
+        for (uint32_t n = 0; n < 100000; n += 7)
+        {
+            if (divide(n, f) != n / d)
+            {
+                std::printf("divide(%u, %u) = %u, not %u\n", n, d, divide(n, f), n / d);
+                ++failures;
+            }
+        }
+    }
     std::printf(failures == 0 ? "layout ok\n" : "layout: %d failures\n", failures);
     return failures == 0 ? 0 : 1;
 }
@@ -485,7 +711,7 @@ bool read_floats(std::FILE* f, std::vector<float>& v, int64_t n)
     return std::fread(v.data(), sizeof(float), v.size(), f) == v.size();
 }
 
-constexpr int kHeaderInts = 17;
+constexpr int kHeaderInts = 19;
 
 } // namespace
 
@@ -495,7 +721,7 @@ int main(int argc, char** argv)
     {
         return check_layout();
     }
-    if (argc == 9 && std::strcmp(argv[1], "--plan") == 0)
+    if ((argc == 9 || argc == 10) && std::strcmp(argv[1], "--plan") == 0)
     {
         Dims const d{std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6])};
         if (char const* why = check_dims(d))
@@ -503,16 +729,19 @@ int main(int argc, char** argv)
             std::fprintf(stderr, "host_harness: %s\n", why);
             return 2;
         }
-        Plan const plan = plan_for(d, segments_for(d, std::atoi(argv[7]), std::atoi(argv[8])));
-        std::printf("{\"segments\": %d, \"segment_length\": %lld, \"blocks_per_segment\": %lld, "
+        int32_t const fused_blocks_per_sm = argc == 10 ? std::atoi(argv[9]) : 0;
+        Choice const choice = choose(d, true, std::atoi(argv[7]), std::atoi(argv[8]), fused_blocks_per_sm);
+        std::printf("{\"segments\": %d, \"segment_length\": %lld, \"fused\": %s, \"blocks_per_segment\": %lld, "
                     "\"max_segments\": %lld, \"workspace_bytes\": %llu}\n",
-            plan.segments, static_cast<long long>(plan.segment_length), static_cast<long long>(blocks_per_segment(d)),
-            static_cast<long long>(max_segments(d)), static_cast<unsigned long long>(workspace_bytes(d)));
+            choice.plan.segments, static_cast<long long>(choice.plan.segment_length), choice.fused ? "true" : "false",
+            static_cast<long long>(blocks_per_segment(d)), static_cast<long long>(max_segments(d)),
+            static_cast<unsigned long long>(workspace_bytes(d)));
         return 0;
     }
     if (argc != 3)
     {
-        std::fprintf(stderr, "usage: host_harness IN.bin OUT.bin | --check-layout | --plan B D K L N SM_COUNT BLOCKS_PER_SM\n");
+        std::fprintf(stderr, "usage: host_harness IN.bin OUT.bin | --check-layout | --plan B D K L N SM_COUNT "
+                             "BLOCKS_PER_SM [FUSED_BLOCKS_PER_SM]\n");
         return 2;
     }
     std::FILE* in = std::fopen(argv[1], "rb");
@@ -561,17 +790,42 @@ int main(int argc, char** argv)
     Inputs const inputs{d, header[5] != 0, u.data(), delta.data(), A.data(), B.data(), C.data(),
         D_skip.empty() ? nullptr : D_skip.data(), delta_bias.empty() ? nullptr : delta_bias.data(), header[9],
         {header[10], header[11], header[12], header[13], header[14]}};
-    int32_t const segments = header[8] > 0 ? header[8] : segments_for(d, header[15], header[16]);
-    if (segments > max_segments(d))
+    // segments > 0: two passes with that many; 0: as the launcher chooses; -1: the fused mode
+    Choice choice{};
+    if (header[8] > 0)
     {
-        std::fprintf(stderr, "host_harness: at most %lld segments for these dims\n",
-            static_cast<long long>(max_segments(d)));
+        choice = Choice{plan_for(d, header[8]), false, plan_for(d, header[8])};
+    }
+    else if (header[8] == 0)
+    {
+        choice = choose(d, inputs.softplus && header[18] == 0, header[15], header[16], header[17]);
+    }
+    else
+    {
+        choice = Choice{plan_for(d, static_cast<int32_t>(tiles_in(d))), true, plan_for(d, 1)};
+    }
+    if (header[8] > max_segments(d))
+    {
+        std::fprintf(stderr, "host_harness: at most %lld segments for these dims\n", static_cast<long long>(max_segments(d)));
         return 2;
     }
-    Plan const plan = plan_for(d, segments);
+    if (choice.fused && (!inputs.softplus || d.state > kMaxFusedState || tiles_in(d) > max_segments(d)))
+    {
+        std::fprintf(stderr, "host_harness: the fused mode needs softplus, N <= %d and at most %lld tiles\n",
+            kMaxFusedState, static_cast<long long>(max_segments(d)));
+        return 2;
+    }
+    Plan const plan = choice.plan;
     std::vector<float> y(static_cast<size_t>(bdl), kNaN);
     PathCount paths;
-    run(inputs, plan, y.data(), paths);
+    if (choice.fused)
+    {
+        run_fused(inputs, plan, y.data(), paths);
+    }
+    else
+    {
+        run(inputs, plan, y.data(), paths);
+    }
     std::FILE* out = std::fopen(argv[2], "wb");
     if (out == nullptr || std::fwrite(y.data(), sizeof(float), y.size(), out) != y.size())
     {
@@ -580,8 +834,11 @@ int main(int argc, char** argv)
     }
     std::fclose(out);
     // For the tests: the plan and how many lane loads, stores and staging chunks took each path.
-    std::printf("{\"segments\": %d, \"segment_length\": %lld, \"vector\": %lld, \"scalar\": %lld}\n", plan.segments,
-        static_cast<long long>(plan.segment_length), static_cast<long long>(paths.vector),
-        static_cast<long long>(paths.scalar));
+    std::printf("{\"segments\": %d, \"segment_length\": %lld, \"fused\": %s, \"vector\": %lld, \"scalar\": %lld, "
+                "\"decaying_tiles\": %lld, \"serial_tiles\": %lld, \"catch_ups\": %lld}\n",
+        plan.segments, static_cast<long long>(plan.segment_length), choice.fused ? "true" : "false",
+        static_cast<long long>(paths.vector),
+        static_cast<long long>(paths.scalar), static_cast<long long>(paths.decaying_tiles),
+        static_cast<long long>(paths.serial_tiles), static_cast<long long>(paths.catch_ups));
     return 0;
 }

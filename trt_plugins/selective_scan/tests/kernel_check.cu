@@ -9,12 +9,16 @@
 //                   the state stays finite)
 //   --offset E      base pointers of u, delta, B, C and y E elements past a 256-byte boundary
 //                   (E % (16 / element size) != 0: the scalar paths)
+//   --positive-a    A > 0 (small) in the first channel, softplus on: that channel's block takes
+//                   the serial tiles (and in the fused mode, segment 0's block scans its sequence)
 //   --no-timing     check only (for compute-sanitizer runs)
 //
 // 1. Random inputs (fixed seed) -> launch_selective_scan -> y, compared with a sequential
 //    float64 run of the contract's recurrence on the CPU: the max |error| relative to max |y|;
-//    fails (exit 1) above 1e-5 (fp32 I/O) or 1e-2 (fp16 I/O). Both modes: one pass (no
-//    workspace) and segmented (with a workspace: two passes when the launcher cuts segments).
+//    fails (exit 1) above 1e-5 (fp32 I/O) or 1e-2 (fp16 I/O). Three modes: one pass (no
+//    workspace), the launcher's choice with a workspace (one pass, two passes or the fused mode:
+//    "fused" in the output says which), two passes forced (Strategy::kTwoPasses), and the
+//    launcher's choice captured into a CUDA graph and replayed (max_rel_error_graph).
 // 2. `iterations` timed launches per mode (CUDA events): mean ms per call, the bytes the op
 //    must move at least (u, delta, y per channel; B, C once per group; A, D, bias), the
 //    effective bandwidth and its fraction of the GPU's peak (from the device attributes, or
@@ -157,6 +161,7 @@ int main(int argc, char** argv)
     std::vector<char const*> positional;
     bool softplus = true;
     bool grow = false;
+    bool positive_a = false;
     bool timing = true;
     int offset = 0;
     for (int i = 1; i < argc; ++i)
@@ -169,6 +174,10 @@ int main(int argc, char** argv)
         {
             softplus = false;
             grow = true;
+        }
+        else if (std::strcmp(argv[i], "--positive-a") == 0)
+        {
+            positive_a = true;
         }
         else if (std::strcmp(argv[i], "--no-timing") == 0)
         {
@@ -187,7 +196,7 @@ int main(int argc, char** argv)
     {
         std::fprintf(stderr,
             "usage: kernel_check B D K L N [fp32|fp16] [iterations] [peak_GBps] [--no-softplus] [--grow] "
-            "[--offset E (0..64)] [--no-timing]\n");
+            "[--positive-a] [--offset E (0..64)] [--no-timing]\n");
         return 2;
     }
     qmamba::scan::Dims const d{std::atoi(positional[0]), std::atoi(positional[1]), std::atoi(positional[2]),
@@ -225,6 +234,13 @@ int main(int argc, char** argv)
         for (float& x : bias)
         {
             x = grow ? 0.0f : std::fabs(x);
+        }
+    }
+    if (positive_a)
+    {
+        for (int32_t n = 0; n < d.state; ++n)
+        {
+            A[n] = 0.001f * static_cast<float>(n + 1) / static_cast<float>(d.state); // channel 0 grows slowly
         }
     }
     if (half)
@@ -265,13 +281,32 @@ int main(int argc, char** argv)
     CHECK_CUDA(cudaEventCreate(&start));
     CHECK_CUDA(cudaEventCreate(&stop));
 
-    //! (max relative error, ms per call) of one mode.
-    auto const run_mode = [&](void* ws, double* rel, double* ms) {
+    //! (max relative error, ms per call) of one mode; `graph`: the checked call is captured into a
+    //! CUDA graph and replayed from it (as TensorRT may run an engine), the timed ones are not.
+    auto const run_mode = [&](void* ws, qmamba::Strategy strategy, bool graph, double* rel, double* ms) {
         args.workspace = ws;
+        args.strategy = strategy;
+        args.fused_blocks_per_sm = info.fused_blocks_per_sm[half ? 1 : 0][d.state - 1];
         args.sm_count = info.sm_count; // cached, as the plugin does
         args.blocks_per_sm = blocks_per_sm;
         CHECK_CUDA(cudaMemset(by.base, 0xff, (bdl + offset) * io_size)); // NaN where nothing is written
-        CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
+        if (graph)
+        {
+            cudaGraph_t captured = nullptr;
+            cudaGraphExec_t exec = nullptr;
+            CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+            CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
+            CHECK_CUDA(cudaStreamEndCapture(stream, &captured));
+            CHECK_CUDA(cudaGraphInstantiate(&exec, captured, 0));
+            CHECK_CUDA(cudaGraphLaunch(exec, stream));
+            CHECK_CUDA(cudaStreamSynchronize(stream));
+            CHECK_CUDA(cudaGraphExecDestroy(exec));
+            CHECK_CUDA(cudaGraphDestroy(captured));
+        }
+        else
+        {
+            CHECK_CUDA(qmamba::launch_selective_scan(args, stream));
+        }
         CHECK_CUDA(cudaStreamSynchronize(stream));
         std::vector<float> y(bdl);
         if (half)
@@ -296,7 +331,7 @@ int main(int argc, char** argv)
         }
         *rel = max_err / std::fmax(1.0, max_ref);
         *ms = 0.0;
-        if (!timing || iterations <= 0)
+        if (!timing || iterations <= 0 || graph)
         {
             return;
         }
@@ -315,12 +350,17 @@ int main(int argc, char** argv)
         CHECK_CUDA(cudaEventElapsedTime(&total_ms, start, stop));
         *ms = total_ms / iterations;
     };
-    double rel_single = 0, ms_single = 0, rel = 0, ms = 0;
-    run_mode(nullptr, &rel_single, &ms_single);
-    run_mode(workspace, &rel, &ms);
+    double rel_single = 0, ms_single = 0, rel = 0, ms = 0, rel_two = 0, ms_two = 0, rel_graph = 0, ms_graph = 0;
+    run_mode(nullptr, qmamba::Strategy::kAuto, false, &rel_single, &ms_single);
+    run_mode(workspace, qmamba::Strategy::kAuto, false, &rel, &ms);
+    run_mode(workspace, qmamba::Strategy::kTwoPasses, false, &rel_two, &ms_two);
+    run_mode(workspace, qmamba::Strategy::kAuto, true, &rel_graph, &ms_graph);
+    qmamba::scan::Choice const choice = qmamba::scan::choose(d, softplus, info.sm_count, blocks_per_sm,
+        info.fused_blocks_per_sm[half ? 1 : 0][d.state - 1]);
     double const bytes = 3.0 * bdl * io_size + 2.0 * bknl * io_size + (d.dim * (d.state + 2.0)) * sizeof(float);
     double const gbps = ms > 0 ? bytes / (ms * 1e-3) / 1e9 : 0.0;
     double const gbps_single = ms_single > 0 ? bytes / (ms_single * 1e-3) / 1e9 : 0.0;
+    double const gbps_two = ms_two > 0 ? bytes / (ms_two * 1e-3) / 1e9 : 0.0;
     int device = 0;
     CHECK_CUDA(cudaGetDevice(&device));
     cudaDeviceProp prop{};
@@ -330,15 +370,19 @@ int main(int argc, char** argv)
         peak = peak_bandwidth_gbps(device);
     }
     double const tolerance = half ? 1e-2 : 1e-5;
-    std::printf("{\"gpu\": \"%s\", \"cc\": \"%d.%d\", \"sms\": %d, \"blocks_per_sm\": %d, \"B\": %d, \"D\": %d, "
-                "\"K\": %d, \"L\": %d, \"N\": %d, \"io\": \"%s\", \"softplus\": %s, \"grow\": %s, \"offset\": %d, "
-                "\"segments\": %d, \"max_rel_error\": %.3e, \"max_rel_error_one_pass\": %.3e, \"tolerance\": %.0e, "
-                "\"ms\": %.4f, \"ms_one_pass\": %.4f, \"bytes\": %.0f, \"GBps\": %.1f, \"GBps_one_pass\": %.1f, "
-                "\"peak_GBps\": %.1f, \"fraction_of_peak\": %.3f, \"fraction_of_peak_one_pass\": %.3f}\n",
-        prop.name, prop.major, prop.minor, prop.multiProcessorCount, blocks_per_sm, d.batch, d.dim, d.groups, d.length,
-        d.state, half ? "fp16" : "fp32", softplus ? "true" : "false", grow ? "true" : "false", offset,
-        qmamba::scan::plan_for(d, qmamba::scan::segments_for(d, info.sm_count, blocks_per_sm)).segments, rel,
-        rel_single, tolerance, ms, ms_single, bytes, gbps, gbps_single, peak, peak > 0 ? gbps / peak : 0.0,
-        peak > 0 ? gbps_single / peak : 0.0);
-    return rel <= tolerance && rel_single <= tolerance ? 0 : 1;
+    std::printf("{\"gpu\": \"%s\", \"cc\": \"%d.%d\", \"sms\": %d, \"blocks_per_sm\": %d, "
+                "\"fused_blocks_per_sm\": %d, \"B\": %d, \"D\": %d, \"K\": %d, \"L\": %d, \"N\": %d, \"io\": \"%s\", "
+                "\"softplus\": %s, \"grow\": %s, \"positive_a\": %s, \"offset\": %d, \"segments\": %d, \"fused\": %s, "
+                "\"max_rel_error\": %.3e, \"max_rel_error_two_passes\": %.3e, \"max_rel_error_one_pass\": %.3e, "
+                "\"max_rel_error_graph\": %.3e, "
+                "\"tolerance\": %.0e, \"ms\": %.4f, \"ms_two_passes\": %.4f, \"ms_one_pass\": %.4f, \"bytes\": %.0f, "
+                "\"GBps\": %.1f, \"GBps_two_passes\": %.1f, \"GBps_one_pass\": %.1f, \"peak_GBps\": %.1f, "
+                "\"fraction_of_peak\": %.3f, \"fraction_of_peak_two_passes\": %.3f, \"fraction_of_peak_one_pass\": %.3f}\n",
+        prop.name, prop.major, prop.minor, prop.multiProcessorCount, blocks_per_sm,
+        info.fused_blocks_per_sm[half ? 1 : 0][d.state - 1], d.batch, d.dim, d.groups, d.length, d.state,
+        half ? "fp16" : "fp32", softplus ? "true" : "false", grow ? "true" : "false", positive_a ? "true" : "false",
+        offset, choice.plan.segments, choice.fused ? "true" : "false", rel, rel_two, rel_single, rel_graph, tolerance, ms, ms_two,
+        ms_single, bytes, gbps, gbps_two, gbps_single, peak, peak > 0 ? gbps / peak : 0.0,
+        peak > 0 ? gbps_two / peak : 0.0, peak > 0 ? gbps_single / peak : 0.0);
+    return rel <= tolerance && rel_two <= tolerance && rel_single <= tolerance && rel_graph <= tolerance ? 0 : 1;
 }

@@ -18,25 +18,29 @@
 //   * u and delta come in with 16-byte loads (a row is read with vector loads when its address
 //     is 16-byte aligned and the lane's 16 steps are inside the sequence; scalar loads otherwise);
 //   * the whole block stages the tile's B and C rows of the group (N rows each) into shared
-//     memory as float32, with 16-byte loads and stores, so the 8 channels read B and C from
-//     shared memory instead of 8 times from L2;
-//   * per state n: the lane computes its 16 step maps once (one exp2 each, A pre-scaled by
-//     log2(e)), composes them, a 16-lane Kogge-Stone scan of the composed maps (the carried state
-//     folded into lane 0) gives every lane its start state, and the lane replays its 16 steps
-//     from it with the same maps, adding C h to y. The last lane's inclusive state is carried to
-//     the next tile.
-// Growing maps: a step map with dt A > 0 (a > 1: delta_softplus = 0 with dt < 0, or A > 0)
-// can overflow when composed with others although the recurrence is finite. Such a (tile,
-// state) is detected per channel and run as the plain recurrence, lane after lane (exact, slower).
-// So composed maps only ever hold decays <= 1, and nothing divides by a cumulative product.
+//     memory as float32, so the 8 channels read B and C from shared memory instead of 8 times
+//     from L2;
+//   * decaying tiles (every step of the block decays: dt >= 0 and A <= 0, a vote per tile; always
+//     with softplus on and A = -exp(A_log)): per state n the lane forms its 16 step maps once (one
+//     exp2 each, A pre-scaled by log2(e); b = dt u B), composes them, a 16-lane Kogge-Stone scan
+//     of the composed maps (the carried state folded into lane 0) gives every lane its start
+//     state, and the lane replays its 16 steps from it with the kept maps, adding C h to y. The
+//     last lane's inclusive state is carried to the next tile. Composed maps only ever hold
+//     decays <= 1, and nothing divides by a cumulative product;
+//   * other tiles (a step may grow: delta_softplus = 0 with dt < 0, A > 0, NaN): the lanes walk
+//     their steps one after another (exact, slower), since composed maps could overflow where
+//     the recurrence is finite.
 //
-// Segments (two passes, when the B * K * ceil(Dk / 8) blocks of one pass leave the GPU idle):
-// each sequence is cut into S segments of whole tiles, one block each. Pass 1 runs segments
-// 0 .. S-2 without output and writes each segment's map (decay exp2(A2 * sum dt), state from a
-// zero start) to the workspace; a segment that had growing steps writes an invalid map (a = -1).
-// Pass 2 composes the maps of the earlier segments (16 lanes per channel in parallel, then a
-// tree), or, when one of them is invalid, runs the recurrence over them again, then scans its
-// segment with output.
+// Modes (choose(), when a workspace is given and one pass would leave the GPU idle):
+//   * two passes: each sequence is cut into S segments of whole tiles, one block each. Pass 1
+//     runs segments 0 .. S-2 without output and writes each segment's map (decay
+//     exp2(A2 * sum dt), state from a zero start) by reduction (no scan, no replay); a segment
+//     with a tile that may grow writes an invalid map (a = -1). Pass 2 composes the maps of the
+//     earlier segments (compose_parts() threads per channel and state, then a tree), or, when one
+//     of them is invalid, runs the recurrence over them again, then scans its segment;
+//   * fused: one launch of one-tile segments, all blocks resident (a cooperative launch): phase
+//     1 composes and scans each tile's lanes and writes the tile's maps, a grid-wide barrier,
+//     phase 2 composes the earlier tiles' maps and replays each lane from its prefix map.
 //
 // This header is plain C++ when not compiled by nvcc (QMAMBA_HD expands to `inline`), so
 // tests/host_harness.cpp runs exactly this arithmetic and these index functions on a CPU.
@@ -45,6 +49,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -98,8 +103,8 @@ struct Dims
     int32_t state;   //!< N
 };
 
-//! h -> a * h + b.
-struct Affine
+//! h -> a * h + b (8-byte aligned: one 64-bit load or store on the GPU).
+struct alignas(8) Affine
 {
     float a;
     float b;
@@ -138,30 +143,33 @@ QMAMBA_HD float fast_divide(float x, float y)
 #endif
 }
 
-//! softplus(z) = max(z, 0) + log1p(exp(-|z|)), with log1p(e) = 2 atanh(e / (2 + e)) as an odd
-//! series in s = e / (2 + e) <= 1/3 (7 terms: truncation < 2e-8 relative). One exp2 and one
-//! reciprocal per step instead of expf and log1pf.
+//! a * b + c with one rounding: FFMA on the GPU, std::fma on the host (so that the host harness
+//! rounds as the kernel does).
+QMAMBA_HD float madd(float a, float b, float c)
+{
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(a, b, c);
+#else
+    return std::fma(a, b, c);
+#endif
+}
+
+//! softplus(z) = max(z, 0) + log1p(exp(-|z|)), with log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3,
+//! and 2 atanh(s) / s a polynomial of degree 4 in s^2 (Chebyshev fit on [0, 1/9]: relative error
+//! < 1e-8, below the float32 rounding of the result). One exp2 and one reciprocal per step.
+//! z > kSoftplusThreshold needs no select: exp(-z) < 2.1e-9 is below half an ulp of z, so the sum
+//! rounds to z exactly (torch returns z there). z = -inf gives exactly 0 (the fast path's padding).
 QMAMBA_HD float softplus(float z)
 {
     float const e = fast_exp2(-std::fabs(z) * kLog2e);
     float const s = fast_divide(e, 2.0f + e);
     float const s2 = s * s;
-    float p = 2.0f / 13.0f;
-    p = p * s2 + 2.0f / 11.0f;
-    p = p * s2 + 2.0f / 9.0f;
-    p = p * s2 + 2.0f / 7.0f;
-    p = p * s2 + 2.0f / 5.0f;
-    p = p * s2 + 2.0f / 3.0f;
-    p = p * s2 + 2.0f;
-    float const soft = std::fmax(z, 0.0f) + s * p;
-    return z > kSoftplusThreshold ? z : soft; // a select, not a branch
-}
-
-//! dt = softplus(delta + bias) or delta + bias.
-QMAMBA_HD float step_size(float delta, float bias, bool use_softplus)
-{
-    float const z = delta + bias;
-    return use_softplus ? softplus(z) : z;
+    float p = 0.281654507f;
+    p = madd(p, s2, 0.279530019f);
+    p = madd(p, s2, 0.400264502f);
+    p = madd(p, s2, 0.666662395f);
+    p = madd(p, s2, 2.0f);
+    return madd(s, p, std::fmax(z, 0.0f));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -177,21 +185,35 @@ struct LaneSteps
     float y[kItems];
 };
 
-//! Fills `s` from the raw u and delta of `count` valid steps.
-QMAMBA_HD void prepare_steps(float const* u, float const* delta, int count, float bias, float d_skip,
-    bool use_softplus, LaneSteps& s)
+//! delta of a step past the end of the sequence with softplus on: softplus(-inf) = 0 exactly, so
+//! with u = 0 the step's map is the identity, without a select per step.
+constexpr float kDeltaPad = -std::numeric_limits<float>::infinity();
+
+//! delta_softplus = 1: dt = softplus(delta + bias), dt u and D_skip u of the lane's steps (u = 0
+//! and delta = kDeltaPad past the end of the sequence).
+QMAMBA_HD void prepare_softplus(float const* u, float const* delta, float bias, float d_skip, LaneSteps& s)
 {
     QMAMBA_UNROLL
     for (int i = 0; i < kItems; ++i)
     {
-        // step_size on every item, then a select (no branch around the softplus on the GPU)
-        bool const valid = i < count;
-        float const step = step_size(valid ? delta[i] : 0.0f, bias, use_softplus);
-        float const dt = valid ? step : 0.0f;
-        float const uu = valid ? u[i] : 0.0f;
+        float const dt = softplus(delta[i] + bias);
         s.dt[i] = dt;
-        s.dtu[i] = dt * uu;
-        s.y[i] = d_skip * uu;
+        s.dtu[i] = dt * u[i];
+        s.y[i] = d_skip * u[i];
+    }
+}
+
+//! delta_softplus = 0: dt = delta + bias for the `count` steps inside the sequence, 0 after
+//! (u = 0 there).
+QMAMBA_HD void prepare_plain(float const* u, float const* delta, int count, float bias, float d_skip, LaneSteps& s)
+{
+    QMAMBA_UNROLL
+    for (int i = 0; i < kItems; ++i)
+    {
+        float const dt = i < count ? delta[i] + bias : 0.0f;
+        s.dt[i] = dt;
+        s.dtu[i] = dt * u[i];
+        s.y[i] = d_skip * u[i];
     }
 }
 
@@ -207,78 +229,164 @@ QMAMBA_HD float lane_dt_sum(LaneSteps const& s)
     return sum;
 }
 
-//! Bit 0: some dt < 0; bit 1: some dt > 0. A state with A2 < 0 grows (a > 1) in a tile where
-//! some dt < 0, one with A2 > 0 where some dt > 0.
-QMAMBA_HD unsigned dt_signs(LaneSteps const& s)
+//! v[0] + ... + v[15] by a pairwise tree: ((v0 + v1) + (v2 + v3)) + ...
+QMAMBA_HD float pairwise_sum(float const* v)
 {
-    unsigned signs = 0;
+    static_assert(kLanes == 16, "a tree of four levels");
+    float t[8];
+    QMAMBA_UNROLL
+    for (int i = 0; i < 8; ++i)
+    {
+        t[i] = v[2 * i] + v[2 * i + 1];
+    }
+    float const q0 = (t[0] + t[1]) + (t[2] + t[3]);
+    float const q1 = (t[4] + t[5]) + (t[6] + t[7]);
+    return q0 + q1;
+}
+
+//! Whether every dt of the lane is >= 0 (false for NaN). With A2 <= 0 in every state, each step
+//! then decays: a = exp2(dt A2) <= 1.
+QMAMBA_HD bool steps_decay(LaneSteps const& s)
+{
+    bool all = true;
     QMAMBA_UNROLL
     for (int i = 0; i < kItems; ++i)
     {
-        signs |= (s.dt[i] < 0.0f ? 1u : 0u) | (s.dt[i] > 0.0f ? 2u : 0u);
+        all = all && s.dt[i] >= 0.0f;
     }
-    return signs;
+    return all;
 }
 
-QMAMBA_HD bool grows(float a2, unsigned channel_signs)
-{
-    return (a2 < 0.0f && (channel_signs & 1u) != 0) || (a2 > 0.0f && (channel_signs & 2u) != 0);
-}
+// ---------------------------------------------------------------------------------------------
+// Decaying tiles: every step of the tile decays (dt >= 0 and A2 <= 0), as in every exported model
+// (softplus on, A = -exp(A_log)). The lanes' maps are then composed and scanned: composed maps
+// only ever hold decays <= 1, so nothing overflows and nothing divides by a cumulative product.
 
-//! One state's decays for the lane's steps, a = exp2(dt A2): the one exp2 per state and step,
-//! kept in registers from compose to replay. The other half of a step map, b = dt u B, is formed
-//! where it is used (lane_map, replay) from dt u and the staged B: 16 more registers for b would
-//! not leave the kernel a margin under 128.
-QMAMBA_HD void step_decays(LaneSteps const& s, float a2, float* a)
+//! One state's step maps of the lane, h -> a[i] h + b[i] with a = exp2(dt A2) (the one exp2 per
+//! state and step) and b = dt u B: formed once, kept in registers from compose to replay.
+struct StepMaps
 {
-    QMAMBA_UNROLL
-    for (int i = 0; i < kItems; ++i)
-    {
-        a[i] = fast_exp2(s.dt[i] * a2);
-    }
-}
-
-//! Stands for "no C row": replay() then only advances the state.
-struct NoRow
-{
+    float a[kItems];
+    float b[kItems];
 };
 
-//! Walks the lane's steps from state h with decays a and b = dtu * B (b_row: the lane's staged B
-//! row, read by chunks: chunk(part, out) gives its values 4 part .. 4 part + 3, one 16-byte
-//! shared load on the GPU), adding C h to y when `c_row` is a row. Returns the state after them.
-template <typename BRow, typename CRow>
-QMAMBA_HD float replay(float h, float const* a, float const* dtu, BRow const& b_row, CRow const& c_row, float* y)
+//! f(i, b) for the lane's steps i = 0 .. kItems-1 in order, with b = dt u B: b_row is the lane's
+//! part of a staged B row, dtu the lane's dt u, both read by chunks: chunk(part, out) gives values
+//! 4 part .. 4 part + 3 (one 16-byte shared load on the GPU: the kernel keeps dt u in shared
+//! memory through the state loop, so that the maps fit in registers).
+template <typename DtuRow, typename BRow, typename F>
+QMAMBA_HD void for_each_b(DtuRow const& dtu, BRow const& b_row, F&& f)
 {
     QMAMBA_UNROLL
     for (int part = 0; part < kItems / kChunk; ++part)
     {
         float bv[kChunk];
-        float cv[kChunk] = {};
+        float uv[kChunk];
         b_row.chunk(part, bv);
-        if constexpr (!std::is_same<CRow, NoRow>::value)
-        {
-            c_row.chunk(part, cv);
-        }
+        dtu.chunk(part, uv);
         QMAMBA_UNROLL
         for (int e = 0; e < kChunk; ++e)
         {
-            int const i = kChunk * part + e;
-            h = a[i] * h + dtu[i] * bv[e];
-            if constexpr (!std::is_same<CRow, NoRow>::value)
-            {
-                y[i] += cv[e] * h;
-            }
+            f(kChunk * part + e, uv[e] * bv[e]);
         }
+    }
+}
+
+template <typename DtuRow, typename BRow>
+QMAMBA_HD void step_maps(float const* dt, DtuRow const& dtu, float a2, BRow const& b_row, StepMaps& m)
+{
+    for_each_b(dtu, b_row, [&](int i, float b) {
+        m.a[i] = fast_exp2(dt[i] * a2);
+        m.b[i] = b;
+    });
+}
+
+//! A lane's kItems values in an array, read by chunks as a staged row is.
+struct LaneArray
+{
+    float const* values;
+
+    QMAMBA_HD void chunk(int part, float* out) const
+    {
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            out[e] = values[kChunk * part + e];
+        }
+    }
+};
+
+//! The state after the lane's steps from a zero state: the b-part of their composed map.
+QMAMBA_HD float compose(StepMaps const& m)
+{
+    float h = m.b[0];
+    QMAMBA_UNROLL
+    for (int i = 1; i < kItems; ++i)
+    {
+        h = madd(m.a[i], h, m.b[i]);
     }
     return h;
 }
 
-//! The composed map of the lane's steps: b-part by the recurrence from a zero state (a replay
-//! from 0 without output), a-part exp2(A2 * sum dt) (one exp2 instead of 15 dependent multiplies).
-template <typename BRow>
-QMAMBA_HD Affine lane_map(float const* a, float const* dtu, BRow const& b_row, float a2, float dt_sum)
+//! Walks the lane's steps from its start state h, adding C h to y.
+template <typename CRow>
+QMAMBA_HD void replay_output(float h, StepMaps const& m, CRow const& c_row, float* y)
 {
-    return Affine{fast_exp2(a2 * dt_sum), replay(0.0f, a, dtu, b_row, NoRow{}, nullptr)};
+    QMAMBA_UNROLL
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float cv[kChunk];
+        c_row.chunk(part, cv);
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            int const i = kChunk * part + e;
+            h = madd(m.a[i], h, m.b[i]);
+            y[i] = madd(cv[e], h, y[i]);
+        }
+    }
+}
+
+//! Pass 1 and the fused mode's first phase: the state after the lane's steps from a zero state,
+//! each decay formed where it is used (nothing kept for a replay).
+template <typename DtuRow, typename BRow>
+QMAMBA_HD float compose_steps(float const* dt, DtuRow const& dtu, float a2, BRow const& b_row)
+{
+    float h = 0.0f;
+    for_each_b(dtu, b_row, [&](int i, float b) { h = i == 0 ? b : madd(fast_exp2(dt[i] * a2), h, b); });
+    return h;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other tiles (a step with dt A2 > 0 is possible: delta_softplus = 0 with dt < 0, A > 0, NaN): a
+// step map can then grow (a > 1) and composed maps could overflow where the recurrence is
+// finite, so the lanes walk their steps one after another (exact, slower), and pass 1 marks the
+// segment's maps invalid.
+
+//! Walks the lane's steps from h (decays formed on the way), adding C h to y; returns the state
+//! after them.
+template <typename DtuRow, typename BRow, typename CRow>
+QMAMBA_HD float serial_steps(float h, float const* dt, DtuRow const& dtu, float a2, BRow const& b_row,
+    CRow const& c_row, float* y)
+{
+    QMAMBA_UNROLL
+    for (int part = 0; part < kItems / kChunk; ++part)
+    {
+        float bv[kChunk];
+        float cv[kChunk];
+        float uv[kChunk];
+        b_row.chunk(part, bv);
+        c_row.chunk(part, cv);
+        dtu.chunk(part, uv);
+        QMAMBA_UNROLL
+        for (int e = 0; e < kChunk; ++e)
+        {
+            int const i = kChunk * part + e;
+            h = madd(fast_exp2(dt[i] * a2), h, uv[e] * bv[e]);
+            y[i] = madd(cv[e], h, y[i]);
+        }
+    }
+    return h;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,12 +476,53 @@ QMAMBA_HD int64_t blocks_per_segment(Dims const& d)
     return static_cast<int64_t>(d.batch) * d.groups * blocks_per_group(d);
 }
 
+//! n / d for n < 2^31 by a multiply-high and a shift (Granlund-Montgomery): with
+//! l = ceil(log2 d) >= 1, m = ceil(2^(31 + l) / d) < 2^32 and n / d = (n m / 2^32) >> (l - 1);
+//! d = 1 keeps m = 0. Computed on the host once per call (Plan), used per block on the GPU.
+struct FastDiv
+{
+    uint32_t m;
+    uint32_t shift;
+};
+
+QMAMBA_HD FastDiv fast_div(uint32_t d)
+{
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < d)
+    {
+        ++l;
+    }
+    if (l == 0)
+    {
+        return FastDiv{0, 0};
+    }
+    uint64_t const m = ((uint64_t{1} << (31 + l)) + d - 1) / d;
+    return FastDiv{static_cast<uint32_t>(m), l - 1};
+}
+
+QMAMBA_HD uint32_t divide(uint32_t n, FastDiv f)
+{
+#if defined(__CUDA_ARCH__)
+    uint32_t const high = __umulhi(n, f.m);
+#else
+    uint32_t const high = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.m) >> 32);
+#endif
+    return f.m == 0 ? n : high >> f.shift;
+}
+
 //! How a call is cut: `segments` segments of `segment_length` steps (whole tiles; the last may
-//! be shorter).
+//! be shorter), and what the blocks need to find their place (grids have fewer than 2^31 blocks:
+//! check_dims, max_segments).
 struct Plan
 {
     int32_t segments;
     int64_t segment_length;
+    uint32_t groups;        //!< K
+    uint32_t per_group;     //!< channels per group, D / K
+    uint32_t group_blocks;  //!< blocks per group, ceil(D / K / kChannels)
+    FastDiv by_group_blocks;
+    FastDiv by_groups;
+    FastDiv by_segments[2]; //!< by S (pass 2, one pass) and by S - 1 (pass 1)
 };
 
 //! The plan for (at most) `segments` segments: whole tiles per segment, no empty segment.
@@ -382,7 +531,17 @@ QMAMBA_HD Plan plan_for(Dims const& d, int32_t segments)
     int64_t const tiles = tiles_in(d) < 1 ? 1 : tiles_in(d);
     int64_t const wanted = segments < 1 ? 1 : (segments > tiles ? tiles : segments);
     int64_t const per_segment = (tiles + wanted - 1) / wanted;
-    return Plan{static_cast<int32_t>((tiles + per_segment - 1) / per_segment), per_segment * kTile};
+    Plan p{};
+    p.segments = static_cast<int32_t>((tiles + per_segment - 1) / per_segment);
+    p.segment_length = per_segment * kTile;
+    p.groups = static_cast<uint32_t>(d.groups);
+    p.per_group = static_cast<uint32_t>(d.dim / d.groups);
+    p.group_blocks = static_cast<uint32_t>(blocks_per_group(d));
+    p.by_group_blocks = fast_div(p.group_blocks);
+    p.by_groups = fast_div(static_cast<uint32_t>(d.groups));
+    p.by_segments[0] = fast_div(static_cast<uint32_t>(p.segments));
+    p.by_segments[1] = fast_div(static_cast<uint32_t>(p.segments > 1 ? p.segments - 1 : 1));
+    return p;
 }
 
 //! Where one block works: batch b, group k, its first channel, segment s.
@@ -395,21 +554,22 @@ struct BlockCoord
     int32_t segment;
 };
 
-//! blockIdx.x -> coordinates, for a grid of `segments` segments (consecutive blocks share a
-//! group's B and C in L2).
-QMAMBA_HD BlockCoord block_coord(Dims const& d, int64_t block, int32_t segments)
+//! Block `block` of pass 2 / one pass (pass1 = false: S segments) or of pass 1 (S - 1 segments)
+//! -> coordinates: consecutive blocks are the blocks of one group at one segment (they share B
+//! and C in L2), then groups, segments, batch.
+QMAMBA_HD BlockCoord block_coord(Plan const& p, uint32_t block, bool pass1)
 {
-    int32_t const per_group = d.dim / d.groups;
-    int32_t const bpg = blocks_per_group(d);
+    uint32_t const segments = static_cast<uint32_t>(pass1 ? p.segments - 1 : p.segments);
+    uint32_t const x = divide(block, p.by_group_blocks); // block = x * group_blocks + j
+    uint32_t const y = divide(x, p.by_groups);             // x = y * groups + k
+    uint32_t const b = divide(y, p.by_segments[pass1 ? 1 : 0]);
+    uint32_t const j = block - x * p.group_blocks;
     BlockCoord at{};
-    int32_t const j = static_cast<int32_t>(block % bpg);
-    block /= bpg;
-    at.k = static_cast<int32_t>(block % d.groups);
-    block /= d.groups;
-    at.segment = static_cast<int32_t>(block % segments);
-    at.b = static_cast<int32_t>(block / segments);
-    at.first_channel = at.k * per_group + j * kChannels;
-    int32_t const left = per_group - j * kChannels;
+    at.k = static_cast<int32_t>(x - y * p.groups);
+    at.segment = static_cast<int32_t>(y - b * segments);
+    at.b = static_cast<int32_t>(b);
+    at.first_channel = static_cast<int32_t>(static_cast<uint32_t>(at.k) * p.per_group + j * kChannels);
+    int32_t const left = static_cast<int32_t>(p.per_group - j * kChannels);
     at.channels = left < kChannels ? left : kChannels;
     return at;
 }
@@ -425,7 +585,7 @@ QMAMBA_HD int64_t max_segments(Dims const& d)
 }
 
 //! Relative costs for segments_for, in units of "one block scans one tile with output":
-//! a tile of pass 1 (no C, no replay, no y: about 0.7 of the bytes and of the instructions),
+//! a tile of pass 1 (no C, no replay, no y: about 0.7 of the bytes, 0.63 of the instructions),
 //! the second launch, and the composition of the earlier segments' maps per segment.
 constexpr double kMapsTileCost = 0.7;
 constexpr double kSecondLaunchCost = 1.0;
@@ -469,6 +629,58 @@ inline int32_t segments_for(Dims const& d, int32_t sm_count, int32_t blocks_per_
         }
     }
     return best;
+}
+
+//! The fused mode (one launch of one-tile segments with a grid-wide barrier between the tiles'
+//! maps and the output; needs every block resident, a cooperative launch, softplus on): its
+//! largest N (its shared memory stays within 48 KB of static shared memory), and its cost per
+//! block in plan_cost's units (phase 1 composes without output, phase 2 replays with the decays
+//! formed again, and the block's setup comes with every tile: about 1.5 of a one-pass tile's
+//! instructions by the SASS counts, 148 against 99 per step at N = 8).
+constexpr int kMaxFusedState = 12;
+constexpr double kFusedTileCost = 1.5;
+
+//! What the launcher runs: a plan of one or two passes, or the fused mode (plan: one tile per
+//! segment; `unfused`: the plan of one or two passes to run instead should the cooperative
+//! launch find fewer resident blocks than the occupancy it was chosen with).
+struct Choice
+{
+    Plan plan;
+    bool fused;
+    Plan unfused;
+};
+
+//! The cheapest of one pass, two passes (segments_for) and, when `fusable` (softplus on, the
+//! caller allows it), the fused mode when all its blocks fit the GPU at `fused_blocks_per_sm`.
+inline Choice choose(Dims const& d, bool fusable, int32_t sm_count, int32_t blocks_per_sm, int32_t fused_blocks_per_sm)
+{
+    Plan const plan = plan_for(d, segments_for(d, sm_count, blocks_per_sm));
+    int64_t const tiles = tiles_in(d);
+    int64_t const per = blocks_per_segment(d);
+    bool const fits = static_cast<int64_t>(sm_count) * fused_blocks_per_sm >= per * tiles;
+    if (fusable && d.state <= kMaxFusedState && fused_blocks_per_sm > 0 && tiles > 1 && tiles <= max_segments(d) && fits)
+    {
+        int64_t const slots = static_cast<int64_t>(sm_count < 1 ? 1 : sm_count) * (blocks_per_sm < 1 ? 1 : blocks_per_sm);
+        double const fused = kFusedTileCost + kPrologueCostPerSegment * static_cast<double>(tiles - 1);
+        if (fused < plan_cost(d, plan, slots) * 0.999)
+        {
+            return Choice{plan_for(d, static_cast<int32_t>(tiles)), true, plan};
+        }
+    }
+    return Choice{plan, false, plan};
+}
+
+//! Pass 2's composition of the earlier segments' maps: the block's kChannels x N (channel, state)
+//! pairs get `parts` consecutive threads each (a power of two, as many as fit in kThreads);
+//! part p composes its run of maps in order, then a shuffle tree over the parts.
+constexpr QMAMBA_HD int compose_parts(int state)
+{
+    int parts = 1;
+    while (2 * parts * kChannels * state <= kThreads)
+    {
+        parts *= 2;
+    }
+    return parts;
 }
 
 //! Workspace offset of segment s's map for (b, c, n) when pass 1 writes `maps` = S - 1 segments:

@@ -9,8 +9,9 @@ kernel -- `scan` (one pass, or pass 2 of the segmented mode), `maps` (pass 1) an
 fused mode, N <= 12) -- and, with cuobjdump and nvdisasm (the CUDA toolkit's, or `pip install
 nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`), counts LDG.E.128 / STG.E.128 / LDS.128 / STS.128 /
 LDGSTS.E.BYPASS.128 (cp.async) / MUFU.EX2 / SHFL and local-memory instructions in their SASS.
-Exits 1 when a kernel uses more than 128 registers, spills, has a stack frame, uses local memory, or lacks the 128-bit global loads (and, for
-`scan`, stores) of its main path. Takes about a minute per architecture on 2 cores.
+Exits 1 when a kernel uses more than 128 registers, spills, has a stack frame, uses local memory,
+or lacks the 128-bit global loads (and, for `scan`, stores) of its main path. Takes about a minute
+per architecture on 2 cores.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from qmamba_deploy import load_model
 from qmamba_deploy.artifacts import write_text
-from qmamba_deploy.jobs.bench import compare
+from qmamba_deploy.jobs.bench import compare, forward_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT.parent / "shared" / "checkpoints" / "mambairv2_light_x4.safetensors"
@@ -57,7 +58,9 @@ def main() -> None:
     args = ap.parse_args()
 
     results = []
+    model = load_model(CHECKPOINT)
     for size in args.sizes:
+        flops = forward_flops(model, (1, 3, size, size))
         common = ["--shape", f"1x3x{size}x{size}", "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
         rows = [("torch FP32", _bench(["--torch", str(CHECKPOINT), *common]))]
         for label, run in ONNX_ROWS:
@@ -69,11 +72,13 @@ def main() -> None:
         base = rows[0][1]
         for label, r in rows:
             results.append({"size": size, "row": label, "speedup_vs_torch_fp32": compare(base, r)["speedup_b_vs_a"],
-                            "result": r})
+                            "gflop": flops / 1e9, "gflops_per_s": flops / r["latency_ms"]["p50"] / 1e6, "result": r})
             lat = r["latency_ms"]
             print(f"{size}x{size} {label}: p50 {lat['p50']:.1f} ms")
 
     host = results[0]["result"]["host"]
+    gflop_sizes = ", ".join(f"{size}x{size}: {gflop:.1f} GFLOP"
+                            for size, gflop in sorted({(i["size"], i["gflop"]) for i in results}))
     lines = [
         "# Latency on the development CPU: FP32 PyTorch vs W8A8 ONNX Runtime",
         "",
@@ -84,17 +89,20 @@ def main() -> None:
         "compare ratios within one size (the machine is shared and noisy). Model: MambaIRv2-light x4, real weights; "
         "input 1x3xHxW, output 4x larger. Ratios are vs torch FP32 at the same size (>1: faster).",
         "",
-        "| input | row | p50 ms | p90 ms | images/s | output MP/s | peak RSS MB | speed vs torch FP32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| input | row | p50 ms | p90 ms | images/s | output MP/s | GFLOP/s | peak RSS MB | speed vs torch FP32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for item in results:
         r = item["result"]
         lat, thr = r["latency_ms"], r["throughput"]
         lines.append(f"| {item['size']}x{item['size']} | {item['row']} | {lat['p50']:.1f} | {lat['p90']:.1f} | "
-                     f"{thr['images_per_s']:.2f} | {thr['output_megapixels_per_s']:.3f} | "
+                     f"{thr['images_per_s']:.2f} | {thr['output_megapixels_per_s']:.3f} | {item['gflops_per_s']:.1f} | "
                      f"{r['memory']['peak_bytes'] / 1e6:.0f} | {item['speedup_vs_torch_fp32']:.2f}x |")
     lines += [
         "",
+        f"GFLOP/s: the model's FLOPs at that size (torch's FlopCounterMode: matmuls and convolutions, "
+        f"{gflop_sizes}) "
+        "over the p50 latency; the same count for every row, whatever arithmetic the backend does. "
         "Peak RSS is the whole process's high-water mark (Python, torch, ONNX Runtime and the model). "
         "The ORT plugin rows run "
         "QMambaSelectiveScan through the Python custom op (torch's chunked scan), as `qmamba-deploy validate` does; "

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..artifacts import is_kind, kind, make_manifest, sha256_file
 from ..errors import OptionError
@@ -214,6 +216,17 @@ def bench(path: str | os.PathLike, settings: BenchSettings, kind: str | None = N
         raise OptionError("--cuda-graph applies to TensorRT engines only")
     options = {"device": settings.device, "threads": settings.threads, "cuda_graph": settings.cuda_graph, **options}
     return bench_runner(open_runner(path, kind=kind, **options), settings)
+
+
+def forward_flops(model: torch.nn.Module, shape: Sequence[int]) -> int:
+    """Floating-point operations of one forward at ``shape`` (NCHW), as torch's FlopCounterMode counts
+    them: matrix products and convolutions (2 per multiply-add), not element-wise work. Attention
+    runs as explicit matmuls here (the math SDPA backend), so the count does not depend on which
+    fused kernel a build would pick."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        model.eval()(x)
+    return int(counter.get_total_flops())
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:

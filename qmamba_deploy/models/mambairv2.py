@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import (
     PatchEmbed,
@@ -142,21 +143,31 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.proj = nn.Linear(dim, dim)
 
+    def attention_bias(self, rpi: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The additive term of the softmax: relative-position bias (heads, n, n), plus the shifted
+        windows' mask as (nW, heads, n, n) when there is one -- one tensor, one Add in the graph."""
+        n = rpi.shape[0]
+        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        return bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+
     def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """qkv: (B*nW, n, 3C) -> (B*nW, n, C)."""
         b_, n, c3 = qkv.shape
         c = c3 // 3
-        qkv = qkv.reshape(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        heads = self.num_heads
+        nw = 1 if mask is None else mask.shape[0]
+        # (B, nW, heads, n, d): the window axis apart so that the bias + mask broadcasts over the batch
+        qkv = qkv.reshape(b_ // nw, nw, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
-        attn = attn + bias.unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.reshape(-1, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.reshape(-1, self.num_heads, n, n)
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(b_, n, c)
+        bias = self.attention_bias(rpi, mask)
+        if torch.onnx.is_in_onnx_export():
+            # the pattern ONNX Runtime and TensorRT fuse: MatMul -> Add -> Softmax -> MatMul
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+            x = attn @ v
+        else:
+            # PyTorch: one fused kernel (no (B*nW, heads, n, n) tensors of scores written and read back)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        x = x.permute(0, 1, 3, 2, 4).reshape(b_, n, c)
         return self.proj(x)
 
 

@@ -30,10 +30,13 @@ import os
 import platform
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import safetensors.torch
 
 from .errors import OptionError
 
@@ -85,6 +88,27 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (complete or absent)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its tensors and metadata.
+
+    safetensors keeps ``__metadata__`` in a hash map, so the same call could write its keys in
+    either order (two exports of one model differed only there); the header is written again
+    with the metadata keys sorted and the tensors in data order, padded to 8 bytes as the
+    format asks. Tensor bytes and offsets are untouched."""
+    raw = safetensors.torch.save(dict(tensors), metadata=dict(metadata))
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    meta = header.pop("__metadata__", None) or {}
+    ordered: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(raw[8 + size:])
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -26,9 +26,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .artifacts import atomic_path, jsonable, kind, make_manifest, manifest_path, sha256_file, write_json
+from .artifacts import (
+    atomic_path,
+    jsonable,
+    kind,
+    make_manifest,
+    manifest_path,
+    save_safetensors,
+    sha256_file,
+    write_json,
+)
 from .errors import CheckpointError
 from .models.card import ModelCard, card_of
 from .models.registry import build_model, count_parameters, resolve_arch
@@ -408,7 +416,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, provenance: Mappi
                              params=count_parameters(model), provenance=dict(provenance or {}),
                              **fields, **dict(extra or {}))
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(manifest, sort_keys=True)})
+        save_safetensors(sd, tmp, metadata={"format": "pt", _META_KEY: json.dumps(manifest, sort_keys=True)})
     manifest["sha256"] = sha256_file(path)
     write_json(manifest_path(path), manifest)
     return manifest

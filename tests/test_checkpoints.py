@@ -129,3 +129,24 @@ def test_save_refuses_other_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="must end in .safetensors"):
         save_checkpoint(_tiny(), tmp_path / "m.pth")
     assert not any(tmp_path.iterdir())
+
+
+def test_safetensors_files_are_byte_identical_across_processes(tmp_path):
+    """safetensors keeps metadata in a hash map whose order changes from process to process; our
+    files sort it, so a checkpoint or bundle written twice has the same bytes (and still loads)."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    script = ("import sys, torch\nfrom qmamba_deploy.artifacts import save_safetensors\n"
+              "save_safetensors({'w': torch.arange(6.).reshape(2, 3), 'q': torch.ones(3, dtype=torch.int8)}, "
+              "sys.argv[1], {'format': 'pt', 'qmamba_deploy_checkpoint': '{}', 'b': 'c'})\n")
+    files = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", script, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    assert torch.equal(load_file(str(files[0]))["w"], torch.arange(6.).reshape(2, 3))
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {"format": "pt", "qmamba_deploy_checkpoint": "{}", "b": "c"}

@@ -17,7 +17,7 @@ from onnx import helper
 from ..errors import OptionError
 from ..ops import contract
 
-__all__ = ["graphs", "scan_nodes", "scan_node_problems", "read_onnx", "set_opset"]
+__all__ = ["graphs", "scan_nodes", "scan_node_problems", "read_onnx", "set_opset", "strip_debug_metadata"]
 
 
 def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -30,6 +30,22 @@ def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from graphs(g)
+
+
+def strip_debug_metadata(model: onnx.ModelProto) -> int:
+    """Remove the exporter's per-node and per-value metadata (``pkg.torch.onnx.*``: the Python stack
+    trace, source file paths and line numbers of the checkout that traced the model), in place, in
+    every graph; returns the bytes removed. It was ~80 % of an exported file, named the machine's
+    paths, and made two checkouts write different bytes for the same graph. Model-level metadata
+    (ours) stays."""
+    before = model.ByteSize()
+    for graph in graphs(model.graph):
+        del graph.metadata_props[:]
+        for value in (*graph.value_info, *graph.input, *graph.output, *graph.initializer):
+            del value.metadata_props[:]
+        for node in graph.node:
+            del node.metadata_props[:]
+    return before - model.ByteSize()
 
 
 def scan_nodes(model: onnx.ModelProto, domain: str = contract.DOMAIN) -> list[onnx.NodeProto]:

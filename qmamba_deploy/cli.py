@@ -31,7 +31,7 @@ from .jobs.restore import output_paths, restore_files
 from .jobs.validate import validate_artifacts
 from .models import resolve_arch
 from .quant.qconfig import METHODS as QUANT_METHODS
-from .quant.qconfig import PTQ_METHODS, SPR2Q_VARIANTS
+from .quant.qconfig import PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
 from .runtime import artifact_kind, open_runner
 from .train import LOSSES, SCHEDULES, TrainConfig, cleanup_distributed, train_restoration
 from .trt.engine import HARDWARE_LEVELS, TRT_MODULES, BuildConfig, Profile, build_engine
@@ -368,6 +368,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
                    "spr2q: rectifier groups fused into the weights (PTQ with a short fine-tune).")
 @click.option("--w-bits", type=click.IntRange(1, 16), default=4, show_default=True)
 @click.option("--a-bits", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--w-granularity", type=click.Choice(W_GRANULARITIES), default="tensor", show_default=True,
+              help="Weight step sizes: one per tensor (the papers) or one per output channel (lsq, rfa and PTQ "
+                   "weights; exported as DequantizeLinear along the output axis).")
 @click.option("--scan-bits", type=click.IntRange(1, 16), default=None,
               help="Bits of the scan operands (default: --a-bits).")
 @click.option("--data", default="builtin", show_default=True, help="Training / calibration images.")
@@ -399,9 +402,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
               default="group", show_default=True,
               help="spr2q ablations: plain PTQ, trained bounds only, one rectifier, group without static routing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out, iters, calib_batches, patch, batch,
-             lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size, route_iters,
-             feature_weight, spr2q_variant, quiet):
+def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data, val_data, out, iters, calib_batches,
+             patch, batch, lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size,
+             route_iters, feature_weight, spr2q_variant, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
 
     ckpt = str(checkpoint or default_checkpoint())
@@ -416,7 +419,8 @@ def quantize(checkpoint, method, w_bits, a_bits, scan_bits, data, val_data, out,
                  quality=task.get("quality", 40), data=data, val_data=None if val_data == "none" else val_data,
                  patch=patch, batch=batch, iters=iters, lr=lr, schedule=schedule, val_every=val_every,
                  save_every=save_every, seed=seed, device=device, checkpoint=ckpt, method=method, w_bits=w_bits,
-                 a_bits=a_bits, scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr)
+                 a_bits=a_bits, scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr,
+                 w_granularity=w_granularity)
     try:
         result = run_quantize(cfg, out, command=_command_line(), progress=not quiet)
     finally:
@@ -440,6 +444,8 @@ def _deploy_options(f):
                           "(from `quantize`) is folded as trained."),
         click.option("--w-bits", type=click.IntRange(1, 16), default=8, show_default=True, help="PTQ weight bits."),
         click.option("--a-bits", type=click.IntRange(1, 16), default=8, show_default=True, help="PTQ activation bits."),
+        click.option("--w-granularity", type=click.Choice(W_GRANULARITIES), default="tensor", show_default=True,
+                     help="PTQ weight scales: one per tensor or one per output channel."),
         click.option("--calib-batches", type=_POS, default=8, show_default=True,
                      help="Training patches for the PTQ observers and for the static DLS scales."),
         click.option("--data", default="builtin", show_default=True, help="Calibration images (training split)."),
@@ -450,9 +456,9 @@ def _deploy_options(f):
     return f
 
 
-def _deploy_config(cls, checkpoint, scale, method, w_bits, a_bits, calib_batches, data, seed, **extra):
+def _deploy_config(cls, checkpoint, scale, method, w_bits, a_bits, w_granularity, calib_batches, data, seed, **extra):
     return cls(checkpoint=checkpoint, scale=int(scale) if scale else None, method=method, w_bits=w_bits,
-               a_bits=a_bits, calib_batches=calib_batches, data=data, seed=seed, **extra)
+               a_bits=a_bits, w_granularity=w_granularity, calib_batches=calib_batches, data=data, seed=seed, **extra)
 
 
 @main.command()
@@ -484,19 +490,26 @@ def fold(out, **kw):
 @click.option("--min-psnr-between", type=_NONNEGF, default=50.0, show_default=True,
               help="Fail when ONNX Runtime and PyTorch differ by less than this PSNR on some image (or by more "
                    "than the model's own one-ulp sensitivity allows, when that is lower; see docs/export.md).")
+@click.option("--quality-margin", "quality_margin_db", type=_NONNEGF, default=0.1, show_default=True,
+              help="Fail when a candidate's mean Y-PSNR (vs ground truth) is this much below its reference's, "
+                   "however well they agree; a candidate that disagrees without losing quality is reported as "
+                   "'sensitive'.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr_between, quiet, **kw):
+def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr_between, quality_margin_db, quiet,
+           **kw):
     """Checkpoint -> (PTQ) -> fold -> ONNX with Q/DQ and the scan op -> validated in ONNX Runtime.
 
     With no arguments: the embedded x2 model, W8A8 minmax PTQ on the built-in images.
     """
 
     cfg = _deploy_config(ExportConfig, bundle=bundle, scan=scan, dls=dls, int4_weights=int4_weights,
-                         validate=not no_validate, val_data=val_data, min_psnr_between=min_psnr_between, **kw)
+                         validate=not no_validate, val_data=val_data, min_psnr_between=min_psnr_between,
+                         quality_margin_db=quality_margin_db, **kw)
     result = run_export(cfg, out, command=_command_line(), progress=not quiet)
     click.echo((result.out / "report.md").read_text())
     if not result.passed:
-        click.secho(f"error: validation failed (PSNR-between below {min_psnr_between:g} dB); "
+        click.secho(f"error: validation failed (PSNR-between below {min_psnr_between:g} dB, or "
+                    f"more than {quality_margin_db:g} dB of Y-PSNR lost); "
                     f"see {result.out}/report.md", fg="red", err=True)
         sys.exit(1)
 
@@ -507,12 +520,16 @@ def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr
 @click.option("--data", default="builtin", show_default=True, help="Images (the eval split of 'builtin').")
 @click.option("--min-psnr-between", type=_NONNEGF, default=50.0, show_default=True)
 @click.option("--max-abs", type=_NONNEGF, default=None, help="Also fail when a max |difference| exceeds this.")
+@click.option("--quality-margin", "quality_margin_db", type=_NONNEGF, default=0.1, show_default=True,
+              help="Fail when a candidate's mean Y-PSNR (vs ground truth) is this much below its reference's, "
+                   "however well they agree; a candidate that disagrees without losing quality is reported as "
+                   "'sensitive'.")
 @click.option("--device", default=None, help="Where to run (default: engines and their reference on cuda, "
                                              "ONNX Runtime on cpu).")
 @click.option("--plugin", type=click.Path(dir_okay=False), help="Engines: the plugin library.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def validate(models, bundle, data, min_psnr_between, max_abs, device, plugin, json_out, quiet):
+def validate(models, bundle, data, min_psnr_between, max_abs, quality_margin_db, device, plugin, json_out, quiet):
     """Run the same images through PyTorch and each MODEL (ONNX in ONNX Runtime, engines in TensorRT); compare.
 
     Each MODEL (.onnx or .engine, any mix) is compared with the PyTorch deploy model of the bundle it
@@ -520,13 +537,14 @@ def validate(models, bundle, data, min_psnr_between, max_abs, device, plugin, js
 
     _check_json(json_out, model=list(models), bundle=bundle)
     report = validate_artifacts(list(models), bundle, data, min_psnr_between, max_abs, device=device, plugin=plugin,
-                                progress=not quiet)
+                                progress=not quiet, quality_margin_db=quality_margin_db)
     click.echo(report.table())
     if json_out:
         write_json(json_out, report.as_dict())
     if not report.passed:
         click.secho(f"error: validation failed (thresholds: {min_psnr_between:g} dB PSNR-between"
-                    + (f", max |Δ| {max_abs:g}" if max_abs is not None else "") + ")", fg="red", err=True)
+                    + (f", max |Δ| {max_abs:g}" if max_abs is not None else "")
+                    + f", {quality_margin_db:g} dB of Y-PSNR)", fg="red", err=True)
         sys.exit(1)
 
 
@@ -580,14 +598,18 @@ def _profile_options(f):
 @click.option("--workspace-mib", type=_POS, help="Workspace memory pool limit in MiB.")
 @click.option("--tensorrt", "trt_module", type=click.Choice(TRT_MODULES), default="tensorrt",
               show_default=True, help="tensorrt (server GPUs, Jetson) or tensorrt_rtx (RTX GPUs; builds without one).")
+@click.option("--compute-capability", "compute_capabilities", multiple=True,
+              help="tensorrt_rtx: the RTX architectures to compile for (SM75, SM80, SM86, SM89, SM120, CURRENT; "
+                   "repeatable). Default: every one TensorRT-RTX knows, which multiplies the engine's size.")
 def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache, fp16, version_compatible,
-          exclude_lean_runtime, hardware_compatibility, optimization_level, workspace_mib, trt_module):
+          exclude_lean_runtime, hardware_compatibility, optimization_level, workspace_mib, trt_module,
+          compute_capabilities):
     """Build a TensorRT engine from ONNX_FILE (the plugin loaded for QMambaSelectiveScan nodes)."""
-
     cfg = BuildConfig(onnx_file, _profile(min_shape, opt_shape, max_shape), plugin=plugin, timing_cache=timing_cache,
                       fp16=fp16, version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
                       hardware_compatibility=hardware_compatibility, optimization_level=optimization_level,
-                      workspace_mib=workspace_mib, tensorrt=trt_module)
+                      workspace_mib=workspace_mib, tensorrt=trt_module,
+                      compute_capabilities=tuple(compute_capabilities))
     m = build_engine(cfg, out, command=_command_line())
     click.echo(f"{out}/model.engine: {m['engine_bytes'] / 1e6:.2f} MB, {m['tensorrt']['module']} "
                f"{m['tensorrt']['version']}, built in {m['build_seconds']:.1f} s")

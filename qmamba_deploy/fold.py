@@ -22,7 +22,7 @@ import copy
 import json
 import os
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .artifacts import atomic_path, is_kind, jsonable, kind, make_manifest, manifest_path, sha256_file, write_json
+from .artifacts import (
+    atomic_path,
+    is_kind,
+    jsonable,
+    kind,
+    make_manifest,
+    manifest_path,
+    save_safetensors,
+    sha256_file,
+    write_json,
+)
 from .checkpoints import check_finite, float_state_dict
 from .errors import CheckpointError, OptionError
 from .models import ModelCard, build_model
@@ -161,9 +171,8 @@ def _fold_layer(name: str, m: nn.Module) -> tuple[LayerSpec, nn.Module]:
     aq = m.linear_act_quant if linear else m.conv_act_quant
     wq = m.linear_weight_quant if linear else m.conv_weight_quant
     w = m.weight.detach().float()
-    layout = w.t() if linear else w                      # Linear: the [in, out] MatMul operand
-    weight = _folded(weight_codes(wq, layout), layout, axis=1 if linear else 0)
-    _check_weight(name, weight, wq, w, layout)
+    # Linear: the [in, out] MatMul operand (output channels on axis 1); Conv: as it is (axis 0)
+    weight = _fold_weight(name, wq, w, (lambda t: t.t()) if linear else (lambda t: t), axis=1 if linear else 0)
     act = act_quantizer(aq)
     spec = LayerSpec.of(name, m, act, weight)
     deploy = spec.module()
@@ -173,18 +182,25 @@ def _fold_layer(name: str, m: nn.Module) -> tuple[LayerSpec, nn.Module]:
     return spec, deploy
 
 
-def _folded(codes: WeightCodes, layout: torch.Tensor, axis: int) -> FoldedWeight:
-    weight = FoldedWeight(tuple(layout.shape), codes.bits, axis=axis, has_offset=bool(codes.offset != 0))
-    weight.q.copy_(codes.q)
+def _fold_weight(name: str, wq: nn.Module, w: torch.Tensor, to_layout: Callable[[torch.Tensor], torch.Tensor],
+                 axis: int) -> FoldedWeight:
+    """The deploy form of weight ``w`` under quantizer ``wq``: its codes (taken in the layout the
+    quantizer was trained on, so per-channel step sizes meet their channels) moved into the stored
+    layout, whose output-channel axis is ``axis``; checked against the fake-quant weight."""
+    codes = weight_codes(wq, w)
+    q = to_layout(codes.q)
+    weight = FoldedWeight(tuple(q.shape), codes.bits, axis=axis, per_channel=codes.per_channel,
+                          has_offset=bool(codes.offset != 0))
+    weight.q.copy_(q)
     weight.scale.copy_(codes.scale)
     weight.offset.copy_(codes.offset)
+    _check_weight(name, weight, to_layout(wq.eval()(w)), w)
     return weight
 
 
-def _check_weight(name: str, weight: FoldedWeight, wq: nn.Module, w: torch.Tensor, layout: torch.Tensor) -> None:
+def _check_weight(name: str, weight: FoldedWeight, expected: torch.Tensor, w: torch.Tensor) -> None:
     """The folded weight must reproduce the fake-quant weight (guards the codes above)."""
     with torch.no_grad():
-        expected = wq.eval()(layout)
         err = (weight.value() - expected).abs().max().item()
     tol = 1e-6 * max(1.0, w.abs().max().item())
     if not err <= tol:
@@ -212,9 +228,9 @@ def _fold_scan(name: str, m: nn.Module) -> tuple[ScanSpec, dict[str, torch.Tenso
         wq = m._modules.get(point)
         if wq is None:
             continue
-        layout = getattr(m, param).detach().float().permute(*perm)
-        weight = _folded(weight_codes(wq, layout), layout, axis=layout.dim() - 1)
-        _check_weight(f"{name}.{point}", weight, wq, layout, layout)
+        # the quantizer sees the weight as the MatMul operand (K, in, out), the stored layout
+        w = getattr(m, param).detach().float().permute(*perm)
+        weight = _fold_weight(f"{name}.{point}", wq, w, lambda t: t, axis=w.dim() - 1)
         points[point] = weight
         spec_points[point] = {"weight": weight.spec()}
     for point in PROJ_QUANT_POINTS + SCAN_QUANT_POINTS:
@@ -444,7 +460,7 @@ def save_bundle(deploy: nn.Module, out_dir: str | os.PathLike, provenance: dict[
         provenance=dict(provenance or {}),
     )
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(manifest, sort_keys=True)})
+        save_safetensors(tensors, tmp, metadata={"format": "pt", _META_KEY: json.dumps(manifest, sort_keys=True)})
     manifest["sha256"] = sha256_file(path)
     write_json(manifest_path(path), manifest)
     return manifest

@@ -243,6 +243,17 @@ def test_build_with_tensorrt_rtx_writes_engine_manifest_and_timing_cache(tmp_pat
     assert vc["settings"]["flags"] == ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
     assert "plugins_serialized" not in vc["settings"]
     assert vc["settings"]["optimization_level"] == 1 and vc["settings"]["workspace_mib"] == 64
+    # one RTX architecture instead of all of them: a smaller engine, recorded in the manifest
+    one = build_engine(BuildConfig(str(onnx_path), cfg.profile, compute_capabilities=("SM89",),
+                                   tensorrt="tensorrt_rtx"), tmp_path / "sm89")
+    assert one["settings"]["compute_capabilities"] == ["SM89"]
+    assert one["engine_bytes"] < m["engine_bytes"]
+    with pytest.raises(OptionError, match="--compute-capability SM99: TensorRT-RTX .* knows .*SM89"):
+        build_engine(BuildConfig(str(onnx_path), cfg.profile, compute_capabilities=("SM99",), tensorrt="tensorrt_rtx"),
+                     tmp_path / "sm99")
+    assert not (tmp_path / "sm99").exists()
+    with pytest.raises(OptionError, match="--compute-capability applies to --tensorrt tensorrt_rtx"):
+        BuildConfig(str(onnx_path), cfg.profile, compute_capabilities=("SM89",))
     # strongly typed TensorRT: --fp16 is refused, not silently dropped
     with pytest.raises(OptionError, match="strongly typed networks only"):
         build_engine(BuildConfig(str(onnx_path), cfg.profile, fp16=True, tensorrt="tensorrt_rtx"), tmp_path / "e2")

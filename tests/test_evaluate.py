@@ -125,3 +125,37 @@ def test_embedded_defaults_beat_bicubic_on_the_builtin_eval_split(scale, min_gai
     row = [line for line in card.splitlines() if line.startswith("| **mean**")][0]
     card_psnr = float(row.split("|")[3].strip(" *"))
     assert psnr == pytest.approx(card_psnr, abs=1e-3)  # the card states the figure this checkout reproduces
+
+
+def test_validate_tells_a_sensitive_candidate_from_one_that_loses_quality():
+    """Agreement alone cannot tell chaos from a bug. Two outputs that carry different noise of the
+    same strength are equally good and disagree (~41 dB): the candidate is 'sensitive' (it fails the
+    50 dB rule only); a dimmed output loses quality ('quality lost') even where it agrees enough."""
+    from qmamba_deploy.jobs.validate import Output, validate_outputs
+
+    deg = Degradation("sr", 2)
+
+    def noisy(seed):
+        def run(x):
+            y = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+            return (y + 0.006 * torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))).clamp(0, 1)
+        return run
+
+    reference = noisy(1)
+    outputs = [Output("ref", reference), Output("same", reference, reference="ref"),
+               Output("noisy", noisy(2), reference="ref"),
+               Output("dim", lambda x: 0.97 * reference(x), reference="ref")]
+    report = validate_outputs(outputs, _photo_pairs(deg), deg)
+    by_name = {o.name: o for o in report.outputs}
+    assert (by_name["same"].passed, by_name["same"].diagnosis) == (True, "agrees")
+    assert by_name["same"].summary()["psnr_vs_reference"] == 0
+    assert (by_name["noisy"].passed, by_name["noisy"].diagnosis) == (False, "sensitive")
+    assert abs(by_name["noisy"].summary()["psnr_vs_reference"]) < 0.1
+    # the dimmed output agrees at the lower threshold but loses quality
+    report = validate_outputs(outputs, _photo_pairs(deg), deg, min_psnr_between=20)
+    by_name = {o.name: o for o in report.outputs}
+    assert by_name["noisy"].passed and by_name["noisy"].diagnosis == "agrees"
+    assert (by_name["dim"].passed, by_name["dim"].diagnosis) == (False, "quality lost")
+    assert by_name["dim"].summary()["psnr_vs_reference"] < -0.1
+    assert "ΔY-PSNR" in report.table() and "quality lost" in report.table()
+    assert report.as_dict()["outputs"][3]["diagnosis"] == "quality lost"

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from qmamba_deploy.cli import main
 from qmamba_deploy.errors import OptionError
-from qmamba_deploy.export.graph import scan_nodes
+from qmamba_deploy.export.graph import graphs, scan_nodes
 from qmamba_deploy.export.onnx_export import ExportOptions, export_onnx
 from qmamba_deploy.export.qdq_onnx import qdq_translation_table
 from qmamba_deploy.fold import calibrate_dls, fold, with_dls_mode
@@ -89,6 +89,12 @@ def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2):
     export_onnx(w4a4_v2, a, ExportOptions())
     export_onnx(w4a4_v2, b, ExportOptions())
     assert a.read_bytes() == b.read_bytes()
+    # no tracer debug metadata (stack traces naming this checkout's files) on any node or value
+    proto = onnx.load(str(a))
+    assert proto.metadata_props and all(p.key.startswith("qmamba.") for p in proto.metadata_props)
+    for graph in graphs(proto.graph):
+        assert not any(node.metadata_props for node in graph.node), "node metadata left in the graph"
+        assert not any(v.metadata_props for v in (*graph.value_info, *graph.input, *graph.output))
 
 
 def test_int4_weights_are_blocked_int4_and_compute_the_same(tmp_path, w4a4_v2):
@@ -104,6 +110,32 @@ def test_int4_weights_are_blocked_int4_and_compute_the_same(tmp_path, w4a4_v2):
     x = _x(4)
     y8, y4 = onnx_runner(tmp_path / "int8.onnx")(x), onnx_runner(tmp_path / "int4.onnx")(x)
     assert psnr_between(y4, y8) >= 45.0  # same integers, same scales; only the kernels differ
+
+
+def test_per_channel_weights_export_with_axis_and_run_in_onnxruntime(tmp_path):
+    """A per-channel W4A8 PTQ model: every Linear/Conv weight's DequantizeLinear carries a per-channel
+    scale along the output axis (INT4 too, one scale per channel in every block), and ONNX Runtime
+    reproduces the PyTorch deploy model."""
+    from .test_fold import _per_channel
+
+    deploy = with_dls_mode(fold(_per_channel("v2", "minmax", 4, 8)), "static")
+    m8 = export_onnx(deploy, tmp_path / "pc.onnx", ExportOptions(dls="static"))
+    m4 = export_onnx(deploy, tmp_path / "pc4.onnx", ExportOptions(dls="static", int4_weights=True))
+    assert m4["int4_weights"] > 0
+    proto = onnx.load(str(tmp_path / "pc.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".q")]
+    weight_dq = [n for n in dq if n.input[0].endswith(".weight.q")]            # Linear / Conv weights
+    proj_dq = [n for n in dq if not n.input[0].endswith(".weight.q")]          # the scan's projections
+    assert weight_dq and all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq)
+    assert proj_dq and all(len(inits[n.input[1]].dims) == 0 for n in proj_dq)  # per tensor (see quantize_model)
+    assert lint_onnx(tmp_path / "pc.onnx", use_parser=False).passed
+    x = _x(4)
+    with torch.no_grad():
+        ref = deploy(x)
+    assert psnr_between(onnx_runner(tmp_path / "pc.onnx")(x), ref) >= 50.0
+    assert psnr_between(onnx_runner(tmp_path / "pc4.onnx")(x), ref) >= 45.0
+    assert m8["graph"]["dequantize_linear"] >= len(weight_dq)
 
 
 def test_int4_weights_refuse_wider_weights_and_leave_nothing(tmp_path):

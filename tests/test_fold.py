@@ -214,3 +214,82 @@ def test_load_bundle_errors_are_one_sentence(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable deploy bundle"):
         load_bundle(bad)
+
+
+# --------------------------------------------------------------------------- per-channel weights
+
+
+def _per_channel(arch: str, method: str, w: int = 4, a: int = 8, granularity: str = "channel"):
+    name, kw = ARCHS[arch]
+    torch.manual_seed(0)
+    q = quantize_model(build_model(name, **kw).eval(), QConfig(method, w, a, w_granularity=granularity))
+    g = torch.Generator().manual_seed(0)
+    calibrate(q, [torch.rand(1, 3, 24, 24, generator=g) for _ in range(2)])
+    q.card = q.card.replace(task={"task": "sr", "scale": 2})
+    return q.eval()
+
+
+@pytest.mark.parametrize("arch,method", [("v2", "minmax"), ("v2", "mse"), ("v1", "lsq"), ("v2", "qmambair")])
+def test_per_channel_weights_fold_exactly_and_beat_per_tensor_error(arch, method, tmp_path):
+    """--w-granularity channel: one step size per output channel (LSQ, RFA, observers), folded into
+    per-channel FoldedWeights on the output axis of the stored layout; the bundle reproduces the
+    fake-quant model, and the weights' quantization error is below per-tensor's."""
+    q = _per_channel(arch, method)
+    sites = [(n, m) for n, m in q.named_modules() if hasattr(m, "channels") and m.channels > 1]
+    assert sites, "no per-channel weight quantizer"
+    for n, m in sites:
+        assert m.alpha.shape == (m.channels,) and m.initialized, n
+        assert len(set(m.alpha.detach().tolist())) > 1, f"{n}: every channel got the same step"
+    deploy = fold(q)
+    folded = {n: m for n, m in deploy.named_modules() if isinstance(m, FoldedWeight)}
+    layers = [m for n, m in folded.items() if n.endswith(".weight")]              # Linear / Conv2d
+    assert layers and all(m.per_channel and m.scale.shape == (m.shape[m.axis],) for m in layers)
+    # the scan's projection weights stay per tensor (see quantize_model)
+    assert not any(m.per_channel for n, m in folded.items() if not n.endswith(".weight"))
+    x = _x()
+    with torch.no_grad():
+        assert (deploy(x) - q(x)).abs().max() <= 1e-4
+    save_bundle(deploy, tmp_path / "b.safetensors")
+    with torch.no_grad():
+        assert torch.equal(load_bundle(tmp_path / "b.safetensors")(x), deploy(x))
+    if method in ("minmax", "mse"):  # PTQ: the same weights quantized per tensor lose more
+        t = _per_channel(arch, method, granularity="tensor")
+        layer = next(n for n, _ in sites if n.endswith("weight_quant"))
+        parent = layer.rsplit(".", 1)[0]
+        w = q.get_submodule(parent).weight
+        err_c = (q.get_submodule(layer).eval()(w) - w).pow(2).mean()
+        assert torch.equal(t.get_submodule(parent).weight, w)
+        err_t = (t.get_submodule(layer)(w) - w).pow(2).mean()
+        assert err_c < err_t
+
+
+def test_per_channel_checkpoints_round_trip_and_refuse_what_cannot_be_per_channel(tmp_path):
+    from qmamba_deploy import load_model, save_checkpoint
+
+    q = _per_channel("v2", "lsq")
+    save_checkpoint(q, tmp_path / "q.safetensors")
+    back = load_model(tmp_path / "q.safetensors").eval()
+    assert back.card.qconfig.w_granularity == "channel" and "per-channel" in back.card.qconfig.label
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    # the papers' default stays out of manifests (old manifests read as per tensor)
+    assert "w_granularity" not in QConfig("lsq", 4, 4).as_dict()
+    assert QConfig.from_dict(QConfig("lsq", 4, 4).as_dict()).w_granularity == "tensor"
+    with pytest.raises(OptionError, match="w-granularity channel does not apply"):
+        QConfig("spr2q", 4, 4, w_granularity="channel")
+    with pytest.raises(OptionError, match="w-granularity"):
+        QConfig("lsq", 4, 4, w_granularity="row")
+
+
+def test_per_channel_lsq_trains_each_channel_step():
+    """The per-channel α gets a gradient per channel (LSQ's step-size gradient, scaled per channel)."""
+    lsq = LSQ(4, signed=True, channels=3, axis=0).train()
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.1], [1.0], [10.0]])
+    lsq(w).sum().backward()   # the first call initialises α per channel
+    assert lsq.alpha.shape == (3,) and lsq.alpha[0] < lsq.alpha[1] < lsq.alpha[2]
+    lsq.alpha.grad = None
+    (lsq(w) - w).pow(2).sum().backward()
+    assert lsq.alpha.grad is not None and lsq.alpha.grad.shape == (3,) and (lsq.alpha.grad != 0).all()
+    with pytest.raises(ValueError, match="per-channel lsq quantizer of 3 channels"):
+        lsq(torch.randn(4, 5))

@@ -43,7 +43,7 @@ from ..models.card import card_of
 from ..ops import contract
 from ..ops.selective_scan import scan_backend
 from ..quant.deploy import DLS_MODES, DLSAct, FoldedWeight
-from .graph import scan_nodes
+from .graph import scan_nodes, strip_debug_metadata
 from .qdq_onnx import qdq_translation_table
 from .scan_onnx import DEFAULT_IR_VERSION, DEFAULT_OPSET, custom_translation_table, finalize_scan_model
 
@@ -119,10 +119,12 @@ def _to_int4(proto: onnx.ModelProto, weight_names: list[str], block: int = INT4_
         q_init, s_init = inits[node.input[0]], inits[node.input[1]]
         q = numpy_helper.to_array(q_init)
         scale = numpy_helper.to_array(s_init)
-        if q.ndim != 2 or scale.ndim != 0:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if q.ndim != 2 or not (scale.ndim == 0 or (scale.ndim == 1 and axis in (1, -1) and len(scale) == q.shape[1])):
             continue
         k, n = q.shape
-        blocked = np.full((math.ceil(k / block), n), scale, dtype=np.float32)
+        # per tensor: one value everywhere; per output channel: the channel's scale in every block along K
+        blocked = np.ascontiguousarray(np.broadcast_to(scale.astype(np.float32), (math.ceil(k / block), n)))
         new_q = numpy_helper.from_array(q.astype(ml_dtypes.int4), q_init.name + "_int4")  # packed, 2 per byte
         new_s = numpy_helper.from_array(blocked, s_init.name + "_blocked_" + q_init.name)
         graph.initializer.extend([new_q, new_s])
@@ -227,6 +229,7 @@ def export_onnx(deploy: nn.Module, path: str | os.PathLike, options: ExportOptio
     model = with_dls_mode(deploy, options.dls).eval()
     dls_sites = sum(isinstance(m, DLSAct) for m in model.modules())
     proto = trace_onnx(model, options)
+    strip_debug_metadata(proto)  # the tracer's stack traces: most of the file, and this machine's paths
     converted = _to_int4(proto, int4) if int4 else 0
     if options.scan == "portable" and scan_nodes(proto):
         raise RuntimeError("the portable export still has QMambaSelectiveScan nodes")

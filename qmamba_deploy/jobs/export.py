@@ -32,7 +32,7 @@ from ..models.card import card_of
 from ..quant.qconfig import PTQ_METHODS, QConfig
 from ..runtime import OrtRunner, TorchRunner
 from .quantize import ptq
-from .validate import Output, reference_outputs, validate_outputs
+from .validate import DEFAULT_QUALITY_MARGIN_DB, Output, reference_outputs, validate_outputs
 
 #: What a finished export folder holds (the files a rerun may replace).
 EXPORT_FILES = ("bundle.safetensors", "bundle.json", "model.onnx", "model.json", "report.json", "report.md")
@@ -49,6 +49,7 @@ class DeployConfig:
     method: str = "minmax"                 # PTQ for float checkpoints; "none" keeps FP32
     w_bits: int = 8
     a_bits: int = 8
+    w_granularity: str = "tensor"          # PTQ weight scales per tensor or per output channel
     calib_batches: int = 8                 # PTQ observers and static DLS, training patches
     calib_patch: int = 48
     data: str = "builtin"                  # calibration images (training split)
@@ -62,7 +63,7 @@ class DeployConfig:
                               f"or none (QAT methods: run `qmamba-deploy quantize` first, then export its "
                               f"checkpoint)")
         if self.method != NO_PTQ:
-            QConfig(self.method, self.w_bits, self.a_bits)  # validates the bit widths
+            QConfig(self.method, self.w_bits, self.a_bits, w_granularity=self.w_granularity)  # validates them
         if self.calib_batches < 1:
             raise OptionError("--calib-batches must be at least 1")
 
@@ -81,6 +82,7 @@ class ExportConfig(DeployConfig):
     validate: bool = True
     val_data: str = "builtin"
     min_psnr_between: float = 50.0
+    quality_margin_db: float = DEFAULT_QUALITY_MARGIN_DB
 
     def options(self) -> ExportOptions:
         return ExportOptions(scan=self.scan, dls=self.dls, int4_weights=self.int4_weights)
@@ -120,7 +122,8 @@ def _calibration(model: nn.Module, cfg: DeployConfig, use: str) -> list[torch.Te
 
 
 def _ptq(model: nn.Module, cfg: DeployConfig) -> nn.Module:
-    return ptq(model, QConfig(cfg.method, cfg.w_bits, cfg.a_bits), _calibration(model, cfg, "ptq"))
+    return ptq(model, QConfig(cfg.method, cfg.w_bits, cfg.a_bits, w_granularity=cfg.w_granularity),
+               _calibration(model, cfg, "ptq"))
 
 
 def deploy_model(cfg: DeployConfig) -> tuple[nn.Module, nn.Module | None]:
@@ -211,7 +214,8 @@ def run_export(cfg: ExportConfig, out: str | os.PathLike, command: str | None = 
             deg, pairs = _eval_pairs(deploy, cfg.val_data)
             name = f"onnxruntime ({cfg.scan} scan)"
             outputs = validation_outputs(deploy, fake, {name: (str(tmp / "model.onnx"), cfg.dls)})
-            report = validate_outputs(outputs, pairs, deg, cfg.min_psnr_between, progress=progress)
+            report = validate_outputs(outputs, pairs, deg, cfg.min_psnr_between, progress=progress,
+                                      quality_margin_db=cfg.quality_margin_db)
             for o in report.outputs:       # paths as they will be after the swap
                 o.path = str(out / Path(o.path).name) if o.path else None
         summary = {"bundle": _bundle_summary(bundle), "onnx": _onnx_summary(onnx_manifest),
@@ -252,7 +256,8 @@ def export_markdown(cfg: ExportConfig, bundle: dict[str, Any], onnx_manifest: di
     ]
     if report is not None:
         lines += ["", f"## Validation ({'passed' if report.passed else 'FAILED'}: ONNX Runtime vs PyTorch, "
-                      f"threshold {report.min_psnr_between:g} dB PSNR-between)", "", "```", report.table(), "```"]
+                      f"threshold {report.min_psnr_between:g} dB PSNR-between, at most "
+                      f"{report.quality_margin_db:g} dB of Y-PSNR lost)", "", "```", report.table(), "```"]
     return "\n".join(lines) + "\n"
 
 

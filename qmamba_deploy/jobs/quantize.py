@@ -62,9 +62,10 @@ class QuantizeConfig(TrainConfig):
     distill: float = 0.0  # weight of L1(student, teacher) in the QAT loss
     calib_batches: int = 4
     quant_lr: float | None = None  # learning rate of quantizer parameters (default: lr)
+    w_granularity: str = "tensor"  # weight step sizes per tensor or per output channel
 
     def qconfig(self) -> QConfig:
-        return QConfig(self.method, self.w_bits, self.a_bits, self.scan_bits)
+        return QConfig(self.method, self.w_bits, self.a_bits, self.scan_bits, w_granularity=self.w_granularity)
 
     def __post_init__(self):
         self.qconfig()  # validates method and bit widths

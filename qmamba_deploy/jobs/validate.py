@@ -16,6 +16,14 @@ than the model agrees with a more exact computation of itself. A reference that 
 the PSNR between the float32 and float64 outputs is its *sensitivity floor*, and a
 candidate must reach min(``min_psnr_between``, floor − ``SENSITIVITY_MARGIN_DB``). Both
 numbers are reported.
+
+Agreement alone cannot tell a subtly broken export from a chaotic but healthy low-bit model, so
+each candidate's quality against the ground truth is also compared with its reference's on the
+same images: a broken export loses quality, a sensitive model only disagrees. A candidate whose
+mean Y-PSNR falls more than ``quality_margin_db`` (0.1 dB by default) below its reference's fails
+even when it agrees well enough, and every candidate gets a diagnosis: *agrees*, *sensitive* (it
+disagrees beyond the rule but keeps the reference's quality: rounding chaos, see the floor) or
+*quality lost*.
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ RunFn = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_MIN_PSNR_BETWEEN = 50.0
 #: How far below the reference's own one-ulp sensitivity a candidate may fall.
 SENSITIVITY_MARGIN_DB = 6.0
+#: How much mean Y-PSNR (vs ground truth) a candidate may lose against its reference.
+DEFAULT_QUALITY_MARGIN_DB = 0.1
 
 __all__ = ["Output", "OutputResult", "ValidationReport", "validate_outputs", "psnr_between",
-           "DEFAULT_MIN_PSNR_BETWEEN", "validate_artifacts", "reference_outputs", "candidate", "Candidate"]
+           "DEFAULT_MIN_PSNR_BETWEEN", "DEFAULT_QUALITY_MARGIN_DB", "validate_artifacts", "reference_outputs",
+           "candidate", "Candidate"]
 
 
 def psnr_between(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,6 +87,7 @@ class OutputResult:
     path: str | None
     images: list[dict[str, Any]] = field(default_factory=list)
     passed: bool | None = None
+    diagnosis: str | None = None  # candidates: agrees | sensitive | quality lost
 
     def mean(self, key: str) -> float:
         return float(np.mean([im[key] for im in self.images]))
@@ -98,14 +110,16 @@ class OutputResult:
         out: dict[str, Any] = {"psnr": self.mean("psnr"), "ssim": self.mean("ssim")}
         if self.reference:
             out.update(min_psnr_between=_json_float(self.min_psnr_between), max_abs=self.max_abs,
-                       mean_abs=self.mean("mean_abs"))
+                       mean_abs=self.mean("mean_abs"), psnr_vs_reference=self.mean("psnr_vs_reference"),
+                       ssim_vs_reference=self.mean("ssim_vs_reference"))
         elif self.min_floor is not None:
             out["min_sensitivity_floor"] = _json_float(self.min_floor)
         return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "reference": self.reference, "path": self.path, "passed": self.passed,
-                "mean": self.summary(), "images": [{k: _json_float(v) for k, v in im.items()} for im in self.images]}
+                "diagnosis": self.diagnosis, "mean": self.summary(),
+                "images": [{k: _json_float(v) for k, v in im.items()} for im in self.images]}
 
 
 def _json_float(v):
@@ -119,6 +133,7 @@ class ValidationReport:
     min_psnr_between: float
     max_abs: float | None
     baseline: dict[str, float]
+    quality_margin_db: float = DEFAULT_QUALITY_MARGIN_DB
 
     @property
     def passed(self) -> bool:
@@ -128,39 +143,45 @@ class ValidationReport:
         return {"passed": self.passed, "degradation": self.degradation.as_dict(),
                 "thresholds": {"min_psnr_between_db": self.min_psnr_between, "max_abs": self.max_abs,
                                "sensitivity_margin_db": SENSITIVITY_MARGIN_DB,
+                               "quality_margin_db": self.quality_margin_db,
                                "rule": "PSNR-between >= min(min_psnr_between_db, the reference's float32-vs-"
-                                       "float64 sensitivity floor - sensitivity_margin_db) on every image"},
+                                       "float64 sensitivity floor - sensitivity_margin_db) on every image, and "
+                                       "mean Y-PSNR vs ground truth >= the reference's - quality_margin_db"},
                 "metric": "Y-PSNR/SSIM vs ground truth (BT.601, BasicSR conventions); PSNR-between on float "
                           "outputs clipped to [0, 1]",
                 "baseline": self.baseline, "outputs": [o.as_dict() for o in self.outputs]}
 
     def table(self) -> str:
         head = (f"{'output':<36} {'Y-PSNR':>8} {'SSIM':>7} {'vs':<24} {'min PSNR-btw':>12} {'max |Δ|':>9} "
-                f"{'mean |Δ|':>9} {'':>4}")
+                f"{'mean |Δ|':>9} {'ΔY-PSNR':>8} {'':>4}")
         rows = [head, "-" * len(head)]
         for o in self.outputs:
             s = o.summary()
             if o.reference:
                 mp = o.min_psnr_between
                 mp_text = "identical" if math.isinf(mp) else f"{mp:.2f} dB"
-                cmp = f"{o.reference[:24]:<24} {mp_text:>12} {s['max_abs']:9.2e} {s['mean_abs']:9.2e}"
-                verdict = "ok" if o.passed else "FAIL"
+                cmp = (f"{o.reference[:24]:<24} {mp_text:>12} {s['max_abs']:9.2e} {s['mean_abs']:9.2e} "
+                       f"{s['psnr_vs_reference']:+8.3f}")
+                verdict = ("ok" if o.passed else "FAIL") + ("" if o.diagnosis == "agrees" else f" ({o.diagnosis})")
             else:
                 floor = o.min_floor
                 note = "" if floor is None else ("(floor: identical)" if math.isinf(floor)
                                                  else f"(floor {floor:.2f} dB)")
-                cmp, verdict = f"{'(reference)':<24} {note:>12} {'':>9} {'':>9}", ""
+                cmp, verdict = f"{'(reference)':<24} {note:>12} {'':>9} {'':>9} {'':>8}", ""
             rows.append(f"{o.name[:36]:<36} {s['psnr']:8.4f} {s['ssim']:7.4f} {cmp} {verdict:>4}")
         rows.append(f"{self.degradation.baseline_name + ' (baseline)':<36} {self.baseline['psnr']:8.4f} "
                     f"{self.baseline['ssim']:7.4f}")
         rows.append(f"floor: PSNR between a reference run in float32 and in float64; a candidate needs "
-                    f"min({self.min_psnr_between:g} dB, floor - {SENSITIVITY_MARGIN_DB:g} dB) on every image")
+                    f"min({self.min_psnr_between:g} dB, floor - {SENSITIVITY_MARGIN_DB:g} dB) on every image, and "
+                    f"a mean Y-PSNR at most {self.quality_margin_db:g} dB below its reference's (ΔY-PSNR); "
+                    f"'sensitive': disagrees beyond that rule without losing quality")
         return "\n".join(rows)
 
 
 def validate_outputs(outputs: list[Output], pairs: Iterable[Pair], degradation: Degradation,
                      min_psnr_between: float = DEFAULT_MIN_PSNR_BETWEEN, max_abs: float | None = None,
-                     seed: int = 0, progress: bool = False) -> ValidationReport:
+                     seed: int = 0, progress: bool = False,
+                     quality_margin_db: float = DEFAULT_QUALITY_MARGIN_DB) -> ValidationReport:
     """Run every output on every pair; compare candidates with their references."""
     names = [o.name for o in outputs]
     if len(set(names)) != len(names):
@@ -187,9 +208,10 @@ def validate_outputs(outputs: list[Output], pairs: Iterable[Pair], degradation: 
             if ys[o.name].shape[-2:] != pair.gt.shape[:2]:
                 raise ValueError(f"{o.name} returned {tuple(ys[o.name].shape)} for the {pair.gt.shape[1]}x"
                                  f"{pair.gt.shape[0]} ground truth of {pair.name}")
+        scores = {}
         for o in outputs:
-            score = score_image(to_uint8_image(ys[o.name]), pair.gt, degradation.baseline(lq), pair.name,
-                                lq.shape[:2], degradation.crop_border)
+            score = scores[o.name] = score_image(to_uint8_image(ys[o.name]), pair.gt, degradation.baseline(lq),
+                                                 pair.name, lq.shape[:2], degradation.crop_border)
             entry: dict[str, Any] = {"image": pair.name, "psnr": score.psnr, "ssim": score.ssim}
             if o.name in floors:
                 entry["sensitivity_floor"] = floors[o.name]
@@ -197,17 +219,23 @@ def validate_outputs(outputs: list[Output], pairs: Iterable[Pair], degradation: 
                 diff = (ys[o.name] - ys[o.reference]).abs()
                 floor = floors.get(o.reference, math.inf)
                 required = min(min_psnr_between, floor - SENSITIVITY_MARGIN_DB)
+                ref = scores[o.reference]
                 entry.update(max_abs=float(diff.max()), mean_abs=float(diff.mean()),
-                             psnr_between=psnr_between(ys[o.name], ys[o.reference]), required=required)
+                             psnr_between=psnr_between(ys[o.name], ys[o.reference]), required=required,
+                             psnr_vs_reference=score.psnr - ref.psnr, ssim_vs_reference=score.ssim - ref.ssim)
             results[o.name].images.append(entry)
         base_psnr.append(score.psnr_baseline)
         base_ssim.append(score.ssim_baseline)
     for r in results.values():
         if r.reference is not None:
-            r.passed = (all(im["psnr_between"] >= im["required"] for im in r.images)
-                        and (max_abs is None or r.max_abs <= max_abs))
+            agrees = (all(im["psnr_between"] >= im["required"] for im in r.images)
+                      and (max_abs is None or r.max_abs <= max_abs))
+            quality_kept = r.mean("psnr_vs_reference") >= -quality_margin_db
+            r.passed = agrees and quality_kept
+            r.diagnosis = "quality lost" if not quality_kept else ("agrees" if agrees else "sensitive")
     return ValidationReport(degradation, list(results.values()), min_psnr_between, max_abs,
-                            {"psnr": float(np.mean(base_psnr)), "ssim": float(np.mean(base_ssim))})
+                            {"psnr": float(np.mean(base_psnr)), "ssim": float(np.mean(base_ssim))},
+                            quality_margin_db)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -319,7 +347,8 @@ def candidate(path: str, bundle: str | None = None) -> Candidate:
 def validate_artifacts(paths: list[str], bundle: str | None = None, data: str = "builtin",
                        min_psnr_between: float = DEFAULT_MIN_PSNR_BETWEEN, max_abs: float | None = None,
                        device: str | None = None, plugin: str | None = None, tensorrt: str | None = None,
-                       progress: bool = False) -> ValidationReport:
+                       progress: bool = False, quality_margin_db: float = DEFAULT_QUALITY_MARGIN_DB
+                       ) -> ValidationReport:
     """``qmamba-deploy validate``: ONNX graphs (ONNX Runtime) and engines (TensorRT) against the
     PyTorch deploy model of their bundle (on CUDA when a candidate is an engine and a GPU is here)."""
 
@@ -351,7 +380,8 @@ def validate_artifacts(paths: list[str], bundle: str | None = None, data: str = 
                                   path=c.path))
         deg = model_degradation(deploy)
         pairs = load_pairs(data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
-        return validate_outputs(outputs, pairs, deg, min_psnr_between, max_abs, progress=progress)
+        return validate_outputs(outputs, pairs, deg, min_psnr_between, max_abs, progress=progress,
+                                quality_margin_db=quality_margin_db)
     finally:
         for r in runners:
             r.close()

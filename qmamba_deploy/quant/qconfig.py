@@ -63,17 +63,28 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def make_quantizer(kind: str, bits: int, weight: bool = False) -> nn.Module:
+#: ``--w-granularity``: one weight step size per tensor (the papers) or per output channel
+W_GRANULARITIES = ("tensor", "channel")
+#: weight quantizer kinds that can keep one step size per output channel
+PER_CHANNEL_KINDS = ("lsq", "rfa", *OBSERVERS)
+
+
+def make_quantizer(kind: str, bits: int, weight: bool = False, channels: int = 1, axis: int = 0) -> nn.Module:
+    """A quantizer of ``kind``; ``channels`` > 1 gives a weight quantizer one step size per output
+    channel along ``axis`` of the weight."""
+    if channels > 1 and kind not in PER_CHANNEL_KINDS:
+        raise OptionError(f"--w-granularity channel: {kind} quantizers have one step size per tensor; use a method "
+                          f"whose weights use {', '.join(PER_CHANNEL_KINDS)}")
     if kind == "lsq":
-        return LSQ(bits, offset=False, signed=True if weight else None)
+        return LSQ(bits, offset=False, signed=True if weight else None, channels=channels, axis=axis)
     if kind == "lsq+":
         return LSQ(bits, offset=True)
     if kind == "dls":
         return DLS(bits)
     if kind == "rfa":
-        return RFA(bits)
+        return RFA(bits, channels=channels, axis=axis)
     if kind in OBSERVERS:
-        return Observer(bits, kind, signed=True if weight else None)
+        return Observer(bits, kind, signed=True if weight else None, channels=channels, axis=axis)
     if kind == "bounded":
         return BoundedQuant(bits)
     raise ValueError(f"quantizer kind {kind!r} is unknown")
@@ -90,10 +101,16 @@ class QConfig:
     quantize_scan: bool = True
     keep_fp: tuple[str, ...] = ()
     overrides: tuple[tuple[str, int, int], ...] = field(default_factory=tuple)  # (pattern, w_bits, a_bits)
+    w_granularity: str = "tensor"  # weight step sizes: per tensor, or per output channel
 
     def __post_init__(self):
         if self.method not in RECIPES:
             raise OptionError(f"--method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        if self.w_granularity not in W_GRANULARITIES:
+            raise OptionError(f"--w-granularity {self.w_granularity!r} is unknown; use {' or '.join(W_GRANULARITIES)}")
+        if self.w_granularity == "channel" and RECIPES[self.method].weight not in PER_CHANNEL_KINDS:
+            raise OptionError(f"--w-granularity channel does not apply to --method {self.method} (its weight "
+                              f"quantizers keep one step size per tensor)")
         for flag, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits),
                            ("--scan-bits", self.scan_bits if self.scan_bits is not None else self.a_bits)):
             if not 2 <= int(bits) <= 8:
@@ -105,7 +122,11 @@ class QConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.method} W{self.w_bits}A{self.a_bits}"
+        return f"{self.method} W{self.w_bits}A{self.a_bits}" + (" per-channel" if self.per_channel else "")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.w_granularity == "channel"
 
     def bits_for(self, name: str) -> tuple[int, int]:
         w, a = self.w_bits, self.a_bits
@@ -120,6 +141,8 @@ class QConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["keep_fp"], d["overrides"] = list(self.keep_fp), [list(o) for o in self.overrides]
+        if not self.per_channel:  # the papers' default: manifests read as before
+            del d["w_granularity"]
         return d
 
     @classmethod
@@ -168,12 +191,17 @@ def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:
         w_bits, a_bits = qconfig.bits_for(name)
         act_kind = r.out_proj_act if name.endswith("out_proj") else r.act
         cls: Callable = QuantLinear.from_float if isinstance(m, nn.Linear) else QuantConv2d.from_float
-        model.set_submodule(name, cls(m, make_quantizer(act_kind, a_bits), make_quantizer(r.weight, w_bits, True)))
+        out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        wq = make_quantizer(r.weight, w_bits, True, channels=out if qconfig.per_channel else 1, axis=0)
+        model.set_submodule(name, cls(m, make_quantizer(act_kind, a_bits), wq))
     for name, m in scan_modules(model):
         if qconfig.is_fp(name):
             continue
         w_bits, a_bits = qconfig.bits_for(name)
         act_q, w_q, dt_act_q, dt_w_q = PROJ_QUANT_POINTS
+        # The scan's projection weights keep one step size even with --w-granularity channel: they are
+        # batched (K, in, out) MatMul operands, whose per-channel DequantizeLinear ONNX Runtime's
+        # integer MatMul fusion refuses ("b zero point is not valid"); they are 2 % of the weights.
         for point, kind, bits, weight in ((act_q, r.act, a_bits, False), (w_q, r.weight, w_bits, True),
                                           (dt_act_q, r.act, a_bits, False), (dt_w_q, r.weight, w_bits, True)):
             m.add_module(point, make_quantizer(kind, bits, weight).to(m.x_proj_weight.device))

@@ -32,12 +32,18 @@ from .grid import DLS_ALPHA_MIN, DLS_WEIGHTS, SIGN_EPS, dls_quantize, dls_scale_
 
 @dataclass(frozen=True)
 class WeightCodes:
-    """A quantized weight as deployed: ŵ = scale·q + offset, q int8 on the signed b-bit grid."""
+    """A quantized weight as deployed: ŵ = scale·q + offset, q int8 on the signed b-bit grid, in the
+    layout of the weight given (``axis``: its output-channel axis, where a per-channel scale runs)."""
 
     q: torch.Tensor
-    scale: torch.Tensor   # float32 scalar
+    scale: torch.Tensor   # float32: a scalar, or one per output channel (per-channel weights)
     offset: torch.Tensor  # float32 scalar
     bits: int
+    axis: int = 0
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.dim() == 1
 
 
 class Quantizer(nn.Module):
@@ -52,12 +58,16 @@ class Quantizer(nn.Module):
 
     kind = "quantizer"
 
-    def __init__(self, bits: int, signed: bool | None = None):
+    def __init__(self, bits: int, signed: bool | None = None, channels: int = 1, axis: int = 0):
         super().__init__()
         if not 1 <= int(bits) <= 16:
             raise ValueError(f"bits={bits} is out of range; use 2..8 (1..16 accepted)")
+        if int(channels) < 1:
+            raise ValueError(f"channels={channels}: a quantizer has one scale, or one per channel (>= 1)")
         self.bits = int(bits)
         self.fixed_sign = signed  # None: decided from the data at initialisation
+        #: one step size per output channel along ``axis`` of the weight (1: per tensor)
+        self.channels, self.axis = int(channels), int(axis)
         self.register_buffer("init_state", torch.zeros(1))
         self.register_buffer("signed", torch.full((1,), 1.0 if signed else 0.0))
 
@@ -77,15 +87,41 @@ class Quantizer(nn.Module):
         if signed:  # the official code only ever sets the flag, never clears it
             self.signed.fill_(1.0)
 
+    # -- per-channel step sizes ----------------------------------------------------------------
+    @property
+    def per_channel(self) -> bool:
+        return self.channels > 1
+
+    def along(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A per-channel parameter shaped to broadcast over ``x`` along the channel axis (a
+        per-tensor one as it is)."""
+        if not self.per_channel:
+            return t
+        if x.dim() <= self.axis or x.shape[self.axis] != self.channels:
+            raise ValueError(f"a per-channel {self.kind} quantizer of {self.channels} channels along axis "
+                             f"{self.axis} was given a tensor of shape {tuple(x.shape)}")
+        shape = [1] * x.dim()
+        shape[self.axis] = self.channels
+        return t.reshape(shape)
+
+    def channel_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as (channels, values of that channel), or (1, all values) per tensor."""
+        return x.movedim(self.axis, 0).reshape(self.channels, -1) if self.per_channel else x.reshape(1, -1)
+
     def _init_lsq_step(self, x: torch.Tensor) -> None:
-        """LSQ's initialisation (LSQ, LSQ+, RFA): signedness, then α = 2·mean|x|/√Qp."""
+        """LSQ's initialisation (LSQ, LSQ+, RFA): signedness, then α = 2·mean|x|/√Qp (per channel
+        when the quantizer has one α per channel)."""
         self._decide_sign(x)
         _, qp = self.grid()
-        self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
+        if self.per_channel:
+            self.alpha.copy_(2 * self.channel_rows(x).abs().mean(1).clamp(min=1e-8) / math.sqrt(qp))
+        else:
+            self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
 
     def extra_repr(self) -> str:
         sign = {None: "auto", True: "signed", False: "unsigned"}[self.fixed_sign]
-        return f"bits={self.bits}, sign={sign}, initialized={self.initialized}"
+        channels = f", channels={self.channels} (axis {self.axis})" if self.per_channel else ""
+        return f"bits={self.bits}, sign={sign}, initialized={self.initialized}{channels}"
 
     # -- deploy forms ------------------------------------------------------------------------
     def _require_initialized(self, role: str) -> None:
@@ -100,6 +136,8 @@ class Quantizer(nn.Module):
 
     def _act_scale(self) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """(scale, offset or None, signed) of the static activation quantizer this one deploys as."""
+        if self.per_channel:
+            raise CheckpointError(f"a per-channel {self.kind} quantizer cannot quantize activations for deployment")
         raise CheckpointError(f"a {self.kind} quantizer cannot quantize activations for deployment")
 
     @torch.no_grad()
@@ -110,13 +148,15 @@ class Quantizer(nn.Module):
         container and the shift goes into the offset."""
         self._require_initialized("weight")
         q, scale, offset, grid = self._weight_grid(w)
-        scale = scale.detach().reshape(()).float()
+        scale = scale.detach().float().reshape(-1 if self.per_channel else ())
         offset = offset.detach().reshape(()).float()
         if grid[0] == 0:  # unsigned grid -> signed codes, shift into the offset
+            if self.per_channel:
+                raise CheckpointError(f"a per-channel {self.kind} quantizer with an unsigned grid cannot be folded")
             half = 2 ** (self.bits - 1)
             q = q - half
             offset = offset + half * scale
-        return WeightCodes(q.to(torch.int8), scale, offset, self.bits)
+        return WeightCodes(q.to(torch.int8), scale, offset, self.bits, self.axis)
 
     @torch.no_grad()
     def deploy_act(self) -> nn.Module:
@@ -142,9 +182,10 @@ class LSQ(Quantizer):
 
     kind = "lsq"
 
-    def __init__(self, bits: int, offset: bool = False, signed: bool | None = None):
-        super().__init__(bits, signed)
-        self.alpha = nn.Parameter(torch.ones(1))
+    def __init__(self, bits: int, offset: bool = False, signed: bool | None = None, channels: int = 1,
+                 axis: int = 0):
+        super().__init__(bits, signed, channels, axis)
+        self.alpha = nn.Parameter(torch.ones(self.channels))
         self.beta = nn.Parameter(torch.zeros(1)) if offset else None
         if offset:
             self.kind = "lsq+"
@@ -157,7 +198,7 @@ class LSQ(Quantizer):
                 self._init_lsq_step(x)
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()
-        alpha = grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() * qp))
+        alpha = self.along(grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() / self.channels * qp)), x)
         out = round_ste((x / alpha).clamp(qn, qp)) * alpha
         return out - self.beta if self.beta is not None else out
 
@@ -167,7 +208,7 @@ class LSQ(Quantizer):
     def _weight_grid(self, w):
         beta = self._offset()
         grid = self.grid()
-        return torch.round(((w + beta) / self.alpha).clamp(*grid)), self.alpha, -beta, grid
+        return torch.round(((w + beta) / self.along(self.alpha, w)).clamp(*grid)), self.alpha, -beta, grid
 
     def _act_scale(self):
         return self.alpha, self.beta, self.is_signed
@@ -225,7 +266,8 @@ class DLS(Quantizer):
 
 
 class RFA(Quantizer):
-    """Range-floating Flexible Allocator (Q-MambaIR's ``oneRK_U``), for weights, per tensor.
+    """Range-floating Flexible Allocator (Q-MambaIR's ``oneRK_U``), for weights, per tensor (or with
+    one α per output channel; β and the anchors stay shared).
 
     v = clamp((w + β)/α, Qn, Qp). Forward: level = L_i for the largest i ≥ 1 with
     v > (a[i−1] + a[i])/2, else L_0, where L = −2^(b−1) … 2^(b−1)−1 (the official
@@ -238,9 +280,9 @@ class RFA(Quantizer):
     kind = "rfa"
     OUTER_SLOPE = 0.1
 
-    def __init__(self, bits: int, signed: bool | None = None):
-        super().__init__(bits, signed)
-        self.alpha = nn.Parameter(torch.ones(1))
+    def __init__(self, bits: int, signed: bool | None = None, channels: int = 1, axis: int = 0):
+        super().__init__(bits, signed, channels, axis)
+        self.alpha = nn.Parameter(torch.ones(self.channels))
         self.beta = nn.Parameter(torch.zeros(1))
         qn, qp = qrange(self.bits, True)
         self.a = nn.Parameter(torch.arange(qn, qp + 1, dtype=torch.float32))
@@ -291,7 +333,7 @@ class RFA(Quantizer):
                 self.a.copy_(torch.arange(qn, qp + 1, dtype=torch.float32, device=x.device))
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()
-        alpha = grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() * qp))
+        alpha = self.along(grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() / self.channels * qp)), x)
         v = (x / alpha).clamp(qn, qp)
         soft = self.soft_level(v)
         level = self.hard_level(v) + (soft - soft.detach())
@@ -299,7 +341,7 @@ class RFA(Quantizer):
 
     def _weight_grid(self, w):
         qn, qp = self.grid()
-        q = self.hard_level(((w + self.beta) / self.alpha).clamp(qn, qp))
+        q = self.hard_level(((w + self.beta) / self.along(self.alpha, w)).clamp(qn, qp))
         return q, self.alpha, -self.beta, (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
 
 
@@ -316,56 +358,59 @@ class Observer(Quantizer):
     candidates (0.2 … 1 × max) that minimises ‖x̂ − x‖² on the calibration sample.
     Calibration (training mode) keeps a bounded random sample of the values
     seen; :meth:`freeze` (or the first eval-mode call) computes α. Symmetric,
-    zero point 0: what TensorRT runs.
+    zero point 0: what TensorRT runs. With ``channels`` > 1 (weights) every statistic is taken
+    per output channel along ``axis`` and α has one value per channel.
     """
 
     kind = "observer"
     SAMPLE = 1 << 18
 
-    def __init__(self, bits: int, method: str = "minmax", signed: bool | None = None, percentile: float = 99.99):
-        super().__init__(bits, signed)
+    def __init__(self, bits: int, method: str = "minmax", signed: bool | None = None, percentile: float = 99.99,
+                 channels: int = 1, axis: int = 0):
+        super().__init__(bits, signed, channels, axis)
         if method not in OBSERVERS:
             raise ValueError(f"observer {method!r} is unknown; use {', '.join(OBSERVERS)}")
         self.method, self.percentile = method, percentile
-        self.alpha = nn.Parameter(torch.ones(1), requires_grad=False)
-        self.register_buffer("x_min", torch.full((1,), float("inf")))
-        self.register_buffer("x_max", torch.full((1,), float("-inf")))
+        self.alpha = nn.Parameter(torch.ones(self.channels), requires_grad=False)
+        self.register_buffer("x_min", torch.full((self.channels,), float("inf")))
+        self.register_buffer("x_max", torch.full((self.channels,), float("-inf")))
         self._sample: list[torch.Tensor] = []
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, method={self.method}"
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float().flatten()
-        self.x_min.copy_(torch.minimum(self.x_min, x.min().reshape(1)))
-        self.x_max.copy_(torch.maximum(self.x_max, x.max().reshape(1)))
+        rows = self.channel_rows(x.detach().float())                 # (channels, values)
+        self.x_min.copy_(torch.minimum(self.x_min, rows.amin(1)))
+        self.x_max.copy_(torch.maximum(self.x_max, rows.amax(1)))
         if self.method != "minmax":
-            if x.numel() > self.SAMPLE:
+            if rows.shape[1] > self.SAMPLE:
                 g = torch.Generator(device="cpu").manual_seed(len(self._sample))
-                x = x[torch.randint(x.numel(), (self.SAMPLE,), generator=g).to(x.device)]
-            self._sample.append(x.cpu())
+                rows = rows[:, torch.randint(rows.shape[1], (self.SAMPLE,), generator=g).to(x.device)]
+            self._sample.append(rows.cpu())
 
     @torch.no_grad()
     def freeze(self) -> None:
         if not torch.isfinite(self.x_max).all():
             raise RuntimeError("the observer saw no data; run calibration batches before freezing it")
-        signed = self.fixed_sign if self.fixed_sign is not None else bool(self.x_min < -SIGN_EPS)
+        signed = self.fixed_sign if self.fixed_sign is not None else bool(self.x_min.min() < -SIGN_EPS)
         self.signed.fill_(1.0 if signed else 0.0)
         qn, qp = self.grid()
         peak = torch.maximum(self.x_max.abs(), self.x_min.abs()) if signed else self.x_max.clamp(min=0)
-        peak = peak.clamp(min=1e-8)
+        peak = peak.clamp(min=1e-8)                                   # (channels,)
         if self.method == "minmax":
             alpha = peak / qp
         else:
-            sample = torch.cat(self._sample) if self._sample else torch.zeros(1)
+            sample = torch.cat(self._sample, 1) if self._sample else torch.zeros(self.channels, 1)
             mag = sample.abs() if signed else sample.clamp(min=0)
             if self.method == "percentile":
-                k = max(1, min(mag.numel(), int(math.ceil(self.percentile / 100 * mag.numel()))))
-                alpha = (mag.kthvalue(k).values.reshape(1).clamp(min=1e-8)) / qp
+                k = max(1, min(mag.shape[1], int(math.ceil(self.percentile / 100 * mag.shape[1]))))
+                alpha = mag.kthvalue(k, dim=1).values.clamp(min=1e-8) / qp
             else:
-                cands = peak.cpu() * torch.linspace(0.2, 1.0, 100) / qp
-                errs = [((torch.round(sample / c).clamp(qn, qp) * c - sample) ** 2).mean() for c in cands]
-                alpha = cands[int(torch.stack(errs).argmin())].reshape(1)
+                cands = peak.cpu()[None, :] * torch.linspace(0.2, 1.0, 100)[:, None] / qp      # (100, channels)
+                errs = torch.stack([((torch.round(sample / c[:, None]).clamp(qn, qp) * c[:, None] - sample) ** 2)
+                                    .mean(1) for c in cands])                                  # (100, channels)
+                alpha = cands.gather(0, errs.argmin(0, keepdim=True)).reshape(self.channels)
         self.alpha.copy_(alpha.to(self.alpha.device))
         self._sample = []
         self.init_state.fill_(1.0)
@@ -377,13 +422,17 @@ class Observer(Quantizer):
         if not self.initialized:
             self.freeze()
         qn, qp = self.grid()
-        return round_ste((x / self.alpha).clamp(qn, qp)) * self.alpha
+        alpha = self.along(self.alpha, x)
+        return round_ste((x / alpha).clamp(qn, qp)) * alpha
 
     def _weight_grid(self, w):
         grid = self.grid()
-        return torch.round((w / self.alpha).clamp(*grid)), self.alpha, torch.zeros((), device=w.device), grid
+        return (torch.round((w / self.along(self.alpha, w)).clamp(*grid)), self.alpha,
+                torch.zeros((), device=w.device), grid)
 
     def _act_scale(self):
+        if self.per_channel:
+            return super()._act_scale()
         return self.alpha, None, self.is_signed
 
 

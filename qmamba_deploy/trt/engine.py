@@ -110,6 +110,7 @@ class BuildConfig:
     optimization_level: int | None = None
     workspace_mib: int | None = None
     tensorrt: str = "tensorrt"              # tensorrt | tensorrt_rtx
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX: target SMs (SM89, SM120...); () every one it knows
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -120,6 +121,9 @@ class BuildConfig:
             raise OptionError(f"--optimization-level {self.optimization_level}: pass 0..5")
         if self.exclude_lean_runtime and not self.version_compatible:
             raise OptionError("--exclude-lean-runtime only applies with --version-compatible")
+        if self.compute_capabilities and self.tensorrt != "tensorrt_rtx":
+            raise OptionError("--compute-capability applies to --tensorrt tensorrt_rtx (full TensorRT builds for the "
+                              "GPU it runs on)")
 
 
 def _flag(trt: ModuleType, name: str, option: str):
@@ -257,6 +261,16 @@ def _config(b: _Build) -> None:
     if cfg.workspace_mib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
         settings["workspace_mib"] = cfg.workspace_mib
+    if cfg.compute_capabilities:
+        # TensorRT-RTX compiles the engine's kernels for every RTX architecture it knows unless told otherwise
+        known = list(trt.ComputeCapability.__members__)
+        config.num_compute_capabilities = len(cfg.compute_capabilities)
+        for i, name in enumerate(cfg.compute_capabilities):
+            if name not in known or name == "NONE":
+                raise OptionError(f"--compute-capability {name}: TensorRT-RTX {trt.__version__} knows "
+                                  f"{', '.join(k for k in known if k != 'NONE')}")
+            config.set_compute_capability(getattr(trt.ComputeCapability, name), i)
+        settings["compute_capabilities"] = list(cfg.compute_capabilities)
 
 
 def _profile_and_cache(b: _Build) -> None:

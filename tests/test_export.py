@@ -34,6 +34,22 @@ def w4a4_v2():
     return deploy
 
 
+@pytest.fixture(scope="module")
+def w4a4_exports(w4a4_v2, tmp_path_factory):
+    """``get(**options) -> (path, manifest)``: each distinct export of ``w4a4_v2`` made once per module
+    (tracing is the slow part of these tests); callers read the files, never change them."""
+    folder, cache = tmp_path_factory.mktemp("w4a4_exports"), {}
+
+    def get(**options):
+        key = json.dumps(ExportOptions(**options).as_dict(), sort_keys=True)
+        if key not in cache:
+            path = folder / f"model{len(cache)}.onnx"
+            cache[key] = (path, export_onnx(w4a4_v2, path, ExportOptions(**options)))
+        return cache[key]
+
+    return get
+
+
 def _zero_points(proto: onnx.ModelProto) -> list[np.ndarray]:
     inits = {t.name: t for t in proto.graph.initializer}
     return [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in proto.graph.node
@@ -41,9 +57,8 @@ def _zero_points(proto: onnx.ModelProto) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("scan,dls", [("plugin", "static"), ("plugin", "dynamic"), ("portable", "dynamic")])
-def test_w4a4_export_is_qdq_clean_and_matches_torch_in_onnxruntime(tmp_path, w4a4_v2, scan, dls):
-    path = tmp_path / "model.onnx"
-    manifest = export_onnx(w4a4_v2, path, ExportOptions(scan=scan, dls=dls))
+def test_w4a4_export_is_qdq_clean_and_matches_torch_in_onnxruntime(w4a4_v2, w4a4_exports, scan, dls):
+    path, manifest = w4a4_exports(scan=scan, dls=dls)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert proto.ir_version == 10 and {o.domain: o.version for o in proto.opset_import}[""] == 21
@@ -53,7 +68,7 @@ def test_w4a4_export_is_qdq_clean_and_matches_torch_in_onnxruntime(tmp_path, w4a
     if scan == "portable":
         assert "Scan" in graph["ops"]
     # static DLS are real Q/DQ pairs; dynamic ones are float arithmetic (fewer QuantizeLinear)
-    static_q = export_onnx(w4a4_v2, tmp_path / "s.onnx", ExportOptions(dls="static"))["graph"]["quantize_linear"]
+    static_q = w4a4_exports(dls="static")[1]["graph"]["quantize_linear"]
     assert (graph["quantize_linear"] == static_q) == (dls == "static")
     # symmetric everywhere: every zero point is an int8 0
     zps = _zero_points(proto)
@@ -84,9 +99,8 @@ def test_fp_export_of_the_embedded_default_is_exact_in_onnxruntime(tmp_path):
     assert (onnx_runner(tmp_path / "fp.onnx")(x) - ref).abs().max() <= 1e-4
 
 
-def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2):
-    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    export_onnx(w4a4_v2, a, ExportOptions())
+def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2, w4a4_exports):
+    a, b = w4a4_exports()[0], tmp_path / "b.onnx"
     export_onnx(w4a4_v2, b, ExportOptions())
     assert a.read_bytes() == b.read_bytes()
     # no tracer debug metadata (stack traces naming this checkout's files) on any node or value
@@ -97,8 +111,8 @@ def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2):
         assert not any(v.metadata_props for v in (*graph.value_info, *graph.input, *graph.output))
 
 
-def test_int4_weights_are_blocked_int4_and_compute_the_same(tmp_path, w4a4_v2):
-    m8 = export_onnx(w4a4_v2, tmp_path / "int8.onnx", ExportOptions(dls="static"))
+def test_int4_weights_are_blocked_int4_and_compute_the_same(tmp_path, w4a4_v2, w4a4_exports):
+    int8, m8 = w4a4_exports(dls="static")
     m4 = export_onnx(w4a4_v2, tmp_path / "int4.onnx", ExportOptions(dls="static", int4_weights=True))
     assert m4["int4_weights"] > 0 and m4["graph"]["integer_initializers"]["INT4"] == m4["int4_weights"]
     assert m8["graph"]["integer_initializers"].get("INT4", 0) == 0
@@ -106,9 +120,9 @@ def test_int4_weights_are_blocked_int4_and_compute_the_same(tmp_path, w4a4_v2):
     dq4 = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
            and any(a.name == "block_size" and a.i > 0 for a in n.attribute)]
     assert len(dq4) == m4["int4_weights"]
-    assert (tmp_path / "int4.onnx").stat().st_size < (tmp_path / "int8.onnx").stat().st_size
+    assert (tmp_path / "int4.onnx").stat().st_size < int8.stat().st_size
     x = _x(4)
-    y8, y4 = onnx_runner(tmp_path / "int8.onnx")(x), onnx_runner(tmp_path / "int4.onnx")(x)
+    y8, y4 = onnx_runner(int8)(x), onnx_runner(tmp_path / "int4.onnx")(x)
     assert psnr_between(y4, y8) >= 45.0  # same integers, same scales; only the kernels differ
 
 
@@ -190,10 +204,8 @@ def test_lint_flags_what_tensorrt_rejects(tmp_path, kwargs, code):
     assert lint_onnx(clean, use_parser=False).passed
 
 
-def test_lint_checks_the_plugin_node_against_the_contract(tmp_path, w4a4_v2):
-    path = tmp_path / "m.onnx"
-    export_onnx(w4a4_v2, path, ExportOptions())
-    proto = onnx.load(str(path))
+def test_lint_checks_the_plugin_node_against_the_contract(tmp_path, w4a4_exports):
+    proto = onnx.load(str(w4a4_exports()[0]))
     node = scan_nodes(proto)[0]
     kept = [a for a in node.attribute if a.name != "plugin_namespace"]   # one attribute missing ...
     del node.attribute[:]
@@ -208,14 +220,12 @@ def test_lint_checks_the_plugin_node_against_the_contract(tmp_path, w4a4_v2):
     assert codes.count("plugin-attribute") == 2 and "topk-k" in codes
 
 
-def test_lint_parses_with_tensorrt_where_available(tmp_path, w4a4_v2):
+def test_lint_parses_with_tensorrt_where_available(w4a4_exports):
     from qmamba_deploy.trt.lint import _import_parser
 
     if _import_parser()[1] is None:
         pytest.skip("no TensorRT parser importable (pip install tensorrt-rtx-cu13 gives one that runs without a GPU)")
-    plugin, portable = tmp_path / "plugin.onnx", tmp_path / "portable.onnx"
-    export_onnx(w4a4_v2, plugin, ExportOptions(dls="static"))
-    export_onnx(w4a4_v2, portable, ExportOptions(dls="static", scan="portable"))
+    plugin, portable = w4a4_exports(dls="static")[0], w4a4_exports(dls="static", scan="portable")[0]
     report = lint_onnx(portable)
     assert report.passed and report.parser["parsed"], report.text()
     report = lint_onnx(plugin)  # the plugin library is not loaded here: only "plugin not found" errors

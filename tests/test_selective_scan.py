@@ -56,9 +56,8 @@ def test_chunked_matches_reference(k, dk, n, length, softplus):
     ref = selective_scan_ref(*x, delta_softplus=softplus)
     assert ref.shape == (2, k * dk, length)
     for chunk in (None, 1, 7, 64):
-        for dense in (True, False):  # every state kept, or one state per chunk
-            out = selective_scan_chunked(*x, delta_softplus=softplus, chunk=chunk, dense=dense)
-            assert rel_err(ref, out) <= 1e-5, (chunk, dense)
+        out = selective_scan_chunked(*x, delta_softplus=softplus, chunk=chunk)
+        assert rel_err(ref, out) <= 1e-5, chunk
     assert rel_err(ref, selective_scan(*x, delta_softplus=softplus)) <= 1e-5
 
 
@@ -66,10 +65,9 @@ def test_large_decay_is_finite():
     """delta + 30: dt*|A| sums to thousands; a log-space cumsum would overflow."""
     x = make_inputs(1, 2, 4, 6, 300, delta_shift=30.0)
     ref = selective_scan_ref(*x)
-    for dense in (True, False):
-        out = selective_scan_chunked(*x, dense=dense)
-        assert torch.isfinite(out).all()
-        assert rel_err(ref, out) <= 1e-5
+    out = selective_scan_chunked(*x)
+    assert torch.isfinite(out).all()
+    assert rel_err(ref, out) <= 1e-5
 
 
 def test_optional_d_and_bias():

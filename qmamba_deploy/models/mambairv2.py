@@ -144,31 +144,32 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def attention_bias(self, rpi: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The additive term of the softmax: relative-position bias (heads, n, n), plus the shifted
-        windows' mask as (nW, heads, n, n) when there is one -- one tensor, one Add in the graph."""
+        """The additive term of the softmax, 4-D: relative-position bias (1, heads, n, n), plus the
+        shifted windows' mask as (nW, heads, n, n) when there is one -- one tensor, one Add in the
+        graph. (4-D matters: torch's fused CPU attention takes only a 4-D mask; with a 3-D one it
+        falls back to the unfused path, 7x slower here.)"""
         n = rpi.shape[0]
-        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
-        return bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        return bias if mask is None else bias + mask.unsqueeze(1)
 
     def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """qkv: (B*nW, n, 3C) -> (B*nW, n, C)."""
         b_, n, c3 = qkv.shape
         c = c3 // 3
         heads = self.num_heads
-        nw = 1 if mask is None else mask.shape[0]
-        # (B, nW, heads, n, d): the window axis apart so that the bias + mask broadcasts over the batch
-        qkv = qkv.reshape(b_ // nw, nw, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        bias = self.attention_bias(rpi, mask)
+        qkv = qkv.reshape(b_, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                  # (B*nW, heads, n, d)
+        bias = self.attention_bias(rpi, mask)                           # (1 or nW, heads, n, n)
+        if mask is not None and b_ != mask.shape[0]:                    # windows of several images
+            bias = bias.repeat(b_ // mask.shape[0], 1, 1, 1)
         if torch.onnx.is_in_onnx_export():
             # the pattern ONNX Runtime and TensorRT fuse: MatMul -> Add -> Softmax -> MatMul
-            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-            x = attn @ v
+            x = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
         else:
-            # PyTorch: one fused kernel (no (B*nW, heads, n, n) tensors of scores written and read back)
+            # PyTorch: one fused kernel (4-D operands: the fused CPU kernel; 5-D ones fall back to
+            # the unfused math path), no (B*nW, heads, n, n) score tensor written and read back
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
-        x = x.permute(0, 1, 3, 2, 4).reshape(b_, n, c)
-        return self.proj(x)
+        return self.proj(x.transpose(1, 2).reshape(b_, n, c))
 
 
 # ------------------------------------------------------------ attentive state space

@@ -60,11 +60,6 @@ __all__ = [
 # 2-core CPU: L=4 loop 0.14 ms vs chunked 0.17 ms, L=8 loop 0.27 ms vs chunked 0.23 ms).
 _REF_MAX_LEN = 4
 
-#: The chunked forward keeps every step's state when the [L, D, N] tensors have at most this many
-#: elements (64 MiB each in float32; MambaIRv2-light at 128x128 needs 12.6 M); longer sequences are
-#: scanned step by step with one state per chunk.
-DENSE_MAX_ELEMENTS = 1 << 24
-
 _BACKWARD_QUALNAME = f"{contract.TORCH_QUALNAME}_backward"
 
 
@@ -221,8 +216,7 @@ class _ChunkLayout:
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                            D: Tensor | None = None, delta_bias: Tensor | None = None,
-                           delta_softplus: bool = True, chunk: int | None = None,
-                           dense: bool | None = None) -> Tensor:
+                           delta_softplus: bool = True, chunk: int | None = None) -> Tensor:
     """Same contract as :func:`selective_scan_ref`, O(B·D·L + B·D·(L/T)·N) memory.
 
     L is cut into ``nc`` chunks of ``T`` steps (the tail padded with dt = 0 steps:
@@ -233,11 +227,6 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     2. Carry: h_in[c+1] = P[c] h_in[c] + h_end[c], with P[c] = prod of the chunk's
        decays = exp(A * sum(dt over the chunk)) <= 1 -- a product, never a quotient.
     3. Final pass: rerun the T steps from the true initial states h_in, emitting y.
-
-    ``dense`` (default: when the [L, D, N] tensors take at most ``DENSE_MAX_ELEMENTS``) forms
-    every step's decay and input at once -- one exp over the whole sequence instead of 2T small
-    ones -- keeps every state (the local scan and the fix-up of :func:`_scan_time_major`) and
-    contracts them with C in one batched matmul: fewer, larger operations, the same arithmetic.
     """
     check_inputs(u, delta, A, B, C, D, delta_bias)
     dtype = _compute_dtype(u, delta, A, B, C)
@@ -254,15 +243,6 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     B_s, C_s = lay.group(B.to(dtype)), lay.group(C.to(dtype))
     A_s = A.to(dtype).view(k, 1, dk, n)                                 # broadcasts to [B, K, nc, Dk, N]
 
-    if dense if dense is not None else T * bsz * dim * nc * n <= DENSE_MAX_ELEMENTS:
-        a_s = torch.mul(dt_s, A_s).exp_()                               # [T, B, K, nc, Dk, N] decays
-        h_s = _scan_time_major(a_s, torch.mul(du_s, B_s), chunk_dim=3)  # every state, in place
-        y_s = torch.matmul(h_s, C_s.transpose(-1, -2))                  # [T, B, K, nc, Dk, 1]
-        y = lay.channel_back(y_s)
-        if D is not None:
-            y = y + D.to(dtype)[:, None] * uf
-        return y.to(u.dtype)
-
     def step(h: Tensor, t: int) -> Tensor:
         a = torch.mul(dt_s[t], A_s).exp_()                              # decay in (0, 1]
         return h.mul_(a).addcmul_(du_s[t], B_s[t])                      # h = a h + dt u B
@@ -273,11 +253,13 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         step(h, t)
     h_end = h
 
-    # 2. carry the states across chunks (sequential over nc, small tensors)
+    # 2. carry the states across chunks: g[c] = P[c] g[c-1] + h_end[c] is itself a linear
+    #    recurrence over nc, solved by the same chunked scan (O(sqrt(nc)) small steps, not nc);
+    #    chunk c starts from g[c-1]
     P = torch.exp(dt_s.sum(0) * A_s)                                    # [B, K, nc, Dk, N]
+    g = chunked_linear_scan(P.reshape(bsz, k, nc, dk * n), h_end.reshape(bsz, k, nc, dk * n))
     h_in = torch.zeros_like(h_end)
-    for c in range(1, nc):
-        h_in[:, :, c] = P[:, :, c - 1] * h_in[:, :, c - 1] + h_end[:, :, c - 1]
+    h_in[:, :, 1:] = g[:, :, :-1].reshape(bsz, k, nc - 1, dk, n)
 
     # 3. final pass from the true initial states, y on the fly
     h = h_in

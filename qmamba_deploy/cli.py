@@ -600,7 +600,7 @@ def _profile_options(f):
               show_default=True, help="tensorrt (server GPUs, Jetson) or tensorrt_rtx (RTX GPUs; builds without one).")
 @click.option("--compute-capability", "compute_capabilities", multiple=True,
               help="tensorrt_rtx: the RTX architectures to compile for (SM75, SM80, SM86, SM89, SM120, CURRENT; "
-                   "repeatable). Default: every one TensorRT-RTX knows, which multiplies the engine's size.")
+                   "repeatable). Default: every one TensorRT-RTX knows.")
 def build(onnx_file, min_shape, opt_shape, max_shape, out, plugin, timing_cache, fp16, version_compatible,
           exclude_lean_runtime, hardware_compatibility, optimization_level, workspace_mib, trt_module,
           compute_capabilities):

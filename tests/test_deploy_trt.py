@@ -243,11 +243,11 @@ def test_build_with_tensorrt_rtx_writes_engine_manifest_and_timing_cache(tmp_pat
     assert vc["settings"]["flags"] == ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
     assert "plugins_serialized" not in vc["settings"]
     assert vc["settings"]["optimization_level"] == 1 and vc["settings"]["workspace_mib"] == 64
-    # one RTX architecture instead of all of them: a smaller engine, recorded in the manifest
+    # one RTX architecture instead of all of them, recorded in the manifest (the engine is no
+    # smaller: TensorRT-RTX 1.7 writes the same bytes count either way, see docs/performance.md)
     one = build_engine(BuildConfig(str(onnx_path), cfg.profile, compute_capabilities=("SM89",),
                                    tensorrt="tensorrt_rtx"), tmp_path / "sm89")
-    assert one["settings"]["compute_capabilities"] == ["SM89"]
-    assert one["engine_bytes"] < m["engine_bytes"]
+    assert one["settings"]["compute_capabilities"] == ["SM89"] and one["engine_bytes"] > 0
     with pytest.raises(OptionError, match="--compute-capability SM99: TensorRT-RTX .* knows .*SM89"):
         build_engine(BuildConfig(str(onnx_path), cfg.profile, compute_capabilities=("SM99",), tensorrt="tensorrt_rtx"),
                      tmp_path / "sm99")

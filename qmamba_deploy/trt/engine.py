@@ -262,7 +262,7 @@ def _config(b: _Build) -> None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
         settings["workspace_mib"] = cfg.workspace_mib
     if cfg.compute_capabilities:
-        # TensorRT-RTX compiles the engine's kernels for every RTX architecture it knows unless told otherwise
+        # TensorRT-RTX targets every RTX architecture it knows unless told otherwise
         known = list(trt.ComputeCapability.__members__)
         config.num_compute_capabilities = len(cfg.compute_capabilities)
         for i, name in enumerate(cfg.compute_capabilities):

@@ -18,6 +18,7 @@ and with the portable scan, and the W8A8 deploy bundle they share. For each, thr
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import re
@@ -108,7 +109,9 @@ def main() -> None:
         print(json.dumps(entry), flush=True)
 
     start = time.perf_counter()
-    report = validate_artifacts([str(onnx["w8a8_plugin"]), str(onnx["w8a8_portable"])])
+    # the two W8A8 exports each folded the same model into their own folder's bundle: compare both
+    # with one of them (validate refuses artifacts of different bundles unless --bundle names one)
+    report = validate_artifacts([str(onnx["w8a8_plugin"]), str(onnx["w8a8_portable"])], bundle=str(bundle))
     validation = {"seconds": time.perf_counter() - start, "passed": report.passed,
                   "outputs": [{"name": o.name, "min_psnr_between": o.min_psnr_between, "required": min(
                       im["required"] for im in o.images)} for o in report.outputs if o.reference]}
@@ -122,7 +125,12 @@ def main() -> None:
              f"through `open_runner` as `restore --model`, `eval --model` and `bench --model` do. Restore: a 200x180 "
              f"crop of baboon.png (output 800x720) in {args.tile}-pixel tiles, overlap 16; PSNR vs reference is "
              f"between the written 8-bit PNGs. Eval: Y-PSNR/SSIM on the built-in eval split (4 photos, x4 bicubic "
-             f"LR 72x72).", "",
+             f"LR 72x72). ONNX files: " + "; ".join(
+                 f"{name} exported "
+                 f"{datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+                 for name, path in onnx.items())
+             + f" (reused from {args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs} when "
+               "present; delete it to export afresh).", "",
              "| artifact | accepts | restore s | PSNR vs reference (dB) | eval Y-PSNR | SSIM | eval s | "
              "bench 64x64 p50 ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for e in results:
@@ -132,7 +140,8 @@ def main() -> None:
                      f"{e['ssim']:.4f} | {e['eval_s']:.1f} | {e['bench_p50_ms']:.0f} |")
     lines += ["", f"Bicubic on the same eval images: {results[0]['bicubic_psnr']:.4f} dB.", "",
               f"`qmamba-deploy validate {onnx['w8a8_plugin'].relative_to(ROOT)} "
-              f"{onnx['w8a8_portable'].relative_to(ROOT)}` (one call, {validation['seconds']:.0f} s): "
+              f"{onnx['w8a8_portable'].relative_to(ROOT)} --bundle {bundle.relative_to(ROOT)}` "
+              f"(one call, {validation['seconds']:.0f} s): "
               + ("passed" if validation["passed"] else "FAILED") + "; min PSNR-between over the images: "
               + "; ".join(f"{o['name']} {o['min_psnr_between']:.2f} dB (required {o['required']:.2f})"
                           for o in validation["outputs"])

@@ -12,7 +12,8 @@ MatMul weights. Validation is off (it writes reports, not models). Run both chec
 Besides each file's sha256 it records the sha256 of the ONNX with torch's per-node debug metadata
 removed (``pkg.torch.onnx.*`` stack traces name the source files and line numbers of the checkout
 that traced the model, so they differ between any two checkouts); --compare compares that
-canonical form and the bundles.
+canonical form and the bundles. (Exports made since 2026-11-29 carry no such metadata and write
+safetensors headers in a fixed order, so their raw files compare equal too.)
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from .jobs.inspect import describe_checkpoint, format_summary, preset_table
 from .jobs.quantize import QuantizeConfig, SPR2QConfig
 from .jobs.quantize import quantize as run_quantize
 from .jobs.restore import output_paths, restore_files
-from .jobs.validate import validate_artifacts
+from .jobs.validate import DEFAULT_QUALITY_MARGIN_DB, validate_artifacts
 from .models import resolve_arch
 from .quant.qconfig import METHODS as QUANT_METHODS
 from .quant.qconfig import PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
@@ -134,6 +134,10 @@ def _report_failures(failures: list[tuple[str, str]], what: str) -> None:
         sys.exit(1)
 
 
+_QUALITY_MARGIN_OPTION = click.option(
+    "--quality-margin", "quality_margin_db", type=_NONNEGF, default=DEFAULT_QUALITY_MARGIN_DB, show_default=True,
+    help="Fail when a candidate's mean Y-PSNR (vs ground truth) is this much below its reference's, however well "
+         "they agree; a candidate that disagrees without losing quality is reported as 'sensitive'.")
 _MAX_MP_OPTION = click.option(
     "--max-megapixels", type=_POSF, default=64.0, show_default=True,
     help="Refuse images larger than this (checked from the file header, before decoding).")
@@ -490,10 +494,7 @@ def fold(out, **kw):
 @click.option("--min-psnr-between", type=_NONNEGF, default=50.0, show_default=True,
               help="Fail when ONNX Runtime and PyTorch differ by less than this PSNR on some image (or by more "
                    "than the model's own one-ulp sensitivity allows, when that is lower; see docs/export.md).")
-@click.option("--quality-margin", "quality_margin_db", type=_NONNEGF, default=0.1, show_default=True,
-              help="Fail when a candidate's mean Y-PSNR (vs ground truth) is this much below its reference's, "
-                   "however well they agree; a candidate that disagrees without losing quality is reported as "
-                   "'sensitive'.")
+@_QUALITY_MARGIN_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr_between, quality_margin_db, quiet,
            **kw):
@@ -520,10 +521,7 @@ def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr
 @click.option("--data", default="builtin", show_default=True, help="Images (the eval split of 'builtin').")
 @click.option("--min-psnr-between", type=_NONNEGF, default=50.0, show_default=True)
 @click.option("--max-abs", type=_NONNEGF, default=None, help="Also fail when a max |difference| exceeds this.")
-@click.option("--quality-margin", "quality_margin_db", type=_NONNEGF, default=0.1, show_default=True,
-              help="Fail when a candidate's mean Y-PSNR (vs ground truth) is this much below its reference's, "
-                   "however well they agree; a candidate that disagrees without losing quality is reported as "
-                   "'sensitive'.")
+@_QUALITY_MARGIN_OPTION
 @click.option("--device", default=None, help="Where to run (default: engines and their reference on cuda, "
                                              "ONNX Runtime on cpu).")
 @click.option("--plugin", type=click.Path(dir_okay=False), help="Engines: the plugin library.")

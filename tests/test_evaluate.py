@@ -159,3 +159,7 @@ def test_validate_tells_a_sensitive_candidate_from_one_that_loses_quality():
     assert by_name["dim"].summary()["psnr_vs_reference"] < -0.1
     assert "ΔY-PSNR" in report.table() and "quality lost" in report.table()
     assert report.as_dict()["outputs"][3]["diagnosis"] == "quality lost"
+    # a candidate may be listed before its reference
+    first = validate_outputs([Output("same", reference, reference="ref"), Output("ref", reference)],
+                             _photo_pairs(deg), deg)
+    assert first.outputs[0].passed and first.outputs[0].summary()["psnr_vs_reference"] == 0

@@ -72,8 +72,12 @@ def _mutated(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> byte
 
 
 def _work(name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-"))
-    return folder
+    return Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-"))
+
+
+def _write_variant(path: Path, manifest: dict, key: str | None, value) -> None:
+    """``manifest`` with ``key`` set to ``value`` (the whole file replaced by ``value`` when key is None)."""
+    path.write_text(json.dumps(value if key is None else {**manifest, key: value}))
 
 
 FLIPS = st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)), min_size=1, max_size=6)
@@ -96,9 +100,7 @@ def test_safetensors_bytes(flips, cut):
 def test_checkpoint_manifest(value, key):
     work = _work("manifest")
     shutil.copyfile(_seed() / "tiny.safetensors", work / "tiny.safetensors")
-    manifest = json.loads((_seed() / "tiny.json").read_text())
-    manifest = value if key is None else {**manifest, key: value}
-    (work / "tiny.json").write_text(json.dumps(manifest))
+    _write_variant(work / "tiny.json", json.loads((_seed() / "tiny.json").read_text()), key, value)
     _only_ours(lambda: load_model(work / "tiny.safetensors"))
     shutil.rmtree(work)
 
@@ -110,8 +112,7 @@ def test_model_json(value, key):
     work = _work("modeljson")
     for f in ("model.onnx", "model.json"):
         shutil.copyfile(_seed() / "export" / f, work / f)
-    manifest = json.loads((work / "model.json").read_text())
-    (work / "model.json").write_text(json.dumps(value if key is None else {**manifest, key: value}))
+    _write_variant(work / "model.json", json.loads((work / "model.json").read_text()), key, value)
 
     def run():
         with OrtRunner(work / "model.onnx") as r:
@@ -133,7 +134,7 @@ def test_engine_json(value, key, monkeypatch_module):
     (work / "model.engine").write_bytes(b"fake engine")
     manifest = {"kind": ENGINE_KIND, "engine": "model.engine", "model": {"arch": "x", "scale": 2, "in_chans": 3},
                 "limits": {"min_hw": [8, 8], "max_hw": [None, None], "max_batch": None, "window": 16}}
-    (work / "engine.json").write_text(json.dumps(value if key is None else {**manifest, key: value}))
+    _write_variant(work / "engine.json", manifest, key, value)
 
     def run():
         with CpuTrtRunner(work / "model.engine") as r:

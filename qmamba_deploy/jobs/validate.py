@@ -208,10 +208,10 @@ def validate_outputs(outputs: list[Output], pairs: Iterable[Pair], degradation: 
             if ys[o.name].shape[-2:] != pair.gt.shape[:2]:
                 raise ValueError(f"{o.name} returned {tuple(ys[o.name].shape)} for the {pair.gt.shape[1]}x"
                                  f"{pair.gt.shape[0]} ground truth of {pair.name}")
-        scores = {}
+        scores = {o.name: score_image(to_uint8_image(ys[o.name]), pair.gt, degradation.baseline(lq), pair.name,
+                                      lq.shape[:2], degradation.crop_border) for o in outputs}
         for o in outputs:
-            score = scores[o.name] = score_image(to_uint8_image(ys[o.name]), pair.gt, degradation.baseline(lq),
-                                                 pair.name, lq.shape[:2], degradation.crop_border)
+            score = scores[o.name]
             entry: dict[str, Any] = {"image": pair.name, "psnr": score.psnr, "ssim": score.ssim}
             if o.name in floors:
                 entry["sensitivity_floor"] = floors[o.name]

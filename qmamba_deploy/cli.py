@@ -33,6 +33,7 @@ from .models import resolve_arch
 from .quant.qconfig import METHODS as QUANT_METHODS
 from .quant.qconfig import PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
 from .runtime import artifact_kind, open_runner
+from .runtime.allocator import keep_freed_memory
 from .train import LOSSES, SCHEDULES, TrainConfig, cleanup_distributed, train_restoration
 from .trt.engine import HARDWARE_LEVELS, TRT_MODULES, BuildConfig, Profile, build_engine
 from .trt.lint import lint_onnx
@@ -60,6 +61,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         _quiet_libraries()
+        keep_freed_memory()
         try:
             return super().invoke(ctx)
         except QMambaError as exc:

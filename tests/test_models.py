@@ -117,6 +117,27 @@ def test_shift_mask_matches_slicing_construction(hw):
     assert torch.equal(shifted_window_mask(*hw, 16), _official_mask(*hw, 16))
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (48, 32), (64, 64)])
+def test_grouped_window_attention_equals_the_dense_mask(hw):
+    """PyTorch attends the shifted windows group by group (one mask per group); outputs and gradients
+    equal the dense-mask path the exported graph keeps, for several images at once."""
+    from qmamba_deploy.models.mambairv2 import WindowAttention, WindowGroups, relative_position_index
+
+    ws, heads, dim = 16, 2, 8
+    torch.manual_seed(0)
+    attn = WindowAttention(dim, ws, heads)
+    torch.nn.init.normal_(attn.relative_position_bias_table, std=1.0)
+    groups = WindowGroups(*hw, ws)
+    assert sorted(torch.cat([i for i, _ in groups.groups]).tolist()) == list(range(groups.count))
+    rpi = relative_position_index(ws)
+    qkv = torch.randn(3 * groups.count, ws * ws, 3 * dim, requires_grad=True)
+    dense = attn(qkv, rpi, shifted_window_mask(*hw, ws))
+    (g_dense,) = torch.autograd.grad(dense.square().sum(), qkv)
+    grouped = attn(qkv, rpi, groups)
+    (g_grouped,) = torch.autograd.grad(grouped.square().sum(), qkv)
+    assert torch.allclose(grouped, dense, atol=1e-5) and torch.allclose(g_grouped, g_dense, atol=1e-4)
+
+
 def test_flip_padding_and_crop(tiny_v2):
     x = torch.rand(1, 3, 9, 13)
     padded = tiny_v2.pad(x)

@@ -113,8 +113,9 @@ def _export(checkout: Path, what: str) -> Path:
     return out
 
 
-def _run(checkout: Path, what: str, size: int, iterations: int, threads: int, export_dir: Path | None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
+def _run(checkout: Path, what: str, size: int, iterations: int, threads: int, export_dir: Path | None,
+         allocator: dict[str, str]) -> dict:
+    env = {**os.environ, **allocator, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", what, "--size", str(size), "--iterations",
            str(iterations), "--threads", str(threads)] + (["--export-dir", str(export_dir)] if export_dir else [])
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
@@ -158,6 +159,9 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--allocator", choices=["default", "cli"], default="default",
+                    help="cli: run the new side with the allocator settings the qmamba-deploy command sets "
+                         "(qmamba_deploy.runtime.allocator), the base side as it is")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.size, args.iterations, args.threads, args.export_dir)))
@@ -165,6 +169,10 @@ def main() -> int:
     if not CHECKPOINT.is_file():
         raise SystemExit(f"{CHECKPOINT} is missing (../shared beside the clone)")
     sides = {"base": _checkout(args.base), "new": _checkout(args.new)}
+    allocator = {"base": {}, "new": {}}
+    if args.allocator == "cli":
+        from qmamba_deploy.runtime.allocator import ENVIRONMENT
+        allocator["new"] = ENVIRONMENT
     jobs = [(w, s) for w in args.what for s in ([args.qat_size] if w == "qat" else args.sizes)]
     exports = {(name, w): _export(path, w) for name, path in sides.items() for w in args.what if w.startswith("ort-")}
     samples: dict[tuple[str, str, int], list[float]] = {}
@@ -172,7 +180,8 @@ def main() -> int:
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for what, size in jobs:
             for name in order:
-                res = _run(sides[name], what, size, args.iterations, args.threads, exports.get((name, what)))
+                res = _run(sides[name], what, size, args.iterations, args.threads, exports.get((name, what)),
+                           allocator[name])
                 samples.setdefault((name, what, size), []).append(res["median_ms"])
                 print(f"round {r + 1} {name} {what} {size}: {res['median_ms']:.1f} ms", flush=True)
     rows = []
@@ -183,8 +192,9 @@ def main() -> int:
         rows.append({"what": what, "size": size, "base_ms": base, "new_ms": new, "speedup": base / new,
                      "base_gflops": flops / base / 1e6, "new_gflops": flops / new / 1e6,
                      "base_samples": samples[("base", what, size)], "new_samples": samples[("new", what, size)]})
-    print(f"\nbase {sides['base']} vs new {sides['new']}, {args.threads} threads, {args.rounds} rounds, median of "
-          f"per-round medians over {args.iterations} iterations\n")
+    print(f"\nbase {sides['base']} vs new {sides['new']}"
+          f"{' (allocator as the CLI sets it)' if args.allocator == 'cli' else ''}, {args.threads} threads, "
+          f"{args.rounds} rounds, median of per-round medians over {args.iterations} iterations\n")
     print("| benchmark | input | base ms | new ms | speed-up | base GFLOP/s | new GFLOP/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -193,8 +203,8 @@ def main() -> int:
               f"{row['base_gflops']:.1f} | {row['new_gflops']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"base": str(sides["base"]), "new": str(sides["new"]), "threads": args.threads,
-                                         "rounds": args.rounds, "iterations": args.iterations, "rows": rows},
-                                        indent=1) + "\n")
+                                         "allocator": args.allocator, "rounds": args.rounds,
+                                         "iterations": args.iterations, "rows": rows}, indent=1) + "\n")
     return 0
 
 

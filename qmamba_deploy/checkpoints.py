@@ -41,6 +41,7 @@ from .errors import CheckpointError
 from .models.card import ModelCard, card_of
 from .models.registry import build_model, count_parameters, resolve_arch
 from .quant import QConfig, quantize_model
+from .quant.qconfig import split_official_quant_class
 
 CHECKPOINT_KIND = kind("checkpoint")
 _META_KEY = "qmamba_manifest"
@@ -317,6 +318,9 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
         source = str(checkpoint)
 
     provenance: dict[str, Any] = {"checkpoint": source}
+    official, given = arch, split_official_quant_class(arch, kwargs) if arch is not None else None
+    if given is not None:  # QuantBL_L_MambaIR(k_bits=...): the float class plus its quantizers
+        arch, kwargs, given_qconfig = given
     qconfig = None
     if manifest is not None and manifest.get("qconfig"):
         try:
@@ -327,6 +331,13 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], arch:
     elif is_quantized_state_dict(sd):
         qconfig = detect_qconfig(sd, source)
         provenance["qconfig_from"] = "detected (Q-MambaIR layout)"
+    if given is not None:
+        if qconfig is not None and (qconfig.method, qconfig.w_bits, qconfig.a_bits) != (
+                given_qconfig.method, given_qconfig.w_bits, given_qconfig.a_bits):
+            raise CheckpointError(f"{source} holds a {qconfig.label} model but arch={official!r} was given "
+                                  f"k_bits={given_qconfig.w_bits}; pass k_bits={qconfig.w_bits}, or omit arch")
+        if qconfig is None:
+            qconfig, provenance["qconfig_from"] = given_qconfig, "given (official class and k_bits)"
     if arch is None and manifest is not None and "arch" in manifest:
         arch, full = manifest["arch"], {**manifest.get("kwargs", {}), **kwargs}
         provenance["arch_from"] = "manifest"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -28,10 +29,11 @@ from .jobs.inspect import describe_checkpoint, format_summary, preset_table
 from .jobs.quantize import QuantizeConfig, SPR2QConfig
 from .jobs.quantize import quantize as run_quantize
 from .jobs.restore import output_paths, restore_files
+from .jobs.sensitivity import SensitivityConfig, read_policy, sensitivity
 from .jobs.validate import DEFAULT_QUALITY_MARGIN_DB, validate_artifacts
 from .models import resolve_arch
+from .quant.qconfig import GROUPINGS, PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
 from .quant.qconfig import METHODS as QUANT_METHODS
-from .quant.qconfig import PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
 from .runtime import artifact_kind, open_runner
 from .runtime.allocator import keep_freed_memory
 from .train import LOSSES, SCHEDULES, TrainConfig, cleanup_distributed, train_restoration
@@ -75,6 +77,15 @@ class _Group(click.Group):
 #: Flag value ranges, checked where click parses them (one sentence naming the flag and the range).
 _NONNEG, _POS = click.IntRange(min=0), click.IntRange(min=1)
 _NONNEGF, _POSF = click.FloatRange(min=0), click.FloatRange(min=0, min_open=True)
+
+
+def _parse_layer_bits(value: str) -> tuple[str, int, int]:
+    """--layer-bits 'PATTERN=W8A8' -> (PATTERN, 8, 8)."""
+    pattern, _, bits = value.rpartition("=")
+    found = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", bits.strip())
+    if not pattern or not found:
+        raise OptionError(f"--layer-bits {value!r} is not PATTERN=WxAy (e.g. '*.wqkv=W8A8')")
+    return pattern, int(found.group(1)), int(found.group(2))
 
 
 def _parse_kwargs(items: tuple[str, ...]) -> dict:
@@ -407,12 +418,21 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--spr2q-variant", type=click.Choice(SPR2Q_VARIANTS),
               default="group", show_default=True,
               help="spr2q ablations: plain PTQ, trained bounds only, one rectifier, group without static routing.")
+@click.option("--policy", default="paper", show_default=True,
+              help="Precision policy: 'paper' (the papers' placement) or a JSON file from `sensitivity --json`.")
+@click.option("--keep-fp", multiple=True, metavar="PATTERN",
+              help="Leave the modules matching this fnmatch pattern in float (repeatable; added to --policy).")
+@click.option("--layer-bits", multiple=True, metavar="PATTERN=WxAy",
+              help="Bits for the modules matching PATTERN, e.g. '*.wqkv=W8A8' (repeatable; after --policy's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data, val_data, out, iters, calib_batches,
              patch, batch, lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size,
-             route_iters, feature_weight, spr2q_variant, quiet):
+             route_iters, feature_weight, spr2q_variant, policy, keep_fp, layer_bits, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
 
+    chosen = read_policy(policy)
+    keep = tuple(chosen["keep_fp"]) + tuple(keep_fp)
+    overrides = tuple(tuple(o) for o in chosen["overrides"]) + tuple(_parse_layer_bits(v) for v in layer_bits)
     ckpt = str(checkpoint or default_checkpoint())
     fp = load_model(ckpt)
     task = fp.card.task or {}
@@ -426,12 +446,48 @@ def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data,
                  patch=patch, batch=batch, iters=iters, lr=lr, schedule=schedule, val_every=val_every,
                  save_every=save_every, seed=seed, device=device, checkpoint=ckpt, method=method, w_bits=w_bits,
                  a_bits=a_bits, scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr,
-                 w_granularity=w_granularity)
+                 w_granularity=w_granularity, keep_fp=keep, overrides=overrides)
     try:
         result = run_quantize(cfg, out, command=_command_line(), progress=not quiet)
     finally:
         cleanup_distributed()
     _report(f"{cfg.qconfig().label} from {ckpt} in {result.seconds:.0f} s", result, out)
+
+
+@main.command(name="sensitivity")
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.option("--method", type=click.Choice(PTQ_METHODS), default="mse", show_default=True,
+              help="PTQ observers of every measured model.")
+@click.option("--w-bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option("--a-bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option("--w-granularity", type=click.Choice(W_GRANULARITIES), default="tensor", show_default=True)
+@click.option("--by", type=click.Choice(GROUPINGS), default="kind", show_default=True,
+              help="kind: the same layer in every block; block: every layer of one residual group.")
+@click.option("--budget", type=click.FloatRange(0, 1), default=0.10, show_default=True,
+              help="Share of the quantized weights the recommended policy may promote.")
+@click.option("--promote-bits", type=click.IntRange(2, 8), default=8, show_default=True,
+              help="Bits of the promoted groups (8 keeps the engine integer).")
+@click.option("--data", default="builtin", show_default=True, help="Calibration images (training split).")
+@click.option("--val-data", default="builtin", show_default=True, help="Images the PSNR is measured on.")
+@click.option("--calib-batches", type=_POS, default=4, show_default=True)
+@click.option("--patch", type=click.IntRange(8, 1024), default=48, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 4096), default=4, show_default=True)
+@click.option("--seed", type=_NONNEG, default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Write the table and the recommended policy (for `quantize --policy`) as JSON.")
+@click.option("--quiet", is_flag=True, help="Only the table.")
+def sensitivity_command(checkpoint, method, w_bits, a_bits, w_granularity, by, budget, promote_bits, data, val_data,
+                        calib_batches, patch, batch, seed, json_out, quiet):
+    """PSNR each layer group costs when quantized (alone, and kept in float), and a recommended policy."""
+    ckpt = str(checkpoint or default_checkpoint())
+    _check_json(json_out, checkpoint=ckpt)
+    cfg = SensitivityConfig(ckpt, method=method, w_bits=w_bits, a_bits=a_bits, w_granularity=w_granularity, by=by,
+                            data=data, val_data=val_data, calib_batches=calib_batches, patch=patch, batch=batch,
+                            seed=seed, budget=budget, promote_bits=promote_bits)
+    report = sensitivity(cfg, progress=not quiet)
+    click.echo(report.table())
+    if json_out:
+        write_json(json_out, report.as_dict())
 
 
 # ----------------------------------------------------------------------------- deployment
@@ -527,9 +583,13 @@ def export(out, bundle, scan, dls, int4_weights, no_validate, val_data, min_psnr
 @click.option("--device", default=None, help="Where to run (default: engines and their reference on cuda, "
                                              "ONNX Runtime on cpu).")
 @click.option("--plugin", type=click.Path(dir_okay=False), help="Engines: the plugin library.")
+@click.option("--diagnose", "diagnose_flips", is_flag=True,
+              help="Also count, per quantizer and per router, the codes and routing decisions that flip between "
+                   "float32 and float64 runs of the PyTorch reference: where its float sensitivity starts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def validate(models, bundle, data, min_psnr_between, max_abs, quality_margin_db, device, plugin, json_out, quiet):
+def validate(models, bundle, data, min_psnr_between, max_abs, quality_margin_db, device, plugin, diagnose_flips,
+             json_out, quiet):
     """Run the same images through PyTorch and each MODEL (ONNX in ONNX Runtime, engines in TensorRT); compare.
 
     Each MODEL (.onnx or .engine, any mix) is compared with the PyTorch deploy model of the bundle it
@@ -537,7 +597,8 @@ def validate(models, bundle, data, min_psnr_between, max_abs, quality_margin_db,
 
     _check_json(json_out, model=list(models), bundle=bundle)
     report = validate_artifacts(list(models), bundle, data, min_psnr_between, max_abs, device=device, plugin=plugin,
-                                progress=not quiet, quality_margin_db=quality_margin_db)
+                                progress=not quiet, quality_margin_db=quality_margin_db,
+                                diagnose_flips=diagnose_flips)
     click.echo(report.table())
     if json_out:
         write_json(json_out, report.as_dict())

@@ -32,6 +32,8 @@ the Y channel with ``crop_border = scale`` (the usual SR benchmark protocol).
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -43,6 +45,7 @@ __all__ = [
     "calculate_ssim",
     "psnr_y",
     "ssim_y",
+    "psnr_between",
 ]
 
 _Y_WEIGHTS_BGR = np.array([24.966, 128.553, 65.481], dtype=np.float64)
@@ -222,3 +225,10 @@ def psnr_y(sr, hr, scale: int, channel_order: str = "RGB") -> float:
 def ssim_y(sr, hr, scale: int, channel_order: str = "RGB") -> float:
     """Benchmark SSIM of float [0, 1] HWC images (see :func:`psnr_y`)."""
     return calculate_ssim(to_uint8(sr), to_uint8(hr), int(scale), True, "HWC", channel_order)
+
+
+def psnr_between(a, b) -> float:
+    """PSNR (dB, peak 1) between two float images (torch tensors) clipped to [0, 1]; inf when identical:
+    how well two runs of one model agree, not a quality metric."""
+    mse = float(((a.clamp(0, 1).double() - b.clamp(0, 1).double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)

@@ -163,3 +163,31 @@ def test_validate_tells_a_sensitive_candidate_from_one_that_loses_quality():
     first = validate_outputs([Output("same", reference, reference="ref"), Output("ref", reference)],
                              _photo_pairs(deg), deg)
     assert first.outputs[0].passed and first.outputs[0].summary()["psnr_vs_reference"] == 0
+
+
+def test_diagnose_counts_the_codes_a_float_difference_flips():
+    """A toy deploy model whose float64 run sees its input 0.4 of a step higher: about 40 % of the
+    codes flip (those whose fraction lies in [0.1, 0.5)), and the router sees no difference."""
+    import torch.nn as nn
+
+    from qmamba_deploy.data.datasets import load_pairs
+    from qmamba_deploy.data.degrade import Degradation
+    from qmamba_deploy.jobs.diagnose import diagnose
+    from qmamba_deploy.quant.deploy import ActQuant
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = ActQuant(8, -128, 127, False).set(0.01)
+
+        def forward(self, x):
+            return self.q(x + (0.004 if x.dtype == torch.float64 else 0.0))
+
+    deg = Degradation("denoise", 1, sigma=15.0)
+    pairs = load_pairs("builtin", deg, 3, split="eval")[:2]
+    report = diagnose(Toy(), pairs, deg)
+    (site,) = report.sites
+    assert site.site == "q" and site.kind == "act" and site.values == sum(p.gt.size for p in pairs)
+    assert 0.3 < site.flips / site.values < 0.5
+    assert len(report.psnr_between) == 2 and all(40 < p < 60 for p in report.psnr_between)
+    assert "flipped at 1 of 1 quantizers" in report.table()

@@ -19,7 +19,7 @@ from qmamba_deploy.export.graph import graphs, scan_nodes
 from qmamba_deploy.export.onnx_export import ExportOptions, export_onnx
 from qmamba_deploy.export.qdq_onnx import qdq_translation_table
 from qmamba_deploy.fold import calibrate_dls, fold, with_dls_mode
-from qmamba_deploy.jobs.validate import psnr_between
+from qmamba_deploy.metrics import psnr_between
 from qmamba_deploy.runtime.ort import onnx_runner
 from qmamba_deploy.trt.lint import lint_onnx
 
@@ -97,6 +97,26 @@ def test_fp_export_of_the_embedded_default_is_exact_in_onnxruntime(tmp_path):
     with torch.no_grad():
         ref = model(x)
     assert (onnx_runner(tmp_path / "fp.onnx")(x) - ref).abs().max() <= 1e-4
+
+
+def test_diagnose_finds_every_static_quantizer_of_a_w4a4_deploy_model(w4a4_v2):
+    """validate --diagnose's counting on a W4A4 deploy model: each static activation quantizer (a DLS
+    site named after its DLS module) and router is a site, in forward order, with 0 <= flips <= values."""
+    from qmamba_deploy.data.datasets import load_pairs
+    from qmamba_deploy.data.degrade import model_degradation
+    from qmamba_deploy.fold import with_dls_mode
+    from qmamba_deploy.jobs.diagnose import diagnose
+    from qmamba_deploy.quant.deploy import ActQuant
+
+    deploy = with_dls_mode(w4a4_v2, "static")
+    deg = model_degradation(deploy)
+    report = diagnose(deploy, load_pairs("builtin", deg, 3, split="eval")[:1], deg)
+    acts = [s for s in report.sites if s.kind == "act"]
+    assert len(acts) == sum(isinstance(m, ActQuant) for m in deploy.modules())
+    assert any(s.site.endswith("xs_q") for s in acts)  # DLS sites by their own name, not '.static'
+    assert sorted(s.order for s in report.sites) == list(range(len(report.sites)))
+    assert all(0 <= s.flips <= s.values and 0 <= s.near_boundary <= s.values for s in report.sites)
+    assert all(s.values > 0 for s in report.sites)
 
 
 def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2, w4a4_exports):

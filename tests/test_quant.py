@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -231,6 +232,29 @@ def test_qmambair_fixture_reproduces_output():
     assert signed["layers.0.residual_group.blocks.0.self_attention.xs_q"] is True
 
 
+def test_qmambair_official_class_name_and_k_bits():
+    """load_model(sd, arch="QuantBL_L_MambaIR", **official kwargs with k_bits) builds what the official
+    constructor builds; a k_bits that disagrees with the checkpoint, or none, is one clear sentence."""
+    from safetensors.torch import load_file
+
+    config, _, x, y = parity_case("qmambair_light_x4_w4a4_tiny")
+    sd = load_file(str(PARITY / "qmambair_light_x4_w4a4_tiny" / "state_dict.safetensors"))
+    assert config["class"] == "QuantBL_L_MambaIR" and config["kwargs"]["k_bits"] == 4
+    model = load_model(sd, arch="QuantBL_L_MambaIR", **config["kwargs"])
+    assert model.card.arch == "MambaIR" and model.card.qconfig == QConfig("qmambair", 4, 4)
+    with torch.no_grad():
+        assert np.abs(model(x).numpy() - y).max() <= 1e-4
+    with pytest.raises(CheckpointError, match="W4A4 model but arch='QuantBL_L_MambaIR' was given k_bits=2"):
+        load_model(sd, arch="QuantBL_L_MambaIR", **{**config["kwargs"], "k_bits": 2})
+    without = {k: v for k, v in config["kwargs"].items() if k != "k_bits"}
+    with pytest.raises(OptionError, match="needs its official k_bits"):
+        load_model(sd, arch="QuantBL_L_MambaIR", **without)
+    # a float state_dict through the quantized class: the quantizers' tensors are named as missing
+    float_sd = {k: v for k, v in sd.items() if "_quant." not in k and "_q." not in k}
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(float_sd, arch="QuantBL_L_MambaIR", **config["kwargs"])
+
+
 def test_unknown_quantized_layout_is_explained():
     from safetensors.torch import load_file
 
@@ -300,3 +324,93 @@ def test_qat_under_torchrun_two_gloo_processes(tmp_path, tiny_ckpt):
     digests = manifest["provenance"]["rank_digests"]
     assert manifest["provenance"]["world_size"] == 2 and digests[0] == digests[1]
     assert manifest["qconfig"]["method"] == "qmambair"
+
+
+# ------------------------------------------------------------------ sensitivity and precision policies
+def test_layer_groups_cover_the_placement_exactly(tiny_v2):
+    """Every quantized module is in exactly one group, and each group's key matches its own modules and no
+    other (a '*' also matches dots, so keys that would over-match are written out)."""
+    import fnmatch
+
+    from qmamba_deploy.quant.qconfig import group_patterns, layer_groups, quantized_layer_names, scan_modules
+
+    names = quantized_layer_names(tiny_v2) + [n for n, _ in scan_modules(tiny_v2)]
+    for by in ("kind", "block"):
+        groups = layer_groups(tiny_v2, by)
+        assert sorted(n for members in groups.values() for n in members) == sorted(names)
+        for key, members in groups.items():
+            matched = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in group_patterns(key))}
+            assert matched == set(members), key
+    kinds = layer_groups(tiny_v2, "kind")
+    assert "layers.*.residual_group.layers.*.wqkv" in kinds
+    assert any(k.startswith("layers.[0-9].conv") for k in kinds)  # 'layers.*.conv' would match '...sg.conv'
+    with pytest.raises(OptionError, match="--by"):
+        layer_groups(tiny_v2, "row")
+
+
+def test_only_one_group_quantized(tiny_v2):
+    """The 'alone' configuration of sensitivity: keep_fp = every other module -> quantizers only in the group."""
+    from qmamba_deploy.quant.qconfig import layer_groups
+
+    groups = layer_groups(tiny_v2, "kind")
+    key = "layers.*.residual_group.layers.*.wqkv"
+    others = tuple(n for k, members in groups.items() if k != key for n in members)
+    q = quantize_model(copy.deepcopy(tiny_v2), QConfig("minmax", 4, 4, keep_fp=others))
+    owners = {n.rsplit(".", 1)[0] for n, _ in quantizers(q)}
+    assert owners == set(groups[key])
+
+
+def test_recommend_respects_the_budget_and_ranks_by_gain_per_weight():
+    from qmamba_deploy.jobs.sensitivity import GroupScore, recommend
+
+    groups = [GroupScore("a", 1, 100, 30.0, 29.0),   # buys 1 dB for 100 weights
+              GroupScore("b", 1, 10, 30.0, 28.5),    # buys 0.5 dB for 10 weights: first
+              GroupScore("c", 1, 500, 30.0, 29.5),   # buys 1.5 dB but does not fit
+              GroupScore("d", 1, 5, 30.0, 27.9)]     # buys nothing
+    policy = recommend(groups, 28.0, 1000, 0.15, 8)
+    assert [o[0] for o in policy["overrides"]] == ["b", "a"]
+    assert policy["promoted_share"] == pytest.approx(0.11)
+    assert recommend(groups, 28.0, 1000, 0.0, 8)["overrides"] == []
+
+
+def test_sensitivity_cli_then_quantize_with_its_policy(tmp_path, tiny_ckpt):
+    """`sensitivity --json` measures every group, writes a policy; `quantize --policy` applies it (the promoted
+    modules get 8-bit quantizers) and --layer-bits / --keep-fp add to it; a bad policy is one sentence."""
+    import json
+
+    from click.testing import CliRunner
+
+    from qmamba_deploy.cli import main
+
+    out = tmp_path / "sens.json"
+    res = CliRunner().invoke(main, ["sensitivity", str(tiny_ckpt), "--by", "block", "--method", "minmax",
+                                    "--w-bits", "2", "--a-bits", "2", "--budget", "1", "--patch", "16",
+                                    "--batch", "2", "--calib-batches", "1", "--json", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert [g["group"] for g in report["groups"]] == ["layers.0.*"]
+    g = report["groups"][0]
+    # one block is the whole placement: quantizing it alone is quantizing everything, keeping it is FP32
+    assert g["psnr_alone"] == pytest.approx(report["psnr_quantized"], abs=1e-9)
+    assert g["psnr_kept"] == pytest.approx(report["psnr_fp"], abs=1e-9)
+    assert report["psnr_quantized"] < report["psnr_fp"]
+    assert report["policy"]["overrides"] == [["layers.0.*", 8, 8]]
+    assert report["psnr_policy"] > report["psnr_quantized"]
+    assert "recommended policy: 1 group(s) at W8A8" in res.output
+
+    res = _quant_cli(tiny_ckpt, tmp_path / "q", "--method", "minmax", "--w-bits", "4", "--a-bits", "4",
+                     "--val-data", "none", "--calib-batches", "1", "--policy", str(out),
+                     "--layer-bits", "*.wqkv=W6A6", "--keep-fp", "*.fc2")
+    assert res.exit_code == 0, res.output
+    q = load_model(tmp_path / "q" / "model.safetensors")
+    assert q.card.qconfig.overrides == (("layers.0.*", 8, 8), ("*.wqkv", 6, 6))
+    bits = {n: m.bits for n, m in quantizers(q)}
+    assert bits["layers.0.residual_group.layers.0.wqkv.linear_weight_quant"] == 6
+    assert bits["layers.0.residual_group.layers.0.win_mhsa.proj.linear_weight_quant"] == 8
+    assert not any(".fc2." in n for n in bits)
+
+    for bad, message in ((["--layer-bits", "*.wqkv=8"], "is not PATTERN=WxAy"),
+                         (["--policy", str(tiny_ckpt)], "not a JSON file"),
+                         (["--policy", "papers"], "neither a policy name")):
+        res = _quant_cli(tiny_ckpt, tmp_path / "bad", "--method", "minmax", "--val-data", "none", *bad)
+        assert res.exit_code == 2 and message in res.output, res.output

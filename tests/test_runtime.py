@@ -27,7 +27,7 @@ from qmamba_deploy.cli import main
 from qmamba_deploy.errors import EnvironmentMissing, OptionError
 from qmamba_deploy.jobs.export import ExportConfig, run_export
 from qmamba_deploy.jobs.restore import restore_tensor
-from qmamba_deploy.jobs.validate import psnr_between
+from qmamba_deploy.metrics import psnr_between
 from qmamba_deploy.runtime import (
     OrtRunner,
     ShapeLimits,
@@ -434,9 +434,14 @@ def test_eval_prints_the_same_table_and_json_for_every_kind(artifacts, tmp_path)
 def test_validate_takes_several_artifacts_and_refuses_others(artifacts, tmp_path):
     js = tmp_path / "v.json"
     r = _invoke("validate", artifacts["plugin"], artifacts["portable"], "--bundle", artifacts["bundle"], "--quiet",
-                "--json", js)
+                "--diagnose", "--json", js)
     assert r.exit_code == 0, r.output
     report = json.loads(js.read_text())
+    # --diagnose: every router of the (FP32) reference, flips counted per site (quantizers: test_export)
+    sites = report["diagnosis"]["sites"]
+    assert {s["kind"] for s in sites} == {"route"} and all(0 <= s["flips"] <= s["values"] for s in sites)
+    assert sorted(s["order"] for s in sites) == list(range(len(sites)))
+    assert "code flips between float32 and float64 runs" in r.output
     names = [o["name"] for o in report["outputs"] if o["reference"]]
     assert names == ["onnxruntime: model.onnx (plugin)", "onnxruntime: model.onnx (portable)"]
     assert all(o["mean"]["min_psnr_between"] in ("inf",) or o["mean"]["min_psnr_between"] > 80

@@ -71,7 +71,7 @@ def _first_line(cmd: list[str]) -> str | None:
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    from qmamba_deploy.jobs.validate import psnr_between
+    from qmamba_deploy.metrics import psnr_between
 
     return psnr_between(a.float().cpu(), b.float().cpu())
 

@@ -27,7 +27,7 @@ from qmamba_deploy.data.datasets import degrade_pair, load_pairs, to_tensor
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.fold import with_dls_mode
 from qmamba_deploy.jobs.export import DeployConfig, deploy_model
-from qmamba_deploy.jobs.validate import psnr_between
+from qmamba_deploy.metrics import psnr_between
 
 ROOT = Path(__file__).resolve().parents[1]
 

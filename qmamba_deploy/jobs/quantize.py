@@ -63,9 +63,12 @@ class QuantizeConfig(TrainConfig):
     calib_batches: int = 4
     quant_lr: float | None = None  # learning rate of quantizer parameters (default: lr)
     w_granularity: str = "tensor"  # weight step sizes per tensor or per output channel
+    keep_fp: tuple[str, ...] = ()  # precision policy: modules left in float (fnmatch patterns)
+    overrides: tuple[tuple[str, int, int], ...] = ()  # and (pattern, w_bits, a_bits) per module
 
     def qconfig(self) -> QConfig:
-        return QConfig(self.method, self.w_bits, self.a_bits, self.scan_bits, w_granularity=self.w_granularity)
+        return QConfig(self.method, self.w_bits, self.a_bits, self.scan_bits, keep_fp=tuple(self.keep_fp),
+                       overrides=tuple(tuple(o) for o in self.overrides), w_granularity=self.w_granularity)
 
     def __post_init__(self):
         self.qconfig()  # validates method and bit widths

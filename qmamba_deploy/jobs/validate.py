@@ -46,10 +46,12 @@ from ..errors import OptionError
 from ..evaluate import score_image, to_uint8_image
 from ..export.graph import read_onnx
 from ..fold import load_bundle, with_dls_mode
+from ..metrics import psnr_between
 from ..runtime import Runner, ShapeLimits, TorchRunner, artifact_kind, open_runner
 from ..runtime.ort import read_onnx_manifest
 from ..runtime.tensorrt import read_engine_manifest
 from ..runtime.tiling import tiled_run
+from .diagnose import DiagnoseReport, diagnose
 
 RunFn = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_MIN_PSNR_BETWEEN = 50.0
@@ -61,12 +63,6 @@ DEFAULT_QUALITY_MARGIN_DB = 0.1
 __all__ = ["Output", "OutputResult", "ValidationReport", "validate_outputs", "psnr_between",
            "DEFAULT_MIN_PSNR_BETWEEN", "DEFAULT_QUALITY_MARGIN_DB", "validate_artifacts", "reference_outputs",
            "candidate", "Candidate"]
-
-
-def psnr_between(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR (dB, peak 1) between two float images clipped to [0, 1]; inf when identical."""
-    mse = float(((a.clamp(0, 1).double() - b.clamp(0, 1).double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 @dataclass
@@ -134,6 +130,7 @@ class ValidationReport:
     max_abs: float | None
     baseline: dict[str, float]
     quality_margin_db: float = DEFAULT_QUALITY_MARGIN_DB
+    diagnosis: DiagnoseReport | None = None  # --diagnose: code and routing flips of the reference
 
     @property
     def passed(self) -> bool:
@@ -149,7 +146,8 @@ class ValidationReport:
                                        "mean Y-PSNR vs ground truth >= the reference's - quality_margin_db"},
                 "metric": "Y-PSNR/SSIM vs ground truth (BT.601, BasicSR conventions); PSNR-between on float "
                           "outputs clipped to [0, 1]",
-                "baseline": self.baseline, "outputs": [o.as_dict() for o in self.outputs]}
+                "baseline": self.baseline, "outputs": [o.as_dict() for o in self.outputs],
+                **({"diagnosis": self.diagnosis.as_dict()} if self.diagnosis else {})}
 
     def table(self) -> str:
         head = (f"{'output':<36} {'Y-PSNR':>8} {'SSIM':>7} {'vs':<24} {'min PSNR-btw':>12} {'max |Δ|':>9} "
@@ -175,6 +173,8 @@ class ValidationReport:
                     f"min({self.min_psnr_between:g} dB, floor - {SENSITIVITY_MARGIN_DB:g} dB) on every image, and "
                     f"a mean Y-PSNR at most {self.quality_margin_db:g} dB below its reference's (ΔY-PSNR); "
                     f"'sensitive': disagrees beyond that rule without losing quality")
+        if self.diagnosis:
+            rows += ["", self.diagnosis.table()]
         return "\n".join(rows)
 
 
@@ -347,8 +347,8 @@ def candidate(path: str, bundle: str | None = None) -> Candidate:
 def validate_artifacts(paths: list[str], bundle: str | None = None, data: str = "builtin",
                        min_psnr_between: float = DEFAULT_MIN_PSNR_BETWEEN, max_abs: float | None = None,
                        device: str | None = None, plugin: str | None = None, tensorrt: str | None = None,
-                       progress: bool = False, quality_margin_db: float = DEFAULT_QUALITY_MARGIN_DB
-                       ) -> ValidationReport:
+                       progress: bool = False, quality_margin_db: float = DEFAULT_QUALITY_MARGIN_DB,
+                       diagnose_flips: bool = False) -> ValidationReport:
     """``qmamba-deploy validate``: ONNX graphs (ONNX Runtime) and engines (TensorRT) against the
     PyTorch deploy model of their bundle (on CUDA when a candidate is an engine and a GPU is here)."""
 
@@ -380,8 +380,11 @@ def validate_artifacts(paths: list[str], bundle: str | None = None, data: str = 
                                   path=c.path))
         deg = model_degradation(deploy)
         pairs = load_pairs(data, deg, int(getattr(deploy, "in_chans", 3)), split="eval")
-        return validate_outputs(outputs, pairs, deg, min_psnr_between, max_abs, progress=progress,
-                                quality_margin_db=quality_margin_db)
+        report = validate_outputs(outputs, pairs, deg, min_psnr_between, max_abs, progress=progress,
+                                  quality_margin_db=quality_margin_db)
+        if diagnose_flips:  # where the reference's own float sensitivity comes from (on the CPU)
+            report.diagnosis = diagnose(with_dls_mode(deploy, cands[0].dls).cpu(), pairs, deg)
+        return report
     finally:
         for r in runners:
             r.close()

@@ -16,6 +16,7 @@ MambaIR and the analogous one for MambaIRv2 (shared/design/quantization.md):
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -173,6 +174,61 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
 
 def scan_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (SS2D, SelectiveScan))]
+
+
+#: How ``layer_groups`` groups the quantized modules: by what they are (the same layer in every block)
+#: or by where they are (every quantized module of one residual group).
+GROUPINGS = ("kind", "block")
+
+
+def layer_groups(model: nn.Module, by: str = "kind") -> dict[str, list[str]]:
+    """The modules the placement quantizes (layers and scans, as ``keep_fp`` / ``overrides`` name them),
+    grouped: ``kind`` -> ``layers.*.residual_group.layers.*.wqkv`` (block indices as ``*``), ``block``
+    -> ``layers.0.*``. Keys are fnmatch patterns, several joined by ``|`` where ``*`` would also match
+    another group's module (it matches dots too): digits as ``[0-9]``, else the names themselves."""
+    if by not in GROUPINGS:
+        raise OptionError(f"--by {by!r} is unknown; use {' or '.join(GROUPINGS)}")
+    names = quantized_layer_names(model) + [n for n, _ in scan_modules(model)]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = (".".join("*" if p.isdigit() else p for p in parts) if by == "kind"
+               else ".".join(parts[:2]) + ".*")
+        groups.setdefault(key, []).append(name)
+    def exact(key: str, members: list[str]) -> bool:
+        return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in group_patterns(key))} == set(members)
+
+    out = {}
+    for key, members in groups.items():
+        digits = "|".join(sorted({re.sub(r"\d", "[0-9]", n) for n in members}))
+        out[next(k for k in (key, digits, "|".join(members)) if exact(k, members))] = members
+    return out
+
+
+def group_patterns(key: str) -> tuple[str, ...]:
+    """The fnmatch patterns of one ``layer_groups`` key."""
+    return tuple(key.split("|"))
+
+
+#: Official class names of quantized networks -> (the float class they extend, the method of their
+#: quantizers). Their constructor's ``k_bits`` is the bit width of weights and activations alike.
+OFFICIAL_QUANT_CLASSES: dict[str, tuple[str, str]] = {"QuantBL_L_MambaIR": ("MambaIR", "qmambair")}
+
+
+def split_official_quant_class(arch: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], QConfig] | None:
+    """``QuantBL_L_MambaIR`` + kwargs with ``k_bits`` -> (float class, the other kwargs, the QConfig the
+    official constructor builds); None for any other name."""
+    if arch not in OFFICIAL_QUANT_CLASSES:
+        return None
+    float_arch, method = OFFICIAL_QUANT_CLASSES[arch]
+    rest = dict(kwargs)
+    bits = rest.pop("k_bits", None)
+    if bits is None:
+        raise OptionError(f"{arch} needs its official k_bits argument (the bit width of weights and activations), "
+                          f"e.g. k_bits=4")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise OptionError(f"{arch}: k_bits={bits!r} is not an integer; use 2 to 8")
+    return float_arch, rest, QConfig(method, w_bits=bits, a_bits=bits)
 
 
 def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
 from qmamba_deploy.jobs.quantize import QuantizeConfig, quantize
+from qmamba_deploy.jobs.sensitivity import read_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +46,17 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--calib-batches", type=int, default=8)
-    ap.add_argument("--rows", nargs="*", help="only these rows, e.g. qmambair:4:4")
+    ap.add_argument("--rows", nargs="*",
+                    help="only these rows, e.g. qmambair:4:4; a fourth field changes the recipe: 'policy' "
+                         "(--policy's precision policy), 'distill' (--distill's weight of L1 to the float model's "
+                         "output), 'channel' (per-channel weights), or several joined by '+', e.g. "
+                         "qmambair:4:4:policy+channel")
+    ap.add_argument("--policy", help="a precision policy file (qmamba-deploy sensitivity --json) for 'policy' rows")
+    ap.add_argument("--distill", type=float, default=0.5, help="teacher weight of 'distill' rows")
+    ap.add_argument("--beside", type=Path, action="append", default=[],
+                    help="an earlier results JSON of this tool: its rows whose label matches one of --beside-rows "
+                         "are listed beside the new ones, marked with the file's name")
+    ap.add_argument("--beside-rows", nargs="*", default=["W4A4 qmambair", "W2A2 qmambair"])
     ap.add_argument("--runs", default=str(ROOT / "runs/quant"))
     ap.add_argument("--out", default=str(ROOT / "docs/results-quantization.md"))
     args = ap.parse_args()
@@ -51,31 +64,61 @@ def main() -> None:
     fp = load_model(args.checkpoint)
     deg = Degradation("sr", int(fp.upscale))
     pairs = load_pairs("builtin", deg, split="eval")
-    rows = [r for r in ROWS if not args.rows or f"{r[0]}:{r[1]}:{r[2]}" in args.rows]
+    if args.rows:
+        rows = [(f[0], int(f[1]), int(f[2]), f[3] if len(f) > 3 else "") for f in (r.split(":") for r in args.rows)]
+    else:
+        rows = [(m, w, a, "") for m, w, a in ROWS]
+    policy = read_policy(args.policy) if args.policy else None
+    if any("policy" in v.split("+") for *_, v in rows) and policy is None:
+        raise SystemExit("'policy' rows need --policy FILE")
     results = [{"label": "FP32", "method": "float", "bits": "32/32", "qat": False,
                 **evaluate_model(fp, pairs, deg).summary, "seconds": 0.0}]
     print(json.dumps(results[-1]), flush=True)
-    for method, w, a in rows:
-        run = Path(args.runs) / f"{Path(args.checkpoint).stem}_{method}_w{w}a{a}"
+    for method, w, a, variant in rows:
+        run = Path(args.runs) / (f"{Path(args.checkpoint).stem}_{method}_w{w}a{a}"
+                                 + (f"_{variant.replace('+', '_')}" if variant else ""))
+        extra: dict = {}
+        for part in filter(None, variant.split("+")):
+            if part == "policy":
+                extra.update(overrides=tuple(tuple(o) for o in policy["overrides"]), keep_fp=tuple(policy["keep_fp"]))
+            elif part == "distill":
+                extra.update(distill=args.distill)
+            elif part == "channel":
+                extra.update(w_granularity="channel")
+            else:
+                raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, channel or several "
+                                 f"joined by '+'")
         cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
                              lr=args.lr, device="cpu", checkpoint=args.checkpoint, method=method, w_bits=w,
-                             a_bits=a, calib_batches=args.calib_batches, save_every=max(args.iters // 4, 1))
+                             a_bits=a, calib_batches=args.calib_batches, save_every=max(args.iters // 4, 1), **extra)
         t0 = time.perf_counter()
         if not (run / "model.safetensors").is_file():
             quantize(cfg, run, command=f"tools/quant_results.py ({method} W{w}A{a})", progress=False)
         seconds = time.perf_counter() - t0
+        log = run / "log.jsonl"
+        if seconds < 60 and log.is_file():  # reused: the run's own training time
+            seconds = json.loads(log.read_text().splitlines()[-1]).get("elapsed_s", seconds)
         model = load_model(run / "model.safetensors")
-        results.append({"label": f"W{w}A{a} {method}", "method": method, "bits": f"{w}/{a}",
+        names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
+                 "channel": "per-channel weights"}
+        label = " + ".join([f"W{w}A{a} {method}"] + [names[p] for p in filter(None, variant.split("+"))])
+        results.append({"label": label, "method": method, "bits": f"{w}/{a}",
                         "qat": cfg.qconfig().recipe.qat, **evaluate_model(model, pairs, deg).summary,
                         "seconds": seconds})
         print(json.dumps(results[-1]), flush=True)
 
+    for earlier in args.beside:
+        for r in json.loads(earlier.read_text())["rows"]:
+            if r["label"] in args.beside_rows:
+                results.append({**r, "label": f"{r['label']} (docs/{earlier.stem}.md)"})
+    if args.beside:  # the earlier rows among the new ones, by bits then quality
+        results[1:] = sorted(results[1:], key=lambda r: (-int(r["bits"].split("/")[0]), -r["psnr"]))
     fp_psnr = results[0]["psnr"]
     lines = [
         "# Quantization results",
         "",
-        f"Produced by `python3 tools/quant_results.py --iters {args.iters}` on "
+        f"Produced by `python3 tools/quant_results.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` on "
         f"{platform.processor() or platform.machine()} "
         f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.",
         "",

@@ -117,7 +117,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 #: What an artifact can be; its manifest's ``kind`` is ``"qmamba-deploy <what>"`` (:func:`kind`).
 KINDS = ("checkpoint", "bundle", "onnx", "engine", "package", "bench", "export report", "eval report", "train run",
-         "train state", "device check")
+         "train state", "device check", "precision policy", "sensitivity report", "diagnosis")
 
 
 def kind(what: str) -> str:

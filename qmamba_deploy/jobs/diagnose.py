@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..artifacts import kind as artifact_kind
 from ..data.datasets import Pair, degrade_pair, to_tensor
 from ..data.degrade import Degradation
 from ..metrics import psnr_between
@@ -55,7 +56,7 @@ class DiagnoseReport:
         return sorted((s for s in self.sites if s.flips), key=lambda s: s.order)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": "qmamba-deploy/diagnose", "runs": ["float32", "float64"], "images": self.images,
+        return {"kind": artifact_kind("diagnosis"), "runs": ["float32", "float64"], "images": self.images,
                 "psnr_between": self.psnr_between, "near": NEAR, "sites": [s.as_dict() for s in self.sites]}
 
     def table(self, rows: int = 12) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..artifacts import is_kind, kind
 from ..checkpoints import load_model
 from ..data.datasets import PatchStream, load_pairs
 from ..data.degrade import degradation_for
@@ -35,7 +36,7 @@ from ..models.routing import routing_mode
 from ..quant.qconfig import GROUPINGS, PTQ_METHODS, QConfig, group_patterns, layer_groups, quantize_model
 from .quantize import calibrate
 
-POLICY_KIND = "qmamba-deploy/precision-policy"
+POLICY_KIND = kind("precision policy")
 
 
 @dataclass
@@ -95,7 +96,7 @@ class SensitivityReport:
     images: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": "qmamba-deploy/sensitivity", "config": asdict(self.config), "images": self.images,
+        return {"kind": kind("sensitivity report"), "config": asdict(self.config), "images": self.images,
                 "psnr_fp": self.psnr_fp, "psnr_quantized": self.psnr_quantized, "psnr_policy": self.psnr_policy,
                 "groups": [g.as_dict(self.psnr_fp, self.psnr_quantized) for g in self.groups],
                 "policy": self.policy, "seconds": self.seconds}
@@ -204,7 +205,7 @@ def read_policy(value: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OptionError(f"--policy {value}: not a JSON file ({exc})") from None
     policy = data.get("policy", data) if isinstance(data, dict) else None
-    if not isinstance(policy, dict) or policy.get("kind") != POLICY_KIND:
+    if not isinstance(policy, dict) or not is_kind(policy.get("kind"), "precision policy"):
         raise OptionError(f"--policy {value}: not a precision policy (write one with qmamba-deploy sensitivity "
                           f"--json)")
     keep, over = policy.get("keep_fp", []), policy.get("overrides", [])

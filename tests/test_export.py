@@ -281,11 +281,8 @@ def test_default_export_writes_a_validated_folder_and_validate_and_lint_agree(tm
     assert result.exit_code == 1 and "validation failed" in result.output
     result = runner.invoke(main, ["lint", str(out / "model.onnx"), "--no-parser"])
     assert result.exit_code == 0, result.output
-    # a rerun replaces the folder as a whole
-    first = (out / "model.onnx").read_bytes()
-    result = runner.invoke(main, ["export", "--out", str(out), "--quiet", "--calib-batches", "2", "--no-validate"])
-    assert result.exit_code == 0, result.output
-    assert (out / "model.onnx").read_bytes() == first
+    # no staging folder left behind (reruns replacing the folder: test_reliability's staged_folder tests;
+    # identical bytes for identical input: test_export_is_byte_identical_for_identical_input)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

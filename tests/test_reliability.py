@@ -71,6 +71,11 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
     assert not stale.exists() and mine.exists()
     assert (out / "a.txt").read_text() == "done"
     assert clean_stale_staging(out) == []
+    # a rerun replaces the folder as a whole: files of the first run that the second does not write are gone
+    with staged_folder(out, ("a.txt", "b.txt")) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.") and p != mine]
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from .jobs.validate import DEFAULT_QUALITY_MARGIN_DB, validate_artifacts
 from .models import resolve_arch
 from .quant.qconfig import GROUPINGS, PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
 from .quant.qconfig import METHODS as QUANT_METHODS
+from .quant.spr2q import BOUND_INITS
 from .runtime import artifact_kind, open_runner
 from .runtime.allocator import keep_freed_memory
 from .train import LOSSES, SCHEDULES, TrainConfig, cleanup_distributed, train_restoration
@@ -418,6 +419,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--spr2q-variant", type=click.Choice(SPR2Q_VARIANTS),
               default="group", show_default=True,
               help="spr2q ablations: plain PTQ, trained bounds only, one rectifier, group without static routing.")
+@click.option("--bounds-init", type=click.Choice(BOUND_INITS), default="mse", show_default=True,
+              help="spr2q: Q_{a,b} bounds from the first calibration batch: the range that minimises the "
+                   "quantization error, or its min and max.")
 @click.option("--policy", default="paper", show_default=True,
               help="Precision policy: 'paper' (the papers' placement) or a JSON file from `sensitivity --json`.")
 @click.option("--keep-fp", multiple=True, metavar="PATTERN",
@@ -427,7 +431,7 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data, val_data, out, iters, calib_batches,
              patch, batch, lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size,
-             route_iters, feature_weight, spr2q_variant, policy, keep_fp, layer_bits, quiet):
+             route_iters, feature_weight, spr2q_variant, bounds_init, policy, keep_fp, layer_bits, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
 
     chosen = read_policy(policy)
@@ -438,7 +442,7 @@ def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data,
     task = fp.card.task or {}
     up = int(getattr(fp, "upscale", 1))
     spr2q = dict(rank=rank, group_size=group_size, route_iters=route_iters, feature_weight=feature_weight,
-                 variant=spr2q_variant) if method == "spr2q" else {}
+                 variant=spr2q_variant, bounds_init=bounds_init) if method == "spr2q" else {}
     config = SPR2QConfig if spr2q else QuantizeConfig
     cfg = config(**spr2q, arch=fp.card.arch, kwargs=dict(fp.card.kwargs),
                  task=task.get("task", "sr" if up > 1 else "denoise"), scale=up, sigma=task.get("sigma", 25.0),

@@ -17,15 +17,17 @@ from qmamba_deploy.quant.spr2q import (
     attach_rectifiers,
     fuse_rectifiers,
     hybrid_loss,
+    mse_bounds,
     rectified_layers,
     route_statically,
+    set_bounds_init,
 )
 
 from .conftest import TINY_V2
 
 
 def test_bounded_quant_grid_and_bounds():
-    q = BoundedQuant(3)
+    q = BoundedQuant(3, init="minmax")
     x = torch.linspace(-1.0, 2.0, 301)
     q.train()
     q(x)
@@ -39,6 +41,38 @@ def test_bounded_quant_grid_and_bounds():
     assert float(y.min()) == pytest.approx(-0.5) and float(y.max()) == pytest.approx(1.25)
     y.sum().backward()
     assert q.lo.grad is not None and q.hi.grad is not None
+
+
+def _qerr(x: torch.Tensor, q: BoundedQuant) -> float:
+    return float(((q(x) - x) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_bounds_beat_min_max_where_outliers_stretch_the_range(bits):
+    """Gaussian values plus a few outliers: min/max spends the 2-bit grid on the outliers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50000, generator=g) * 0.1, torch.full((8,), 3.0), torch.full((8,), -1.0)])
+    errs = {}
+    for init in ("minmax", "mse"):
+        q = BoundedQuant(bits, init=init).train()
+        q(x)
+        errs[init] = _qerr(x, q.eval())
+    lo, hi = mse_bounds(x, bits)
+    assert -1.0 <= lo < hi <= 3.0
+    assert errs["mse"] <= errs["minmax"] * 1.01
+    if bits == 2:
+        assert errs["mse"] < errs["minmax"] / 10 and hi - lo < 1.0
+    # constant input: the bounds stay min = max instead of failing
+    assert mse_bounds(torch.full((10,), 0.5), bits) == (0.5, 0.5)
+
+
+def test_set_bounds_init_reaches_every_uninitialised_bounded_quantizer():
+    model = quantize_model(build_model("MambaIRv2Light", **TINY_V2), QConfig("spr2q", 2, 2))
+    qs = [m for m in model.modules() if isinstance(m, BoundedQuant)]
+    assert qs and all(q.init == "mse" for q in qs)
+    assert set_bounds_init(model, "minmax") == len(qs) and all(q.init == "minmax" for q in qs)
+    with pytest.raises(ValueError, match="bounds init"):
+        set_bounds_init(model, "percentile")
 
 
 def test_rectifier_group_starts_as_identity_and_routes_statically():
@@ -55,10 +89,10 @@ def test_rectifier_group_starts_as_identity_and_routes_statically():
     torch.testing.assert_close(g.rectified(w, g.gates(torch.randn(3, 4, 5, 5), 1))[1], fused)
 
 
-def _quantized_tiny():
+def _quantized_tiny(bits: int = 4):
     torch.manual_seed(0)
     fp = build_model("MambaIRv2Light", **TINY_V2).eval()
-    q = quantize_model(copy.deepcopy(fp), QConfig("spr2q", 4, 4))
+    q = quantize_model(copy.deepcopy(fp), QConfig("spr2q", bits, bits))
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad(), calibrating(q):
         q(x)
@@ -93,7 +127,8 @@ def test_fused_model_equals_the_statically_routed_one(tmp_path):
 
 
 def test_training_rectifiers_lowers_the_hybrid_loss_versus_plain_ptq():
-    fp, q = _quantized_tiny()
+    # W2A2: with MSE-initialised bounds a random tiny model at W4A4 leaves the rectifiers little to fix
+    fp, q = _quantized_tiny(bits=2)
     torch.manual_seed(2)
     train_x, held_out = torch.rand(4, 3, 16, 16), torch.rand(2, 3, 16, 16)
     with torch.no_grad():
@@ -143,3 +178,33 @@ def test_quantize_cli_spr2q(tmp_path, tiny_ckpt, variant, routing_file):
     model = load_model(out / "model.safetensors")
     assert {q.kind for _, q in quantizers(model)} == {"bounded"}
     assert not any("rectifier" in k for k in model.state_dict())
+
+
+def test_quantize_cli_spr2q_bounds_init_is_recorded_and_changes_the_bounds(tmp_path, tiny_ckpt):
+    import json
+
+    from click.testing import CliRunner
+
+    from qmamba_deploy.cli import main
+
+    bounds = {}
+    for init in ("mse", "minmax"):
+        out = tmp_path / init
+        res = CliRunner().invoke(main, ["quantize", "--checkpoint", str(tiny_ckpt), "--method", "spr2q", "--out",
+                                        str(out), "--spr2q-variant", "plain", "--bounds-init", init, "--w-bits", "2",
+                                        "--a-bits", "2", "--patch", "16", "--batch", "2", "--val-data", "none",
+                                        "--device", "cpu", "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "model.json").read_text())["spr2q"]["bounds_init"] == init
+        model = load_model(out / "model.safetensors")
+        bounds[init] = {n: (float(q.lo), float(q.hi)) for n, q in model.named_modules() if isinstance(q, BoundedQuant)}
+    assert bounds["mse"].keys() == bounds["minmax"].keys()
+    # MSE bounds lie inside the min/max ones (equal for constant tensors, e.g. D), and at 2 bits most are narrower
+    inside = [mm[0] - 1e-6 <= m[0] <= m[1] <= mm[1] + 1e-6
+              for m, mm in ((bounds["mse"][k], bounds["minmax"][k]) for k in bounds["mse"])]
+    narrower = [bounds["mse"][k][1] - bounds["mse"][k][0] < 0.9 * (bounds["minmax"][k][1] - bounds["minmax"][k][0])
+                for k in bounds["mse"]]
+    assert all(inside), [(k, bounds["mse"][k], bounds["minmax"][k]) for k, ok in zip(bounds["mse"], inside) if not ok]
+    assert sum(narrower) > len(narrower) / 2
+    res = CliRunner().invoke(main, ["quantize", "--method", "spr2q", "--bounds-init", "percentile"])
+    assert res.exit_code == 2 and "--bounds-init" in res.output

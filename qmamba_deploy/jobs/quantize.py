@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,15 @@ from ..models.routing import routing_mode
 from ..quant import calibrating
 from ..quant.qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
 from ..quant.quantizers import Quantizer
-from ..quant.spr2q import attach_rectifiers, fuse_rectifiers, hybrid_loss, rectified_layers, route_statically
+from ..quant.spr2q import (
+    BOUND_INITS,
+    attach_rectifiers,
+    fuse_rectifiers,
+    hybrid_loss,
+    rectified_layers,
+    route_statically,
+    set_bounds_init,
+)
 from ..train import (
     DistInfo,
     FitResult,
@@ -170,12 +178,15 @@ class _Calibrated:
     t0: float
 
 
-def _calibrated(cfg: QuantizeConfig) -> _Calibrated:
+def _calibrated(cfg: QuantizeConfig, prepare: Callable[[nn.Module], Any] | None = None) -> _Calibrated:
+    """Float teacher, quantized copy (``prepare`` applied to it) calibrated on ``cfg.calib_batches``."""
     t0 = time.perf_counter()
     info = init_distributed(cfg.device)
     deg = cfg.degradation()
     teacher = _load_float(cfg).to(info.device)
     model = quantize_model(copy.deepcopy(teacher), cfg.qconfig()).to(info.device)
+    if prepare is not None:
+        prepare(model)
     channels = int(getattr(model, "in_chans", 3))
     sampler = PatchStream(cfg.data, cfg.patch, cfg.batch, cfg.seed).sampler(deg, channels)
     calibrate(model, _calibration_batches(cfg, sampler), info.device)
@@ -234,11 +245,14 @@ class SPR2QConfig(QuantizeConfig):
     # group | single (one rectifier, PQFR) | plain (calibrated Q_{a,b} only) | bounds (Q_{a,b} bounds trained
     # with the same budget and loss, no rectifier) | no-static (ĝ = the gate's calibration mean, not optimised)
     variant: str = "group"
+    bounds_init: str = "mse"  # Q_{a,b} bounds from the first calibration batch: mse | minmax (BOUND_INITS)
 
     def __post_init__(self):
         super().__post_init__()
         if self.variant not in SPR2Q_VARIANTS:
             raise OptionError(f"--spr2q-variant {self.variant!r} is unknown; use {', '.join(SPR2Q_VARIANTS)}")
+        if self.bounds_init not in BOUND_INITS:
+            raise OptionError(f"--bounds-init {self.bounds_init!r} is unknown; use {' or '.join(BOUND_INITS)}")
         if self.rank < 1 or self.group_size < 1:
             raise OptionError("--rank and --group-size must be at least 1")
 
@@ -267,7 +281,7 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
     ``out/log.jsonl``. One process; the float weights stay frozen.
     """
 
-    c = _calibrated(cfg)
+    c = _calibrated(cfg, prepare=lambda m: set_bounds_init(m, cfg.bounds_init))
     model, teacher, sampler, info = c.model, c.teacher, c.sampler, c.info
     folder = RunFolder(out)
     folder.root.mkdir(parents=True, exist_ok=True)
@@ -313,7 +327,7 @@ def quantize_spr2q(cfg: SPR2QConfig, out: str | os.PathLike, command: str | None
         table = fuse_rectifiers(model)
     if table:
         write_json(folder.root / "routing.json", {"layers": table})
-    spr2q = {"variant": cfg.variant, "rank": cfg.rank, "group_size": cfg.group_size,
+    spr2q = {"variant": cfg.variant, "rank": cfg.rank, "group_size": cfg.group_size, "bounds_init": cfg.bounds_init,
              "routing_table": "routing.json" if table else None}
     return _validate_and_save(cfg, c, out, command, {"spr2q": spr2q})
 

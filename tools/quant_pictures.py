@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 import torch
 
+from qmamba_deploy.artifacts import atomic_path, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 4, 8)
 #: (series label, results file, row filter) -- the row with the most bits wins per bit width
@@ -158,7 +160,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.what == "plot":
         lines, fp, bicubic = series(Path(args.docs))
-        out.write_text(plot_svg(lines, fp, bicubic))
+        write_text(out, plot_svg(lines, fp, bicubic))
     else:
         models = []
         for spec in args.model:
@@ -167,9 +169,12 @@ def main() -> None:
                 raise SystemExit(f"--model {spec}: use LABEL=CHECKPOINT with an existing checkpoint file")
             models.append((label, path))
         rgb, scores = crops(models, args.image, tuple(args.box))
-        if not cv2.imwrite(str(out), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise SystemExit(f"--out {out}: could not write the PNG")
-        out.with_suffix(".txt").write_text(
+        ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise SystemExit(f"--out {out}: could not encode the PNG")
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(png.tobytes())
+        write_text(out.with_suffix(".txt"),
             "python3 tools/quant_pictures.py " + shlex.join(sys.argv[1:]) + "\n\n"
             + "".join(f"{label}: {'' if p is None else f'{p:.4f} dB Y-PSNR (whole image)'}\n" for label, p in scores))
     print(f"wrote {out}")

@@ -90,6 +90,9 @@ def main() -> None:
     rows = ROWS if not args.rows else [r for r in ROWS if _row_key(r) in set(args.rows)]
     if args.rows and len(rows) != len(set(args.rows)):
         ap.error(f"--rows: use some of {' '.join(_row_key(r) for r in ROWS)}")
+    if args.beside and Path(args.beside).resolve() == Path(args.out).with_suffix(".json").resolve():
+        ap.error(f"--beside {args.beside} is the JSON this run writes (--out {args.out}); keep the earlier rows "
+                 "under another name (e.g. docs/results-spr2q-minmax.json)")
     beside = _earlier_rows(args.beside) if args.beside else []
 
     results = []

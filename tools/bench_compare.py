@@ -12,7 +12,9 @@ weights of ../shared/checkpoints):
 
 * ``forward``: FP32 PyTorch forward at 1x3xSxS (inference mode);
 * ``qat``: one QAT iteration of W4A4 Q-MambaIR (DLS + RFA + LSQ+, gumbel routing as in
-  training): batch 2 of 24-pixel LR patches, L1 loss, backward, Adam step;
+  training): batch 2 of 24-pixel LR patches, L1 loss, backward, Adam step (the checkout's own
+  ``qmamba_deploy.train.adam`` where it has one, as its training loops build it; torch's default
+  ``Adam`` for older checkouts);
 * ``ort-fp32`` / ``ort-w8a8``: ONNX Runtime on each checkout's own export of the model (FP32,
   plugin scan; W8A8 minmax, the fastest graph the checkout can export: portable scan), made once
   per checkout into the cache folder.
@@ -69,7 +71,13 @@ def _worker(what: str, size: int, iterations: int, threads: int, export_dir: str
         model.train()
         if hasattr(model, "set_routing"):
             model.set_routing("gumbel")
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        params = [p for p in model.parameters() if p.requires_grad]
+        try:  # the checkout's own training optimizer (fused Adam since it exists), else torch's default Adam
+            from qmamba_deploy.train import adam
+        except ImportError:
+            opt = torch.optim.Adam(params, lr=1e-5)
+        else:
+            opt = adam(params, lr=1e-5)
         x, gt = torch.rand(2, 3, size, size, generator=g), torch.rand(2, 3, 4 * size, 4 * size, generator=g)
         for i in range(iterations + 1):
             start = time.perf_counter()

@@ -51,6 +51,7 @@ from ..train import (
     Job,
     RunFolder,
     TrainConfig,
+    adam,
     check_run_folder,
     init_distributed,
     make_validator,
@@ -258,7 +259,7 @@ class SPR2QConfig(QuantizeConfig):
 
 
 def _adam_loop(student, teacher, params, batches, iters: int, lr: float, lam: float, device, log) -> list[float]:
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1))
     losses = []
     for it in range(iters):

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError
+from . import fused
 from .deploy import ActQuant, DLSAct, act_grid
 from .grid import DLS_ALPHA_MIN, DLS_WEIGHTS, SIGN_EPS, dls_quantize, dls_scale_offset, grad_scale, qrange, round_ste
 
@@ -191,14 +192,18 @@ class LSQ(Quantizer):
             self.kind = "lsq+"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.beta is not None:
-            x = x + self.beta
         if self.training and not self.initialized:
             with torch.no_grad():
-                self._init_lsq_step(x)
+                self._init_lsq_step(x + self.beta if self.beta is not None else x)
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()
-        alpha = self.along(grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() / self.channels * qp)), x)
+        gs = 1.0 / math.sqrt(x.numel() / self.channels * qp)
+        if fused.use_fused(x, self.alpha, self.beta):
+            return fused.lsq_quantize(x, self.along(self.alpha, x), self.beta, qn, qp, gs,
+                                      self.axis if self.per_channel else None)
+        if self.beta is not None:
+            x = x + self.beta
+        alpha = self.along(grad_scale(self.alpha, gs), x)
         out = round_ste((x / alpha).clamp(qn, qp)) * alpha
         return out - self.beta if self.beta is not None else out
 
@@ -251,7 +256,11 @@ class DLS(Quantizer):
             with torch.no_grad():
                 self._decide_sign(x)
                 self.init_state.fill_(1.0)
-        return dls_quantize(x, self.weights(), self.bits, self.grid())
+        w = self.weights()
+        if fused.use_fused(x, *w.values()):
+            qn, qp = self.grid()
+            return fused.dls_quantize(x, w.values(), self.bits, qn, qp, 1.0 / math.sqrt(x.numel() * qp))
+        return dls_quantize(x, w, self.bits, self.grid())
 
     @torch.no_grad()
     def deploy_act(self) -> nn.Module:
@@ -305,17 +314,21 @@ class RFA(Quantizer):
                 idx = torch.where(v.detach() > t[i - 1], torch.full_like(idx, i), idx)
         return self.levels(v.device)[idx]
 
+    def cells(self, v: torch.Tensor) -> torch.Tensor:
+        """The surrogate's cell of each value: the largest i with v > a[i], or −1."""
+        ad = self.a.detach()
+        if bool((ad[1:] > ad[:-1]).all()):
+            return torch.bucketize(v.detach().contiguous(), ad, right=False) - 1
+        cell = torch.full_like(v, -1, dtype=torch.long)
+        for i in range(ad.numel()):
+            cell = torch.where(v.detach() > ad[i], torch.full_like(cell, i), cell)
+        return cell
+
     def soft_level(self, v: torch.Tensor) -> torch.Tensor:
         """The backward surrogate: piecewise linear through (a[i], L_i), slope 0.1 outside."""
         a, lv = self.a, self.levels(v.device)
         n = a.numel()
-        ad = a.detach()
-        if bool((ad[1:] > ad[:-1]).all()):
-            cell = torch.bucketize(v.detach().contiguous(), ad, right=False) - 1  # largest i with v > a[i], or -1
-        else:
-            cell = torch.full_like(v, -1, dtype=torch.long)
-            for i in range(n):
-                cell = torch.where(v.detach() > ad[i], torch.full_like(cell, i), cell)
+        cell = self.cells(v)
         lo = cell.clamp(0, n - 1)
         hi = (cell + 1).clamp(max=n - 1)
         a_lo, a_hi, l_lo = a[lo], a[hi], lv[lo]
@@ -325,15 +338,19 @@ class RFA(Quantizer):
         return torch.where(cell < 0, below, torch.where(cell >= n - 1, above, inner))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.beta
         if self.training and not self.initialized:
             with torch.no_grad():
-                self._init_lsq_step(x)
+                self._init_lsq_step(x + self.beta)
                 qn, qp = self.grid()
                 self.a.copy_(torch.arange(qn, qp + 1, dtype=torch.float32, device=x.device))
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()
-        alpha = self.along(grad_scale(self.alpha, 1.0 / math.sqrt(x.numel() / self.channels * qp)), x)
+        gs = 1.0 / math.sqrt(x.numel() / self.channels * qp)
+        if fused.use_fused(x, self.alpha, self.beta, self.a):
+            return fused.rfa_quantize(x, self.along(self.alpha, x), self.beta, self.a, self.hard_level, self.cells,
+                                      qn, qp, gs, self.axis if self.per_channel else None, self.OUTER_SLOPE)
+        x = x + self.beta
+        alpha = self.along(grad_scale(self.alpha, gs), x)
         v = (x / alpha).clamp(qn, qp)
         soft = self.soft_level(v)
         level = self.hard_level(v) + (soft - soft.detach())

@@ -13,10 +13,10 @@ it needs no checkpoints, resume or DDP.
 from .dist import DistInfo, cleanup_distributed, init_distributed, state_digest
 from .folder import RunFolder
 from .job import Job, TrainConfig, build_training_model, check_run_folder, make_validator, run_job, train_restoration
-from .loop import FitResult, LoopConfig, fit
+from .loop import FitResult, LoopConfig, adam, fit
 from .losses import DEFAULT_LOSS, EMA, LOSSES, SCHEDULES, Schedule, charbonnier_loss
 
 __all__ = ["DEFAULT_LOSS", "EMA", "LOSSES", "SCHEDULES", "DistInfo", "FitResult", "Job", "LoopConfig", "RunFolder",
-           "Schedule", "TrainConfig", "build_training_model", "charbonnier_loss", "check_run_folder",
+           "Schedule", "TrainConfig", "adam", "build_training_model", "charbonnier_loss", "check_run_folder",
            "cleanup_distributed", "fit", "init_distributed", "make_validator", "run_job", "state_digest",
            "train_restoration"]

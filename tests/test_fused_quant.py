@@ -1,0 +1,108 @@
+"""The quantizers' training kernels (quant/fused.py) against their reference compositions.
+
+Forward: bit-for-bit the same values. Backward: the same gradients for the input and every
+quantizer parameter, to float rounding (the kernels sum in another order than autograd's chain).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmamba_deploy.quant import fused
+from qmamba_deploy.quant.quantizers import DLS, LSQ, RFA
+
+
+def _dls_uncapped(bits: int) -> DLS:
+    """DLS with weights that keep α below its cap, so every statistic carries a gradient."""
+    q = DLS(bits)
+    with torch.no_grad():
+        for name, value in {"weight1": 0.01, "weight2": 0.02, "weight3": -0.001, "weight4": 0.003,
+                            "weight21": -0.7, "weight22": 0.1, "weight23": 0.05, "weight24": -0.02}.items():
+            getattr(q, name).fill_(value)
+    return q
+
+
+def _rfa_crossed() -> RFA:
+    """RFA whose anchors crossed during training (the literal rule instead of bucketize)."""
+    q = RFA(3)
+    q.train()
+    with torch.no_grad():
+        q(torch.randn(8, 8))
+        q.a[3], q.a[4] = q.a[4].item() + 0.3, q.a[3].item()
+    return q
+
+
+CASES = {
+    "lsq": (lambda: LSQ(4), (2, 40, 6)),
+    "lsq+": (lambda: LSQ(4, offset=True), (2, 40, 6)),
+    "lsq+ 2-bit": (lambda: LSQ(2, offset=True), (3, 50)),
+    "lsq per channel": (lambda: LSQ(4, channels=5, axis=0), (5, 12)),
+    "rfa": (lambda: RFA(4), (16, 24)),
+    "rfa per channel": (lambda: RFA(2, channels=16), (16, 8, 3, 3)),
+    "rfa crossed anchors": (_rfa_crossed, (12, 10)),
+    "dls": (lambda: DLS(4), (2, 30, 11)),
+    "dls uncapped": (lambda: _dls_uncapped(4), (2, 30, 11)),
+    "dls uncapped 2-bit": (lambda: _dls_uncapped(2), (3, 64)),
+}
+
+
+def _run(q: torch.nn.Module, x0: torch.Tensor, reference: bool):
+    q.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_(True)
+    with fused.reference_autograd() if reference else torch.enable_grad():
+        y = q(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * g).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in q.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("relu", [False, True], ids=["signed", "ties"])
+def test_kernel_matches_reference(name, relu):
+    make, shape = CASES[name]
+    torch.manual_seed(0)
+    q = make()
+    q.train()
+    x0 = torch.randn(shape) * 2 + 0.3
+    if relu:  # many equal values: ties at min(x) for DLS's statistics and at the clamps
+        x0 = x0.clamp(min=0)
+    with torch.no_grad():
+        if not q.initialized:
+            q(x0)
+        for p in q.parameters():  # away from the initial values, so every parameter has a gradient
+            if not (isinstance(q, RFA) and p is q.a):
+                p.add_(torch.randn(p.shape) * 0.01)
+    y_ref, gx_ref, gp_ref = _run(q, x0, reference=True)
+    y, gx, gp = _run(q, x0, reference=False)
+    assert torch.equal(y, y_ref), "the kernel's forward must be bit-identical to the reference"
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+    assert gp.keys() == gp_ref.keys()
+    for key in gp:
+        assert (gp[key] is None) == (gp_ref[key] is None), key
+        if gp[key] is not None:
+            scale = max(1.0, float(gp_ref[key].abs().max()))
+            torch.testing.assert_close(gp[key], gp_ref[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
+
+
+def test_kernels_only_where_a_gradient_is_recorded():
+    x = torch.randn(4, requires_grad=True)
+    assert fused.use_fused(x)
+    with torch.no_grad():
+        assert not fused.use_fused(x)
+    assert not fused.use_fused(torch.randn(4), None)
+    with fused.reference_autograd():
+        assert not fused.use_fused(x)
+    assert fused.use_fused(x)  # restored on leaving the block
+
+
+def test_dls_constant_tensor_passes_unchanged():
+    """A constant tensor (cap 0) passes through DLS with zero, finite gradients to its weights."""
+    q = DLS(4)
+    q.train()
+    x = torch.full((2, 8), 0.5, requires_grad=True)
+    y = q(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), x.detach())
+    for p in q.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()

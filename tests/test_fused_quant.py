@@ -94,6 +94,7 @@ def test_kernels_only_where_a_gradient_is_recorded():
     with fused.reference_autograd():
         assert not fused.use_fused(x)
     assert fused.use_fused(x)  # restored on leaving the block
+    assert not fused.use_fused(torch.randn(4, device="meta", requires_grad=True))  # CPU only
 
 
 def test_dls_constant_tensor_passes_unchanged():

@@ -11,7 +11,7 @@ gradients the composition defines in a few tensor passes (the same mathematics; 
 rounding of the gradients may differ from autograd's chain in the last bits).
 
 The reference composition stays the definition: it runs whenever no gradient is recorded (eval,
-calibration, export) and under :func:`reference_autograd` (tests compare the two).
+calibration, export), on GPUs, and under :func:`reference_autograd` (tests compare the two).
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ def reference_autograd() -> Iterator[None]:
 
 
 def use_fused(*tensors: torch.Tensor | None) -> bool:
-    """True when a gradient will be recorded through one of ``tensors`` and the kernels are on."""
-    return _ENABLED and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """True when a gradient will be recorded through one of ``tensors`` (the first is the input),
+    the kernels are on and the input is on the CPU. On a GPU the compositions run: the kernels'
+    scalar bookkeeping (DLS's statistics as Python floats) would synchronise the device every call."""
+    return (_ENABLED and torch.is_grad_enabled() and tensors[0].device.type == "cpu"
+            and any(t is not None and t.requires_grad for t in tensors))
 
 
 def _reduce_to(t: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -49,11 +52,6 @@ def _reduce_to(t: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.T
         return t.sum().reshape(like.shape)
     dims = [d for d in range(t.dim()) if d != axis]
     return t.sum(dims).reshape(like.shape)
-
-
-def _in_range(u: torch.Tensor, qn: float, qp: float) -> torch.Tensor:
-    """Where clamp(u, qn, qp) passes the gradient (torch's rule: qn <= u <= qp)."""
-    return (u >= qn) & (u <= qp)
 
 
 class _LSQ(torch.autograd.Function):

@@ -83,7 +83,7 @@ def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.
     """Adam as every training loop here builds it: torch's fused implementation where the parameters
     live on a device it supports (CPU, CUDA), one kernel over all parameters instead of a Python loop
     per parameter. A quantized model has thousands of scalar quantizer parameters: on the W4A4
-    Q-MambaIR step the per-parameter loop took 0.21 s, the fused one 0.08 s (docs/performance.md)."""
+    Q-MambaIR step the per-parameter loop took 0.27 s, the fused one 0.07 s (docs/performance.md)."""
     groups = list(params)
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)

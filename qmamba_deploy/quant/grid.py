@@ -32,6 +32,11 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return x.detach() + (xg - xg.detach())
 
 
+def step_grad_scale(count: float, qp: int) -> float:
+    """LSQ's gradient scale of a step size shared by ``count`` values on a grid up to Qp: 1/√(count·Qp)."""
+    return 1.0 / math.sqrt(count * qp)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Forward: round half to even. Backward: identity (straight-through)."""
     return (torch.round(x) - x).detach() + x
@@ -53,7 +58,7 @@ def dls_scale_offset(x: torch.Tensor, w, bits: int, qp: int) -> tuple[torch.Tens
     xb = x + beta
     alpha = (w["weight1"] * xb.mean().abs() + w["weight2"] * xb.std() + w["weight3"] * xb.min()
              + w["weight4"] * xb.max()).abs()
-    alpha = grad_scale(alpha, 1.0 / math.sqrt(x.numel() * qp))
+    alpha = grad_scale(alpha, step_grad_scale(x.numel(), qp))
     alpha = torch.clamp(alpha, min=DLS_ALPHA_MIN)
     cap = ((x_max - x_min) / 2 ** bits).detach()
     # a constant tensor (cap 0) would divide by zero (NaN in the official code); any α

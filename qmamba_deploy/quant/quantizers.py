@@ -28,7 +28,17 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from . import fused
 from .deploy import ActQuant, DLSAct, act_grid
-from .grid import DLS_ALPHA_MIN, DLS_WEIGHTS, SIGN_EPS, dls_quantize, dls_scale_offset, grad_scale, qrange, round_ste
+from .grid import (
+    DLS_ALPHA_MIN,
+    DLS_WEIGHTS,
+    SIGN_EPS,
+    dls_quantize,
+    dls_scale_offset,
+    grad_scale,
+    qrange,
+    round_ste,
+    step_grad_scale,
+)
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,7 @@ class LSQ(Quantizer):
                 self._init_lsq_step(x + self.beta if self.beta is not None else x)
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()
-        gs = 1.0 / math.sqrt(x.numel() / self.channels * qp)
+        gs = step_grad_scale(x.numel() / self.channels, qp)
         if fused.use_fused(x, self.alpha, self.beta):
             return fused.lsq_quantize(x, self.along(self.alpha, x), self.beta, qn, qp, gs,
                                       self.axis if self.per_channel else None)
@@ -259,7 +269,7 @@ class DLS(Quantizer):
         w = self.weights()
         if fused.use_fused(x, *w.values()):
             qn, qp = self.grid()
-            return fused.dls_quantize(x, w.values(), self.bits, qn, qp, 1.0 / math.sqrt(x.numel() * qp))
+            return fused.dls_quantize(x, w.values(), self.bits, qn, qp, step_grad_scale(x.numel(), qp))
         return dls_quantize(x, w, self.bits, self.grid())
 
     @torch.no_grad()
@@ -272,6 +282,18 @@ class DLS(Quantizer):
 
 
 # ------------------------------------------------------------------------------- RFA
+
+
+def _count_below(v: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """For each value, the largest i with v > edges[i − 1] (0 if none): a bucketize while the edges
+    are in order, the rule literally once training has crossed them (RFA's anchors can)."""
+    v, edges = v.detach(), edges.detach()
+    if bool((edges[1:] >= edges[:-1]).all()):
+        return torch.bucketize(v.contiguous(), edges, right=False)   # the number of edges < v
+    idx = torch.zeros_like(v, dtype=torch.long)
+    for i in range(1, edges.numel() + 1):
+        idx = torch.where(v > edges[i - 1], torch.full_like(idx, i), idx)
+    return idx
 
 
 class RFA(Quantizer):
@@ -305,24 +327,11 @@ class RFA(Quantizer):
 
     def hard_level(self, v: torch.Tensor) -> torch.Tensor:
         """The forward rule: index of the largest threshold below v (0 if none) -> level."""
-        t = self.thresholds().detach()
-        if bool((t[1:] >= t[:-1]).all()):
-            idx = torch.bucketize(v.detach().contiguous(), t, right=False)  # number of thresholds < v
-        else:  # anchors crossed during training: apply the rule literally
-            idx = torch.zeros_like(v, dtype=torch.long)
-            for i in range(1, t.numel() + 1):
-                idx = torch.where(v.detach() > t[i - 1], torch.full_like(idx, i), idx)
-        return self.levels(v.device)[idx]
+        return self.levels(v.device)[_count_below(v, self.thresholds())]
 
     def cells(self, v: torch.Tensor) -> torch.Tensor:
         """The surrogate's cell of each value: the largest i with v > a[i], or −1."""
-        ad = self.a.detach()
-        if bool((ad[1:] > ad[:-1]).all()):
-            return torch.bucketize(v.detach().contiguous(), ad, right=False) - 1
-        cell = torch.full_like(v, -1, dtype=torch.long)
-        for i in range(ad.numel()):
-            cell = torch.where(v.detach() > ad[i], torch.full_like(cell, i), cell)
-        return cell
+        return _count_below(v, self.a) - 1
 
     def soft_level(self, v: torch.Tensor) -> torch.Tensor:
         """The backward surrogate: piecewise linear through (a[i], L_i), slope 0.1 outside."""
@@ -345,7 +354,7 @@ class RFA(Quantizer):
                 self.a.copy_(torch.arange(qn, qp + 1, dtype=torch.float32, device=x.device))
                 self.init_state.fill_(1.0)
         qn, qp = self.grid()
-        gs = 1.0 / math.sqrt(x.numel() / self.channels * qp)
+        gs = step_grad_scale(x.numel() / self.channels, qp)
         if fused.use_fused(x, self.alpha, self.beta, self.a):
             return fused.rfa_quantize(x, self.along(self.alpha, x), self.beta, self.a, self.hard_level, self.cells,
                                       qn, qp, gs, self.axis if self.per_channel else None, self.OUTER_SLOPE)

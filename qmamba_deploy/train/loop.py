@@ -79,6 +79,7 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 def _step_seed(seed: int, it: int, rank: int) -> int:
     return (seed * 1_000_003 + it * 7919 + rank) % (2 ** 63)
 
+
 def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """Adam as every training loop here builds it: torch's fused implementation where the parameters
     live on a device it supports (CPU, CUDA), one kernel over all parameters instead of a Python loop

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .grid import DLS_ALPHA_MIN
+from .grid import DLS_ALPHA_MIN, DLS_WEIGHTS, dls_statistics
 
 _ENABLED = True
 
@@ -108,27 +108,20 @@ def _extreme_backward(t: torch.Tensor, value: torch.Tensor, grad: float) -> torc
 
 
 class _DLS(torch.autograd.Function):
-    """DLS as one node: β and α from the live statistics of x (grid.dls_scale_offset, the same
-    operators in the same order) and x̂ = clamp(R(clamp((x + β)/α, Qn, Qp))·α − β, min x, max x);
+    """DLS as one node: β and α from the live statistics of x (grid.dls_statistics, the function
+    the composition calls) and x̂ = clamp(R(clamp((x + β)/α, Qn, Qp))·α − β, min x, max x);
     the backward carries the gradient through the statistics (mean, unbiased std, min, max of x
     and of x + β) analytically."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, w4, w21, w22, w23, w24, bits, qn, qp, gs):
-        x_min, x_max = x.min(), x.max()
-        mean_x, std_x = x.mean(), x.std()
-        beta = w21 * mean_x + w22 * std_x + w23 * x_min + w24 * x_max
-        xb = x + beta
-        mean_b, std_b, min_b, max_b = xb.mean(), xb.std(), xb.min(), xb.max()
-        a_raw = w1 * mean_b.abs() + w2 * std_b + w3 * min_b + w4 * max_b
-        a1 = torch.clamp(a_raw.abs(), min=DLS_ALPHA_MIN)
-        cap = (x_max - x_min) / 2 ** bits
-        alpha = torch.where(cap > 0, torch.minimum(a1, cap), torch.ones_like(a1))
-        u = xb / alpha
-        o0 = torch.round(u.clamp(qn, qp)) * alpha - beta
-        out = torch.minimum(torch.maximum(o0, x_min), x_max)
+        w = dict(zip(DLS_WEIGHTS, (w1, w2, w3, w4, w21, w22, w23, w24)))
+        stats = dls_statistics(x, w, bits)  # the gradient scale is applied in backward
+        alpha, beta = stats.alpha, stats.beta
+        o0 = torch.round(((x + beta) / alpha).clamp(qn, qp)) * alpha - beta
+        out = torch.minimum(torch.maximum(o0, stats.x_min), stats.x_max)
         ctx.save_for_backward(x, w1, w2, w3, w4, w21, w22, w23, w24)
-        ctx.stats = (x_min, x_max, mean_x, std_x, beta, mean_b, std_b, min_b, max_b, a_raw, a1, cap, alpha)
+        ctx.stats = stats
         ctx.args = (qn, qp, gs)
         return out
 

@@ -8,6 +8,7 @@ statistics are the trained ones, operation for operation.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -47,24 +48,61 @@ DLS_WEIGHTS = ("weight1", "weight2", "weight3", "weight4", "weight21", "weight22
 DLS_ALPHA_MIN = 1e-6
 
 
-def dls_scale_offset(x: torch.Tensor, w, bits: int, qp: int) -> tuple[torch.Tensor, ...]:
-    """DLS's (α, β, min(x), max(x)) for the live tensor ``x``; ``w`` maps DLS_WEIGHTS to scalars.
+class DLSStatistics(NamedTuple):
+    """Every intermediate of DLS's live scale and offset (the training kernel's backward reads them)."""
 
-    Shared by the training quantizer and the deploy module (``--dls dynamic``), so
-    that the exported in-graph statistics are the trained ones, operation for operation.
+    x_min: torch.Tensor
+    x_max: torch.Tensor
+    mean_x: torch.Tensor
+    std_x: torch.Tensor
+    beta: torch.Tensor
+    mean_b: torch.Tensor  # statistics of x + β
+    std_b: torch.Tensor
+    min_b: torch.Tensor
+    max_b: torch.Tensor
+    a_raw: torch.Tensor  # w1·|mean| + w2·std + w3·min + w4·max of x + β
+    a1: torch.Tensor  # max(|a_raw|, DLS_ALPHA_MIN)
+    cap: torch.Tensor  # (max(x) − min(x))/2^b
+    alpha: torch.Tensor
+
+
+def dls_statistics(x: torch.Tensor, w, bits: int, gs: float | None = None) -> DLSStatistics:
+    """DLS's live statistics of ``x`` and the α, β they give; ``w`` maps DLS_WEIGHTS to scalars.
+
+    The one definition of DLS's scale and offset: the training composition (with ``gs``, LSQ's
+    gradient scale on α), the training kernel (``fused``, which writes the gradient out) and the
+    deploy module (``--dls dynamic``, traced into the graph) all call it, so the exported in-graph
+    statistics are the trained ones, operation for operation.
     """
     x_min, x_max = x.min(), x.max()
-    beta = w["weight21"] * x.mean() + w["weight22"] * x.std() + w["weight23"] * x_min + w["weight24"] * x_max
+    mean_x = x.mean()
+    beta = w["weight21"] * mean_x
+    std_x = x.std()
+    beta = beta + w["weight22"] * std_x + w["weight23"] * x_min + w["weight24"] * x_max
     xb = x + beta
-    alpha = (w["weight1"] * xb.mean().abs() + w["weight2"] * xb.std() + w["weight3"] * xb.min()
-             + w["weight4"] * xb.max()).abs()
-    alpha = grad_scale(alpha, step_grad_scale(x.numel(), qp))
-    alpha = torch.clamp(alpha, min=DLS_ALPHA_MIN)
+    mean_b = xb.mean()
+    a_raw = w["weight1"] * mean_b.abs()
+    std_b = xb.std()
+    a_raw = a_raw + w["weight2"] * std_b
+    min_b = xb.min()
+    a_raw = a_raw + w["weight3"] * min_b
+    max_b = xb.max()
+    a_raw = a_raw + w["weight4"] * max_b
+    a = a_raw.abs()
+    if gs is not None:
+        a = grad_scale(a, gs)
+    a1 = torch.clamp(a, min=DLS_ALPHA_MIN)
     cap = ((x_max - x_min) / 2 ** bits).detach()
     # a constant tensor (cap 0) would divide by zero (NaN in the official code); any α
     # reproduces it exactly through the final clamp, so take 1
-    alpha = torch.where(cap > 0, torch.minimum(alpha, cap), torch.ones_like(alpha))
-    return alpha, beta, x_min, x_max
+    alpha = torch.where(cap > 0, torch.minimum(a1, cap), torch.ones_like(a1))
+    return DLSStatistics(x_min, x_max, mean_x, std_x, beta, mean_b, std_b, min_b, max_b, a_raw, a1, cap, alpha)
+
+
+def dls_scale_offset(x: torch.Tensor, w, bits: int, qp: int) -> tuple[torch.Tensor, ...]:
+    """DLS's (α, β, min(x), max(x)) for the live tensor ``x``, α with LSQ's gradient scale."""
+    s = dls_statistics(x, w, bits, step_grad_scale(x.numel(), qp))
+    return s.alpha, s.beta, s.x_min, s.x_max
 
 
 def dls_quantize(x: torch.Tensor, w, bits: int, grid: tuple[int, int]) -> torch.Tensor:

@@ -34,6 +34,7 @@ from .jobs.validate import DEFAULT_QUALITY_MARGIN_DB, validate_artifacts
 from .models import resolve_arch
 from .quant.qconfig import GROUPINGS, PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
 from .quant.qconfig import METHODS as QUANT_METHODS
+from .quant.quantizers import STEP_INITS
 from .quant.spr2q import BOUND_INITS
 from .runtime import artifact_kind, open_runner
 from .runtime.allocator import keep_freed_memory
@@ -402,6 +403,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--lr", type=_POSF, default=1e-4, show_default=True, help="QAT learning rate of the weights.")
 @click.option("--quant-lr", type=_POSF, default=None, help="QAT learning rate of quantizer parameters (default --lr).")
+@click.option("--step-init", type=click.Choice(STEP_INITS), default="lsq", show_default=True,
+              help="QAT: how the learnable step sizes (LSQ, LSQ+, RFA) start on the first calibration batch: "
+                   "LSQ's 2·mean|x|/sqrt(Qp) (the papers), or the step that minimises the rounding error.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="multistep",
               show_default=True)
 @click.option("--distill", type=_NONNEGF, default=0.0, show_default=True,
@@ -430,8 +434,8 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
               help="Bits for the modules matching PATTERN, e.g. '*.wqkv=W8A8' (repeatable; after --policy's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data, val_data, out, iters, calib_batches,
-             patch, batch, lr, quant_lr, schedule, distill, save_every, val_every, seed, device, rank, group_size,
-             route_iters, feature_weight, spr2q_variant, bounds_init, policy, keep_fp, layer_bits, quiet):
+             patch, batch, lr, quant_lr, step_init, schedule, distill, save_every, val_every, seed, device, rank,
+             group_size, route_iters, feature_weight, spr2q_variant, bounds_init, policy, keep_fp, layer_bits, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
 
     chosen = read_policy(policy)
@@ -450,7 +454,7 @@ def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data,
                  patch=patch, batch=batch, iters=iters, lr=lr, schedule=schedule, val_every=val_every,
                  save_every=save_every, seed=seed, device=device, checkpoint=ckpt, method=method, w_bits=w_bits,
                  a_bits=a_bits, scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr,
-                 w_granularity=w_granularity, keep_fp=keep, overrides=overrides)
+                 w_granularity=w_granularity, keep_fp=keep, overrides=overrides, step_init=step_init)
     try:
         result = run_quantize(cfg, out, command=_command_line(), progress=not quiet)
     finally:

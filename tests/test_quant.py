@@ -414,3 +414,73 @@ def test_sensitivity_cli_then_quantize_with_its_policy(tmp_path, tiny_ckpt):
                          (["--policy", "papers"], "neither a policy name")):
         res = _quant_cli(tiny_ckpt, tmp_path / "bad", "--method", "minmax", "--val-data", "none", *bad)
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+# ------------------------------------------------------------------ step-size initialisation
+
+
+def test_mse_step_is_the_rounding_error_minimum_among_its_candidates():
+    from qmamba_deploy.quant.grid import mse_step
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.stack([torch.randn(5000, generator=g), torch.randn(5000, generator=g) ** 3])  # normal, heavy tail
+    peak = rows.abs().amax(1)
+    alpha = mse_step(rows, peak, (-8, 7))
+
+    def err(r, a):
+        return float(((torch.round(r / a).clamp(-8, 7) * a - r) ** 2).mean())
+
+    for i in range(2):
+        brute = min((err(rows[i], float(peak[i]) * f / 7), float(peak[i]) * f / 7)
+                    for f in torch.linspace(0.2, 1.0, 100).tolist())
+        assert err(rows[i], float(alpha[i])) <= brute[0] * (1 + 1e-6)
+        assert err(rows[i], float(alpha[i])) < err(rows[i], float(peak[i]) / 7)  # better than min/max
+    assert alpha[1] / peak[1] < alpha[0] / peak[0]  # the heavy tail is clipped harder
+
+
+@pytest.mark.parametrize("make", [lambda: LSQ(4, offset=True), lambda: LSQ(4, signed=True, channels=6),
+                                  lambda: RFA(4, channels=6)])
+def test_step_init_mse_starts_at_a_lower_rounding_error_than_lsq(make):
+    from qmamba_deploy.quant.quantizers import set_step_init
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 400, generator=g) ** 3 * torch.linspace(0.5, 3, 6)[:, None]  # heavy tails, per-row scales
+    errs = {}
+    for init in ("lsq", "mse"):
+        q = make()
+        assert set_step_init(q, init) == 1 and q.step_init == init
+        q = _init(q, x)
+        assert q.initialized and q.alpha.shape == (q.channels,)
+        with torch.no_grad():
+            errs[init] = float(((q(x) - x) ** 2).mean())
+    assert errs["mse"] < 0.8 * errs["lsq"], errs
+    with pytest.raises(ValueError, match="step init 'minmax' is unknown"):
+        set_step_init(make(), "minmax")
+
+
+def test_step_init_reaches_only_uninitialised_learnable_steps():
+    from qmamba_deploy.quant.quantizers import set_step_init
+
+    model = quantize_model(build_model("MambaIRv2Light", **TINY_V2).eval(), QConfig("qmambair", 4, 4))
+    learnable = [q for _, q in quantizers(model) if isinstance(q, (LSQ, RFA))]
+    assert learnable and set_step_init(model, "mse") == len(learnable)
+    assert all(q.step_init == "lsq" for _, q in quantizers(model) if isinstance(q, DLS))
+    learnable[0].init_state.fill_(1.0)
+    assert set_step_init(model, "lsq") == len(learnable) - 1
+
+
+def test_quantize_step_init_mse_cli_and_where_it_does_not_apply(tmp_path, tiny_ckpt):
+    import json
+
+    from qmamba_deploy.jobs.quantize import QuantizeConfig
+
+    res = _quant_cli(tiny_ckpt, tmp_path / "qat", "--method", "lsq", "--iters", "1", "--step-init", "mse",
+                     "--val-data", "none")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "qat" / "model.json").read_text())["provenance"]["config"]["step_init"] == "mse"
+    for method in ("mse", "spr2q"):
+        res = _quant_cli(tiny_ckpt, tmp_path / method, "--method", method, "--step-init", "mse")
+        assert res.exit_code == 2 and "--step-init mse" in res.output and method in res.output, res.output
+        assert not (tmp_path / method).exists()
+    with pytest.raises(OptionError, match="--step-init 'max' is unknown"):
+        QuantizeConfig(checkpoint=str(tiny_ckpt), step_init="max")

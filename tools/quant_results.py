@@ -45,11 +45,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--quant-lr", type=float, default=None, help="learning rate of quantizer parameters (default --lr)")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--rows", nargs="*",
                     help="only these rows, e.g. qmambair:4:4; a fourth field changes the recipe: 'policy' "
                          "(--policy's precision policy), 'distill' (--distill's weight of L1 to the float model's "
-                         "output), 'channel' (per-channel weights), or several joined by '+', e.g. "
+                         "output), 'channel' (per-channel weights), 'mse' (steps start at the MSE-optimal "
+                         "step, --step-init mse), or several joined by '+', e.g. "
                          "qmambair:4:4:policy+channel")
     ap.add_argument("--policy", help="a precision policy file (qmamba-deploy sensitivity --json) for 'policy' rows")
     ap.add_argument("--distill", type=float, default=0.5, help="teacher weight of 'distill' rows")
@@ -85,13 +87,16 @@ def main() -> None:
                 extra.update(distill=args.distill)
             elif part == "channel":
                 extra.update(w_granularity="channel")
+            elif part == "mse":
+                extra.update(step_init="mse")
             else:
-                raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, channel or several "
+                raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, channel, mse or several "
                                  f"joined by '+'")
         cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
-                             lr=args.lr, device="cpu", checkpoint=args.checkpoint, method=method, w_bits=w,
-                             a_bits=a, calib_batches=args.calib_batches, save_every=max(args.iters // 4, 1), **extra)
+                             lr=args.lr, quant_lr=args.quant_lr, device="cpu", checkpoint=args.checkpoint,
+                             method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
+                             save_every=max(args.iters // 4, 1), **extra)
         t0 = time.perf_counter()
         if not (run / "model.safetensors").is_file():
             quantize(cfg, run, command=f"tools/quant_results.py ({method} W{w}A{a})", progress=False)
@@ -101,7 +106,7 @@ def main() -> None:
             seconds = json.loads(log.read_text().splitlines()[-1]).get("elapsed_s", seconds)
         model = load_model(run / "model.safetensors")
         names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
-                 "channel": "per-channel weights"}
+                 "channel": "per-channel weights", "mse": "MSE-initialised steps"}
         label = " + ".join([f"W{w}A{a} {method}"] + [names[p] for p in filter(None, variant.split("+"))])
         results.append({"label": label, "method": method, "bits": f"{w}/{a}",
                         "qat": cfg.qconfig().recipe.qat, **evaluate_model(model, pairs, deg).summary,
@@ -128,7 +133,9 @@ def main() -> None:
         "deterministic routing. Bicubic on the same images: "
         f"{results[0]['psnr_baseline']:.4f} dB / {results[0]['ssim_baseline']:.4f}.",
         f"- **Budget**: every QAT method gets the same {args.iters} iterations, batch {args.batch}, "
-        f"{args.patch}x{args.patch} LR patches, Adam lr {args.lr:g} (weights and quantizers), L1 to the ground "
+        f"{args.patch}x{args.patch} LR patches, Adam lr {args.lr:g} "
+        + (f"(weights; quantizers {args.quant_lr:g})" if args.quant_lr is not None else "(weights and quantizers)")
+        + ", L1 to the ground "
         f"truth, multistep schedule; quantizers initialised on the first of {args.calib_batches} calibration "
         f"batches. PTQ methods calibrate on the same {args.calib_batches} batches. "
         "This is a CPU-sized budget (the Q-MambaIR recipe is 20k iterations on DF2K); the ranking, not the "

@@ -35,7 +35,7 @@ from ..errors import OptionError
 from ..models.routing import routing_mode
 from ..quant import calibrating
 from ..quant.qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
-from ..quant.quantizers import Quantizer
+from ..quant.quantizers import STEP_INITS, Quantizer, set_step_init
 from ..quant.spr2q import (
     BOUND_INITS,
     attach_rectifiers,
@@ -71,6 +71,7 @@ class QuantizeConfig(TrainConfig):
     distill: float = 0.0  # weight of L1(student, teacher) in the QAT loss
     calib_batches: int = 4
     quant_lr: float | None = None  # learning rate of quantizer parameters (default: lr)
+    step_init: str = "lsq"  # how learnable step sizes start (STEP_INITS): LSQ's rule or the MSE-optimal step
     w_granularity: str = "tensor"  # weight step sizes per tensor or per output channel
     keep_fp: tuple[str, ...] = ()  # precision policy: modules left in float (fnmatch patterns)
     overrides: tuple[tuple[str, int, int], ...] = ()  # and (pattern, w_bits, a_bits) per module
@@ -85,6 +86,12 @@ class QuantizeConfig(TrainConfig):
             raise OptionError(f"--distill {self.distill} must be in [0, 1] (weight of the teacher term)")
         if self.calib_batches < 1:
             raise OptionError("--calib-batches must be at least 1")
+        if self.step_init not in STEP_INITS:
+            raise OptionError(f"--step-init {self.step_init!r} is unknown; use {' or '.join(STEP_INITS)}")
+        if self.step_init != "lsq" and (self.method == "spr2q" or not self.qconfig().recipe.qat):
+            raise OptionError(f"--step-init {self.step_init} starts the learnable step sizes of a QAT method; "
+                              f"{self.method} has none (PTQ observers pick theirs with --method mse, SPR²Q its "
+                              f"bounds with --bounds-init)")
 
 
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> int:
@@ -133,6 +140,7 @@ def _param_groups(model: nn.Module, cfg: QuantizeConfig) -> list[dict[str, Any]]
 def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
     fp = _load_float(cfg).to(info.device)
     model = quantize_model(copy.deepcopy(fp), cfg.qconfig())
+    set_step_init(model, cfg.step_init)
     lam = cfg.distill
 
     def prepare(sampler) -> None:

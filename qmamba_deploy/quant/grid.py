@@ -38,6 +38,17 @@ def step_grad_scale(count: float, qp: int) -> float:
     return 1.0 / math.sqrt(count * qp)
 
 
+def mse_step(rows: torch.Tensor, peak: torch.Tensor, grid: tuple[int, int], candidates: int = 100) -> torch.Tensor:
+    """The step α per row of ``rows`` (channels, values) among ``candidates`` evenly spaced in
+    0.2 … 1 × ``peak``/Qp that minimises ‖R(clamp(x/α, Qn, Qp))·α − x‖²; returns (channels,)."""
+    qn, qp = grid
+    cands = peak.to(rows)[None, :] * torch.linspace(0.2, 1.0, candidates, dtype=rows.dtype,
+                                                     device=rows.device)[:, None] / qp    # (candidates, channels)
+    errs = torch.stack([((torch.round(rows / c[:, None]).clamp(qn, qp) * c[:, None] - rows) ** 2).mean(1)
+                        for c in cands])                                                   # (candidates, channels)
+    return cands.gather(0, errs.argmin(0, keepdim=True)).reshape(-1)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Forward: round half to even. Backward: identity (straight-through)."""
     return (torch.round(x) - x).detach() + x

@@ -35,6 +35,7 @@ from .grid import (
     dls_quantize,
     dls_scale_offset,
     grad_scale,
+    mse_step,
     qrange,
     round_ste,
     step_grad_scale,
@@ -57,6 +58,21 @@ class WeightCodes:
         return self.scale.dim() == 1
 
 
+#: how learnable step sizes (LSQ, LSQ+, RFA) start: LSQ's rule, or the rounding-error minimum
+STEP_INITS = ("lsq", "mse")
+
+
+def set_step_init(model: nn.Module, init: str) -> int:
+    """Start every learnable step size of ``model`` not initialised yet by ``init`` (STEP_INITS);
+    returns how many quantizers it applies to. Training-time only: nothing of it is saved."""
+    if init not in STEP_INITS:
+        raise ValueError(f"step init {init!r} is unknown; use {' or '.join(STEP_INITS)}")
+    qs = [m for m in model.modules() if isinstance(m, (LSQ, RFA)) and not m.initialized]
+    for q in qs:
+        q.step_init = init
+    return len(qs)
+
+
 class Quantizer(nn.Module):
     """Base: bit width, ``init_state`` and ``signed`` buffers, lazy initialisation.
 
@@ -68,6 +84,9 @@ class Quantizer(nn.Module):
     """
 
     kind = "quantizer"
+    #: how a learnable step size starts (STEP_INITS; set per module by ``set_step_init``)
+    step_init = "lsq"
+    SAMPLE = 1 << 18  # values per channel that statistics-based initialisations look at
 
     def __init__(self, bits: int, signed: bool | None = None, channels: int = 1, axis: int = 0):
         super().__init__()
@@ -120,11 +139,23 @@ class Quantizer(nn.Module):
         return x.movedim(self.axis, 0).reshape(self.channels, -1) if self.per_channel else x.reshape(1, -1)
 
     def _init_lsq_step(self, x: torch.Tensor) -> None:
-        """LSQ's initialisation (LSQ, LSQ+, RFA): signedness, then α = 2·mean|x|/√Qp (per channel
-        when the quantizer has one α per channel)."""
+        """The step's initialisation (LSQ, LSQ+, RFA): signedness, then α per ``step_init``
+        (STEP_INITS; per channel when the quantizer has one α per channel):
+
+        * ``lsq`` (LSQ's rule, the default): α = 2·mean|x|/√Qp;
+        * ``mse``: the α that minimises the rounding error on this tensor (``grid.mse_step``, the
+          search the ``mse`` PTQ observer runs), on at most SAMPLE values per channel.
+        """
         self._decide_sign(x)
-        _, qp = self.grid()
-        if self.per_channel:
+        qn, qp = self.grid()
+        if self.step_init == "mse":
+            rows = self.channel_rows(x.detach().float())
+            if rows.shape[1] > self.SAMPLE:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                rows = rows[:, torch.randint(rows.shape[1], (self.SAMPLE,), generator=g).to(rows.device)]
+            peak = rows.abs().amax(1) if self.is_signed else rows.amax(1).clamp(min=0)
+            self.alpha.copy_(mse_step(rows, peak.clamp(min=1e-8), (qn, qp)).to(self.alpha))
+        elif self.per_channel:
             self.alpha.copy_(2 * self.channel_rows(x).abs().mean(1).clamp(min=1e-8) / math.sqrt(qp))
         else:
             self.alpha.copy_(2 * x.abs().mean() / math.sqrt(qp))
@@ -389,7 +420,6 @@ class Observer(Quantizer):
     """
 
     kind = "observer"
-    SAMPLE = 1 << 18
 
     def __init__(self, bits: int, method: str = "minmax", signed: bool | None = None, percentile: float = 99.99,
                  channels: int = 1, axis: int = 0):
@@ -433,10 +463,7 @@ class Observer(Quantizer):
                 k = max(1, min(mag.shape[1], int(math.ceil(self.percentile / 100 * mag.shape[1]))))
                 alpha = mag.kthvalue(k, dim=1).values.clamp(min=1e-8) / qp
             else:
-                cands = peak.cpu()[None, :] * torch.linspace(0.2, 1.0, 100)[:, None] / qp      # (100, channels)
-                errs = torch.stack([((torch.round(sample / c[:, None]).clamp(qn, qp) * c[:, None] - sample) ** 2)
-                                    .mean(1) for c in cands])                                  # (100, channels)
-                alpha = cands.gather(0, errs.argmin(0, keepdim=True)).reshape(self.channels)
+                alpha = mse_step(sample, peak.cpu(), (qn, qp))
         self.alpha.copy_(alpha.to(self.alpha.device))
         self._sample = []
         self.init_state.fill_(1.0)

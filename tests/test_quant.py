@@ -484,3 +484,19 @@ def test_quantize_step_init_mse_cli_and_where_it_does_not_apply(tmp_path, tiny_c
         assert not (tmp_path / method).exists()
     with pytest.raises(OptionError, match="--step-init 'max' is unknown"):
         QuantizeConfig(checkpoint=str(tiny_ckpt), step_init="max")
+
+
+def test_qat_start_is_the_initialised_model_a_run_begins_from(tiny_ckpt):
+    from qmamba_deploy.jobs.quantize import QuantizeConfig, qat_start
+
+    def cfg(**kw):
+        return QuantizeConfig(checkpoint=str(tiny_ckpt), arch="MambaIRv2Light", kwargs=dict(TINY_V2), scale=2,
+                              patch=16, batch=2, calib_batches=1, device="cpu", **kw)
+
+    starts = {init: qat_start(cfg(method="lsq", step_init=init)) for init in ("lsq", "mse")}
+    for m in starts.values():
+        assert not m.training and all(q.initialized for _, q in quantizers(m))
+    alphas = {k: torch.cat([q.alpha.detach().flatten() for _, q in quantizers(m)]) for k, m in starts.items()}
+    assert alphas["lsq"].shape == alphas["mse"].shape and not torch.allclose(alphas["lsq"], alphas["mse"])
+    with pytest.raises(OptionError, match="not a QAT method"):
+        qat_start(cfg(method="minmax"))

@@ -27,7 +27,7 @@ from qmamba_deploy.artifacts import write_text
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
-from qmamba_deploy.jobs.quantize import QuantizeConfig, quantize
+from qmamba_deploy.jobs.quantize import QuantizeConfig, qat_start, quantize
 from qmamba_deploy.jobs.sensitivity import read_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,9 @@ def main() -> None:
                     help="an earlier results JSON of this tool: its rows whose label matches one of --beside-rows "
                          "are listed beside the new ones, marked with the file's name")
     ap.add_argument("--beside-rows", nargs="*", default=["W4A4 qmambair", "W2A2 qmambair"])
+    ap.add_argument("--start", action="store_true",
+                    help="score each QAT row where its training starts (quantizers initialised on the calibration "
+                         "batches, no step taken) instead of training it")
     ap.add_argument("--runs", default=str(ROOT / "runs/quant"))
     ap.add_argument("--out", default=str(ROOT / "docs/results-quantization.md"))
     args = ap.parse_args()
@@ -98,16 +101,22 @@ def main() -> None:
                              method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
                              save_every=max(args.iters // 4, 1), **extra)
         t0 = time.perf_counter()
-        if not (run / "model.safetensors").is_file():
-            quantize(cfg, run, command=f"tools/quant_results.py ({method} W{w}A{a})", progress=False)
-        seconds = time.perf_counter() - t0
-        log = run / "log.jsonl"
-        if seconds < 60 and log.is_file():  # reused: the run's own training time
-            seconds = json.loads(log.read_text().splitlines()[-1]).get("elapsed_s", seconds)
-        model = load_model(run / "model.safetensors")
+        if args.start and cfg.qconfig().recipe.qat:
+            model = qat_start(cfg)
+            seconds = time.perf_counter() - t0
+        else:
+            if not (run / "model.safetensors").is_file():
+                quantize(cfg, run, command=f"tools/quant_results.py ({method} W{w}A{a})", progress=False)
+            seconds = time.perf_counter() - t0
+            log = run / "log.jsonl"
+            if seconds < 60 and log.is_file():  # reused: the run's own training time
+                seconds = json.loads(log.read_text().splitlines()[-1]).get("elapsed_s", seconds)
+            model = load_model(run / "model.safetensors")
         names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
                  "channel": "per-channel weights", "mse": "MSE-initialised steps"}
         label = " + ".join([f"W{w}A{a} {method}"] + [names[p] for p in filter(None, variant.split("+"))])
+        if args.start and cfg.qconfig().recipe.qat:
+            label += " (start: no training step)"
         results.append({"label": label, "method": method, "bits": f"{w}/{a}",
                         "qat": cfg.qconfig().recipe.qat, **evaluate_model(model, pairs, deg).summary,
                         "seconds": seconds})
@@ -142,6 +151,9 @@ def main() -> None:
         "absolute values, is what it measures.",
         "- **Placement**: Q-MambaIR's analogue for MambaIRv2 (every Linear/Conv2d inside the residual groups, "
         "the x_proj/dt_proj products, every scan operand); head and tail in float. See docs/quantization.md.",
+        *(["- **Start points** (`--start`): the QAT rows are scored where their training would start — "
+           "quantizers inserted and initialised on the calibration batches, no training step taken; "
+           "'seconds' is that initialisation."] if args.start else []),
         "",
         "| configuration | QAT | Y-PSNR | SSIM | Δ PSNR vs FP32 | seconds |",
         "|---|---|---|---|---|---|",

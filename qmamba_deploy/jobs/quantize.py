@@ -202,6 +202,14 @@ def _calibrated(cfg: QuantizeConfig, prepare: Callable[[nn.Module], Any] | None 
     return _Calibrated(info, deg, teacher, model, sampler, t0)
 
 
+def qat_start(cfg: QuantizeConfig) -> nn.Module:
+    """The quantized model a QAT run of ``cfg`` starts from: quantizers inserted, step sizes set by
+    ``cfg.step_init`` on the same calibration batches the run uses, no training step taken (eval mode)."""
+    if not cfg.qconfig().recipe.qat or cfg.method == "spr2q":
+        raise OptionError(f"{cfg.method} is not a QAT method of the training loop; its start is its PTQ result")
+    return _calibrated(cfg, prepare=lambda m: set_step_init(m, cfg.step_init)).model.eval()
+
+
 def _validate_and_save(cfg: QuantizeConfig, c: _Calibrated, out: str | os.PathLike, command: str | None,
                        extra: dict[str, Any] | None = None) -> PTQResult:
     """Validate the finished quantized model and write ``out/model.safetensors`` (rank 0)."""

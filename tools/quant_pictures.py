@@ -35,8 +35,8 @@ BITS = (2, 4, 8)
 #: (series label, results file, row filter) -- the row with the most bits wins per bit width
 SERIES = [
     ("Q-MambaIR (QAT)", "results-quantization.json", lambda r: r["method"] == "qmambair"),
-    ("recommended recipe (QAT)", "results-recipe.json", lambda r: "recommended policy" in r["label"]
-     and ("per-channel" in r["label"] or r["bits"] == "2/2")),
+    ("recommended recipe (QAT)", "results-recipe.json", lambda r: all(
+        part in r["label"] for part in ("recommended policy", "per-channel", "MSE-initialised steps"))),
     ("LSQ (QAT)", "results-quantization.json", lambda r: r["method"] == "lsq"),
     ("SPR²Q group, MSE bounds", "results-spr2q.json", lambda r: r["scale"] == 4 and "N = 4" in r["label"]
      and r.get("bounds_init") == "mse"),

@@ -100,8 +100,9 @@ def main() -> None:
                              lr=args.lr, quant_lr=args.quant_lr, device="cpu", checkpoint=args.checkpoint,
                              method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
                              save_every=max(args.iters // 4, 1), **extra)
+        start = args.start and cfg.trains_in_loop
         t0 = time.perf_counter()
-        if args.start and cfg.qconfig().recipe.qat:
+        if start:
             model = qat_start(cfg)
             seconds = time.perf_counter() - t0
         else:
@@ -115,7 +116,7 @@ def main() -> None:
         names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
                  "channel": "per-channel weights", "mse": "MSE-initialised steps"}
         label = " + ".join([f"W{w}A{a} {method}"] + [names[p] for p in filter(None, variant.split("+"))])
-        if args.start and cfg.qconfig().recipe.qat:
+        if start:
             label += " (start: no training step)"
         results.append({"label": label, "method": method, "bits": f"{w}/{a}",
                         "qat": cfg.qconfig().recipe.qat, **evaluate_model(model, pairs, deg).summary,

@@ -88,10 +88,15 @@ class QuantizeConfig(TrainConfig):
             raise OptionError("--calib-batches must be at least 1")
         if self.step_init not in STEP_INITS:
             raise OptionError(f"--step-init {self.step_init!r} is unknown; use {' or '.join(STEP_INITS)}")
-        if self.step_init != "lsq" and (self.method == "spr2q" or not self.qconfig().recipe.qat):
+        if self.step_init != "lsq" and not self.trains_in_loop:
             raise OptionError(f"--step-init {self.step_init} starts the learnable step sizes of a QAT method; "
                               f"{self.method} has none (PTQ observers pick theirs with --method mse, SPR²Q its "
                               f"bounds with --bounds-init)")
+
+    @property
+    def trains_in_loop(self) -> bool:
+        """A QAT method of the training loop (learnable step sizes, ``_qat_job``); not PTQ, not SPR²Q."""
+        return self.method != "spr2q" and self.qconfig().recipe.qat
 
 
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> int:
@@ -205,7 +210,7 @@ def _calibrated(cfg: QuantizeConfig, prepare: Callable[[nn.Module], Any] | None 
 def qat_start(cfg: QuantizeConfig) -> nn.Module:
     """The quantized model a QAT run of ``cfg`` starts from: quantizers inserted, step sizes set by
     ``cfg.step_init`` on the same calibration batches the run uses, no training step taken (eval mode)."""
-    if not cfg.qconfig().recipe.qat or cfg.method == "spr2q":
+    if not cfg.trains_in_loop:
         raise OptionError(f"{cfg.method} is not a QAT method of the training loop; its start is its PTQ result")
     return _calibrated(cfg, prepare=lambda m: set_step_init(m, cfg.step_init)).model.eval()
 

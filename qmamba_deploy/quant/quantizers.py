@@ -138,6 +138,13 @@ class Quantizer(nn.Module):
         """``x`` as (channels, values of that channel), or (1, all values) per tensor."""
         return x.movedim(self.axis, 0).reshape(self.channels, -1) if self.per_channel else x.reshape(1, -1)
 
+    def sample_rows(self, rows: torch.Tensor, seed: int) -> torch.Tensor:
+        """``rows`` (channels, values), or SAMPLE of its columns drawn with a seeded CPU generator."""
+        if rows.shape[1] <= self.SAMPLE:
+            return rows
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return rows[:, torch.randint(rows.shape[1], (self.SAMPLE,), generator=g).to(rows.device)]
+
     def _init_lsq_step(self, x: torch.Tensor) -> None:
         """The step's initialisation (LSQ, LSQ+, RFA): signedness, then α per ``step_init``
         (STEP_INITS; per channel when the quantizer has one α per channel):
@@ -149,10 +156,7 @@ class Quantizer(nn.Module):
         self._decide_sign(x)
         qn, qp = self.grid()
         if self.step_init == "mse":
-            rows = self.channel_rows(x.detach().float())
-            if rows.shape[1] > self.SAMPLE:
-                g = torch.Generator(device="cpu").manual_seed(0)
-                rows = rows[:, torch.randint(rows.shape[1], (self.SAMPLE,), generator=g).to(rows.device)]
+            rows = self.sample_rows(self.channel_rows(x.detach().float()), seed=0)
             peak = rows.abs().amax(1) if self.is_signed else rows.amax(1).clamp(min=0)
             self.alpha.copy_(mse_step(rows, peak.clamp(min=1e-8), (qn, qp)).to(self.alpha))
         elif self.per_channel:
@@ -440,10 +444,7 @@ class Observer(Quantizer):
         self.x_min.copy_(torch.minimum(self.x_min, rows.amin(1)))
         self.x_max.copy_(torch.maximum(self.x_max, rows.amax(1)))
         if self.method != "minmax":
-            if rows.shape[1] > self.SAMPLE:
-                g = torch.Generator(device="cpu").manual_seed(len(self._sample))
-                rows = rows[:, torch.randint(rows.shape[1], (self.SAMPLE,), generator=g).to(x.device)]
-            self._sample.append(rows.cpu())
+            self._sample.append(self.sample_rows(rows, seed=len(self._sample)).cpu())
 
     @torch.no_grad()
     def freeze(self) -> None:

@@ -410,6 +410,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
               show_default=True)
 @click.option("--distill", type=_NONNEGF, default=0.0, show_default=True,
               help="Weight of L1 to the float model's output in the QAT loss (0: ground truth only).")
+@click.option("--distill-features", type=_NONNEGF, default=0.0, show_default=True,
+              help="Weight of the block feature-alignment term in the QAT loss: each block's squared error to "
+                   "the float model's, relative to its size, averaged over blocks (0: none).")
 @click.option("--save-every", type=_POS, default=500, show_default=True)
 @click.option("--val-every", type=_NONNEG, default=0, show_default=True)
 @click.option("--seed", type=_NONNEG, default=0, show_default=True)
@@ -434,8 +437,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
               help="Bits for the modules matching PATTERN, e.g. '*.wqkv=W8A8' (repeatable; after --policy's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data, val_data, out, iters, calib_batches,
-             patch, batch, lr, quant_lr, step_init, schedule, distill, save_every, val_every, seed, device, rank,
-             group_size, route_iters, feature_weight, spr2q_variant, bounds_init, policy, keep_fp, layer_bits, quiet):
+             patch, batch, lr, quant_lr, step_init, schedule, distill, distill_features, save_every, val_every, seed,
+             device, rank, group_size, route_iters, feature_weight, spr2q_variant, bounds_init, policy, keep_fp,
+             layer_bits, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
 
     chosen = read_policy(policy)
@@ -453,7 +457,8 @@ def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data,
                  quality=task.get("quality", 40), data=data, val_data=None if val_data == "none" else val_data,
                  patch=patch, batch=batch, iters=iters, lr=lr, schedule=schedule, val_every=val_every,
                  save_every=save_every, seed=seed, device=device, checkpoint=ckpt, method=method, w_bits=w_bits,
-                 a_bits=a_bits, scan_bits=scan_bits, distill=distill, calib_batches=calib_batches, quant_lr=quant_lr,
+                 a_bits=a_bits, scan_bits=scan_bits, distill=distill, distill_features=distill_features,
+                 calib_batches=calib_batches, quant_lr=quant_lr,
                  w_granularity=w_granularity, keep_fp=keep, overrides=overrides, step_init=step_init)
     try:
         result = run_quantize(cfg, out, command=_command_line(), progress=not quiet)

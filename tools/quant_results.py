@@ -50,11 +50,14 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*",
                     help="only these rows, e.g. qmambair:4:4; a fourth field changes the recipe: 'policy' "
                          "(--policy's precision policy), 'distill' (--distill's weight of L1 to the float model's "
-                         "output), 'channel' (per-channel weights), 'mse' (steps start at the MSE-optimal "
+                         "output), 'features' (--distill-features's weight of the float model's block outputs), "
+                         "'channel' (per-channel weights), 'mse' (steps start at the MSE-optimal "
                          "step, --step-init mse), or several joined by '+', e.g. "
                          "qmambair:4:4:policy+channel")
     ap.add_argument("--policy", help="a precision policy file (qmamba-deploy sensitivity --json) for 'policy' rows")
     ap.add_argument("--distill", type=float, default=0.5, help="teacher weight of 'distill' rows")
+    ap.add_argument("--distill-features", type=float, default=0.1,
+                    help="weight of the block feature-alignment term of 'features' rows")
     ap.add_argument("--beside", type=Path, action="append", default=[],
                     help="an earlier results JSON of this tool: its rows whose label matches one of --beside-rows "
                          "are listed beside the new ones, marked with the file's name")
@@ -88,13 +91,15 @@ def main() -> None:
                 extra.update(overrides=tuple(tuple(o) for o in policy["overrides"]), keep_fp=tuple(policy["keep_fp"]))
             elif part == "distill":
                 extra.update(distill=args.distill)
+            elif part == "features":
+                extra.update(distill_features=args.distill_features)
             elif part == "channel":
                 extra.update(w_granularity="channel")
             elif part == "mse":
                 extra.update(step_init="mse")
             else:
-                raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, channel, mse or several "
-                                 f"joined by '+'")
+                raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, features, channel, mse "
+                                 f"or several joined by '+'")
         cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
                              lr=args.lr, quant_lr=args.quant_lr, device="cpu", checkpoint=args.checkpoint,
@@ -114,6 +119,7 @@ def main() -> None:
                 seconds = json.loads(log.read_text().splitlines()[-1]).get("elapsed_s", seconds)
             model = load_model(run / "model.safetensors")
         names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
+                 "features": f"block features {args.distill_features:g}",
                  "channel": "per-channel weights", "mse": "MSE-initialised steps"}
         label = " + ".join([f"W{w}A{a} {method}"] + [names[p] for p in filter(None, variant.split("+"))])
         if start:

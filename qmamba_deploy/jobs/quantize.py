@@ -34,6 +34,7 @@ from ..data.datasets import PatchStream, load_pairs
 from ..errors import OptionError
 from ..models.routing import routing_mode
 from ..quant import calibrating
+from ..quant.distill import BlockFeatures, feature_alignment
 from ..quant.qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
 from ..quant.quantizers import STEP_INITS, Quantizer, set_step_init
 from ..quant.spr2q import (
@@ -69,6 +70,7 @@ class QuantizeConfig(TrainConfig):
     a_bits: int = 4
     scan_bits: int | None = None
     distill: float = 0.0  # weight of L1(student, teacher) in the QAT loss
+    distill_features: float = 0.0  # weight of the block feature-alignment term in the QAT loss
     calib_batches: int = 4
     quant_lr: float | None = None  # learning rate of quantizer parameters (default: lr)
     step_init: str = "lsq"  # how learnable step sizes start (STEP_INITS): LSQ's rule or the MSE-optimal step
@@ -84,6 +86,9 @@ class QuantizeConfig(TrainConfig):
         self.qconfig()  # validates method and bit widths
         if not 0 <= self.distill <= 1:
             raise OptionError(f"--distill {self.distill} must be in [0, 1] (weight of the teacher term)")
+        if self.distill_features < 0:
+            raise OptionError(f"--distill-features {self.distill_features} must be >= 0 (weight of the block "
+                              f"feature term)")
         if self.calib_batches < 1:
             raise OptionError("--calib-batches must be at least 1")
         if self.step_init not in STEP_INITS:
@@ -146,26 +151,30 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
     fp = _load_float(cfg).to(info.device)
     model = quantize_model(copy.deepcopy(fp), cfg.qconfig())
     set_step_init(model, cfg.step_init)
-    lam = cfg.distill
+    lam, mu = cfg.distill, cfg.distill_features
+    student_features = BlockFeatures(model, training_only=True).attach() if mu else None
 
     def prepare(sampler) -> None:
         calibrate(model, _calibration_batches(cfg, sampler), info.device)
 
     def loss(pred: torch.Tensor, target) -> torch.Tensor:
-        if lam == 0:
+        if lam == 0 and not mu:
             return F.l1_loss(pred, target)
-        gt, teacher = target
-        return (1 - lam) * F.l1_loss(pred, gt) + lam * F.l1_loss(pred, teacher)
+        gt, teacher, *features = target
+        out = (1 - lam) * F.l1_loss(pred, gt) + lam * F.l1_loss(pred, teacher) if lam else F.l1_loss(pred, gt)
+        if mu:
+            out = out + mu * feature_alignment(student_features.values(), features)
+        return out
 
     def batches(sampler):
-        if lam == 0:
+        if lam == 0 and not mu:
             return sampler.batch
 
         def with_teacher(it: int, rank: int):
             x, gt = sampler.batch(it, rank)
-            with torch.no_grad(), routing_mode(fp, "deterministic"):
+            with torch.no_grad(), routing_mode(fp, "deterministic"), BlockFeatures(fp) as t:
                 teacher = fp(x.to(info.device)).cpu()
-            return x, (gt, teacher)
+            return x, (gt, teacher, *(f.cpu() for f in t.values())) if mu else (gt, teacher)
 
         return with_teacher
 

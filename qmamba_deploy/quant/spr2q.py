@@ -28,8 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.mambair import RSSB
-from ..models.mambairv2 import AttentiveLayer
+from .distill import BlockFeatures
 from .layers import QuantConv2d, QuantLinear
 from .quantizers import Quantizer, round_ste
 
@@ -274,34 +273,6 @@ def fuse_rectifiers(model: nn.Module) -> dict[str, dict[str, float | list[float]
 
 
 # ------------------------------------------------------------------------ hybrid loss
-
-
-def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks whose outputs SPR²Q aligns: MambaIR's RSSB, MambaIRv2's AttentiveLayer."""
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (RSSB, AttentiveLayer))]
-
-
-class BlockFeatures:
-    """Context manager recording every block's output of a model during a forward."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.outputs, self._hooks = model, {}, []
-
-    def __enter__(self) -> BlockFeatures:
-        for name, m in block_modules(self.model):
-            self._hooks.append(m.register_forward_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name):
-        def record(_module, _inputs, output):
-            self.outputs[name] = output
-
-        return record
-
-    def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
 
 
 def hybrid_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:

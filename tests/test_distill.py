@@ -71,3 +71,16 @@ def test_feature_term_enters_the_qat_loss_and_the_run_config(tmp_path, tiny_ckpt
 def test_negative_feature_weight_is_refused_by_the_config():
     with pytest.raises(OptionError, match="--distill-features"):
         QuantizeConfig(checkpoint="x", distill_features=-0.5)
+
+
+def test_qat_with_feature_term_leaves_no_hooks_on_the_trained_model(tmp_path, tiny_ckpt):
+    from qmamba_deploy import load_model
+    from qmamba_deploy.jobs.quantize import quantize
+
+    fp = load_model(tiny_ckpt)
+    cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
+                         data="builtin", val_data=None, patch=16, batch=1, iters=2, device="cpu",
+                         checkpoint=str(tiny_ckpt), calib_batches=1, distill_features=0.5)
+    result = quantize(cfg, tmp_path / "run", progress=False)
+    blocks = [m for _, m in block_modules(result.model)]
+    assert blocks and not any(m._forward_hooks for m in blocks)

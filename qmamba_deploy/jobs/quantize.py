@@ -179,7 +179,7 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
         return with_teacher
 
     return Job(model, loss, _param_groups(model, cfg), manifest={"quantized_from": str(cfg.checkpoint)},
-               prepare=prepare, batches=batches)
+               prepare=prepare, batches=batches, finish=student_features.detach if student_features else None)
 
 
 @dataclass

@@ -107,7 +107,8 @@ class Job:
 
     ``prepare(sampler)`` runs once the training patches exist (calibration);
     ``batches(sampler)`` may replace the sampler's batches (e.g. adding a
-    teacher's output to the target).
+    teacher's output to the target); ``finish()`` runs when training ends, however
+    it ends (e.g. removing hooks the loss read).
     """
 
     model: nn.Module
@@ -116,6 +117,7 @@ class Job:
     manifest: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[Any], None] | None = None
     batches: Callable[[Any], Callable[[int, int], tuple[torch.Tensor, Any]]] | None = None
+    finish: Callable[[], None] | None = None
 
 def _restoration_job(cfg: TrainConfig, info: DistInfo) -> Job:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -167,10 +169,14 @@ def run_job(cfg: TrainConfig, out: str | os.PathLike, make_job: Callable[[TrainC
     loop = LoopConfig(iters=cfg.iters, ema=cfg.ema, grad_clip=cfg.grad_clip, val_every=cfg.val_every,
                       save_every=cfg.save_every, log_every=cfg.log_every, seed=cfg.seed, progress=progress,
                       schedule=Schedule(cfg.schedule, cfg.iters, tuple(cfg.milestones), cfg.gamma, cfg.warmup))
-    with routing_mode(job.model, "gumbel"):
-        batches = job.batches(sampler) if job.batches else sampler.batch
-        result = fit(job.model, job.loss, job.param_groups, batches, loop, out,
-                     validate=make_validator(val_pairs, deg, info), info=info, on_step=on_step)
+    try:
+        with routing_mode(job.model, "gumbel"):
+            batches = job.batches(sampler) if job.batches else sampler.batch
+            result = fit(job.model, job.loss, job.param_groups, batches, loop, out,
+                         validate=make_validator(val_pairs, deg, info), info=info, on_step=on_step)
+    finally:
+        if job.finish is not None:
+            job.finish()
     if info.is_main:
         shipped = result.model.to("cpu")
         if hasattr(shipped, "set_routing"):

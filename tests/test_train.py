@@ -132,6 +132,24 @@ def test_rerun_with_other_settings_is_refused(hr_folder, uninterrupted):
         train_restoration(_cfg(hr_folder, ema=0.9, lr=5e-4), uninterrupted, progress=False)
 
 
+def test_a_setting_the_run_record_lacks_counts_as_its_default(hr_folder, uninterrupted, tmp_path):
+    """A run made before an option existed resumes while that option keeps its default, not after."""
+    import shutil
+
+    run = tmp_path / "older"
+    shutil.copytree(uninterrupted, run)
+    record = json.loads((run / "run.json").read_text())
+    del record["config"]["grad_clip"]  # at its default (0.0) in this run
+    del record["config"]["lr"]  # 1e-3 here, not the default 2e-4
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(OptionError, match=r"other settings \(lr\)"):
+        train_restoration(_cfg(hr_folder, ema=0.9), run, progress=False)
+    record["config"]["lr"] = 1e-3
+    (run / "run.json").write_text(json.dumps(record))
+    result = train_restoration(_cfg(hr_folder, ema=0.9), run, progress=False)
+    assert result.resumed_from == 8 and result.iteration == 8
+
+
 def test_loss_goes_down(hr_folder, tmp_path):
     cfg = _cfg(hr_folder, iters=40, save_every=100, lr=2e-3, batch=4)
     train_restoration(cfg, tmp_path, progress=False)

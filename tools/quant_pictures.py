@@ -35,8 +35,10 @@ BITS = (2, 4, 8)
 #: (series label, results file, row filter) -- the row with the most bits wins per bit width
 SERIES = [
     ("Q-MambaIR (QAT)", "results-quantization.json", lambda r: r["method"] == "qmambair"),
+    # W4A4 with block features, W2A2 without (docs/quantization.md: they do not help at W2A2)
     ("recommended recipe (QAT)", "results-recipe.json", lambda r: all(
-        part in r["label"] for part in ("recommended policy", "per-channel", "MSE-initialised steps"))),
+        part in r["label"] for part in ("recommended policy", "per-channel", "MSE-initialised steps"))
+     and ("block features" in r["label"]) == (r["bits"] == "4/4")),
     ("LSQ (QAT)", "results-quantization.json", lambda r: r["method"] == "lsq"),
     ("SPR²Q group, MSE bounds", "results-spr2q.json", lambda r: r["scale"] == 4 and "N = 4" in r["label"]
      and r.get("bounds_init") == "mse"),

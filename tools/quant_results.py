@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--quant-lr", type=float, default=None, help="learning rate of quantizer parameters (default --lr)")
     ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of the QAT "
+                                                            "parameters shipped instead of the last ones (0: off)")
     ap.add_argument("--rows", nargs="*",
                     help="only these rows, e.g. qmambair:4:4; a fourth field changes the recipe: 'policy' "
                          "(--policy's precision policy), 'distill' (--distill's weight of L1 to the float model's "
@@ -102,7 +104,7 @@ def main() -> None:
                                  f"or several joined by '+'")
         cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
-                             lr=args.lr, quant_lr=args.quant_lr, device="cpu", checkpoint=args.checkpoint,
+                             lr=args.lr, quant_lr=args.quant_lr, ema=args.ema, device="cpu", checkpoint=args.checkpoint,
                              method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
                              save_every=max(args.iters // 4, 1), **extra)
         start = args.start and cfg.trains_in_loop

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -94,7 +94,10 @@ def _check_resumable(folder: RunFolder, cfg: TrainConfig, world_size: int) -> No
     previous = json.loads(folder.run.read_text())
     current = jsonable(cfg.as_dict())
     keys = [k for k in current if k not in ("device", "val_every", "log_every", "save_every", "val_data")]
-    changed = [k for k in keys if previous.get("config", {}).get(k) != current[k]]
+    before = previous.get("config", {})
+    # a setting the run's record lacks (an option added since) is unchanged while it has its default
+    defaults = jsonable({f.name: f.default for f in fields(cfg) if f.default is not MISSING})
+    changed = [k for k in keys if before.get(k, defaults.get(k)) != current[k]]
     if previous.get("world_size") != world_size:
         changed.append(f"world size ({previous.get('world_size')} -> {world_size})")
     if changed:

@@ -40,10 +40,14 @@ class BlockFeatures:
         return self
 
     def detach(self) -> None:
+        """Remove the hooks and forget what they recorded."""
+        self._remove_hooks()
+        self.outputs.clear()
+
+    def _remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self.outputs.clear()
 
     def _hook(self, name: str):
         def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
@@ -59,9 +63,7 @@ class BlockFeatures:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._remove_hooks()  # the outputs stay readable after the ``with`` body
 
 
 def feature_alignment(student: Iterable[torch.Tensor], teacher: Iterable[torch.Tensor]) -> torch.Tensor:

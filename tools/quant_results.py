@@ -58,8 +58,9 @@ def main() -> None:
                          "qmambair:4:4:policy+channel")
     ap.add_argument("--policy", help="a precision policy file (qmamba-deploy sensitivity --json) for 'policy' rows")
     ap.add_argument("--distill", type=float, default=0.5, help="teacher weight of 'distill' rows")
-    ap.add_argument("--distill-features", type=float, default=0.1,
-                    help="weight of the block feature-alignment term of 'features' rows")
+    ap.add_argument("--distill-features", type=float, default=1.0,
+                    help="weight of the block feature-alignment term of 'features' rows (1: the recommended W4A4 "
+                         "recipe)")
     ap.add_argument("--beside", type=Path, action="append", default=[],
                     help="an earlier results JSON of this tool: its rows whose label matches one of --beside-rows "
                          "are listed beside the new ones, marked with the file's name")

@@ -152,13 +152,14 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
     model = quantize_model(copy.deepcopy(fp), cfg.qconfig())
     set_step_init(model, cfg.step_init)
     lam, mu = cfg.distill, cfg.distill_features
+    taught = bool(lam or mu)  # the float model runs beside the student
     student_features = BlockFeatures(model, training_only=True).attach() if mu else None
 
     def prepare(sampler) -> None:
         calibrate(model, _calibration_batches(cfg, sampler), info.device)
 
     def loss(pred: torch.Tensor, target) -> torch.Tensor:
-        if lam == 0 and not mu:
+        if not taught:
             return F.l1_loss(pred, target)
         gt, teacher, *features = target
         out = (1 - lam) * F.l1_loss(pred, gt) + lam * F.l1_loss(pred, teacher) if lam else F.l1_loss(pred, gt)
@@ -167,14 +168,14 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
         return out
 
     def batches(sampler):
-        if lam == 0 and not mu:
+        if not taught:
             return sampler.batch
 
         def with_teacher(it: int, rank: int):
             x, gt = sampler.batch(it, rank)
             with torch.no_grad(), routing_mode(fp, "deterministic"), BlockFeatures(fp) as t:
-                teacher = fp(x.to(info.device)).cpu()
-            return x, (gt, teacher, *(f.cpu() for f in t.values())) if mu else (gt, teacher)
+                teacher = fp(x.to(info.device))  # already where the loss runs: fit moves the rest there
+            return x, (gt, teacher, *t.values()) if mu else (gt, teacher)
 
         return with_teacher
 

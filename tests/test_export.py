@@ -20,6 +20,7 @@ from qmamba_deploy.export.onnx_export import ExportOptions, export_onnx
 from qmamba_deploy.export.qdq_onnx import qdq_translation_table
 from qmamba_deploy.fold import calibrate_dls, fold, with_dls_mode
 from qmamba_deploy.metrics import psnr_between
+from qmamba_deploy.quant.deploy import ActQuant
 from qmamba_deploy.runtime.ort import onnx_runner
 from qmamba_deploy.trt.lint import lint_onnx
 
@@ -106,7 +107,6 @@ def test_diagnose_finds_every_static_quantizer_of_a_w4a4_deploy_model(w4a4_v2):
     from qmamba_deploy.data.degrade import model_degradation
     from qmamba_deploy.fold import with_dls_mode
     from qmamba_deploy.jobs.diagnose import diagnose
-    from qmamba_deploy.quant.deploy import ActQuant
 
     deploy = with_dls_mode(w4a4_v2, "static")
     deg = model_degradation(deploy)
@@ -117,6 +117,44 @@ def test_diagnose_finds_every_static_quantizer_of_a_w4a4_deploy_model(w4a4_v2):
     assert sorted(s.order for s in report.sites) == list(range(len(report.sites)))
     assert all(0 <= s.flips <= s.values and 0 <= s.near_boundary <= s.values for s in report.sites)
     assert all(s.values > 0 for s in report.sites)
+    # the controls: codes held, and one flip at the first quantizer (which must change the output)
+    assert len(report.codes_held) == len(report.one_flip) == len(report.images) == 1
+    first = min(acts, key=lambda s: s.order)
+    flip = report.one_flip[0]
+    assert flip.site == first.site and 0 <= flip.distance <= 0.5 and flip.codes_flipped >= 0
+    assert "one code flipped at" in report.table()
+
+
+def test_diagnose_holds_codes_exactly_as_the_quantizers_produce_them(w4a4_v2):
+    """Holding a run's own codes reproduces that run bit for bit: the held outputs are the codes times
+    the scale (minus the offset) exactly as each static quantizer computes them."""
+    from qmamba_deploy.jobs.diagnose import _hold, _record, _run
+
+    deploy = with_dls_mode(w4a4_v2, "static").eval()
+    x, log = _x(2, 24, 24), {}
+    free = _run(deploy, x, _record(deploy, log))
+    assert torch.equal(_run(deploy, x, _hold(deploy, log)), free)
+    other = {}
+    _run(deploy, _x(5, 24, 24), _record(deploy, other))   # another image's codes: a different output
+    assert not torch.equal(_run(deploy, x, _hold(deploy, other)), free)
+
+
+def test_one_flip_moves_the_value_nearest_a_boundary_by_one_step(w4a4_v2):
+    from qmamba_deploy.jobs.diagnose import _flip_nearest
+
+    site = next(m for m in with_dls_mode(w4a4_v2, "static").modules() if isinstance(m, ActQuant))
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(-3, 3, (64,), generator=g).float() + 0.25 * torch.rand(64, generator=g)
+    t[17] = 1.4999                                           # the nearest to a boundary: rounds to 1, flips to 2
+    x = t * site.scale - (site.offset if site.has_offset else 0)
+    info = {}
+    plain = site(x)
+    h = _flip_nearest(site, info)
+    flipped = site(x)
+    h.remove()
+    changed = (flipped != plain).nonzero().flatten().tolist()
+    assert changed == [17] and float(flipped[17] - plain[17]) == pytest.approx(float(site.scale), rel=1e-5)
+    assert info["distance"] == pytest.approx(1e-4, abs=1e-5)
 
 
 def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2, w4a4_exports):

@@ -36,6 +36,10 @@ DEFAULTS = [("FP32", str(X4), "none"), ("W8A8 min/max PTQ", str(X4), "minmax"),
              "")]
 
 
+def db(values) -> str:
+    return ", ".join("identical" if math.isinf(p) else f"{p:.1f}" for p in values)
+
+
 def kind_of(site: str) -> str:
     """'layers.1.residual_group.layers.3.assm.selectiveScan.xs_q' -> 'assm.selectiveScan.xs_q'."""
     return re.sub(r"^layers\.\d+\.residual_group\.layers\.\d+\.", "", re.sub(r"^layers\.\d+\.(?=conv)", "", site))
@@ -73,10 +77,22 @@ def main() -> None:
     for label, _, r in results:
         acts = [s for s in r.sites if s.kind == "act"]
         routes = [s for s in r.sites if s.kind == "route"]
-        psnrs = ", ".join("identical" if math.isinf(p) else f"{p:.1f}" for p in r.psnr_between)
-        lines.append(f"| {label} | {psnrs} | {sum(s.flips for s in acts):,} of {sum(s.values for s in acts):,} | "
-                     f"{sum(1 for s in acts if s.flips)} of {len(acts)} | "
+        lines.append(f"| {label} | {db(r.psnr_between)} | {sum(s.flips for s in acts):,} of "
+                     f"{sum(s.values for s in acts):,} | {sum(1 for s in acts if s.flips)} of {len(acts)} | "
                      f"{sum(s.flips for s in routes):,} of {sum(s.values for s in routes):,} |")
+    lines += ["", "Two controls per image (`jobs.diagnose`): the float32 run again with every activation code and "
+              "routing decision taken from the float64 run (what float rounding between the quantizers leaves), and "
+              "the float64 run again with ONE code flipped — the value nearest a rounding boundary at the first "
+              "quantizer, the smallest disagreement two runtimes can have — against the unflipped float64 run.", "",
+              "| model | PSNR float32 vs float64, free (dB) | with codes and routing held (dB) | one flipped code: "
+              "PSNR (dB) | one flipped code: codes flipped after it | its distance from the boundary (steps) |",
+              "|---|---|---|---|---|---|"]
+    for label, _, r in results:
+        if not r.one_flip:
+            continue
+        lines.append(f"| {label} | {db(r.psnr_between)} | {db(r.codes_held)} | {db(f.psnr for f in r.one_flip)} | "
+                     f"{', '.join(f'{f.codes_flipped:,}' for f in r.one_flip)} | "
+                     f"{', '.join(f'{f.distance:.0e}' for f in r.one_flip)} |")
     for label, _, r in results:
         first = r.first_flips[:args.first]
         if not first:

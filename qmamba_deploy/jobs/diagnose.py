@@ -8,6 +8,13 @@ logits nearly tie. Every flip then changes everything downstream of it, so the c
 the network: the first sites with flips are where the cascade starts, and the share of values near
 a boundary in the reference run (``near_boundary``: within ``NEAR`` of a half step) says how
 exposed each site is by itself.
+
+Two controls say what the disagreement is made of. ``codes_held``: the float32 run again, with every
+activation code and routing decision taken from the float64 run — what is left is float rounding
+between the quantizers (if it is far above the free run, the disagreement is all flips). ``one_flip``:
+the float64 run again with one code flipped, the one nearest a rounding boundary at the first
+quantizer — the smallest disagreement two runtimes can have. A model whose single flip already
+lands at the free run's PSNR is chaotic: its floor is set by whether any code flips, not by how many.
 """
 
 from __future__ import annotations
@@ -45,10 +52,27 @@ class SiteFlips:
 
 
 @dataclass
+class FlipResponse:
+    """What one flipped code does downstream (a float64 run against the unflipped float64 run)."""
+
+    site: str
+    distance: float          # how far the flipped value lay from its rounding boundary, in steps
+    psnr: float              # PSNR between the two outputs
+    codes_flipped: int       # activation codes after it that differ
+    routing_changed: int     # routing decisions after it that differ
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "distance": self.distance, "psnr": self.psnr,
+                "codes_flipped": self.codes_flipped, "routing_changed": self.routing_changed}
+
+
+@dataclass
 class DiagnoseReport:
     images: list[str]
     sites: list[SiteFlips]
     psnr_between: list[float] = field(default_factory=list)
+    codes_held: list[float] = field(default_factory=list)   # PSNR with float64's codes and routing held
+    one_flip: list[FlipResponse] = field(default_factory=list)  # per image
 
     @property
     def first_flips(self) -> list[SiteFlips]:
@@ -57,7 +81,9 @@ class DiagnoseReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": artifact_kind("diagnosis"), "runs": ["float32", "float64"], "images": self.images,
-                "psnr_between": self.psnr_between, "near": NEAR, "sites": [s.as_dict() for s in self.sites]}
+                "psnr_between": self.psnr_between, "codes_held": self.codes_held,
+                "one_flip": [f.as_dict() for f in self.one_flip], "near": NEAR,
+                "sites": [s.as_dict() for s in self.sites]}
 
     def table(self, rows: int = 12) -> str:
         acts = [s for s in self.sites if s.kind == "act"]
@@ -69,6 +95,13 @@ class DiagnoseReport:
                  f"{sum(1 for s in acts if s.flips)} of {len(acts)} quantizers",
                  f"  routing decisions: {sum(s.flips for s in routes):,} of {sum(s.values for s in routes):,} changed "
                  f"in {sum(1 for s in routes if s.flips)} of {len(routes)} ASSMs"]
+        if self.codes_held:
+            lines.append(f"  float32 with float64's codes and routing held: PSNR between "
+                         f"{_db(min(self.codes_held))} at worst (what float rounding alone leaves)")
+        for f in self.one_flip[:1]:
+            lines.append(f"  one code flipped at `{f.site}` ({f.distance:.1e} of a step from its boundary), float64: "
+                         f"PSNR {_db(f.psnr)}, {f.codes_flipped:,} codes and {f.routing_changed:,} routing decisions "
+                         f"flipped after it")
         if not flipped:
             return "\n".join(lines + ["  no flips: the two runs agree code for code"])
         lines += ["", "| # | site | kind | flips | of | near a boundary in float64 |", "|---:|---|---|---:|---:|---:|"]
@@ -77,6 +110,10 @@ class DiagnoseReport:
         if len(flipped) > rows:
             lines.append(f"| | … {len(flipped) - rows} more sites with flips | | | | |")
         return "\n".join(lines)
+
+
+def _db(p: float) -> str:
+    return "identical" if p == float("inf") else f"{p:.2f} dB"
 
 
 def _sites(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -112,24 +149,63 @@ def _record(model: nn.Module, log: dict[str, tuple[int, torch.Tensor, torch.Tens
     return handles
 
 
+def _hold(model: nn.Module, log: dict[str, tuple[int, torch.Tensor, torch.Tensor]]) -> list[Any]:
+    """Hooks that replace every site's codes (or routing classes) by those in ``log``."""
+    handles = []
+    for name, m, kind in _sites(model):
+        def hook(mod, args, out, name=name, kind=kind):
+            codes = log[name][1]
+            if kind == "route":  # only the argmax of the router's log-probabilities is used
+                return torch.nn.functional.one_hot(codes, out.shape[-1]).to(out.dtype)
+            y = codes.to(out.dtype) * mod.scale.to(out.dtype)
+            return y - mod.offset.to(out.dtype) if mod.has_offset else y
+
+        handles.append(m.register_forward_hook(hook))
+    return handles
+
+
+def _flip_nearest(site: nn.Module, report: dict[str, float]) -> Any:
+    """A hook that moves the value nearest a rounding boundary of ``site`` to the neighbouring code."""
+    def hook(mod, args, out):
+        x = args[0] + mod.offset if mod.has_offset else args[0]
+        t = (x / mod.scale).flatten()
+        frac = t - torch.floor(t)
+        dist = torch.where((t > mod.qmin) & (t < mod.qmax), (frac - 0.5).abs(), torch.full_like(t, 2.0))
+        i = int(dist.argmin())
+        if float(dist[i]) > 1:
+            return None  # every value is clipped: nothing to flip
+        report["distance"] = float(dist[i])
+        y = out.flatten().clone()
+        y[i] += (1.0 if frac[i] < 0.5 else -1.0) * mod.scale.to(y.dtype)  # across the boundary it was near
+        return y.view_as(out)
+
+    return site.register_forward_hook(hook)
+
+
+def _run(model: nn.Module, x: torch.Tensor, *hooks: Any) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for handles in hooks:
+            for h in handles if isinstance(handles, list) else [handles]:
+                h.remove()
+
+
 def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, seed: int = 0) -> DiagnoseReport:
-    """Run every image through ``model`` in float32 and float64 and count the flips per site."""
+    """Run every image through ``model`` in float32 and float64 and count the flips per site; then the
+    two controls of the module's docstring (codes held, one flip)."""
     model32 = model.eval()
     model64 = copy.deepcopy(model).double().eval()
     sites = {name: SiteFlips(name, kind, 0) for name, _, kind in _sites(model32)}
-    names, between = [], []
+    first = next((name for name, _, kind in _sites(model32) if kind == "act"), None)
+    report = DiagnoseReport([], list(sites.values()))
     for pair in pairs:
         x = to_tensor(degrade_pair(pair, degradation, seed))
         log32: dict = {}
         log64: dict = {}
-        handles = _record(model32, log32) + _record(model64, log64)
-        try:
-            with torch.no_grad():
-                y32 = model32(x)
-                y64 = model64(x.double())
-        finally:
-            for h in handles:
-                h.remove()
+        y32 = _run(model32, x, _record(model32, log32))
+        y64 = _run(model64, x.double(), _record(model64, log64))
         for name, (order, codes32, _) in log32.items():
             _, codes64, close = log64[name]
             s = sites[name]
@@ -137,6 +213,27 @@ def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, 
             s.values += codes32.numel()
             s.flips += int((codes32 != codes64).sum())
             s.near_boundary += int(close.sum())
-        names.append(pair.name)
-        between.append(psnr_between(y32, y64.float()))
-    return DiagnoseReport(names, list(sites.values()), between)
+        report.images.append(pair.name)
+        report.psnr_between.append(psnr_between(y32, y64.float()))
+        report.codes_held.append(psnr_between(_run(model32, x, _hold(model32, log64)), y64.float()))
+        if first is not None:
+            report.one_flip.append(_one_flip(model64, x.double(), first, y64, log64))
+    return report
+
+
+def _one_flip(model64: nn.Module, x: torch.Tensor, site: str, y64: torch.Tensor,
+              log64: dict[str, tuple[int, torch.Tensor, torch.Tensor]]) -> FlipResponse:
+    info: dict[str, float] = {"distance": float("nan")}
+    log: dict = {}
+    y = _run(model64, x, _flip_nearest(model64.get_submodule(_module_name(model64, site)), info), _record(model64, log))
+    kinds = {name: kind for name, _, kind in _sites(model64)}
+    changed = {name: int((codes != log64[name][1]).sum()) for name, (_, codes, _) in log.items() if name != site}
+    return FlipResponse(site, info["distance"], psnr_between(y.float(), y64.float()),
+                        sum(n for name, n in changed.items() if kinds[name] == "act"),
+                        sum(n for name, n in changed.items() if kinds[name] == "route"))
+
+
+def _module_name(model: nn.Module, site: str) -> str:
+    """The module behind a site name (a DLS site's static quantizer is ``<site>.static``)."""
+    names = dict(model.named_modules())
+    return site if isinstance(names.get(site), ActQuant) else f"{site}.static"

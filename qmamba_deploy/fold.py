@@ -49,7 +49,7 @@ from .errors import CheckpointError, OptionError
 from .models import ModelCard, build_model
 from .models.registry import count_parameters
 from .models.routing import routing_mode
-from .models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS, quant_point
+from .models.scan_params import PARAM_POINTS, PROJ_QUANT_POINTS, SCAN_QUANT_POINTS, quant_point
 from .quant import QConfig
 from .quant.deploy import (
     ActQuant,
@@ -69,8 +69,6 @@ BUNDLE_KIND = kind("bundle")
 BUNDLE_NAME = "bundle.safetensors"
 _META_KEY = "qmamba_deploy_bundle"
 PACKABLE_BITS = (2, 4, 8)
-#: Scan operands that are parameters: quantized once at fold time, stored as constants.
-PARAM_POINTS = ("As_q", "Ds_q", "dt_projs_bias_q")
 #: (weight point, parameter, permutation into the stored [..., in, out] layout)
 WEIGHT_POINTS = (("x_proj_weight_q", "x_proj_weight", (0, 2, 1)), ("dt_proj_weight_q", "dt_projs_weight", (0, 2, 1)))
 

@@ -35,6 +35,7 @@ from ..errors import OptionError
 from ..models.routing import routing_mode
 from ..quant import calibrating
 from ..quant.distill import BlockFeatures, feature_alignment
+from ..quant.noise import MarginNoise
 from ..quant.qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
 from ..quant.quantizers import STEP_INITS, Quantizer, set_step_init
 from ..quant.spr2q import (
@@ -71,6 +72,7 @@ class QuantizeConfig(TrainConfig):
     scan_bits: int | None = None
     distill: float = 0.0  # weight of L1(student, teacher) in the QAT loss
     distill_features: float = 0.0  # weight of the block feature-alignment term in the QAT loss
+    margin_noise: float = 0.0  # QAT: activation quantizer inputs perturbed by σ·U(−½, ½) steps (0: off)
     calib_batches: int = 4
     quant_lr: float | None = None  # learning rate of quantizer parameters (default: lr)
     step_init: str = "lsq"  # how learnable step sizes start (STEP_INITS): LSQ's rule or the MSE-optimal step
@@ -89,6 +91,8 @@ class QuantizeConfig(TrainConfig):
         if self.distill_features < 0:
             raise OptionError(f"--distill-features {self.distill_features} must be >= 0 (weight of the block "
                               f"feature term)")
+        if not 0 <= self.margin_noise <= 1:
+            raise OptionError(f"--margin-noise {self.margin_noise} must be in [0, 1] (a fraction of a step; 0: off)")
         if self.calib_batches < 1:
             raise OptionError("--calib-batches must be at least 1")
         if self.step_init not in STEP_INITS:
@@ -97,6 +101,9 @@ class QuantizeConfig(TrainConfig):
             raise OptionError(f"--step-init {self.step_init} starts the learnable step sizes of a QAT method; "
                               f"{self.method} has none (PTQ observers pick theirs with --method mse, SPR²Q its "
                               f"bounds with --bounds-init)")
+        if self.margin_noise and not self.trains_in_loop:
+            raise OptionError(f"--margin-noise perturbs the activation quantizers of a QAT method's training; "
+                              f"{self.method} does not train in the QAT loop")
 
     @property
     def trains_in_loop(self) -> bool:
@@ -154,6 +161,7 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
     lam, mu = cfg.distill, cfg.distill_features
     taught = bool(lam or mu)  # the float model runs beside the student
     student_features = BlockFeatures(model, training_only=True).attach() if mu else None
+    noise = MarginNoise(model, cfg.margin_noise).attach() if cfg.margin_noise else None
 
     def prepare(sampler) -> None:
         calibrate(model, _calibration_batches(cfg, sampler), info.device)
@@ -179,8 +187,13 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
 
         return with_teacher
 
+    def finish() -> None:  # the trained model carries no training hooks
+        for hooks in (student_features, noise):
+            if hooks is not None:
+                hooks.detach()
+
     return Job(model, loss, _param_groups(model, cfg), manifest={"quantized_from": str(cfg.checkpoint)},
-               prepare=prepare, batches=batches, finish=student_features.detach if student_features else None)
+               prepare=prepare, batches=batches, finish=finish)
 
 
 @dataclass

@@ -38,6 +38,12 @@ def init_scan_params(m, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: flo
 #: weights of the two per-direction projections, and every operand of the scan.
 PROJ_QUANT_POINTS = ("x_proj_act_q", "x_proj_weight_q", "dt_proj_act_q", "dt_proj_weight_q")
 SCAN_QUANT_POINTS = ("xs_q", "dts_q", "As_q", "Bs_q", "Cs_q", "Ds_q", "dt_projs_bias_q")
+#: Scan operands that are parameters (quantized once at fold time, stored as constants); the
+#: other scan points quantize activations.
+PARAM_POINTS = ("As_q", "Ds_q", "dt_projs_bias_q")
+#: The points that quantize activations: the projections' inputs and the scan's live operands.
+ACT_QUANT_POINTS = (PROJ_QUANT_POINTS[0], PROJ_QUANT_POINTS[2],
+                    *(p for p in SCAN_QUANT_POINTS if p not in PARAM_POINTS))
 
 
 def quant_point(m: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:

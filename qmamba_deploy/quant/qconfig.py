@@ -28,9 +28,9 @@ from ..models.card import card_of
 from ..models.layers import ChannelAttention
 from ..models.mambair import SS2D
 from ..models.mambairv2 import SelectiveScan
-from ..models.scan_params import PROJ_QUANT_POINTS, SCAN_QUANT_POINTS
+from ..models.scan_params import ACT_QUANT_POINTS, PROJ_QUANT_POINTS, SCAN_QUANT_POINTS
 from .layers import QuantConv2d, QuantLinear
-from .quantizers import DLS, LSQ, OBSERVERS, RFA, Observer
+from .quantizers import DLS, LSQ, OBSERVERS, RFA, Observer, Quantizer
 from .spr2q import BoundedQuant
 
 QAT_METHODS = ("qmambair", "dls", "rfa", "lsq", "lsq+")
@@ -179,6 +179,18 @@ def scan_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 #: How ``layer_groups`` groups the quantized modules: by what they are (the same layer in every block)
 #: or by where they are (every quantized module of one residual group).
 GROUPINGS = ("kind", "block")
+
+
+def activation_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """The quantizers placed on activations, in module order: the inputs of quantized Linear and Conv2d
+    layers, of the scan's projections and the scan's live operands (not weights, not parameters)."""
+    scans = {id(m) for _, m in scan_modules(model)}
+    out = []
+    for name, m in model.named_modules():
+        points = (("linear_act_quant",) if isinstance(m, QuantLinear) else ("conv_act_quant",)
+                  if isinstance(m, QuantConv2d) else ACT_QUANT_POINTS if id(m) in scans else ())
+        out += [(f"{name}.{p}", m._modules[p]) for p in points if isinstance(m._modules.get(p), Quantizer)]
+    return out
 
 
 def layer_groups(model: nn.Module, by: str = "kind") -> dict[str, list[str]]:

@@ -1,0 +1,65 @@
+"""Training with perturbed activation codes (``quantize --margin-noise σ``).
+
+A deployed low-bit model is discontinuous: two runtimes whose float sums differ by a few ulps move
+some activations across a rounding boundary, and every flipped code perturbs what follows by a whole
+step (docs/quantization.md, Deployment stability). :class:`MarginNoise` adds σ·U(−½, ½) of a step to
+the input of every activation quantizer in training forwards, so that the network learns outputs that
+do not depend on which side of a boundary a value falls — codes near a boundary flip at random during
+training, as a runtime's rounding flips them at deployment. The noise is a training-time device only:
+calibration (no gradient), validation (eval mode) and the deployed model never see it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .qconfig import activation_quantizers
+from .quantizers import DLS, Quantizer
+
+
+def current_step(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    """The step this activation quantizer applies to ``x`` (DLS: from the live tensor), no gradient."""
+    with torch.no_grad():
+        if isinstance(q, DLS):
+            return q.scale_offset(x)[0].detach()
+        alpha = getattr(q, "alpha", None)
+        if alpha is None:
+            raise ValueError(f"a {q.kind} quantizer has no step size to scale the margin noise by")
+        return q.along(alpha.detach(), x)
+
+
+class MarginNoise:
+    """Hooks that perturb every activation quantizer's input by ``sigma``·U(−½, ½) steps in training
+    forwards (``sigma`` ≤ 1: at most a step wide). :meth:`attach` / :meth:`detach`, or a context."""
+
+    def __init__(self, model: nn.Module, sigma: float):
+        if not 0 < sigma <= 1:
+            raise ValueError(f"margin noise {sigma} must be in (0, 1] (a fraction of a step)")
+        self.model, self.sigma = model, float(sigma)
+        self._hooks: list = []
+
+    def attach(self) -> MarginNoise:
+        sites = activation_quantizers(self.model)
+        if not sites:
+            raise ValueError("margin noise needs a quantized model (it has no activation quantizers)")
+        self._hooks = [q.register_forward_pre_hook(self._perturb) for _, q in sites]
+        return self
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _perturb(self, q: Quantizer, args: tuple) -> tuple | None:
+        x = args[0]
+        if not (q.training and torch.is_grad_enabled() and q.initialized):
+            return None  # calibration, validation, export: the plain quantizer
+        noise = (torch.rand_like(x) - 0.5) * (self.sigma * current_step(q, x))
+        return (x + noise, *args[1:])
+
+    def __enter__(self) -> MarginNoise:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()

@@ -1,0 +1,109 @@
+"""quantize --margin-noise: training-time perturbation of the activation quantizers' inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qmamba_deploy.cli import main
+from qmamba_deploy.errors import OptionError
+from qmamba_deploy.fold import fold
+from qmamba_deploy.jobs.quantize import QuantizeConfig
+from qmamba_deploy.quant.deploy import ActQuant
+from qmamba_deploy.quant.layers import QuantLinear
+from qmamba_deploy.quant.noise import MarginNoise
+from qmamba_deploy.quant.qconfig import activation_quantizers
+from qmamba_deploy.quant.quantizers import LSQ
+
+from .test_fold import _quantized, _x
+
+
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+def test_activation_quantizers_are_the_sites_fold_deploys_as_activation_quantizers(arch):
+    q = _quantized(arch, "qmambair", 4, 4)
+    sites = activation_quantizers(q)
+    assert sites and not any("weight" in name or name.rsplit(".", 1)[1] in ("As_q", "Ds_q", "dt_projs_bias_q")
+                             for name, _ in sites)
+    deploy = fold(q)
+    assert len(sites) == sum(isinstance(m, ActQuant) for m in deploy.modules())
+
+
+def _identity_layer(alpha: float = 0.1) -> QuantLinear:
+    """y = x̂: a 1 -> 1 Linear of weight 1 whose input an LSQ quantizer of step ``alpha`` quantizes."""
+    act = LSQ(4, signed=True)
+    with torch.no_grad():
+        act.alpha.fill_(alpha)
+    act.init_state.fill_(1.0)
+    layer = QuantLinear(1, 1, bias=False, act_quant=act)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    return layer.train()
+
+
+def test_noise_is_at_most_half_its_width_in_steps_and_only_in_training_forwards():
+    centres = torch.arange(-7, 7).float().repeat(200)[:, None] * 0.1  # every value on a code: noise < ½ step keeps it
+    q = _identity_layer()
+    with MarginNoise(q, 0.99):
+        assert torch.equal(q(centres.clone().requires_grad_()).detach(), centres)
+    edges = centres + 0.05                                        # every value on a boundary: noise moves half
+    plain = q(edges).detach()
+    with MarginNoise(q, 0.5):
+        noisy = q(edges.clone().requires_grad_()).detach()
+        moved = (noisy != plain).float().mean()
+        assert 0.4 < float(moved) < 0.6 and float((noisy - plain).abs().max()) == pytest.approx(0.1)
+        with torch.no_grad():                                     # calibration: no gradient, no noise
+            assert torch.equal(q(edges), plain)
+        q.eval()                                                  # validation / export: no noise
+        assert torch.equal(q(edges.clone().requires_grad_()).detach(), plain)
+    q.train()
+    assert torch.equal(q(edges.clone().requires_grad_()).detach(), plain)
+    assert not q.linear_act_quant._forward_pre_hooks
+
+
+def test_noise_reaches_every_activation_quantizer_of_a_model_and_detaches():
+    q = _quantized("v2", "qmambair", 4, 4).train()
+    x = _x(3, 16, 16)
+    torch.manual_seed(0)
+    clean = q(x).detach()
+    noise = MarginNoise(q, 0.5).attach()
+    assert all(len(m._forward_pre_hooks) == 1 for _, m in activation_quantizers(q))
+    torch.manual_seed(0)
+    assert not torch.equal(q(x).detach(), clean)
+    noise.detach()
+    torch.manual_seed(0)
+    assert torch.equal(q(x).detach(), clean)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        MarginNoise(q, 1.5)
+
+
+def test_margin_noise_is_refused_out_of_range_or_for_a_method_without_qat_loop(tmp_path, tiny_ckpt):
+    with pytest.raises(OptionError, match="--margin-noise"):
+        QuantizeConfig(checkpoint="x", margin_noise=1.5)
+    with pytest.raises(OptionError, match="--margin-noise"):
+        QuantizeConfig(checkpoint="x", method="minmax", margin_noise=0.5)
+    res = CliRunner().invoke(main, ["quantize", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "neg"),
+                                    "--margin-noise", "-0.1"])
+    assert res.exit_code == 2 and "--margin-noise" in res.output and not (tmp_path / "neg").exists()
+
+
+def test_qat_with_margin_noise_records_it_changes_the_loss_and_leaves_no_hooks(tmp_path, tiny_ckpt):
+    from qmamba_deploy import load_model
+    from qmamba_deploy.jobs.quantize import quantize
+
+    fp = load_model(tiny_ckpt)
+
+    def run(out, sigma):
+        cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
+                             data="builtin", val_data=None, patch=16, batch=2, iters=1, device="cpu",
+                             checkpoint=str(tiny_ckpt), calib_batches=1, margin_noise=sigma)
+        model = quantize(cfg, out, progress=False).model
+        return model, json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
+
+    noisy, loss = run(tmp_path / "noisy", 1.0)
+    assert loss != run(tmp_path / "plain", 0.0)[1]  # the same seed, batch and start: only the noise differs
+    manifest = json.loads((tmp_path / "noisy" / "model.json").read_text())
+    assert manifest["provenance"]["config"]["margin_noise"] == 1.0
+    assert not any(m._forward_pre_hooks for _, m in activation_quantizers(noisy))

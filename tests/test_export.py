@@ -118,7 +118,7 @@ def test_diagnose_finds_every_static_quantizer_of_a_w4a4_deploy_model(w4a4_v2):
     assert all(0 <= s.flips <= s.values and 0 <= s.near_boundary <= s.values for s in report.sites)
     assert all(s.values > 0 for s in report.sites)
     # the controls: codes held, and one flip at the first quantizer (which must change the output)
-    assert len(report.codes_held) == len(report.one_flip) == len(report.images) == 1
+    assert len(report.codes_held) == len(report.routing_held) == len(report.one_flip) == len(report.images) == 1
     first = min(acts, key=lambda s: s.order)
     flip = report.one_flip[0]
     assert flip.site == first.site and 0 <= flip.distance <= 0.5 and flip.codes_flipped >= 0

@@ -80,17 +80,19 @@ def main() -> None:
         lines.append(f"| {label} | {db(r.psnr_between)} | {sum(s.flips for s in acts):,} of "
                      f"{sum(s.values for s in acts):,} | {sum(1 for s in acts if s.flips)} of {len(acts)} | "
                      f"{sum(s.flips for s in routes):,} of {sum(s.values for s in routes):,} |")
-    lines += ["", "Two controls per image (`jobs.diagnose`): the float32 run again with every activation code and "
-              "routing decision taken from the float64 run (what float rounding between the quantizers leaves), and "
+    lines += ["", "Three controls per image (`jobs.diagnose`): the float32 run again with every activation code and "
+              "routing decision taken from the float64 run (what float rounding between the quantizers leaves), the "
+              "same with only the routing decisions held, and "
               "the float64 run again with ONE code flipped — the value nearest a rounding boundary at the first "
               "quantizer, the smallest disagreement two runtimes can have — against the unflipped float64 run.", "",
-              "| model | PSNR float32 vs float64, free (dB) | with codes and routing held (dB) | one flipped code: "
-              "PSNR (dB) | one flipped code: codes flipped after it | its distance from the boundary (steps) |",
-              "|---|---|---|---|---|---|"]
+              "| model | PSNR float32 vs float64, free (dB) | with codes and routing held (dB) | with routing held "
+              "(dB) | one flipped code: PSNR (dB) | one flipped code: codes flipped after it | its distance from the "
+              "boundary (steps) |", "|---|---|---|---|---|---|---|"]
     for label, _, r in results:
         if not r.one_flip:
             continue
-        lines.append(f"| {label} | {db(r.psnr_between)} | {db(r.codes_held)} | {db(f.psnr for f in r.one_flip)} | "
+        lines.append(f"| {label} | {db(r.psnr_between)} | {db(r.codes_held)} | {db(r.routing_held)} | "
+                     f"{db(f.psnr for f in r.one_flip)} | "
                      f"{', '.join(f'{f.codes_flipped:,}' for f in r.one_flip)} | "
                      f"{', '.join(f'{f.distance:.0e}' for f in r.one_flip)} |")
     for label, _, r in results:

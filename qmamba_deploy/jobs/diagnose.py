@@ -9,9 +9,11 @@ the network: the first sites with flips are where the cascade starts, and the sh
 a boundary in the reference run (``near_boundary``: within ``NEAR`` of a half step) says how
 exposed each site is by itself.
 
-Two controls say what the disagreement is made of. ``codes_held``: the float32 run again, with every
+Three controls say what the disagreement is made of. ``codes_held``: the float32 run again, with every
 activation code and routing decision taken from the float64 run — what is left is float rounding
-between the quantizers (if it is far above the free run, the disagreement is all flips). ``one_flip``:
+between the quantizers (if it is far above the free run, the disagreement is all flips).
+``routing_held``: the same with only the routing decisions held (if it stays at the free run, routing
+is not what amplifies the flips, and no routing tie-break can help). ``one_flip``:
 the float64 run again with one code flipped, the one nearest a rounding boundary at the first
 quantizer — the smallest disagreement two runtimes can have. A model whose single flip already
 lands at the free run's PSNR is chaotic: its floor is set by whether any code flips, not by how many.
@@ -72,6 +74,7 @@ class DiagnoseReport:
     sites: list[SiteFlips]
     psnr_between: list[float] = field(default_factory=list)
     codes_held: list[float] = field(default_factory=list)   # PSNR with float64's codes and routing held
+    routing_held: list[float] = field(default_factory=list)  # PSNR with float64's routing decisions held
     one_flip: list[FlipResponse] = field(default_factory=list)  # per image
 
     @property
@@ -81,7 +84,7 @@ class DiagnoseReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": artifact_kind("diagnosis"), "runs": ["float32", "float64"], "images": self.images,
-                "psnr_between": self.psnr_between, "codes_held": self.codes_held,
+                "psnr_between": self.psnr_between, "codes_held": self.codes_held, "routing_held": self.routing_held,
                 "one_flip": [f.as_dict() for f in self.one_flip], "near": NEAR,
                 "sites": [s.as_dict() for s in self.sites]}
 
@@ -98,6 +101,9 @@ class DiagnoseReport:
         if self.codes_held:
             lines.append(f"  float32 with float64's codes and routing held: PSNR between "
                          f"{_db(min(self.codes_held))} at worst (what float rounding alone leaves)")
+        if self.routing_held:
+            lines.append(f"  float32 with float64's routing held (codes free): PSNR between "
+                         f"{_db(min(self.routing_held))} at worst")
         for f in self.one_flip[:1]:
             lines.append(f"  one code flipped at `{f.site}` ({f.distance:.1e} of a step from its boundary), float64: "
                          f"PSNR {_db(f.psnr)}, {f.codes_flipped:,} codes and {f.routing_changed:,} routing decisions "
@@ -149,10 +155,14 @@ def _record(model: nn.Module, log: dict[str, tuple[int, torch.Tensor, torch.Tens
     return handles
 
 
-def _hold(model: nn.Module, log: dict[str, tuple[int, torch.Tensor, torch.Tensor]]) -> list[Any]:
-    """Hooks that replace every site's codes (or routing classes) by those in ``log``."""
+def _hold(model: nn.Module, log: dict[str, tuple[int, torch.Tensor, torch.Tensor]],
+          kinds: tuple[str, ...] = ("act", "route")) -> list[Any]:
+    """Hooks that replace the codes (``act``) and/or routing classes (``route``) of every site by those in
+    ``log``."""
     handles = []
     for name, m, kind in _sites(model):
+        if kind not in kinds:
+            continue
         def hook(mod, args, out, name=name, kind=kind):
             codes = log[name][1]
             if kind == "route":  # only the argmax of the router's log-probabilities is used
@@ -198,7 +208,8 @@ def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, 
     model32 = model.eval()
     model64 = copy.deepcopy(model).double().eval()
     sites = {name: SiteFlips(name, kind, 0) for name, _, kind in _sites(model32)}
-    first = next((name for name, _, kind in _sites(model32) if kind == "act"), None)
+    kinds = {name: kind for name, _, kind in _sites(model32)}
+    first = next((name for name, kind in kinds.items() if kind == "act"), None)
     report = DiagnoseReport([], list(sites.values()))
     for pair in pairs:
         x = to_tensor(degrade_pair(pair, degradation, seed))
@@ -216,17 +227,18 @@ def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, 
         report.images.append(pair.name)
         report.psnr_between.append(psnr_between(y32, y64.float()))
         report.codes_held.append(psnr_between(_run(model32, x, _hold(model32, log64)), y64.float()))
+        if any(kind == "route" for kind in kinds.values()):
+            report.routing_held.append(psnr_between(_run(model32, x, _hold(model32, log64, ("route",))), y64.float()))
         if first is not None:
-            report.one_flip.append(_one_flip(model64, x.double(), first, y64, log64))
+            report.one_flip.append(_one_flip(model64, x.double(), first, y64, log64, kinds))
     return report
 
 
 def _one_flip(model64: nn.Module, x: torch.Tensor, site: str, y64: torch.Tensor,
-              log64: dict[str, tuple[int, torch.Tensor, torch.Tensor]]) -> FlipResponse:
+              log64: dict[str, tuple[int, torch.Tensor, torch.Tensor]], kinds: dict[str, str]) -> FlipResponse:
     info: dict[str, float] = {"distance": float("nan")}
     log: dict = {}
     y = _run(model64, x, _flip_nearest(model64.get_submodule(_module_name(model64, site)), info), _record(model64, log))
-    kinds = {name: kind for name, _, kind in _sites(model64)}
     changed = {name: int((codes != log64[name][1]).sum()) for name, (_, codes, _) in log.items() if name != site}
     return FlipResponse(site, info["distance"], psnr_between(y.float(), y64.float()),
                         sum(n for name, n in changed.items() if kinds[name] == "act"),

@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--runs", default=str(ROOT / "runs/spr2q"))
     ap.add_argument("--bounds-init", choices=BOUND_INITS, default="mse")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the training patches and the rectifiers' start (runs of another seed get '_seedN')")
     ap.add_argument("--rows", nargs="+", help="subset of rows as BITS:VARIANT (group rows BITS:groupN)")
     ap.add_argument("--beside", help="an earlier results JSON whose rows are shown next to these")
     ap.add_argument("--out", default=str(ROOT / "docs/results-spr2q.md"))
@@ -106,12 +108,14 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         for bits, variant, group in rows:
             suffix = "" if args.bounds_init == "minmax" else f"_{args.bounds_init}"  # minmax: the first table's runs
+            suffix += f"_seed{args.seed}" if args.seed else ""
             run = Path(args.runs) / f"x{scale}_w{bits}a{bits}_{variant}{group if variant == 'group' else ''}{suffix}"
             cfg = SPR2QConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=scale, data="builtin",
                               val_data=None, patch=args.patch, batch=args.batch, iters=args.iters, lr=args.lr,
                               device="cpu", checkpoint=str(ckpt), w_bits=bits, a_bits=bits,
                               calib_batches=args.calib_batches, rank=args.rank, group_size=group,
-                              route_iters=args.route_iters, variant=variant, bounds_init=args.bounds_init)
+                              route_iters=args.route_iters, variant=variant, bounds_init=args.bounds_init,
+                              seed=args.seed)
             t0 = time.perf_counter()
             if not (run / "model.safetensors").is_file():
                 quantize_spr2q(cfg, run, command=f"tools/spr2q_results.py ({run.name})")

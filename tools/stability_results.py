@@ -16,6 +16,8 @@ import json
 import math
 import platform
 import re
+import shlex
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -65,7 +67,8 @@ def main() -> None:
         print(label, [round(p, 2) for p in report.psnr_between], flush=True)
 
     lines = ["# Float stability of quantized MambaIRv2-light x4: where codes flip", "",
-             f"Produced by `python3 tools/stability_results.py` on {platform.machine()} CPU, "
+             f"Produced by `{shlex.join(['python3', 'tools/stability_results.py', *sys.argv[1:]])}` on "
+             f"{platform.machine()} CPU, "
              f"torch {torch.__version__}. "
              "Deploy models as `export` folds them (static DLS); the built-in eval images at x4 (72 px LR inputs), "
              "each run in float32 and in float64 (`jobs.diagnose`, which `qmamba-deploy validate --diagnose` "

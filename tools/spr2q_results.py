@@ -40,14 +40,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: (bits, variant, group size)
 ROWS = [(4, "plain", 1), (4, "bounds", 1), (4, "single", 1), (4, "group", 2), (4, "group", 4), (4, "group", 8),
-        (2, "plain", 1), (2, "bounds", 1), (2, "single", 1), (2, "group", 4)]
+        (2, "plain", 1), (2, "bounds", 1), (2, "single", 1), (2, "group", 4), (2, "no-static", 4)]
 LABEL = {"plain": "plain PTQ (calibrated bounds)", "bounds": "bounds trained, no rectifier",
-         "single": "+ single rectifier (PQFR)", "group": "+ group, static routing"}
+         "single": "+ single rectifier (PQFR)", "group": "+ group, static routing",
+         "no-static": "+ group, ĝ = calibration mean (routing not optimised)"}
+
+
+GROUPED = ("group", "no-static")  # variants with a rectifier group (its size in the row key)
 
 
 def _row_key(row: tuple[int, str, int]) -> str:
     bits, variant, group = row
-    return f"{bits}:{variant}{group if variant == 'group' else ''}"
+    return f"{bits}:{variant}{group if variant in GROUPED else ''}"
 
 
 def _earlier_rows(path: str) -> list[dict]:
@@ -109,7 +113,7 @@ def main() -> None:
         for bits, variant, group in rows:
             suffix = "" if args.bounds_init == "minmax" else f"_{args.bounds_init}"  # minmax: the first table's runs
             suffix += f"_seed{args.seed}" if args.seed else ""
-            run = Path(args.runs) / f"x{scale}_w{bits}a{bits}_{variant}{group if variant == 'group' else ''}{suffix}"
+            run = Path(args.runs) / f"x{scale}_w{bits}a{bits}_{variant}{group if variant in GROUPED else ''}{suffix}"
             cfg = SPR2QConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=scale, data="builtin",
                               val_data=None, patch=args.patch, batch=args.batch, iters=args.iters, lr=args.lr,
                               device="cpu", checkpoint=str(ckpt), w_bits=bits, a_bits=bits,
@@ -121,7 +125,7 @@ def main() -> None:
                 quantize_spr2q(cfg, run, command=f"tools/spr2q_results.py ({run.name})")
             seconds = time.perf_counter() - t0
             score = evaluate_model(load_model(run / "model.safetensors"), pairs, deg).summary
-            label = LABEL[variant] + (f", N = {group}" if variant == "group" else "")
+            label = LABEL[variant] + (f", N = {group}" if variant in GROUPED else "")
             results.append({"scale": scale, "label": f"W{bits}A{bits} {label}", "bits": bits, **score,
                             "bounds_init": args.bounds_init, "seconds_this_run": seconds, "fp_psnr": fp_score["psnr"]})
             print(json.dumps(results[-1]), flush=True)

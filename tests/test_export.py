@@ -145,16 +145,18 @@ def test_one_flip_moves_the_value_nearest_a_boundary_by_one_step(w4a4_v2):
     site = next(m for m in with_dls_mode(w4a4_v2, "static").modules() if isinstance(m, ActQuant))
     g = torch.Generator().manual_seed(0)
     t = torch.randint(-3, 3, (64,), generator=g).float() + 0.25 * torch.rand(64, generator=g)
-    t[17] = 1.4999                                           # the nearest to a boundary: rounds to 1, flips to 2
-    x = t * site.scale - (site.offset if site.has_offset else 0)
-    info = {}
-    plain = site(x)
-    h = _flip_nearest(site, info)
-    flipped = site(x)
-    h.remove()
-    changed = (flipped != plain).nonzero().flatten().tolist()
-    assert changed == [17] and float(flipped[17] - plain[17]) == pytest.approx(float(site.scale), rel=1e-5)
-    assert info["distance"] == pytest.approx(1e-4, abs=1e-5)
+    offset = site.offset if site.has_offset else 0
+    for value, codes in ((1.4999, (1, 2)), (2.5, (2, 3)), (-0.5001, (-1, 0))):  # (rounds to, flips to) as a set
+        t[17] = value                                        # the nearest to a boundary
+        x = t * site.scale - offset
+        info = {}
+        plain = site(x)
+        h = _flip_nearest(site, info)
+        flipped = site(x)
+        h.remove()
+        assert (flipped != plain).nonzero().flatten().tolist() == [17]
+        pair = {round(float((v + offset) / site.scale)) for v in (plain[17], flipped[17])}
+        assert pair == set(codes) and info["distance"] < 2e-4
 
 
 def test_export_is_byte_identical_for_identical_input(tmp_path, w4a4_v2, w4a4_exports):

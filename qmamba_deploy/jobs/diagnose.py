@@ -186,7 +186,8 @@ def _flip_nearest(site: nn.Module, report: dict[str, float]) -> Any:
             return None  # every value is clipped: nothing to flip
         report["distance"] = float(dist[i])
         y = out.flatten().clone()
-        y[i] += (1.0 if frac[i] < 0.5 else -1.0) * mod.scale.to(y.dtype)  # across the boundary it was near
+        up = bool(torch.round(t[i]) <= t[i])  # rounded down (half to even included): the other side is up
+        y[i] += (1.0 if up else -1.0) * mod.scale.to(y.dtype)
         return y.view_as(out)
 
     return site.register_forward_hook(hook)
@@ -204,7 +205,7 @@ def _run(model: nn.Module, x: torch.Tensor, *hooks: Any) -> torch.Tensor:
 
 def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, seed: int = 0) -> DiagnoseReport:
     """Run every image through ``model`` in float32 and float64 and count the flips per site; then the
-    two controls of the module's docstring (codes held, one flip)."""
+    three controls of the module's docstring (codes held, routing held, one flip)."""
     model32 = model.eval()
     model64 = copy.deepcopy(model).double().eval()
     sites = {name: SiteFlips(name, kind, 0) for name, _, kind in _sites(model32)}

@@ -151,9 +151,10 @@ def test_one_flip_moves_the_value_nearest_a_boundary_by_one_step(w4a4_v2):
         x = t * site.scale - offset
         info = {}
         plain = site(x)
-        h = _flip_nearest(site, info)
+        handles = _flip_nearest(site, info)
         flipped = site(x)
-        h.remove()
+        for h in handles:
+            h.remove()
         assert (flipped != plain).nonzero().flatten().tolist() == [17]
         pair = {round(float((v + offset) / site.scale)) for v in (plain[17], flipped[17])}
         assert pair == set(codes) and info["distance"] < 2e-4

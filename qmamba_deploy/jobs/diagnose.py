@@ -141,8 +141,7 @@ def _record(model: nn.Module, log: dict[str, tuple[int, torch.Tensor, torch.Tens
         def hook(mod, args, out, name=name, kind=kind):
             with torch.no_grad():
                 if kind == "act":
-                    x = args[0] + mod.offset if mod.has_offset else args[0]
-                    t = x / mod.scale
+                    t = mod.steps(args[0])
                     codes = torch.round(t).clamp(mod.qmin, mod.qmax)
                     inside = (t > mod.qmin - 0.5) & (t < mod.qmax + 0.5)
                     close = inside & ((t - torch.floor(t) - 0.5).abs() < NEAR)
@@ -167,18 +166,16 @@ def _hold(model: nn.Module, log: dict[str, tuple[int, torch.Tensor, torch.Tensor
             codes = log[name][1]
             if kind == "route":  # only the argmax of the router's log-probabilities is used
                 return torch.nn.functional.one_hot(codes, out.shape[-1]).to(out.dtype)
-            y = codes.to(out.dtype) * mod.scale.to(out.dtype)
-            return y - mod.offset.to(out.dtype) if mod.has_offset else y
+            return mod.from_codes(codes)
 
         handles.append(m.register_forward_hook(hook))
     return handles
 
 
-def _flip_nearest(site: nn.Module, report: dict[str, float]) -> Any:
+def _flip_nearest(site: nn.Module, report: dict[str, float]) -> list[Any]:
     """A hook that moves the value nearest a rounding boundary of ``site`` to the neighbouring code."""
     def hook(mod, args, out):
-        x = args[0] + mod.offset if mod.has_offset else args[0]
-        t = (x / mod.scale).flatten()
+        t = mod.steps(args[0]).flatten()
         frac = t - torch.floor(t)
         dist = torch.where((t > mod.qmin) & (t < mod.qmax), (frac - 0.5).abs(), torch.full_like(t, 2.0))
         i = int(dist.argmin())
@@ -187,19 +184,20 @@ def _flip_nearest(site: nn.Module, report: dict[str, float]) -> Any:
         report["distance"] = float(dist[i])
         y = out.flatten().clone()
         up = bool(torch.round(t[i]) <= t[i])  # rounded down (half to even included): the other side is up
-        y[i] += (1.0 if up else -1.0) * mod.scale.to(y.dtype)
+        y[i] += (1.0 if up else -1.0) * mod.scale
         return y.view_as(out)
 
-    return site.register_forward_hook(hook)
+    return [site.register_forward_hook(hook)]
 
 
-def _run(model: nn.Module, x: torch.Tensor, *hooks: Any) -> torch.Tensor:
+def _run(model: nn.Module, x: torch.Tensor, *hooks: list[Any]) -> torch.Tensor:
+    """``model(x)`` without gradient; then the hook handles (lists, as the functions above return) go."""
     try:
         with torch.no_grad():
             return model(x)
     finally:
         for handles in hooks:
-            for h in handles if isinstance(handles, list) else [handles]:
+            for h in handles:
                 h.remove()
 
 
@@ -208,8 +206,8 @@ def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, 
     three controls of the module's docstring (codes held, routing held, one flip)."""
     model32 = model.eval()
     model64 = copy.deepcopy(model).double().eval()
-    sites = {name: SiteFlips(name, kind, 0) for name, _, kind in _sites(model32)}
     kinds = {name: kind for name, _, kind in _sites(model32)}
+    sites = {name: SiteFlips(name, kind, 0) for name, kind in kinds.items()}
     first = next((name for name, kind in kinds.items() if kind == "act"), None)
     report = DiagnoseReport([], list(sites.values()))
     for pair in pairs:

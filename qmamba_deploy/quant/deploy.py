@@ -73,6 +73,15 @@ class ActQuant(nn.Module):
         y = fake_quant(x, self.scale, self.lo, self.hi, clip=(self.qmin, self.qmax) != (INT8_MIN, INT8_MAX))
         return y - self.offset if self.has_offset else y
 
+    def steps(self, x: torch.Tensor) -> torch.Tensor:
+        """Where ``x`` lies on the grid, in steps, before rounding and clipping: (x + o)/s."""
+        return (x + self.offset if self.has_offset else x) / self.scale
+
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The output for integer ``codes`` on the grid: s·q − o (what :meth:`forward` returns for them)."""
+        y = codes.to(self.scale.dtype) * self.scale
+        return y - self.offset if self.has_offset else y
+
     def spec(self) -> dict:
         return {"type": "static", "bits": self.bits, "qmin": self.qmin, "qmax": self.qmax,
                 "offset": self.has_offset}

@@ -73,7 +73,13 @@ class _Group(click.Group):
             sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted: nothing half-written was kept", fg="red", err=True)
-            sys.exit(130)
+            # os._exit, not sys.exit: a KeyboardInterrupt that passed through any nested PyRun_* call
+            # (C extensions evaluating Python) leaves CPython's "unhandled interrupt" flag set, and the
+            # interpreter then kills itself with SIGINT at exit whatever status sys.exit asked for (one
+            # CI run saw -2 after this line had printed). Everything staged is already removed here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
 
 #: Flag value ranges, checked where click parses them (one sentence naming the flag and the range).

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -96,6 +97,30 @@ def test_ctrl_c_exits_130_and_keeps_nothing_half_written(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_exits_130_even_after_a_nested_interpreter_saw_it(tmp_path):
+    """A KeyboardInterrupt that passed through a nested PyRun_* call (as C extensions make) sets CPython's
+    "unhandled interrupt" flag; under `python -m` the interpreter then killed itself with SIGINT (-2)
+    whatever sys.exit asked for. The CLI must still exit 130."""
+    (tmp_path / "boom_cli.py").write_text(textwrap.dedent("""
+        import ctypes
+        from qmamba_deploy import cli
+
+        @cli.main.command("boom")
+        def boom():
+            run = ctypes.pythonapi.PyRun_String
+            run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int,
+                                                             ctypes.py_object, ctypes.py_object]
+            run(b"raise KeyboardInterrupt", 257, {}, {})  # 257: Py_file_input
+
+        if __name__ == "__main__":
+            cli.main()
+    """))
+    proc = subprocess.run([sys.executable, "-m", "boom_cli", "boom"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_package_scripts_take_each_value_as_one_word(ws, tmp_path):

@@ -88,6 +88,13 @@ def score_image(output: np.ndarray, gt: np.ndarray, baseline: np.ndarray, name: 
                       calculate_psnr(baseline, gt, **kw), calculate_ssim(baseline, gt, **kw))
 
 
+def image_psnr(output: torch.Tensor, gt: np.ndarray, crop_border: int) -> float:
+    """A model output's (1, C, H, W) Y-PSNR (gray: PSNR) against a uint8 ground truth, rounded and scored as
+    ``evaluate_pairs`` scores it."""
+    return calculate_psnr(to_uint8_image(output.float()), gt, crop_border=crop_border, test_y_channel=_y(gt),
+                          channel_order="RGB")
+
+
 def to_uint8_image(t: torch.Tensor) -> np.ndarray:
     """(1, C, H, W) float in [0, 1] -> uint8 HWC, BasicSR's tensor2img rounding (``metrics.to_uint8``)."""
     return to_uint8(t[0].permute(1, 2, 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -123,6 +124,20 @@ def test_diagnose_finds_every_static_quantizer_of_a_w4a4_deploy_model(w4a4_v2):
     flip = report.one_flip[0]
     assert flip.site == first.site and 0 <= flip.distance <= 0.5 and flip.codes_flipped >= 0
     assert "one code flipped at" in report.table()
+    # how far the disagreement moves the image's score: float32's Y-PSNR minus float64's, scored as eval does
+    import copy
+
+    from qmamba_deploy.data.datasets import degrade_pair, to_tensor
+    from qmamba_deploy.evaluate import image_psnr
+    pair = load_pairs("builtin", deg, 3, split="eval")[0]
+    x = to_tensor(degrade_pair(pair, deg, 0))
+    with torch.no_grad():
+        y32, y64 = deploy.eval()(x), copy.deepcopy(deploy).double().eval()(x.double())
+    expected = image_psnr(y32, pair.gt, deg.crop_border) - image_psnr(y64, pair.gt, deg.crop_border)
+    assert report.quality_shift == [pytest.approx(expected, abs=1e-9)]
+    assert math.isfinite(flip.quality_shift) and (flip.psnr != math.inf or flip.quality_shift == 0)
+    assert "one flip minus none" in report.table() and report.as_dict()["one_flip"][0]["quality_shift"] == \
+        flip.quality_shift
 
 
 def test_diagnose_holds_codes_exactly_as_the_quantizers_produce_them(w4a4_v2):

@@ -42,6 +42,10 @@ def db(values) -> str:
     return ", ".join("identical" if math.isinf(p) else f"{p:.1f}" for p in values)
 
 
+def signed(values) -> str:
+    return ", ".join(f"{v:+.3f}" for v in values)
+
+
 def kind_of(site: str) -> str:
     """'layers.1.residual_group.layers.3.assm.selectiveScan.xs_q' -> 'assm.selectiveScan.xs_q'."""
     return re.sub(r"^layers\.\d+\.residual_group\.layers\.\d+\.", "", re.sub(r"^layers\.\d+\.(?=conv)", "", site))
@@ -91,6 +95,12 @@ def main() -> None:
               "| model | PSNR float32 vs float64, free (dB) | with codes and routing held (dB) | with routing held "
               "(dB) | one flipped code: PSNR (dB) | one flipped code: codes flipped after it | its distance from the "
               "boundary (steps) |", "|---|---|---|---|---|---|---|"]
+    shifts = ["", "What that disagreement does to each image's score (Y-PSNR against the ground truth, as `eval` "
+              "scores it): float32's minus float64's, and the one-flip run's minus the unflipped run's. A per-image "
+              "check that another runtime scores within a tolerance of the reference can only be as tight as "
+              "what one flipped code moves.", "",
+              "| model | Y-PSNR shift, float32 − float64 (dB) | Y-PSNR shift, one flipped code (dB) | largest of "
+              "either (dB) |", "|---|---|---|---:|"]
     for label, _, r in results:
         if not r.one_flip:
             continue
@@ -98,6 +108,10 @@ def main() -> None:
                      f"{db(f.psnr for f in r.one_flip)} | "
                      f"{', '.join(f'{f.codes_flipped:,}' for f in r.one_flip)} | "
                      f"{', '.join(f'{f.distance:.0e}' for f in r.one_flip)} |")
+        moved = [*r.quality_shift, *(f.quality_shift for f in r.one_flip)]
+        shifts.append(f"| {label} | {signed(r.quality_shift)} | {signed(f.quality_shift for f in r.one_flip)} | "
+                      f"{max(map(abs, moved)):.3f} |")
+    lines += shifts
     for label, _, r in results:
         first = r.first_flips[:args.first]
         if not first:

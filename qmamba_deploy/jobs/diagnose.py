@@ -17,12 +17,15 @@ is not what amplifies the flips, and no routing tie-break can help). ``one_flip`
 the float64 run again with one code flipped, the one nearest a rounding boundary at the first
 quantizer — the smallest disagreement two runtimes can have. A model whose single flip already
 lands at the free run's PSNR is chaotic: its floor is set by whether any code flips, not by how many.
+``quality_shift`` (per image, and per one-flip control): how far that disagreement moves the image's
+Y-PSNR against the ground truth — what a per-image "same quality as the reference" check can expect
+of any other runtime, since a chaotic model's score moves by about as much under one flip.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,7 @@ import torch.nn as nn
 from ..artifacts import kind as artifact_kind
 from ..data.datasets import Pair, degrade_pair, to_tensor
 from ..data.degrade import Degradation
+from ..evaluate import image_psnr
 from ..metrics import psnr_between
 from ..quant.deploy import ActQuant
 
@@ -62,10 +66,12 @@ class FlipResponse:
     psnr: float              # PSNR between the two outputs
     codes_flipped: int       # activation codes after it that differ
     routing_changed: int     # routing decisions after it that differ
+    quality_shift: float     # the flipped run's Y-PSNR against the ground truth minus the unflipped run's (dB)
 
     def as_dict(self) -> dict[str, Any]:
         return {"site": self.site, "distance": self.distance, "psnr": self.psnr,
-                "codes_flipped": self.codes_flipped, "routing_changed": self.routing_changed}
+                "codes_flipped": self.codes_flipped, "routing_changed": self.routing_changed,
+                "quality_shift": self.quality_shift}
 
 
 @dataclass
@@ -76,6 +82,7 @@ class DiagnoseReport:
     codes_held: list[float] = field(default_factory=list)   # PSNR with float64's codes and routing held
     routing_held: list[float] = field(default_factory=list)  # PSNR with float64's routing decisions held
     one_flip: list[FlipResponse] = field(default_factory=list)  # per image
+    quality_shift: list[float] = field(default_factory=list)  # Y-PSNR vs ground truth, float32 minus float64 (dB)
 
     @property
     def first_flips(self) -> list[SiteFlips]:
@@ -85,7 +92,7 @@ class DiagnoseReport:
     def as_dict(self) -> dict[str, Any]:
         return {"kind": artifact_kind("diagnosis"), "runs": ["float32", "float64"], "images": self.images,
                 "psnr_between": self.psnr_between, "codes_held": self.codes_held, "routing_held": self.routing_held,
-                "one_flip": [f.as_dict() for f in self.one_flip], "near": NEAR,
+                "one_flip": [f.as_dict() for f in self.one_flip], "quality_shift": self.quality_shift, "near": NEAR,
                 "sites": [s.as_dict() for s in self.sites]}
 
     def table(self, rows: int = 12) -> str:
@@ -104,10 +111,17 @@ class DiagnoseReport:
         if self.routing_held:
             lines.append(f"  float32 with float64's routing held (codes free): PSNR between "
                          f"{_db(min(self.routing_held))} at worst")
+        if self.quality_shift:
+            lines.append(f"  Y-PSNR against the ground truth, float32 minus float64: "
+                         f"{_shifts(self.quality_shift)} dB")
         for f in self.one_flip[:1]:
             lines.append(f"  one code flipped at `{f.site}` ({f.distance:.1e} of a step from its boundary), float64: "
                          f"PSNR {_db(f.psnr)}, {f.codes_flipped:,} codes and {f.routing_changed:,} routing decisions "
                          f"flipped after it")
+        if self.one_flip:
+            lines.append(f"  Y-PSNR against the ground truth, one flip minus none: "
+                         f"{_shifts(f.quality_shift for f in self.one_flip)} dB (what one code's chaos moves an "
+                         f"image's score)")
         if not flipped:
             return "\n".join(lines + ["  no flips: the two runs agree code for code"])
         lines += ["", "| # | site | kind | flips | of | near a boundary in float64 |", "|---:|---|---|---:|---:|---:|"]
@@ -120,6 +134,10 @@ class DiagnoseReport:
 
 def _db(p: float) -> str:
     return "identical" if p == float("inf") else f"{p:.2f} dB"
+
+
+def _shifts(values: Iterable[float]) -> str:
+    return ", ".join(f"{v:+.3f}" for v in values)
 
 
 def _sites(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -225,23 +243,28 @@ def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, 
             s.near_boundary += int(close.sum())
         report.images.append(pair.name)
         report.psnr_between.append(psnr_between(y32, y64.float()))
+        def score(y: torch.Tensor, gt=pair.gt) -> float:
+            return image_psnr(y, gt, degradation.crop_border)
+
+        report.quality_shift.append(score(y32) - score(y64))
         report.codes_held.append(psnr_between(_run(model32, x, _hold(model32, log64)), y64.float()))
         if any(kind == "route" for kind in kinds.values()):
             report.routing_held.append(psnr_between(_run(model32, x, _hold(model32, log64, ("route",))), y64.float()))
         if first is not None:
-            report.one_flip.append(_one_flip(model64, x.double(), first, y64, log64, kinds))
+            report.one_flip.append(_one_flip(model64, x.double(), first, y64, log64, kinds, score))
     return report
 
 
 def _one_flip(model64: nn.Module, x: torch.Tensor, site: str, y64: torch.Tensor,
-              log64: dict[str, tuple[int, torch.Tensor, torch.Tensor]], kinds: dict[str, str]) -> FlipResponse:
+              log64: dict[str, tuple[int, torch.Tensor, torch.Tensor]], kinds: dict[str, str],
+              score: Callable[[torch.Tensor], float]) -> FlipResponse:
     info: dict[str, float] = {"distance": float("nan")}
     log: dict = {}
     y = _run(model64, x, _flip_nearest(model64.get_submodule(_module_name(model64, site)), info), _record(model64, log))
     changed = {name: int((codes != log64[name][1]).sum()) for name, (_, codes, _) in log.items() if name != site}
     return FlipResponse(site, info["distance"], psnr_between(y.float(), y64.float()),
                         sum(n for name, n in changed.items() if kinds[name] == "act"),
-                        sum(n for name, n in changed.items() if kinds[name] == "route"))
+                        sum(n for name, n in changed.items() if kinds[name] == "route"), score(y) - score(y64))
 
 
 def _module_name(model: nn.Module, site: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -275,3 +277,88 @@ def test_onnx_float16_model_runs_in_ort():
     assert got.dtype.name == "float16"
     with torch.no_grad():
         assert rel_err(model(*args), torch.from_numpy(got)) <= 2e-3
+
+
+# ---------------------------------------------------------------------------- compiled CPU forward
+
+
+def _compiled_or_skip():
+    import shutil
+
+    from qmamba_deploy.ops import scan_cpu
+    if not scan_cpu.available():
+        if shutil.which("cc") and not os.environ.get("QMAMBA_SCAN_CPU"):
+            pytest.fail("a C compiler is installed but the compiled scan did not build")
+        pytest.skip("no C compiler: the op's CPU forward runs the chunked torch path")
+    return scan_cpu
+
+
+@pytest.mark.parametrize("k,dk,n,length", [
+    (1, 48, 8, 300),      # MambaIRv2-light's shape (D = 48, N = 8, K = 1): six full 8-channel blocks
+    (4, 3, 5, 37),        # blocks cut short by the group boundary
+    (2, 13, 16, 64),      # the largest state, a partial last block
+    (1, 1, 1, 1),
+])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_compiled_forward_matches_reference(k, dk, n, length, softplus):
+    scan_cpu = _compiled_or_skip()
+    x = make_inputs(2, k, dk, n, length, positive_delta=not softplus)
+    ref = selective_scan_ref(*[t.double() for t in x], delta_softplus=softplus)
+    out = scan_cpu.scan_forward(*x, softplus)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_err(ref, out) < 2e-6
+    # and the op runs it on the CPU in float32
+    assert torch.equal(SCAN_OP(*x, softplus), out)
+
+
+@pytest.mark.parametrize("k,dk,n,length,softplus", [(1, 48, 8, 300, True), (4, 3, 5, 37, True),
+                                                     (2, 13, 16, 64, False), (1, 1, 1, 1, True)])
+def test_compiled_backward_matches_the_torch_gradient(k, dk, n, length, softplus):
+    """The compiled gradient against the hand-written torch one in float64 (itself gradchecked above),
+    every input's gradient; and the op's autograd in float32 runs it."""
+    from qmamba_deploy.ops.selective_scan import selective_scan_backward
+
+    scan_cpu = _compiled_or_skip()
+    x = make_inputs(2, k, dk, n, length, positive_delta=not softplus, seed=3)
+    gy = torch.randn(x[0].shape, generator=torch.Generator().manual_seed(1))
+    ref = selective_scan_backward(gy.double(), *[t.double() for t in x], delta_softplus=softplus)
+    got = scan_cpu.scan_backward(gy, *x, softplus)
+    for name, g, r in zip(("u", "delta", "A", "B", "C", "D", "delta_bias"), got, ref):
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        assert rel_err(r, g) < 2e-6, name
+    leaves = [t.clone().requires_grad_() for t in x]
+    SCAN_OP(*leaves, softplus).backward(gy)
+    for leaf, g in zip(leaves, got):
+        assert torch.equal(leaf.grad, g)
+
+
+def test_compiled_forward_at_extreme_steps_and_nan():
+    """Decays of exp(-1e4) (clamped at exp(-87), the state is gone either way), dt near 0, and a NaN
+    that must stay a NaN in its own channel and nowhere else."""
+    scan_cpu = _compiled_or_skip()
+    x = make_inputs(1, 1, 9, 8, 50)
+    x[1][0, 0, 10] = 1e4                     # dt ~ 1e4: a decay far below float32's range
+    x[1][0, 1] = -40.0                       # dt = softplus(-41) ~ 1e-18 in a whole channel
+    ref = selective_scan_ref(*[t.double() for t in x])
+    assert rel_err(ref, scan_cpu.scan_forward(*x, True)) < 2e-6
+    x[0][0, 2, 20] = float("nan")
+    out = scan_cpu.scan_forward(*x, True)
+    assert out[0, 2, 20:].isnan().all() and not out[0, 2, :20].isnan().any()
+    assert not out[0, [c for c in range(9) if c != 2]].isnan().any()
+
+
+def test_compiled_scan_can_be_switched_off_and_falls_back_without_a_compiler(tmp_path):
+    """QMAMBA_SCAN_CPU=torch, or a compiler that fails: the op runs the chunked path, same results."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from qmamba_deploy.ops import scan_cpu; from qmamba_deploy.ops.selective_scan import "
+            "SCAN_OP, selective_scan_chunked; x = [torch.randn(1, 4, 30), torch.randn(1, 4, 30), -torch.rand(4, 3), "
+            "torch.randn(1, 1, 3, 30), torch.randn(1, 1, 3, 30), torch.randn(4), torch.randn(4)]; "
+            "assert torch.equal(SCAN_OP(*x, True), selective_scan_chunked(*x)); print(scan_cpu.backend())")
+    env = {**os.environ, "QMAMBA_CACHE_DIR": str(tmp_path)}
+    for extra in ({"QMAMBA_SCAN_CPU": "torch"}, {"CC": "false"}):
+        run = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0 and run.stdout.strip() == "torch", run.stderr
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in the cache

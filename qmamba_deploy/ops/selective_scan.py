@@ -18,6 +18,9 @@ CUDA kernel:
   chunk for all chunks at once, then the chunk states are carried across chunks.
   It only ever multiplies decay factors exp(dt A) <= 1 together, never divides by a
   cumulative product, so it cannot overflow where a log-space cumsum would.
+* ``scan_cpu`` -- the forward as one compiled pass over time (a C kernel built at first use,
+  ``csrc/scan_cpu.c``, and its gradient in the same blocks); the op's CPU float32 forward and
+  backward run it where it could be built, else the chunked paths.
 * :func:`selective_scan_backward` -- the hand-written gradient (states recomputed by a
   chunked linear scan, then the adjoint scan run backwards in time).
 * ``torch.ops.qmamba.selective_scan`` -- the custom op (fake kernel + autograd) and
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import contract
+from . import contract, scan_cpu
 
 __all__ = [
     "selective_scan",
@@ -417,6 +420,8 @@ def _forward_impl(u, delta, A, B, C, D_skip, delta_bias, delta_softplus: bool) -
             y = fn(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
                    C.contiguous(), D_skip.float(), None, delta_bias.float(), delta_softplus)
             return y.to(u.dtype)
+    if scan_cpu.supports(u, A):
+        return scan_cpu.scan_forward(u, delta, A, B, C, D_skip, delta_bias, delta_softplus).to(u.dtype)
     if length <= _REF_MAX_LEN:
         return selective_scan_ref(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
     return selective_scan_chunked(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
@@ -441,6 +446,8 @@ def _selective_scan_backward_op(
     gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor,
     delta_bias: Tensor, delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if scan_cpu.supports(u, A) and gy.dtype == torch.float32:
+        return scan_cpu.scan_backward(gy, u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
     return selective_scan_backward(gy, u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
 
 

@@ -14,6 +14,7 @@ from ..checkpoints import load_model
 from ..errors import OptionError
 from ..fold import load_bundle, with_dls_mode
 from ..models.card import card_of
+from ..ops import scan_cpu
 from .base import ModelInfo, Runner, ShapeLimits, cpu_memory
 
 __all__ = ["TorchRunner", "model_info", "model_limits"]
@@ -160,4 +161,5 @@ class TorchRunner(Runner):
             major, minor = torch.cuda.get_device_capability()
             return {"type": "cuda", "name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
                     "threads": None}
-        return super().device_info()
+        # which selective-scan forward the CPU runs: the compiled kernel or the chunked torch path
+        return {**super().device_info(), "scan": scan_cpu.backend()}

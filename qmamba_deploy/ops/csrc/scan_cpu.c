@@ -1,0 +1,217 @@
+/* The selective scan's forward on a CPU, one pass over time with the state in registers.
+ *
+ * Built at first use by qmamba_deploy/ops/scan_cpu.py with the system C compiler (no torch headers,
+ * no Python API: a plain shared library called through ctypes, which releases the GIL so that the
+ * caller's threads run disjoint channel blocks side by side). Same math as selective_scan_ref:
+ *
+ *     h[t, n] = exp(dt[t] A[c, n]) h[t-1, n] + dt[t] u[t] B[k, t, n],   y[t] = sum_n C[k, t, n] h[t, n] + D[c] u[t]
+ *
+ * with dt already formed by the caller (softplus(delta + bias) in torch, so that its rounding is
+ * torch's). Layouts, float32, contiguous, time-major so that a step reads LANES neighbouring channels
+ * in one vector:
+ *
+ *     dt, u, y   [batch, length, dim]        A   [dim, nstate]       Dskip   [dim]
+ *     Bm, Cm     [batch, groups, length, nstate]
+ *
+ * Channels go in blocks of LANES; the loops over a block are fixed-length so that the compiler
+ * vectorises them (one AVX2 vector at LANES = 8), the exponential included (exp_nonpos below: no
+ * libm call in the loop). The state of a block is nstate x LANES floats (<= 128).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 8
+#define MAX_STATE 16
+
+/* exp(x) for x <= 0 (a decay exponent dt * A), to about 1 ulp: x = k ln2 + r, |r| <= ln2 / 2, e^r by a
+ * degree-6 polynomial (the minimax coefficients of the classic single-precision expf), 2^k through the
+ * exponent bits. Below -87 the result is clamped at exp(-87) ~ 1.6e-38 (a decay that kills the state
+ * either way); NaN stays NaN. Written without branches so that the loop around it vectorises. */
+static inline float exp_nonpos(float x) {
+    const float lo = -87.0f;
+    float xc = x < lo ? lo : x;
+    /* round(xc / ln2) by the 1.5 * 2^23 trick (exact for |value| < 2^22; no -ffast-math, so it stays) */
+    const float magic = 12582912.0f;
+    float kf = (xc * 1.44269504088896341f + magic) - magic;
+    float r = xc - kf * 0.693359375f;
+    r = r - kf * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &p, sizeof bits);
+    bits += (int32_t)kf * (1 << 23);
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return x != x ? x : out;
+}
+
+/* Channels [c0, c1) of batch row b (c1 - c0 <= LANES, all in one group). */
+static void scan_block(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
+                       const float *Dskip, float *y, int64_t length, int64_t dim, int64_t nstate,
+                       int64_t c0, int64_t c1) {
+    float a[MAX_STATE][LANES], h[MAX_STATE][LANES], dsk[LANES];
+    const int64_t w = c1 - c0;
+    for (int64_t n = 0; n < MAX_STATE; n++)
+        for (int l = 0; l < LANES; l++) {
+            a[n][l] = (n < nstate && l < w) ? A[(c0 + l) * nstate + n] : 0.0f;
+            h[n][l] = 0.0f;
+        }
+    for (int l = 0; l < LANES; l++) dsk[l] = l < w ? Dskip[c0 + l] : 0.0f;
+    /* lanes past the block's end stay 0 (their dt = 0: a decay of 1 and no input, never stored) */
+    float dtv[LANES] = {0}, uv[LANES] = {0};
+    for (int64_t t = 0; t < length; t++) {
+        float du[LANES], acc[LANES];
+        const float *bt = Bm + t * nstate, *ct = Cm + t * nstate;
+        memcpy(dtv, dt + t * dim + c0, (size_t)w * sizeof(float));
+        memcpy(uv, u + t * dim + c0, (size_t)w * sizeof(float));
+        for (int l = 0; l < LANES; l++) {
+            du[l] = dtv[l] * uv[l];
+            acc[l] = dsk[l] * uv[l];
+        }
+        for (int64_t n = 0; n < nstate; n++) {
+            const float bn = bt[n], cn = ct[n];
+            for (int l = 0; l < LANES; l++) {
+                h[n][l] = exp_nonpos(dtv[l] * a[n][l]) * h[n][l] + du[l] * bn;
+                acc[l] += h[n][l] * cn;
+            }
+        }
+        float *yt = y + t * dim + c0;
+        for (int l = 0; l < w; l++) yt[l] = acc[l];
+    }
+}
+
+/* Work items [item0, item1) of the (batch x channel block) grid; returns 0, or -1 for a state size
+ * the kernel does not hold (the caller checks first). */
+int qmamba_scan_forward_f32(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
+                            const float *Dskip, float *y, int64_t batch, int64_t dim, int64_t groups,
+                            int64_t length, int64_t nstate, int64_t item0, int64_t item1) {
+    if (nstate < 1 || nstate > MAX_STATE || groups < 1 || dim % groups) return -1;
+    const int64_t per_group = dim / groups;
+    const int64_t blocks_per_group = (per_group + LANES - 1) / LANES;
+    const int64_t items_per_row = groups * blocks_per_group;
+    for (int64_t item = item0; item < item1 && item < batch * items_per_row; item++) {
+        const int64_t b = item / items_per_row, rest = item % items_per_row;
+        const int64_t g = rest / blocks_per_group, blk = rest % blocks_per_group;
+        const int64_t c0 = g * per_group + blk * LANES;
+        const int64_t c1 = c0 + LANES < (g + 1) * per_group ? c0 + LANES : (g + 1) * per_group;
+        const int64_t row = b * length * dim, state_row = (b * groups + g) * length * nstate;
+        scan_block(dt + row, u + row, A, Bm + state_row, Cm + state_row, Dskip, y + row, length, dim, nstate,
+                   c0, c1);
+    }
+    return 0;
+}
+
+/* The gradient of one block (channels [c0, c1) of batch row b). The forward runs again and keeps every
+ * state in `hs` (length x nstate x LANES floats, the caller's scratch); then the adjoint runs backwards:
+ *
+ *     lam[t] = C_t gy_t + a_{t+1} lam[t+1]        q[t] = lam[t] h[t-1] a_t        s[t] = sum_n lam[t, n] B_t[n]
+ *     g_u = dt s + D gy    g_dt = sum_n q A + u s    g_A += q dt    g_D += gy u
+ *     g_B[t, n] += sum_c lam dt u                  g_C[t, n] += sum_c gy h
+ *
+ * g_u, g_dt: [batch, length, dim] (this block's channels); g_A: [LANES][nstate] and g_D: [LANES] of this
+ * item; g_B, g_C: [length][nstate] of this item (the caller sums the items of a group). */
+static void scan_block_backward(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
+                                const float *Dskip, const float *gy, float *hs, float *g_u, float *g_dt,
+                                float *g_A, float *g_B, float *g_C, float *g_D, int64_t length, int64_t dim,
+                                int64_t nstate, int64_t c0, int64_t c1) {
+    float a[MAX_STATE][LANES], h[MAX_STATE][LANES], lam[MAX_STATE][LANES], anext[MAX_STATE][LANES];
+    float ga[MAX_STATE][LANES], dsk[LANES], gd[LANES];
+    const int64_t w = c1 - c0;
+    for (int64_t n = 0; n < MAX_STATE; n++)
+        for (int l = 0; l < LANES; l++) {
+            a[n][l] = (n < nstate && l < w) ? A[(c0 + l) * nstate + n] : 0.0f;
+            h[n][l] = lam[n][l] = anext[n][l] = ga[n][l] = 0.0f;
+        }
+    for (int l = 0; l < LANES; l++) {
+        dsk[l] = l < w ? Dskip[c0 + l] : 0.0f;
+        gd[l] = 0.0f;
+    }
+    float dtv[LANES] = {0}, uv[LANES] = {0}, gyv[LANES] = {0};
+    for (int64_t t = 0; t < length; t++) {               /* forward again, keeping the states */
+        float du[LANES];
+        const float *bt = Bm + t * nstate;
+        float *ht = hs + t * nstate * LANES;
+        memcpy(dtv, dt + t * dim + c0, (size_t)w * sizeof(float));
+        memcpy(uv, u + t * dim + c0, (size_t)w * sizeof(float));
+        for (int l = 0; l < LANES; l++) du[l] = dtv[l] * uv[l];
+        for (int64_t n = 0; n < nstate; n++) {
+            const float bn = bt[n];
+            for (int l = 0; l < LANES; l++) {
+                h[n][l] = exp_nonpos(dtv[l] * a[n][l]) * h[n][l] + du[l] * bn;
+                ht[n * LANES + l] = h[n][l];
+            }
+        }
+    }
+    for (int64_t t = length - 1; t >= 0; t--) {          /* the adjoint, backwards in time */
+        float du[LANES], sv[LANES] = {0}, gdt[LANES] = {0};
+        const float *bt = Bm + t * nstate, *ct = Cm + t * nstate;
+        const float *ht = hs + t * nstate * LANES, *hp = t > 0 ? hs + (t - 1) * nstate * LANES : NULL;
+        memcpy(dtv, dt + t * dim + c0, (size_t)w * sizeof(float));
+        memcpy(uv, u + t * dim + c0, (size_t)w * sizeof(float));
+        memcpy(gyv, gy + t * dim + c0, (size_t)w * sizeof(float));
+        for (int l = 0; l < LANES; l++) du[l] = dtv[l] * uv[l];
+        for (int64_t n = 0; n < nstate; n++) {
+            const float bn = bt[n], cn = ct[n];
+            float gb = 0.0f, gc = 0.0f;
+            for (int l = 0; l < LANES; l++) {
+                const float at = exp_nonpos(dtv[l] * a[n][l]);
+                const float hprev = hp ? hp[n * LANES + l] : 0.0f;
+                lam[n][l] = cn * gyv[l] + anext[n][l] * lam[n][l];
+                const float q = lam[n][l] * hprev * at;
+                sv[l] += lam[n][l] * bn;
+                gdt[l] += q * a[n][l];
+                ga[n][l] += q * dtv[l];
+                gb += lam[n][l] * du[l];
+                gc += gyv[l] * ht[n * LANES + l];
+                anext[n][l] = at;
+            }
+            g_B[t * nstate + n] = gb;
+            g_C[t * nstate + n] = gc;
+        }
+        float *gut = g_u + t * dim + c0, *gdtt = g_dt + t * dim + c0;
+        for (int l = 0; l < w; l++) {
+            gut[l] = dtv[l] * sv[l] + dsk[l] * gyv[l];
+            gdtt[l] = gdt[l] + uv[l] * sv[l];
+            gd[l] += gyv[l] * uv[l];
+        }
+    }
+    for (int l = 0; l < LANES; l++) {
+        for (int64_t n = 0; n < nstate; n++) g_A[l * nstate + n] = ga[n][l];
+        g_D[l] = gd[l];
+    }
+}
+
+/* Work items [item0, item1) of the backward; `hs` is one scratch of length x nstate x LANES floats for
+ * this caller's items in turn. Per-item outputs: g_A [items][LANES][nstate], g_D [items][LANES],
+ * g_B and g_C [items][length][nstate]. */
+int qmamba_scan_backward_f32(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
+                             const float *Dskip, const float *gy, float *hs, float *g_u, float *g_dt, float *g_A,
+                             float *g_B, float *g_C, float *g_D, int64_t batch, int64_t dim, int64_t groups,
+                             int64_t length, int64_t nstate, int64_t item0, int64_t item1) {
+    if (nstate < 1 || nstate > MAX_STATE || groups < 1 || dim % groups) return -1;
+    const int64_t per_group = dim / groups;
+    const int64_t blocks_per_group = (per_group + LANES - 1) / LANES;
+    const int64_t items_per_row = groups * blocks_per_group;
+    for (int64_t item = item0; item < item1 && item < batch * items_per_row; item++) {
+        const int64_t b = item / items_per_row, rest = item % items_per_row;
+        const int64_t g = rest / blocks_per_group, blk = rest % blocks_per_group;
+        const int64_t c0 = g * per_group + blk * LANES;
+        const int64_t c1 = c0 + LANES < (g + 1) * per_group ? c0 + LANES : (g + 1) * per_group;
+        const int64_t row = b * length * dim, state_row = (b * groups + g) * length * nstate;
+        scan_block_backward(dt + row, u + row, A, Bm + state_row, Cm + state_row, Dskip, gy + row, hs, g_u + row,
+                            g_dt + row, g_A + item * LANES * nstate, g_B + item * length * nstate,
+                            g_C + item * length * nstate, g_D + item * LANES, length, dim, nstate, c0, c1);
+    }
+    return 0;
+}
+
+/* Items in the grid (what the caller splits among its threads). */
+int64_t qmamba_scan_items(int64_t batch, int64_t dim, int64_t groups) {
+    const int64_t per_group = dim / groups;
+    return batch * groups * ((per_group + LANES - 1) / LANES);
+}

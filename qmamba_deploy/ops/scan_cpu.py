@@ -1,0 +1,196 @@
+"""The compiled CPU path of the selective scan's forward (``csrc/scan_cpu.c``).
+
+The chunked torch path spends most of its time moving [B, D, L/T, N] slabs through memory, a few
+element-wise passes per step; this kernel keeps each channel block's state in registers and makes one
+pass over time (see the C file). It is a plain C shared library, built at first use with the system
+compiler (``$CC``, else ``cc``) into a per-user cache and called through ctypes — no torch headers, no
+build step at install, so the README's two set-up commands stay the whole set-up. ctypes releases the
+GIL during the call, so the channel blocks are split among ``torch.get_num_threads()`` threads.
+
+Where there is no compiler, the build fails, or ``QMAMBA_SCAN_CPU=torch`` is set, :func:`available` is
+False and the op keeps its torch path; :func:`backend` says which one runs (benchmarks record it).
+float32 only (float64, e.g. gradcheck, stays on the torch path). The backward (:func:`scan_backward`) runs
+the forward again keeping the states, then the adjoint scan backwards in time, in the same blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import contract
+
+__all__ = ["available", "backend", "supports", "scan_forward", "scan_backward", "MAX_STATE", "library_path"]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "scan_cpu.c"
+MAX_STATE = 16  # the C file's MAX_STATE
+LANES = 8  # channels per block (the C file's LANES)
+_FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
+_ENV = "QMAMBA_SCAN_CPU"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QMAMBA_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "qmamba_deploy"
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on, so that a cache shared between machines never loads a library
+    built for another CPU."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                     "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def library_path(compiler: str) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *_FLAGS, _cpu_fingerprint()]).encode())
+    return _cache_dir() / f"scan_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside ``target`` and move it in place (atomic: two processes
+    building at once both end with a whole library)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".scan_cpu-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(_ENV, "").lower() == "torch" or sys.platform == "win32":
+        return None
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None or not SOURCE.is_file():
+        return None
+    target = library_path(compiler)
+    try:
+        if not target.is_file():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None  # no working compiler or an unwritable cache: the torch path runs
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.qmamba_scan_forward_f32.argtypes = [ptr] * 7 + [i64] * 7
+    lib.qmamba_scan_forward_f32.restype = ctypes.c_int
+    lib.qmamba_scan_backward_f32.argtypes = [ptr] * 14 + [i64] * 7
+    lib.qmamba_scan_backward_f32.restype = ctypes.c_int
+    lib.qmamba_scan_items.argtypes = [i64, i64, i64]
+    lib.qmamba_scan_items.restype = i64
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def backend() -> str:
+    """'compiled' or 'torch': what the op's CPU float32 forward runs."""
+    return "compiled" if available() else "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmamba-scan")
+
+
+def supports(u: Tensor, A: Tensor) -> bool:
+    return (available() and u.device.type == "cpu" and u.dtype == torch.float32 and A.dtype == torch.float32
+            and 1 <= A.shape[1] <= MAX_STATE)
+
+
+def _time_major(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor, delta_bias: Tensor,
+                delta_softplus: bool) -> tuple[Tensor, list[Tensor]]:
+    """z = delta + bias, and the kernel's operands: dt, u [B, L, D]; A [D, N]; B, C [B, K, L, N]; D [D]."""
+    z = delta.float() + delta_bias.float()[:, None]
+    dt = F.softplus(z, beta=1.0, threshold=contract.SOFTPLUS_THRESHOLD) if delta_softplus else z
+    return z, [dt.transpose(1, 2).contiguous(), u.float().transpose(1, 2).contiguous(), A.float().contiguous(),
+               B.float().transpose(2, 3).contiguous(), C.float().transpose(2, 3).contiguous(),
+               D_skip.float().contiguous()]
+
+
+def _split(lib: ctypes.CDLL, kernel: str, bsz: int, dim: int, k: int, per_worker, *args) -> None:
+    """Run ``kernel`` over the (batch x channel block) items, split among up to get_num_threads() threads;
+    ``per_worker(i)`` gives worker i's extra pointer arguments (its scratch), or None."""
+    items = lib.qmamba_scan_items(bsz, dim, k)
+    workers = max(1, min(torch.get_num_threads(), items))
+    bounds = [items * i // workers for i in range(workers + 1)]
+    fn = getattr(lib, kernel)
+
+    def run(i: int) -> int:
+        return fn(*per_worker(i), *args, bounds[i], bounds[i + 1])
+
+    codes = [run(0)] if workers == 1 else list(_pool(workers).map(run, range(workers)))
+    if any(codes):
+        raise RuntimeError(f"selective_scan: the compiled CPU kernel refused K = {k}, D = {dim}")
+
+
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor, delta_bias: Tensor,
+                 delta_softplus: bool) -> Tensor:
+    """The op's forward on the compiled kernel (inputs checked by the caller; :func:`supports` true)."""
+    lib = _library()
+    bsz, dim, length = u.shape
+    k, n = B.shape[1], A.shape[1]
+    _, ops = _time_major(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
+    y_t = torch.empty_like(ops[1])
+    pointers = [t.data_ptr() for t in (*ops, y_t)]
+    _split(lib, "qmamba_scan_forward_f32", bsz, dim, k, lambda i: pointers, bsz, dim, k, length, n)
+    return y_t.transpose(1, 2).contiguous()
+
+
+def scan_backward(gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor,
+                  delta_bias: Tensor, delta_softplus: bool) -> tuple[Tensor, ...]:
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias) on the compiled kernel, as ``selective_scan_backward``
+    returns them: the forward again with every state kept (one [L, N, 8] scratch per thread), then the
+    adjoint backwards in time; per-block sums over a group's channels and the batch are added here."""
+    lib = _library()
+    bsz, dim, length = u.shape
+    k, n = B.shape[1], A.shape[1]
+    dk = dim // k
+    z, ops = _time_major(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
+    gy_t = gy.float().transpose(1, 2).contiguous()
+    items = lib.qmamba_scan_items(bsz, dim, k)
+    blocks = items // (bsz * k)
+    g_u, g_dt = torch.empty_like(gy_t), torch.empty_like(gy_t)
+    g_A, g_D = u.new_empty(items, LANES, n, dtype=torch.float32), u.new_empty(items, LANES, dtype=torch.float32)
+    g_B, g_C = (u.new_empty(items, length, n, dtype=torch.float32) for _ in range(2))
+    workers = max(1, min(torch.get_num_threads(), items))
+    scratch = [torch.empty(length, n, LANES) for _ in range(workers)]
+    pointers = [t.data_ptr() for t in (*ops, gy_t)]
+    outs = [t.data_ptr() for t in (g_u, g_dt, g_A, g_B, g_C, g_D)]
+    _split(lib, "qmamba_scan_backward_f32", bsz, dim, k, lambda i: [*pointers, scratch[i].data_ptr(), *outs],
+           bsz, dim, k, length, n)
+
+    def per_channel(x: Tensor) -> Tensor:   # [items, LANES, ...] -> [B, D, ...]: a group's blocks, lanes cut at Dk
+        x = x.reshape(bsz, k, blocks * LANES, *x.shape[2:])[:, :, :dk]
+        return x.reshape(bsz, dim, *x.shape[3:])
+
+    g_B = g_B.reshape(bsz, k, blocks, length, n).sum(2).transpose(2, 3)
+    g_C = g_C.reshape(bsz, k, blocks, length, n).sum(2).transpose(2, 3)
+    g_z = g_dt.transpose(1, 2)
+    if delta_softplus:
+        g_z = g_z * torch.where(z > contract.SOFTPLUS_THRESHOLD, torch.ones_like(z), torch.sigmoid(z))
+    return (g_u.transpose(1, 2).contiguous().to(u.dtype), g_z.contiguous().to(delta.dtype),
+            per_channel(g_A).sum(0).to(A.dtype), g_B.contiguous().to(B.dtype), g_C.contiguous().to(C.dtype),
+            per_channel(g_D).sum(0).to(D_skip.dtype), g_z.sum((0, 2)).to(delta_bias.dtype))

@@ -50,6 +50,20 @@ static inline float exp_nonpos(float x) {
     return x != x ? x : out;
 }
 
+/* dst[0, w) = src[0, w); a full block (w = LANES, every block but a group's last) is one fixed-size copy
+ * the compiler turns into a vector load, where a memcpy of a runtime length would be a library call. */
+static inline void load_lanes(float *dst, const float *src, int64_t w) {
+    if (w == LANES) {
+        for (int l = 0; l < LANES; l++) dst[l] = src[l];
+    } else {
+        for (int64_t l = 0; l < w; l++) dst[l] = src[l];
+    }
+}
+
+static inline void store_lanes(float *dst, const float *src, int64_t w) {
+    load_lanes(dst, src, w);
+}
+
 /* Channels [c0, c1) of batch row b (c1 - c0 <= LANES, all in one group). */
 static void scan_block(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
                        const float *Dskip, float *y, int64_t length, int64_t dim, int64_t nstate,
@@ -67,8 +81,8 @@ static void scan_block(const float *dt, const float *u, const float *A, const fl
     for (int64_t t = 0; t < length; t++) {
         float du[LANES], acc[LANES];
         const float *bt = Bm + t * nstate, *ct = Cm + t * nstate;
-        memcpy(dtv, dt + t * dim + c0, (size_t)w * sizeof(float));
-        memcpy(uv, u + t * dim + c0, (size_t)w * sizeof(float));
+        load_lanes(dtv, dt + t * dim + c0, w);
+        load_lanes(uv, u + t * dim + c0, w);
         for (int l = 0; l < LANES; l++) {
             du[l] = dtv[l] * uv[l];
             acc[l] = dsk[l] * uv[l];
@@ -80,8 +94,7 @@ static void scan_block(const float *dt, const float *u, const float *A, const fl
                 acc[l] += h[n][l] * cn;
             }
         }
-        float *yt = y + t * dim + c0;
-        for (int l = 0; l < w; l++) yt[l] = acc[l];
+        store_lanes(y + t * dim + c0, acc, w);
     }
 }
 
@@ -136,8 +149,8 @@ static void scan_block_backward(const float *dt, const float *u, const float *A,
         float du[LANES];
         const float *bt = Bm + t * nstate;
         float *ht = hs + t * nstate * LANES;
-        memcpy(dtv, dt + t * dim + c0, (size_t)w * sizeof(float));
-        memcpy(uv, u + t * dim + c0, (size_t)w * sizeof(float));
+        load_lanes(dtv, dt + t * dim + c0, w);
+        load_lanes(uv, u + t * dim + c0, w);
         for (int l = 0; l < LANES; l++) du[l] = dtv[l] * uv[l];
         for (int64_t n = 0; n < nstate; n++) {
             const float bn = bt[n];
@@ -151,9 +164,9 @@ static void scan_block_backward(const float *dt, const float *u, const float *A,
         float du[LANES], sv[LANES] = {0}, gdt[LANES] = {0};
         const float *bt = Bm + t * nstate, *ct = Cm + t * nstate;
         const float *ht = hs + t * nstate * LANES, *hp = t > 0 ? hs + (t - 1) * nstate * LANES : NULL;
-        memcpy(dtv, dt + t * dim + c0, (size_t)w * sizeof(float));
-        memcpy(uv, u + t * dim + c0, (size_t)w * sizeof(float));
-        memcpy(gyv, gy + t * dim + c0, (size_t)w * sizeof(float));
+        load_lanes(dtv, dt + t * dim + c0, w);
+        load_lanes(uv, u + t * dim + c0, w);
+        load_lanes(gyv, gy + t * dim + c0, w);
         for (int l = 0; l < LANES; l++) du[l] = dtv[l] * uv[l];
         for (int64_t n = 0; n < nstate; n++) {
             const float bn = bt[n], cn = ct[n];

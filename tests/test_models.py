@@ -87,6 +87,48 @@ def test_gumbel_routing_trains_the_router(tiny_v2):
     assert router.grad is not None and router.grad.abs().sum() > 0
 
 
+def test_gumbel_sample_is_one_hot_with_the_soft_gradient_and_the_right_distribution():
+    """Our hard gumbel-softmax: one-hot values, the straight-through gradient of the soft sample, and
+    class frequencies that follow softmax(logits) (chi-square over 40k samples, 5 classes)."""
+    from qmamba_deploy.models.routing import gumbel_softmax_hard
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.05, 0.1, 0.15, 0.3, 0.4])
+    logits = probs.log().expand(40000, 5).clone().requires_grad_()
+    y = gumbel_softmax_hard(logits)
+    assert torch.equal(y.detach().sum(-1), torch.ones(40000)) and set(y.detach().unique().tolist()) == {0.0, 1.0}
+    counts = y.detach().sum(0)
+    chi2 = float((((counts - 40000 * probs) ** 2) / (40000 * probs)).sum())
+    assert chi2 < 18.5  # the 0.999 quantile of chi-square with 4 degrees of freedom
+    # the gradient is the soft sample's: for loss = sum(w * y), d/dlogits = J_softmax^T w at the soft sample
+    w = torch.randn(5)
+    torch.manual_seed(1)
+    (gumbel_softmax_hard(logits[:3]) * w).sum().backward()
+    torch.manual_seed(1)
+    soft_logits = logits[:3].detach().clone().requires_grad_()
+    uniform = torch.rand_like(soft_logits).clamp_(min=torch.finfo(torch.float32).tiny)
+    soft = (soft_logits - (-uniform.log()).log()).softmax(-1)
+    (soft * w).sum().backward()
+    assert torch.allclose(logits.grad[:3], soft_logits.grad, atol=1e-6)
+
+
+def test_bias_gather_gradient_matches_autograd():
+    """The relative-position bias gather's bincount gradient equals autograd's index gradient."""
+    from qmamba_deploy.models.mambairv2 import gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(49, 3, generator=g, requires_grad=True)
+    index = torch.randint(0, 49, (500,), generator=g)
+    grad = torch.randn(500, 3, generator=g)
+    out = gather_rows(table, index)
+    assert torch.equal(out, table[index])
+    (ours,) = torch.autograd.grad(out, table, grad)
+    (ref,) = torch.autograd.grad(table[index], table, grad)
+    assert ours.dtype == ref.dtype and torch.allclose(ours, ref, atol=1e-5)
+    with torch.no_grad():                             # eval / export: a plain index_select
+        assert torch.equal(gather_rows(table, index), table[index])
+
+
 def test_deterministic_routing_is_deterministic(tiny_v2):
     x = torch.rand(1, 3, 20, 12)
     with torch.no_grad():

@@ -64,18 +64,46 @@ static inline void store_lanes(float *dst, const float *src, int64_t w) {
     load_lanes(dst, src, w);
 }
 
+/* A block's A rows (a[n][l] = A[c0 + l, n]) and skip weights; lanes past the block (l >= w) and states
+ * past nstate are 0. */
+static void block_params(float a[MAX_STATE][LANES], float dsk[LANES], const float *A, const float *Dskip,
+                         int64_t nstate, int64_t c0, int64_t w) {
+    for (int64_t n = 0; n < MAX_STATE; n++)
+        for (int l = 0; l < LANES; l++) a[n][l] = (n < nstate && l < w) ? A[(c0 + l) * nstate + n] : 0.0f;
+    for (int l = 0; l < LANES; l++) dsk[l] = l < w ? Dskip[c0 + l] : 0.0f;
+}
+
+/* The work grid: item = (batch row b, group g, block of LANES channels in the group); a group's last
+ * block may be short. Every block's channels share the group's B and C rows. */
+typedef struct {
+    int64_t row, state_row;  /* offsets of batch row b in [batch, length, dim] and of (b, g) in B / C */
+    int64_t c0, c1;          /* the block's channels */
+} Block;
+
+static int64_t blocks_per_group(int64_t dim, int64_t groups) {
+    return (dim / groups + LANES - 1) / LANES;
+}
+
+static Block block_of(int64_t item, int64_t dim, int64_t groups, int64_t length, int64_t nstate) {
+    const int64_t per_group = dim / groups, per_row = groups * blocks_per_group(dim, groups);
+    const int64_t b = item / per_row, g = (item % per_row) / blocks_per_group(dim, groups);
+    const int64_t c0 = g * per_group + (item % per_row) % blocks_per_group(dim, groups) * LANES;
+    const int64_t end = (g + 1) * per_group;
+    Block k = {b * length * dim, (b * groups + g) * length * nstate, c0, c0 + LANES < end ? c0 + LANES : end};
+    return k;
+}
+
+static int valid_sizes(int64_t dim, int64_t groups, int64_t nstate) {
+    return nstate >= 1 && nstate <= MAX_STATE && groups >= 1 && dim % groups == 0;
+}
+
 /* Channels [c0, c1) of batch row b (c1 - c0 <= LANES, all in one group). */
 static void scan_block(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
                        const float *Dskip, float *y, int64_t length, int64_t dim, int64_t nstate,
                        int64_t c0, int64_t c1) {
-    float a[MAX_STATE][LANES], h[MAX_STATE][LANES], dsk[LANES];
+    float a[MAX_STATE][LANES], h[MAX_STATE][LANES] = {{0}}, dsk[LANES];
     const int64_t w = c1 - c0;
-    for (int64_t n = 0; n < MAX_STATE; n++)
-        for (int l = 0; l < LANES; l++) {
-            a[n][l] = (n < nstate && l < w) ? A[(c0 + l) * nstate + n] : 0.0f;
-            h[n][l] = 0.0f;
-        }
-    for (int l = 0; l < LANES; l++) dsk[l] = l < w ? Dskip[c0 + l] : 0.0f;
+    block_params(a, dsk, A, Dskip, nstate, c0, w);
     /* lanes past the block's end stay 0 (their dt = 0: a decay of 1 and no input, never stored) */
     float dtv[LANES] = {0}, uv[LANES] = {0};
     for (int64_t t = 0; t < length; t++) {
@@ -103,18 +131,12 @@ static void scan_block(const float *dt, const float *u, const float *A, const fl
 int qmamba_scan_forward_f32(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
                             const float *Dskip, float *y, int64_t batch, int64_t dim, int64_t groups,
                             int64_t length, int64_t nstate, int64_t item0, int64_t item1) {
-    if (nstate < 1 || nstate > MAX_STATE || groups < 1 || dim % groups) return -1;
-    const int64_t per_group = dim / groups;
-    const int64_t blocks_per_group = (per_group + LANES - 1) / LANES;
-    const int64_t items_per_row = groups * blocks_per_group;
-    for (int64_t item = item0; item < item1 && item < batch * items_per_row; item++) {
-        const int64_t b = item / items_per_row, rest = item % items_per_row;
-        const int64_t g = rest / blocks_per_group, blk = rest % blocks_per_group;
-        const int64_t c0 = g * per_group + blk * LANES;
-        const int64_t c1 = c0 + LANES < (g + 1) * per_group ? c0 + LANES : (g + 1) * per_group;
-        const int64_t row = b * length * dim, state_row = (b * groups + g) * length * nstate;
-        scan_block(dt + row, u + row, A, Bm + state_row, Cm + state_row, Dskip, y + row, length, dim, nstate,
-                   c0, c1);
+    if (!valid_sizes(dim, groups, nstate)) return -1;
+    const int64_t items = batch * groups * blocks_per_group(dim, groups);
+    for (int64_t item = item0; item < item1 && item < items; item++) {
+        const Block k = block_of(item, dim, groups, length, nstate);
+        scan_block(dt + k.row, u + k.row, A, Bm + k.state_row, Cm + k.state_row, Dskip, y + k.row, length, dim,
+                   nstate, k.c0, k.c1);
     }
     return 0;
 }
@@ -132,18 +154,10 @@ static void scan_block_backward(const float *dt, const float *u, const float *A,
                                 const float *Dskip, const float *gy, float *hs, float *g_u, float *g_dt,
                                 float *g_A, float *g_B, float *g_C, float *g_D, int64_t length, int64_t dim,
                                 int64_t nstate, int64_t c0, int64_t c1) {
-    float a[MAX_STATE][LANES], h[MAX_STATE][LANES], lam[MAX_STATE][LANES], anext[MAX_STATE][LANES];
-    float ga[MAX_STATE][LANES], dsk[LANES], gd[LANES];
+    float a[MAX_STATE][LANES], h[MAX_STATE][LANES] = {{0}}, lam[MAX_STATE][LANES] = {{0}};
+    float anext[MAX_STATE][LANES] = {{0}}, ga[MAX_STATE][LANES] = {{0}}, dsk[LANES], gd[LANES] = {0};
     const int64_t w = c1 - c0;
-    for (int64_t n = 0; n < MAX_STATE; n++)
-        for (int l = 0; l < LANES; l++) {
-            a[n][l] = (n < nstate && l < w) ? A[(c0 + l) * nstate + n] : 0.0f;
-            h[n][l] = lam[n][l] = anext[n][l] = ga[n][l] = 0.0f;
-        }
-    for (int l = 0; l < LANES; l++) {
-        dsk[l] = l < w ? Dskip[c0 + l] : 0.0f;
-        gd[l] = 0.0f;
-    }
+    block_params(a, dsk, A, Dskip, nstate, c0, w);
     float dtv[LANES] = {0}, uv[LANES] = {0}, gyv[LANES] = {0};
     for (int64_t t = 0; t < length; t++) {               /* forward again, keeping the states */
         float du[LANES];
@@ -206,25 +220,18 @@ int qmamba_scan_backward_f32(const float *dt, const float *u, const float *A, co
                              const float *Dskip, const float *gy, float *hs, float *g_u, float *g_dt, float *g_A,
                              float *g_B, float *g_C, float *g_D, int64_t batch, int64_t dim, int64_t groups,
                              int64_t length, int64_t nstate, int64_t item0, int64_t item1) {
-    if (nstate < 1 || nstate > MAX_STATE || groups < 1 || dim % groups) return -1;
-    const int64_t per_group = dim / groups;
-    const int64_t blocks_per_group = (per_group + LANES - 1) / LANES;
-    const int64_t items_per_row = groups * blocks_per_group;
-    for (int64_t item = item0; item < item1 && item < batch * items_per_row; item++) {
-        const int64_t b = item / items_per_row, rest = item % items_per_row;
-        const int64_t g = rest / blocks_per_group, blk = rest % blocks_per_group;
-        const int64_t c0 = g * per_group + blk * LANES;
-        const int64_t c1 = c0 + LANES < (g + 1) * per_group ? c0 + LANES : (g + 1) * per_group;
-        const int64_t row = b * length * dim, state_row = (b * groups + g) * length * nstate;
-        scan_block_backward(dt + row, u + row, A, Bm + state_row, Cm + state_row, Dskip, gy + row, hs, g_u + row,
-                            g_dt + row, g_A + item * LANES * nstate, g_B + item * length * nstate,
-                            g_C + item * length * nstate, g_D + item * LANES, length, dim, nstate, c0, c1);
+    if (!valid_sizes(dim, groups, nstate)) return -1;
+    const int64_t items = batch * groups * blocks_per_group(dim, groups);
+    for (int64_t item = item0; item < item1 && item < items; item++) {
+        const Block k = block_of(item, dim, groups, length, nstate);
+        scan_block_backward(dt + k.row, u + k.row, A, Bm + k.state_row, Cm + k.state_row, Dskip, gy + k.row, hs,
+                            g_u + k.row, g_dt + k.row, g_A + item * LANES * nstate, g_B + item * length * nstate,
+                            g_C + item * length * nstate, g_D + item * LANES, length, dim, nstate, k.c0, k.c1);
     }
     return 0;
 }
 
 /* Items in the grid (what the caller splits among its threads). */
 int64_t qmamba_scan_items(int64_t batch, int64_t dim, int64_t groups) {
-    const int64_t per_group = dim / groups;
-    return batch * groups * ((per_group + LANES - 1) / LANES);
+    return batch * groups * blocks_per_group(dim, groups);
 }

@@ -88,10 +88,14 @@ def _library() -> ctypes.CDLL | None:
     target = library_path(compiler)
     try:
         if not target.is_file():
-            _build(compiler, target)
+            try:
+                _build(compiler, target)
+            except OSError:  # an unwritable cache: build into a private temporary folder of this process
+                target = Path(tempfile.mkdtemp(prefix="qmamba_scan_cpu-")) / target.name
+                _build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
-        return None  # no working compiler or an unwritable cache: the torch path runs
+        return None  # no working compiler: the torch path runs
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qmamba_scan_forward_f32.argtypes = [ptr] * 7 + [i64] * 7
     lib.qmamba_scan_forward_f32.restype = ctypes.c_int

@@ -356,7 +356,8 @@ def test_compiled_scan_can_be_switched_off_and_falls_back_without_a_compiler(tmp
     code = ("import torch; from qmamba_deploy.ops import scan_cpu; from qmamba_deploy.ops.selective_scan import "
             "SCAN_OP, selective_scan_chunked; x = [torch.randn(1, 4, 30), torch.randn(1, 4, 30), -torch.rand(4, 3), "
             "torch.randn(1, 1, 3, 30), torch.randn(1, 1, 3, 30), torch.randn(4), torch.randn(4)]; "
-            "y = SCAN_OP(*x, True); assert scan_cpu.backend() == 'compiled' or torch.equal(y, selective_scan_chunked(*x)); "
+            "y = SCAN_OP(*x, True); "
+            "assert scan_cpu.backend() == 'compiled' or torch.equal(y, selective_scan_chunked(*x)); "
             "print(scan_cpu.backend())")
     env = {**os.environ, "QMAMBA_CACHE_DIR": str(tmp_path)}
     for extra in ({"QMAMBA_SCAN_CPU": "torch"}, {"CC": "false"}):

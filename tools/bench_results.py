@@ -6,14 +6,14 @@ Model: MambaIRv2-light x4 with the real released weights (../shared/checkpoints)
 Rows, each one `qmamba-deploy bench ... --json` in its own process (so that its peak
 resident memory is its own), one after the other, per input size:
 
-* torch FP32      -- the float checkpoint, eager PyTorch (the chunked CPU scan);
+* torch FP32      -- the float checkpoint, eager PyTorch (the op's CPU scan: compiled kernel or chunked torch);
 * ORT FP32        -- its FP32 export (`--scan plugin`, no quantization);
 * ORT W8A8 plugin -- the W8A8 minmax PTQ export with QMambaSelectiveScan nodes;
 * ORT W8A8 portable -- the same model exported with `--scan portable`.
 
 The ONNX files are the exports of docs/results-export.md (`python3 tools/export_results.py
 --only v2_fp32_plugin v2_w8a8_plugin v2_w8a8_portable` makes them). In ONNX Runtime the
-QMambaSelectiveScan nodes run as the Python custom op (torch's chunked scan), so the
+QMambaSelectiveScan nodes run as the Python custom op (the op's CPU forward, as torch), so the
 plugin rows measure ORT's INT8 kernels plus the same scan as PyTorch; the portable rows
 run the scan as ONNX Scan/standard ops.
 """
@@ -104,8 +104,8 @@ def main() -> None:
         f"{gflop_sizes}) "
         "over the p50 latency; the same count for every row, whatever arithmetic the backend does. "
         "Peak RSS is the whole process's high-water mark (Python, torch, ONNX Runtime and the model). "
-        "The ORT plugin rows run "
-        "QMambaSelectiveScan through the Python custom op (torch's chunked scan), as `qmamba-deploy validate` does; "
+        "The ORT plugin rows run QMambaSelectiveScan through the Python custom op (the op's CPU forward, "
+        "as torch runs it), as `qmamba-deploy validate` does; "
         "on a GPU the scan is the TensorRT plugin instead.",
         "",
         "Any two rows can be compared with `qmamba-deploy bench --compare A.json B.json` from their JSON "

@@ -5,8 +5,9 @@
 * the ``QMambaSelectiveScan`` nodes run through a Python custom op: onnxruntime-extensions
   only runs Python custom ops in the domain ``ai.onnx.contrib``, so an in-memory copy of the
   model gets its scan nodes moved there (the file on disk is never touched) and the node is
-  computed by :func:`qmamba_deploy.ops.selective_scan.selective_scan_chunked` (the fast torch
-  path, itself tested against the sequential reference);
+  computed by the op's CPU forward (``torch.ops.qmamba.selective_scan``: the compiled kernel of
+  ``ops/scan_cpu.py``, or the chunked torch path without a compiler; both tested against the
+  sequential reference);
 * ``session.qdq_matmulnbits_accuracy_level = 0``: an INT4 DequantizeLinear + MatMul fused
   into MatMulNBits computes in float32 instead of ORT's default reduced accuracy;
 * ``QDQPropagationTransformer`` is disabled: in ONNX Runtime 1.32 it combines with
@@ -39,8 +40,8 @@ from ..artifacts import manifest_path
 from ..checkpoints import check_finite
 from ..errors import ModelError, OptionError
 from ..export.graph import graphs, read_onnx, scan_nodes, set_opset
-from ..ops import contract
-from ..ops.selective_scan import selective_scan_chunked
+from ..ops import contract, scan_cpu
+from ..ops.selective_scan import SCAN_OP
 from .base import (
     ModelInfo,
     Runner,
@@ -82,7 +83,7 @@ def _register_ort_python_op() -> str:
         tensors = [torch.from_numpy(x.copy()) for x in (u, delta, A, B, C, D_skip, delta_bias)]
         softplus = bool(int(attrs.get("delta_softplus", 1)))
         with torch.no_grad():
-            y = selective_scan_chunked(*tensors, delta_softplus=softplus)
+            y = SCAN_OP(*tensors, softplus)
         return y.numpy()
 
     return get_library_path()
@@ -259,7 +260,7 @@ class OrtRunner(Runner):
         self._input, self._output = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
         if self.scan_nodes:
             self.notes.append(f"{self.scan_nodes} {contract.OP_TYPE} nodes ran as ONNX Runtime Python custom ops "
-                              "(torch chunked scan)")
+                              f"(the op's CPU forward: {scan_cpu.backend()} scan)")
 
     def _release(self) -> None:
         self.session = None

@@ -64,6 +64,18 @@ def _x(h, w, seed=0):
     return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def test_graphs_with_python_scan_nodes_run_without_thread_spinning(artifacts):
+    """ONNX Runtime's spinning intra-op threads would hold a core while a scan node runs in Python: the
+    plugin graph's session turns spinning off; the portable graph (no Python node) keeps ORT's default."""
+    from qmamba_deploy.runtime.ort import ort_session
+
+    plugin = ort_session(artifacts["plugin"]).get_session_options()
+    assert plugin.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    portable = ort_session(artifacts["portable"]).get_session_options()
+    with pytest.raises(RuntimeError):  # not set: ORT's default
+        portable.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 # ----------------------------------------------------------------------------- kind detection
 
 

@@ -150,6 +150,11 @@ def ort_session_with_scan(model: str | os.PathLike | onnx.ModelProto,
         set_opset(work, ORT_CONTRIB_DOMAIN, 1)
 
     options = session_options or ort.SessionOptions()
+    if scan_nodes(work, ORT_CONTRIB_DOMAIN):
+        # ONNX Runtime's intra-op threads spin between kernels; while a scan node runs in Python (on
+        # torch's threads or the compiled kernel's), a spinning thread holds a core it needs: the real x4
+        # W8A8 plugin graph at 64x64 ran 400 ms without spinning against 490 ms with (docs/performance.md)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.register_custom_ops_library(_register_ort_python_op())
     return ort.InferenceSession(work.SerializeToString(), options,
                                 providers=list(providers or ["CPUExecutionProvider"]),

@@ -11,8 +11,11 @@ Modes (``ROUTING_MODES``):
 - ``deterministic``: argmax + stable counting sort (default; eval and export).
 - ``gumbel``: hard gumbel-softmax (straight-through gradient to the router)
   + stable counting sort; for training, as the official training does.
-- ``official``: gumbel + ``torch.sort(stable=False)``, exactly the official
-  inference (non-deterministic); for comparisons only, not exportable.
+- ``official``: gumbel + ``torch.sort(stable=False)``, the official inference
+  (non-deterministic); for comparisons only, not exportable.
+
+The Gumbel noise is drawn by :func:`gumbel_softmax_hard` (the distribution of
+``F.gumbel_softmax``, which the official code calls, not its random stream).
 """
 
 from __future__ import annotations

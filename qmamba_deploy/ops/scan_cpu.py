@@ -115,7 +115,7 @@ def backend() -> str:
     return "compiled" if available() else "torch"
 
 
-@functools.lru_cache(maxsize=None)  # one pool per thread count a process uses (usually one)
+@functools.cache  # one pool per thread count a process uses (usually one)
 def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmamba-scan")
 

@@ -10,6 +10,7 @@ import torch
 from qmamba_deploy.ops import contract
 from qmamba_deploy.ops.selective_scan import (
     SCAN_OP,
+    _step_size,
     chunked_linear_scan,
     selective_scan,
     selective_scan_chunked,
@@ -304,25 +305,27 @@ def test_compiled_forward_matches_reference(k, dk, n, length, softplus):
     scan_cpu = _compiled_or_skip()
     x = make_inputs(2, k, dk, n, length, positive_delta=not softplus)
     ref = selective_scan_ref(*[t.double() for t in x], delta_softplus=softplus)
-    out = scan_cpu.scan_forward(*x, softplus)
+    out = SCAN_OP(*x, softplus)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_err(ref, out) < 2e-6
-    # and the op runs it on the CPU in float32
-    assert torch.equal(SCAN_OP(*x, softplus), out)
+    # what the op ran on the CPU in float32 is the kernel, given the step sizes the op glue forms
+    u, delta, A, B, C, D, bias = x
+    assert torch.equal(scan_cpu.scan_forward(u, _step_size(delta, bias, softplus, torch.float32), A, B, C, D), out)
 
 
 @pytest.mark.parametrize("k,dk,n,length,softplus", [(1, 48, 8, 300, True), (4, 3, 5, 37, True),
                                                      (2, 13, 16, 64, False), (1, 1, 1, 1, True)])
 def test_compiled_backward_matches_the_torch_gradient(k, dk, n, length, softplus):
-    """The compiled gradient against the hand-written torch one in float64 (itself gradchecked above),
-    every input's gradient; and the op's autograd in float32 runs it."""
+    """The compiled gradient (the backward op, which runs it on the CPU in float32) against the
+    hand-written torch one in float64 (itself gradchecked above), every input's gradient; and the op's
+    autograd in float32 runs it."""
     from qmamba_deploy.ops.selective_scan import selective_scan_backward
 
-    scan_cpu = _compiled_or_skip()
+    _compiled_or_skip()
     x = make_inputs(2, k, dk, n, length, positive_delta=not softplus, seed=3)
     gy = torch.randn(x[0].shape, generator=torch.Generator().manual_seed(1))
     ref = selective_scan_backward(gy.double(), *[t.double() for t in x], delta_softplus=softplus)
-    got = scan_cpu.scan_backward(gy, *x, softplus)
+    got = torch.ops.qmamba.selective_scan_backward(gy, *x, softplus)
     for name, g, r in zip(("u", "delta", "A", "B", "C", "D", "delta_bias"), got, ref):
         assert g.dtype == torch.float32 and g.shape == r.shape, name
         assert rel_err(r, g) < 2e-6, name
@@ -335,14 +338,14 @@ def test_compiled_backward_matches_the_torch_gradient(k, dk, n, length, softplus
 def test_compiled_forward_at_extreme_steps_and_nan():
     """Decays of exp(-1e4) (clamped at exp(-87), the state is gone either way), dt near 0, and a NaN
     that must stay a NaN in its own channel and nowhere else."""
-    scan_cpu = _compiled_or_skip()
+    _compiled_or_skip()
     x = make_inputs(1, 1, 9, 8, 50)
     x[1][0, 0, 10] = 1e4                     # dt ~ 1e4: a decay far below float32's range
     x[1][0, 1] = -40.0                       # dt = softplus(-41) ~ 1e-18 in a whole channel
     ref = selective_scan_ref(*[t.double() for t in x])
-    assert rel_err(ref, scan_cpu.scan_forward(*x, True)) < 2e-6
+    assert rel_err(ref, SCAN_OP(*x, True)) < 2e-6
     x[0][0, 2, 20] = float("nan")
-    out = scan_cpu.scan_forward(*x, True)
+    out = SCAN_OP(*x, True)
     assert out[0, 2, 20:].isnan().all() and not out[0, 2, :20].isnan().any()
     assert not out[0, [c for c in range(9) if c != 2]].isnan().any()
 

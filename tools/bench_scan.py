@@ -21,6 +21,7 @@ import torch
 
 from qmamba_deploy.ops import scan_cpu
 from qmamba_deploy.ops.selective_scan import (
+    _step_size,
     default_chunk,
     selective_scan_backward,
     selective_scan_chunked,
@@ -55,11 +56,11 @@ def bench(length: int, repeats: int, with_backward: bool, shape: tuple[int, int,
     if with_ref:
         paths["reference"] = lambda: selective_scan_ref(*x)
     if scan_cpu.available():
-        paths["compiled"] = lambda: scan_cpu.scan_forward(*x, True)
+        paths["compiled"] = lambda: scan_cpu.scan_forward(x[0], _step_size(x[1], x[6], True, torch.float32), *x[2:6])
     if with_backward:
         paths["torch_backward"] = lambda: selective_scan_backward(gy, *x)
         if scan_cpu.available():
-            paths["compiled_backward"] = lambda: scan_cpu.scan_backward(gy, *x, True)
+            paths["compiled_backward"] = lambda: torch.ops.qmamba.selective_scan_backward(gy, *x, True)
     times: dict[str, list[float]] = {name: [] for name in paths}
     with torch.no_grad():
         for fn in paths.values():                  # warm-up (and the kernel's first build)

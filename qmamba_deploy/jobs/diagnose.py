@@ -243,28 +243,31 @@ def diagnose(model: nn.Module, pairs: Iterable[Pair], degradation: Degradation, 
             s.near_boundary += int(close.sum())
         report.images.append(pair.name)
         report.psnr_between.append(psnr_between(y32, y64.float()))
-        def score(y: torch.Tensor, gt=pair.gt) -> float:
-            return image_psnr(y, gt, degradation.crop_border)
+        base = image_psnr(y64, pair.gt, degradation.crop_border)
 
-        report.quality_shift.append(score(y32) - score(y64))
+        def shift(y: torch.Tensor, gt=pair.gt, base=base) -> float:
+            """y's Y-PSNR against the ground truth minus the float64 run's (scored once per image)."""
+            return image_psnr(y, gt, degradation.crop_border) - base
+
+        report.quality_shift.append(shift(y32))
         report.codes_held.append(psnr_between(_run(model32, x, _hold(model32, log64)), y64.float()))
         if any(kind == "route" for kind in kinds.values()):
             report.routing_held.append(psnr_between(_run(model32, x, _hold(model32, log64, ("route",))), y64.float()))
         if first is not None:
-            report.one_flip.append(_one_flip(model64, x.double(), first, y64, log64, kinds, score))
+            report.one_flip.append(_one_flip(model64, x.double(), first, y64, log64, kinds, shift))
     return report
 
 
 def _one_flip(model64: nn.Module, x: torch.Tensor, site: str, y64: torch.Tensor,
               log64: dict[str, tuple[int, torch.Tensor, torch.Tensor]], kinds: dict[str, str],
-              score: Callable[[torch.Tensor], float]) -> FlipResponse:
+              shift: Callable[[torch.Tensor], float]) -> FlipResponse:
     info: dict[str, float] = {"distance": float("nan")}
     log: dict = {}
     y = _run(model64, x, _flip_nearest(model64.get_submodule(_module_name(model64, site)), info), _record(model64, log))
     changed = {name: int((codes != log64[name][1]).sum()) for name, (_, codes, _) in log.items() if name != site}
     return FlipResponse(site, info["distance"], psnr_between(y.float(), y64.float()),
                         sum(n for name, n in changed.items() if kinds[name] == "act"),
-                        sum(n for name, n in changed.items() if kinds[name] == "route"), score(y) - score(y64))
+                        sum(n for name, n in changed.items() if kinds[name] == "route"), shift(y))
 
 
 def _module_name(model: nn.Module, site: str) -> str:

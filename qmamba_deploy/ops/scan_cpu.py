@@ -28,10 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from . import contract
 
 __all__ = ["available", "backend", "supports", "scan_forward", "scan_backward", "MAX_STATE", "library_path"]
 
@@ -125,21 +122,21 @@ def supports(u: Tensor, A: Tensor) -> bool:
             and 1 <= A.shape[1] <= MAX_STATE)
 
 
-def _time_major(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor, delta_bias: Tensor,
-                delta_softplus: bool) -> tuple[Tensor, list[Tensor]]:
-    """z = delta + bias, and the kernel's operands: dt, u [B, L, D]; A [D, N]; B, C [B, K, L, N]; D [D]."""
-    z = delta.float() + delta_bias.float()[:, None]
-    dt = F.softplus(z, beta=1.0, threshold=contract.SOFTPLUS_THRESHOLD) if delta_softplus else z
-    return z, [dt.transpose(1, 2).contiguous(), u.float().transpose(1, 2).contiguous(), A.float().contiguous(),
-               B.float().transpose(2, 3).contiguous(), C.float().transpose(2, 3).contiguous(),
-               D_skip.float().contiguous()]
+def _time_major(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor) -> list[Tensor]:
+    """The kernel's operands, float32 and contiguous: dt, u [B, L, D]; A [D, N]; B, C [B, K, L, N]; D [D]."""
+    return [dt.float().transpose(1, 2).contiguous(), u.float().transpose(1, 2).contiguous(), A.float().contiguous(),
+            B.float().transpose(2, 3).contiguous(), C.float().transpose(2, 3).contiguous(),
+            D_skip.float().contiguous()]
 
 
-def _split(lib: ctypes.CDLL, kernel: str, bsz: int, dim: int, k: int, per_worker, *args) -> None:
-    """Run ``kernel`` over the (batch x channel block) items, split among up to get_num_threads() threads;
-    ``per_worker(i)`` gives worker i's extra pointer arguments (its scratch), or None."""
-    items = lib.qmamba_scan_items(bsz, dim, k)
-    workers = max(1, min(torch.get_num_threads(), items))
+def _workers(items: int) -> int:
+    return max(1, min(torch.get_num_threads(), items))
+
+
+def _split(lib: ctypes.CDLL, kernel: str, items: int, per_worker, *args) -> None:
+    """Run ``kernel`` over the ``items`` (batch x channel block), split among :func:`_workers` threads;
+    ``per_worker(i)`` gives worker i's pointer arguments (its own scratch included)."""
+    workers = _workers(items)
     bounds = [items * i // workers for i in range(workers + 1)]
     fn = getattr(lib, kernel)
 
@@ -148,43 +145,44 @@ def _split(lib: ctypes.CDLL, kernel: str, bsz: int, dim: int, k: int, per_worker
 
     codes = [run(0)] if workers == 1 else list(_pool(workers).map(run, range(workers)))
     if any(codes):
-        raise RuntimeError(f"selective_scan: the compiled CPU kernel refused K = {k}, D = {dim}")
+        raise RuntimeError(f"selective_scan: the compiled CPU kernel {kernel} refused its sizes "
+                           f"(batch, D, K, L, N) = {args}")
 
 
-def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor, delta_bias: Tensor,
-                 delta_softplus: bool) -> Tensor:
-    """The op's forward on the compiled kernel (inputs checked by the caller; :func:`supports` true)."""
+def scan_forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor) -> Tensor:
+    """y [B, D, L] (float32) of the op's forward on the compiled kernel, given the step sizes dt [B, D, L]
+    (the op glue forms them; inputs checked by the caller; :func:`supports` true)."""
     lib = _library()
     bsz, dim, length = u.shape
     k, n = B.shape[1], A.shape[1]
-    _, ops = _time_major(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
+    ops = _time_major(dt, u, A, B, C, D_skip)
     y_t = torch.empty_like(ops[1])
     pointers = [t.data_ptr() for t in (*ops, y_t)]
-    _split(lib, "qmamba_scan_forward_f32", bsz, dim, k, lambda i: pointers, bsz, dim, k, length, n)
+    _split(lib, "qmamba_scan_forward_f32", lib.qmamba_scan_items(bsz, dim, k), lambda i: pointers,
+           bsz, dim, k, length, n)
     return y_t.transpose(1, 2).contiguous()
 
 
-def scan_backward(gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor,
-                  delta_bias: Tensor, delta_softplus: bool) -> tuple[Tensor, ...]:
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias) on the compiled kernel, as ``selective_scan_backward``
-    returns them: the forward again with every state kept (one [L, N, 8] scratch per thread), then the
-    adjoint backwards in time; per-block sums over a group's channels and the batch are added here."""
+def scan_backward(gy: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  D_skip: Tensor) -> tuple[Tensor, ...]:
+    """(du, d dt, dA, dB, dC, dD) on the compiled kernel: the forward again with every state kept (one
+    [L, N, 8] scratch per thread), then the adjoint backwards in time; per-block sums over a group's
+    channels and the batch are added here. The op glue turns d dt into the delta and bias gradients."""
     lib = _library()
     bsz, dim, length = u.shape
     k, n = B.shape[1], A.shape[1]
     dk = dim // k
-    z, ops = _time_major(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
+    ops = _time_major(dt, u, A, B, C, D_skip)
     gy_t = gy.float().transpose(1, 2).contiguous()
     items = lib.qmamba_scan_items(bsz, dim, k)
     blocks = items // (bsz * k)
     g_u, g_dt = torch.empty_like(gy_t), torch.empty_like(gy_t)
     g_A, g_D = u.new_empty(items, LANES, n, dtype=torch.float32), u.new_empty(items, LANES, dtype=torch.float32)
     g_B, g_C = (u.new_empty(items, length, n, dtype=torch.float32) for _ in range(2))
-    workers = max(1, min(torch.get_num_threads(), items))
-    scratch = [torch.empty(length, n, LANES) for _ in range(workers)]
+    scratch = [torch.empty(length, n, LANES) for _ in range(_workers(items))]
     pointers = [t.data_ptr() for t in (*ops, gy_t)]
     outs = [t.data_ptr() for t in (g_u, g_dt, g_A, g_B, g_C, g_D)]
-    _split(lib, "qmamba_scan_backward_f32", bsz, dim, k, lambda i: [*pointers, scratch[i].data_ptr(), *outs],
+    _split(lib, "qmamba_scan_backward_f32", items, lambda i: [*pointers, scratch[i].data_ptr(), *outs],
            bsz, dim, k, length, n)
 
     def per_channel(x: Tensor) -> Tensor:   # [items, LANES, ...] -> [B, D, ...]: a group's blocks, lanes cut at Dk
@@ -193,9 +191,6 @@ def scan_backward(gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
 
     g_B = g_B.reshape(bsz, k, blocks, length, n).sum(2).transpose(2, 3)
     g_C = g_C.reshape(bsz, k, blocks, length, n).sum(2).transpose(2, 3)
-    g_z = g_dt.transpose(1, 2)
-    if delta_softplus:
-        g_z = g_z * torch.where(z > contract.SOFTPLUS_THRESHOLD, torch.ones_like(z), torch.sigmoid(z))
-    return (g_u.transpose(1, 2).contiguous().to(u.dtype), g_z.contiguous().to(delta.dtype),
+    return (g_u.transpose(1, 2).contiguous().to(u.dtype), g_dt.transpose(1, 2).contiguous(),
             per_channel(g_A).sum(0).to(A.dtype), g_B.contiguous().to(B.dtype), g_C.contiguous().to(C.dtype),
-            per_channel(g_D).sum(0).to(D_skip.dtype), g_z.sum((0, 2)).to(delta_bias.dtype))
+            per_channel(g_D).sum(0).to(D_skip.dtype))

@@ -76,12 +76,27 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _step_input(delta: Tensor, delta_bias: Tensor | None, dtype) -> Tensor:
+    """z = delta + bias in ``dtype`` (what softplus turns into the step size)."""
+    z = delta.to(dtype)
+    return z if delta_bias is None else z + delta_bias.to(dtype)[:, None]
+
+
+def _softplus(z: Tensor, delta_softplus: bool) -> Tensor:
+    """dt = softplus(z) with threshold 20 (as F.softplus), or z itself."""
+    return F.softplus(z, beta=1.0, threshold=contract.SOFTPLUS_THRESHOLD) if delta_softplus else z
+
+
+def _softplus_backward(g_dt: Tensor, z: Tensor, delta_softplus: bool) -> Tensor:
+    """dLoss/dz from dLoss/d(dt): times sigmoid(z) (1 where z > the threshold); g_dt without softplus."""
+    if not delta_softplus:
+        return g_dt
+    return g_dt * torch.where(z > contract.SOFTPLUS_THRESHOLD, torch.ones_like(z), torch.sigmoid(z))
+
+
 def _step_size(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype) -> Tensor:
     """dt = softplus(delta + bias) with threshold 20 (as F.softplus), in ``dtype``."""
-    z = delta.to(dtype)
-    if delta_bias is not None:
-        z = z + delta_bias.to(dtype)[:, None]
-    return F.softplus(z, beta=1.0, threshold=contract.SOFTPLUS_THRESHOLD) if delta_softplus else z
+    return _softplus(_step_input(delta, delta_bias, dtype), delta_softplus)
 
 
 def _shape_error(name: str, got: tuple, expected: str) -> ValueError:
@@ -364,8 +379,8 @@ def selective_scan_backward(gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
     lay = _ChunkLayout(bsz, k, dk, n, length, chunk)
 
     uf, gyf = u.to(dtype), gy.to(dtype)
-    z = delta.to(dtype) + delta_bias.to(dtype)[:, None]
-    dt = F.softplus(z, threshold=contract.SOFTPLUS_THRESHOLD) if delta_softplus else z
+    z = _step_input(delta, delta_bias, dtype)
+    dt = _softplus(z, delta_softplus)
 
     dt_s, u_s, gy_s = lay.channel(dt), lay.channel(uf), lay.channel(gyf)   # [T, B, K, nc, Dk, 1]
     du_s = dt_s * u_s
@@ -386,10 +401,7 @@ def selective_scan_backward(gy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
     g_C = lay.group_back(torch.matmul(gy_s.transpose(-1, -2), h))
     g_D = (gyf * uf).sum((0, 2))
 
-    if delta_softplus:
-        g_z = g_dt * torch.where(z > contract.SOFTPLUS_THRESHOLD, torch.ones_like(z), torch.sigmoid(z))
-    else:
-        g_z = g_dt
+    g_z = _softplus_backward(g_dt, z, delta_softplus)
     g_bias = g_z.sum((0, 2))
 
     return (g_u.contiguous().to(u.dtype), g_z.contiguous().to(delta.dtype), g_A.to(A.dtype),
@@ -421,7 +433,8 @@ def _forward_impl(u, delta, A, B, C, D_skip, delta_bias, delta_softplus: bool) -
                    C.contiguous(), D_skip.float(), None, delta_bias.float(), delta_softplus)
             return y.to(u.dtype)
     if scan_cpu.supports(u, A):
-        return scan_cpu.scan_forward(u, delta, A, B, C, D_skip, delta_bias, delta_softplus).to(u.dtype)
+        return scan_cpu.scan_forward(u, _step_size(delta, delta_bias, delta_softplus, torch.float32), A, B, C,
+                                     D_skip)
     if length <= _REF_MAX_LEN:
         return selective_scan_ref(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
     return selective_scan_chunked(u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
@@ -447,7 +460,10 @@ def _selective_scan_backward_op(
     delta_bias: Tensor, delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if scan_cpu.supports(u, A) and gy.dtype == torch.float32:
-        return scan_cpu.scan_backward(gy, u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
+        z = _step_input(delta, delta_bias, torch.float32)
+        g_u, g_dt, g_A, g_B, g_C, g_D = scan_cpu.scan_backward(gy, u, _softplus(z, delta_softplus), A, B, C, D_skip)
+        g_z = _softplus_backward(g_dt, z, delta_softplus)
+        return g_u, g_z.to(delta.dtype), g_A, g_B, g_C, g_D, g_z.sum((0, 2)).to(delta_bias.dtype)
     return selective_scan_backward(gy, u, delta, A, B, C, D_skip, delta_bias, delta_softplus)
 
 

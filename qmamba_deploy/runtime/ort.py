@@ -146,11 +146,12 @@ def ort_session_with_scan(model: str | os.PathLike | onnx.ModelProto,
     for graph in graphs(work.graph):
         _move_scans_to_contrib(graph)
     set_opset(work, contract.DOMAIN, None)
-    if scan_nodes(work, ORT_CONTRIB_DOMAIN):
+    python_scans = scan_nodes(work, ORT_CONTRIB_DOMAIN)
+    if python_scans:
         set_opset(work, ORT_CONTRIB_DOMAIN, 1)
 
     options = session_options or ort.SessionOptions()
-    if scan_nodes(work, ORT_CONTRIB_DOMAIN):
+    if python_scans:
         # ONNX Runtime's intra-op threads spin between kernels; while a scan node runs in Python (on
         # torch's threads or the compiled kernel's), a spinning thread holds a core it needs: the real x4
         # W8A8 plugin graph at 64x64 ran 400 ms without spinning against 490 ms with (docs/performance.md)

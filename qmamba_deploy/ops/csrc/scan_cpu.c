@@ -52,16 +52,12 @@ static inline float exp_nonpos(float x) {
 
 /* dst[0, w) = src[0, w); a full block (w = LANES, every block but a group's last) is one fixed-size copy
  * the compiler turns into a vector load, where a memcpy of a runtime length would be a library call. */
-static inline void load_lanes(float *dst, const float *src, int64_t w) {
+static inline void copy_lanes(float *dst, const float *src, int64_t w) {
     if (w == LANES) {
         for (int l = 0; l < LANES; l++) dst[l] = src[l];
     } else {
         for (int64_t l = 0; l < w; l++) dst[l] = src[l];
     }
-}
-
-static inline void store_lanes(float *dst, const float *src, int64_t w) {
-    load_lanes(dst, src, w);
 }
 
 /* A block's A rows (a[n][l] = A[c0 + l, n]) and skip weights; lanes past the block (l >= w) and states
@@ -109,8 +105,8 @@ static void scan_block(const float *dt, const float *u, const float *A, const fl
     for (int64_t t = 0; t < length; t++) {
         float du[LANES], acc[LANES];
         const float *bt = Bm + t * nstate, *ct = Cm + t * nstate;
-        load_lanes(dtv, dt + t * dim + c0, w);
-        load_lanes(uv, u + t * dim + c0, w);
+        copy_lanes(dtv, dt + t * dim + c0, w);
+        copy_lanes(uv, u + t * dim + c0, w);
         for (int l = 0; l < LANES; l++) {
             du[l] = dtv[l] * uv[l];
             acc[l] = dsk[l] * uv[l];
@@ -122,7 +118,7 @@ static void scan_block(const float *dt, const float *u, const float *A, const fl
                 acc[l] += h[n][l] * cn;
             }
         }
-        store_lanes(y + t * dim + c0, acc, w);
+        copy_lanes(y + t * dim + c0, acc, w);
     }
 }
 
@@ -163,8 +159,8 @@ static void scan_block_backward(const float *dt, const float *u, const float *A,
         float du[LANES];
         const float *bt = Bm + t * nstate;
         float *ht = hs + t * nstate * LANES;
-        load_lanes(dtv, dt + t * dim + c0, w);
-        load_lanes(uv, u + t * dim + c0, w);
+        copy_lanes(dtv, dt + t * dim + c0, w);
+        copy_lanes(uv, u + t * dim + c0, w);
         for (int l = 0; l < LANES; l++) du[l] = dtv[l] * uv[l];
         for (int64_t n = 0; n < nstate; n++) {
             const float bn = bt[n];
@@ -178,9 +174,9 @@ static void scan_block_backward(const float *dt, const float *u, const float *A,
         float du[LANES], sv[LANES] = {0}, gdt[LANES] = {0};
         const float *bt = Bm + t * nstate, *ct = Cm + t * nstate;
         const float *ht = hs + t * nstate * LANES, *hp = t > 0 ? hs + (t - 1) * nstate * LANES : NULL;
-        load_lanes(dtv, dt + t * dim + c0, w);
-        load_lanes(uv, u + t * dim + c0, w);
-        load_lanes(gyv, gy + t * dim + c0, w);
+        copy_lanes(dtv, dt + t * dim + c0, w);
+        copy_lanes(uv, u + t * dim + c0, w);
+        copy_lanes(gyv, gy + t * dim + c0, w);
         for (int l = 0; l < LANES; l++) du[l] = dtv[l] * uv[l];
         for (int64_t n = 0; n < nstate; n++) {
             const float bn = bt[n], cn = ct[n];

@@ -64,16 +64,82 @@ def _x(h, w, seed=0):
     return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def test_graphs_with_python_scan_nodes_run_without_thread_spinning(artifacts):
-    """ONNX Runtime's spinning intra-op threads would hold a core while a scan node runs in Python: the
-    plugin graph's session turns spinning off; the portable graph (no Python node) keeps ORT's default."""
-    from qmamba_deploy.runtime.ort import ort_session
+class _Probe(np.ndarray):
+    """An array that records whether onnxruntime-extensions turned it into a Python list."""
 
-    plugin = ort_session(artifacts["plugin"]).get_session_options()
-    assert plugin.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    portable = ort_session(artifacts["portable"]).get_session_options()
-    with pytest.raises(RuntimeError):  # not set: ORT's default
-        portable.get_session_config_entry("session.intra_op.allow_spinning")
+    listed: list[bool] = []
+
+    def tolist(self):
+        _Probe.listed.append(True)
+        return super().tolist()
+
+
+def _probe_session(op_type: str):
+    """A session of one Python op ``op_type`` (domain ai.onnx.contrib) on a [2, 3] float input."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qmamba_deploy.runtime.ort import _register_ort_python_op
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph([helper.make_node(op_type, ["x"], ["y"], domain="ai.onnx.contrib")], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.contrib", 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(_register_ort_python_op())
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_python_scan_results_reach_onnx_runtime_as_arrays_and_other_python_ops_keep_the_stock_path():
+    """onnxruntime-extensions' stock hook lists every result element by element (9 ms per scan at 64x64);
+    the ops registered through runtime.ort take the array path, every other Python op the stock one."""
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    from qmamba_deploy.runtime.ort import _register_ort_python_op, _return_arrays_for
+
+    _register_ort_python_op()
+
+    @onnx_op(op_type="QmdProbeFast", inputs=[PyCustomOpDef.dt_float], outputs=[PyCustomOpDef.dt_float])
+    def fast(x):
+        return (x * 2).view(_Probe)
+
+    @onnx_op(op_type="QmdProbeStock", inputs=[PyCustomOpDef.dt_float], outputs=[PyCustomOpDef.dt_float])
+    def stock(x):
+        return (x * 3).view(_Probe)
+
+    assert _return_arrays_for(fast)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    _Probe.listed.clear()
+    np.testing.assert_array_equal(_probe_session("QmdProbeFast").run(None, {"x": x})[0], x * 2)
+    assert _Probe.listed == []
+    np.testing.assert_array_equal(_probe_session("QmdProbeStock").run(None, {"x": x})[0], x * 3)
+    assert _Probe.listed == [True]
+    assert not _return_arrays_for(object())  # not an op of onnxruntime-extensions: nothing changes
+
+
+def test_python_scan_node_runs_single_threaded_and_leaves_torch_threads_as_they_were(artifacts, monkeypatch):
+    """ONNX Runtime's workers spin between kernels: the scan node runs on one thread (a second one would
+    fight a spinning worker for the core), and torch's thread count is restored after each node."""
+    import qmamba_deploy.runtime.ort as ort_runtime
+
+    seen = []
+    real = ort_runtime.SCAN_OP
+
+    def recording(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(ort_runtime, "SCAN_OP", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        session = ort_runtime.ort_session(artifacts["plugin"])
+        session.run(None, {session.get_inputs()[0].name: _x(16, 16).numpy()})
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- kind detection

@@ -80,13 +80,60 @@ def _register_ort_python_op() -> str:
              outputs=[PyCustomOpDef.dt_float] * len(contract.OUTPUT_NAMES),
              attrs={a.name: attr_types[a.kind] for a in contract.ATTRIBUTES})
     def _qmamba_selective_scan(u, delta, A, B, C, D_skip, delta_bias, **attrs):
-        tensors = [torch.from_numpy(x.copy()) for x in (u, delta, A, B, C, D_skip, delta_bias)]
+        # the arrays are fresh copies of ORT's tensors (onnxruntime-extensions copies each input)
+        tensors = [torch.from_numpy(x) for x in (u, delta, A, B, C, D_skip, delta_bias)]
         softplus = bool(int(attrs.get("delta_softplus", 1)))
-        with torch.no_grad():
-            y = SCAN_OP(*tensors, softplus)
+        # one thread: ONNX Runtime's intra-op workers spin on the other cores between kernels, and
+        # torch's OpenMP workers would spin after the op's parallel regions, each taking a core from
+        # the other (docs/performance.md: 231 ms single-threaded against 480 ms at 64x64)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                y = SCAN_OP(*tensors, softplus)
+        finally:
+            torch.set_num_threads(threads)
         return y.numpy()
 
+    _return_arrays_for(_qmamba_selective_scan)
     return get_library_path()
+
+
+#: Python ops whose results go back to ONNX Runtime as arrays (obj_id -> the op's definition).
+_ARRAY_RESULT_OPS: dict[int, Any] = {}
+
+
+def _return_arrays_for(opdef: Any) -> bool:
+    """Let ``opdef``'s results reach ONNX Runtime as arrays instead of Python lists.
+
+    onnxruntime-extensions' stock hook turns every Python op's result into a list of Python floats
+    (``tolist()``) that its C++ side turns back into an array: about 45 ns per element, 9 ms for one
+    scan output at 64x64, half of the plugin graph's run time (docs/performance.md). Its C++ side
+    takes any array-like (``numpy.ascontiguousarray``, then one memcpy), so the hook installed here
+    returns the array itself for the ops registered through this function and hands every other
+    Python op to the stock hook. The hook is a private part of onnxruntime-extensions: where it is
+    not as expected nothing is changed (the stock path is correct, only slower). Returns whether
+    ``opdef`` takes the fast path.
+    """
+    from onnxruntime_extensions import _ocos
+
+    stock = getattr(_ocos, "_on_pyop_invocation", None)
+    registry = getattr(getattr(_ocos, "Opdef", None), "_odlist", None)
+    native = getattr(opdef, "_nativedef", None)
+    if (stock is None or not isinstance(registry, dict) or native is None
+            or registry.get(native.obj_id) is not opdef or not hasattr(opdef, "cast_attributes")):
+        return False
+    if not _ARRAY_RESULT_OPS:
+        def hook(k_id, feed, attributes):
+            op = _ARRAY_RESULT_OPS.get(k_id)
+            if op is None:
+                return stock(k_id, feed, attributes)
+            y = op.body(*feed, **op.cast_attributes(attributes))
+            return (k_id, *(v for r in (y if isinstance(y, tuple) else (y,)) for v in (r.shape, r)))
+
+        PyCustomOpDef.install_hooker(hook)
+    _ARRAY_RESULT_OPS[native.obj_id] = opdef
+    return True
 
 
 def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
@@ -151,11 +198,6 @@ def ort_session_with_scan(model: str | os.PathLike | onnx.ModelProto,
         set_opset(work, ORT_CONTRIB_DOMAIN, 1)
 
     options = session_options or ort.SessionOptions()
-    if python_scans:
-        # ONNX Runtime's intra-op threads spin between kernels; while a scan node runs in Python (on
-        # torch's threads or the compiled kernel's), a spinning thread holds a core it needs: the real x4
-        # W8A8 plugin graph at 64x64 ran 400 ms without spinning against 490 ms with (docs/performance.md)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.register_custom_ops_library(_register_ort_python_op())
     return ort.InferenceSession(work.SerializeToString(), options,
                                 providers=list(providers or ["CPUExecutionProvider"]),

@@ -67,9 +67,10 @@ def stable_positions(cls: torch.Tensor, num_classes: int) -> torch.Tensor:
     """
     classes = torch.arange(num_classes, device=cls.device)
     one_hot = (cls.unsqueeze(-1) == classes).to(torch.int64)  # (B, L, T)
-    counts = one_hot.sum(dim=1)  # (B, T)
+    seen = torch.cumsum(one_hot, dim=1)  # (B, L, T): tokens of each class up to and including this one
+    counts = seen[:, -1]  # (B, T)
     start = torch.cumsum(counts, dim=-1) - counts  # first slot of each class
-    rank = (torch.cumsum(one_hot, dim=1) * one_hot).sum(dim=-1) - 1  # order inside the class
+    rank = torch.gather(seen, 2, cls.unsqueeze(-1)).squeeze(-1) - 1  # order inside the class
     return torch.gather(start, 1, cls) + rank
 
 

@@ -76,9 +76,11 @@ def project_scan_inputs(m, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     ``PROJ_QUANT_POINTS``) both products quantize their inputs and weights.
     """
     if not any(n in m._modules for n in PROJ_QUANT_POINTS):
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, m.x_proj_weight)
+        # (K, C, D) @ (B, K, D, L) -> (B, K, C, L): the official einsum "bkdl,kcd->bkcl" as one
+        # broadcast MatMul (ONNX Runtime's Einsum kernel is slower than its MatMul)
+        x_dbl = torch.matmul(m.x_proj_weight, xs)
         dts, bs, cs = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=2)
-        return torch.einsum("bkrl,kdr->bkdl", dts, m.dt_projs_weight), bs, cs
+        return torch.matmul(m.dt_projs_weight, dts), bs, cs
     x_dbl = _quant_projection(m, xs, "x_proj_weight", "x_proj_act_q", "x_proj_weight_q")
     dts, bs, cs = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=2)
     return _quant_projection(m, dts, "dt_projs_weight", "dt_proj_act_q", "dt_proj_weight_q"), bs, cs

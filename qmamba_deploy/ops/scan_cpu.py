@@ -155,12 +155,12 @@ def scan_forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip:
     lib = _library()
     bsz, dim, length = u.shape
     k, n = B.shape[1], A.shape[1]
-    ops = _time_major(dt, u, A, B, C, D_skip)
-    y_t = torch.empty_like(ops[1])
-    pointers = [t.data_ptr() for t in (*ops, y_t)]
+    ops = [t.float().contiguous() for t in (dt, u, A, B, C, D_skip)]   # the op's own layouts, no transposes
+    y = torch.empty_like(ops[1])
+    pointers = [t.data_ptr() for t in (*ops, y)]
     _split(lib, "qmamba_scan_forward_f32", lib.qmamba_scan_items(bsz, dim, k), lambda i: pointers,
            bsz, dim, k, length, n)
-    return y_t.transpose(1, 2).contiguous()
+    return y
 
 
 def scan_backward(gy: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,

@@ -7,11 +7,13 @@
  *     h[t, n] = exp(dt[t] A[c, n]) h[t-1, n] + dt[t] u[t] B[k, t, n],   y[t] = sum_n C[k, t, n] h[t, n] + D[c] u[t]
  *
  * with dt already formed by the caller (softplus(delta + bias) in torch, so that its rounding is
- * torch's). Layouts, float32, contiguous, time-major so that a step reads LANES neighbouring channels
- * in one vector:
+ * torch's). Layouts, float32, contiguous: the forward takes the op's own (channel-major) layout and
+ * gathers tiles of it into time-major scratch so that a step reads LANES neighbouring channels in one
+ * vector; the backward takes time-major copies:
  *
- *     dt, u, y   [batch, length, dim]        A   [dim, nstate]       Dskip   [dim]
- *     Bm, Cm     [batch, groups, length, nstate]
+ *     forward    dt, u, y   [batch, dim, length]        Bm, Cm   [batch, groups, nstate, length]
+ *     backward   dt, u, gy, g_u, g_dt   [batch, length, dim]    Bm, Cm   [batch, groups, length, nstate]
+ *     both       A   [dim, nstate]       Dskip   [dim]
  *
  * Channels go in blocks of LANES; the loops over a block are fixed-length so that the compiler
  * vectorises them (one AVX2 vector at LANES = 8), the exponential included (exp_nonpos below: no
@@ -22,6 +24,7 @@
 
 #define LANES 8
 #define MAX_STATE 16
+#define TILE 64
 
 /* exp(x) for x <= 0 (a decay exponent dt * A), to about 1 ulp: x = k ln2 + r, |r| <= ln2 / 2, e^r by a
  * degree-6 polynomial (the minimax coefficients of the classic single-precision expf), 2^k through the
@@ -93,37 +96,63 @@ static int valid_sizes(int64_t dim, int64_t groups, int64_t nstate) {
     return nstate >= 1 && nstate <= MAX_STATE && groups >= 1 && dim % groups == 0;
 }
 
-/* Channels [c0, c1) of batch row b (c1 - c0 <= LANES, all in one group). */
+/* One time step of a block: the states h advance by (dt, u, B_t) and acc = D u + sum_n C_t[n] h[n]. */
+static inline void scan_step(float h[MAX_STATE][LANES], const float a[MAX_STATE][LANES], const float dsk[LANES],
+                             const float dtv[LANES], const float uv[LANES], const float *bt, const float *ct,
+                             int64_t nstate, float acc[LANES]) {
+    float du[LANES];
+    for (int l = 0; l < LANES; l++) {
+        du[l] = dtv[l] * uv[l];
+        acc[l] = dsk[l] * uv[l];
+    }
+    for (int64_t n = 0; n < nstate; n++) {
+        const float bn = bt[n], cn = ct[n];
+        for (int l = 0; l < LANES; l++) {
+            h[n][l] = exp_nonpos(dtv[l] * a[n][l]) * h[n][l] + du[l] * bn;
+            acc[l] += h[n][l] * cn;
+        }
+    }
+}
+
+/* Channels [c0, c1) of batch row b (c1 - c0 <= LANES, all in one group), in the op's own channel-major
+ * layout: dt, u, y point at row b of [batch, dim, length], Bm, Cm at (b, g) of [batch, groups, nstate,
+ * length]. Time goes in tiles of TILE steps: each tile's operands are gathered into time-major scratch
+ * (LANES rows of TILE contiguous floats each, read once), scanned, and y scattered back the same way, so
+ * that the caller needs no transposed copies. */
 static void scan_block(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
-                       const float *Dskip, float *y, int64_t length, int64_t dim, int64_t nstate,
-                       int64_t c0, int64_t c1) {
+                       const float *Dskip, float *y, int64_t length, int64_t nstate, int64_t c0, int64_t c1) {
     float a[MAX_STATE][LANES], h[MAX_STATE][LANES] = {{0}}, dsk[LANES];
     const int64_t w = c1 - c0;
     block_params(a, dsk, A, Dskip, nstate, c0, w);
     /* lanes past the block's end stay 0 (their dt = 0: a decay of 1 and no input, never stored) */
-    float dtv[LANES] = {0}, uv[LANES] = {0};
-    for (int64_t t = 0; t < length; t++) {
-        float du[LANES], acc[LANES];
-        const float *bt = Bm + t * nstate, *ct = Cm + t * nstate;
-        copy_lanes(dtv, dt + t * dim + c0, w);
-        copy_lanes(uv, u + t * dim + c0, w);
-        for (int l = 0; l < LANES; l++) {
-            du[l] = dtv[l] * uv[l];
-            acc[l] = dsk[l] * uv[l];
-        }
-        for (int64_t n = 0; n < nstate; n++) {
-            const float bn = bt[n], cn = ct[n];
-            for (int l = 0; l < LANES; l++) {
-                h[n][l] = exp_nonpos(dtv[l] * a[n][l]) * h[n][l] + du[l] * bn;
-                acc[l] += h[n][l] * cn;
+    float dts[TILE][LANES] = {{0}}, us[TILE][LANES] = {{0}}, ys[TILE][LANES], bs[TILE][MAX_STATE],
+          cs[TILE][MAX_STATE];
+    for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+        const int64_t span = length - t0 < TILE ? length - t0 : TILE;
+        for (int64_t l = 0; l < w; l++) {
+            const float *dr = dt + (c0 + l) * length + t0, *ur = u + (c0 + l) * length + t0;
+            for (int64_t i = 0; i < span; i++) {
+                dts[i][l] = dr[i];
+                us[i][l] = ur[i];
             }
         }
-        copy_lanes(y + t * dim + c0, acc, w);
+        for (int64_t n = 0; n < nstate; n++) {
+            const float *br = Bm + n * length + t0, *cr = Cm + n * length + t0;
+            for (int64_t i = 0; i < span; i++) {
+                bs[i][n] = br[i];
+                cs[i][n] = cr[i];
+            }
+        }
+        for (int64_t i = 0; i < span; i++) scan_step(h, a, dsk, dts[i], us[i], bs[i], cs[i], nstate, ys[i]);
+        for (int64_t l = 0; l < w; l++) {
+            float *yr = y + (c0 + l) * length + t0;
+            for (int64_t i = 0; i < span; i++) yr[i] = ys[i][l];
+        }
     }
 }
 
 /* Work items [item0, item1) of the (batch x channel block) grid; returns 0, or -1 for a state size
- * the kernel does not hold (the caller checks first). */
+ * the kernel does not hold (the caller checks first). Channel-major layouts (scan_block). */
 int qmamba_scan_forward_f32(const float *dt, const float *u, const float *A, const float *Bm, const float *Cm,
                             const float *Dskip, float *y, int64_t batch, int64_t dim, int64_t groups,
                             int64_t length, int64_t nstate, int64_t item0, int64_t item1) {
@@ -131,7 +160,7 @@ int qmamba_scan_forward_f32(const float *dt, const float *u, const float *A, con
     const int64_t items = batch * groups * blocks_per_group(dim, groups);
     for (int64_t item = item0; item < item1 && item < items; item++) {
         const Block k = block_of(item, dim, groups, length, nstate);
-        scan_block(dt + k.row, u + k.row, A, Bm + k.state_row, Cm + k.state_row, Dskip, y + k.row, length, dim,
+        scan_block(dt + k.row, u + k.row, A, Bm + k.state_row, Cm + k.state_row, Dskip, y + k.row, length,
                    nstate, k.c0, k.c1);
     }
     return 0;

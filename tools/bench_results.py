@@ -8,11 +8,15 @@ resident memory is its own), one after the other, per input size:
 
 * torch FP32      -- the float checkpoint, eager PyTorch (the op's CPU scan: compiled kernel or chunked torch);
 * ORT FP32        -- its FP32 export (`--scan plugin`, no quantization);
+* ORT FP32 portable -- the same exported with `--scan portable`;
 * ORT W8A8 plugin -- the W8A8 minmax PTQ export with QMambaSelectiveScan nodes;
-* ORT W8A8 portable -- the same model exported with `--scan portable`.
+* ORT W8A8 portable -- the same model exported with `--scan portable`;
+* ORT W8A8 portable, exported by 0526ae9 -- the same export made by the code of issue #16's starting
+  point (a worktree of 0526ae9 running `qmamba-deploy export ... --scan portable`), run by today's runtime.
 
 The ONNX files are the exports of docs/results-export.md (`python3 tools/export_results.py
---only v2_fp32_plugin v2_w8a8_plugin v2_w8a8_portable` makes them). In ONNX Runtime the
+--only v2_fp32_plugin v2_w8a8_plugin v2_w8a8_portable` makes them); a row whose folder is missing
+under --runs is skipped. In ONNX Runtime the
 QMambaSelectiveScan nodes run as the Python custom op (the op's CPU forward, as torch), so the
 plugin rows measure ORT's INT8 kernels plus the same scan as PyTorch; the portable rows
 run the scan as ONNX Scan/standard ops.
@@ -36,8 +40,9 @@ from qmamba_deploy.jobs.bench import compare, forward_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT.parent / "shared" / "checkpoints" / "mambairv2_light_x4.safetensors"
-ONNX_ROWS = (("ORT FP32", "v2_fp32_plugin"), ("ORT W8A8 plugin", "v2_w8a8_plugin"),
-             ("ORT W8A8 portable", "v2_w8a8_portable"))
+ONNX_ROWS = (("ORT FP32", "v2_fp32_plugin"), ("ORT FP32 portable", "v2_fp32_portable"),
+             ("ORT W8A8 plugin", "v2_w8a8_plugin"), ("ORT W8A8 portable", "v2_w8a8_portable"),
+             ("ORT W8A8 portable, exported by 0526ae9", "v2_w8a8_portable_0526ae9"))
 
 
 def _bench(args: list[str]) -> dict:

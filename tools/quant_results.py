@@ -29,6 +29,7 @@ from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.evaluate import evaluate_model
 from qmamba_deploy.jobs.quantize import QuantizeConfig, qat_start, quantize
 from qmamba_deploy.jobs.sensitivity import read_policy
+from qmamba_deploy.train.losses import SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--schedule", choices=SCHEDULES, default="multistep",
+                    help="learning-rate schedule (multistep: halved at 50/80/90/95 %% of the run)")
     ap.add_argument("--quant-lr", type=float, default=None, help="learning rate of quantizer parameters (default --lr)")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of the QAT "
@@ -110,7 +113,8 @@ def main() -> None:
                                  f"or several joined by '+'")
         cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
-                             lr=args.lr, quant_lr=args.quant_lr, ema=args.ema, device="cpu", checkpoint=args.checkpoint,
+                             lr=args.lr, schedule=args.schedule, quant_lr=args.quant_lr, ema=args.ema, device="cpu",
+                             checkpoint=args.checkpoint,
                              method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
                              save_every=max(args.iters // 4, 1), **extra)
         start = args.start and cfg.trains_in_loop
@@ -161,7 +165,7 @@ def main() -> None:
         f"{args.patch}x{args.patch} LR patches, Adam lr {args.lr:g} "
         + (f"(weights; quantizers {args.quant_lr:g})" if args.quant_lr is not None else "(weights and quantizers)")
         + ", L1 to the ground "
-        f"truth, multistep schedule; quantizers initialised on the first of {args.calib_batches} calibration "
+        f"truth, {args.schedule} schedule; quantizers initialised on the first of {args.calib_batches} calibration "
         f"batches. PTQ methods calibrate on the same {args.calib_batches} batches. "
         "This is a CPU-sized budget (the Q-MambaIR recipe is 20k iterations on DF2K); the ranking, not the "
         "absolute values, is what it measures.",

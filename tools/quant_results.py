@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training patches, the Gumbel noise and the init")
     ap.add_argument("--schedule", choices=SCHEDULES, default="multistep",
                     help="learning-rate schedule (multistep: halved at 50/80/90/95 %% of the run)")
     ap.add_argument("--quant-lr", type=float, default=None, help="learning rate of quantizer parameters (default --lr)")
@@ -113,7 +114,8 @@ def main() -> None:
                                  f"or several joined by '+'")
         cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
-                             lr=args.lr, schedule=args.schedule, quant_lr=args.quant_lr, ema=args.ema, device="cpu",
+                             lr=args.lr, schedule=args.schedule, seed=args.seed, quant_lr=args.quant_lr, ema=args.ema,
+                             device="cpu",
                              checkpoint=args.checkpoint,
                              method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
                              save_every=max(args.iters // 4, 1), **extra)
@@ -165,7 +167,8 @@ def main() -> None:
         f"{args.patch}x{args.patch} LR patches, Adam lr {args.lr:g} "
         + (f"(weights; quantizers {args.quant_lr:g})" if args.quant_lr is not None else "(weights and quantizers)")
         + ", L1 to the ground "
-        f"truth, {args.schedule} schedule; quantizers initialised on the first of {args.calib_batches} calibration "
+        f"truth, {args.schedule} schedule, seed {args.seed}; quantizers initialised on the first of "
+        f"{args.calib_batches} calibration "
         f"batches. PTQ methods calibrate on the same {args.calib_batches} batches. "
         "This is a CPU-sized budget (the Q-MambaIR recipe is 20k iterations on DF2K); the ranking, not the "
         "absolute values, is what it measures.",

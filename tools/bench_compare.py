@@ -16,8 +16,9 @@ weights of ../shared/checkpoints):
   ``qmamba_deploy.train.adam`` where it has one, as its training loops build it; torch's default
   ``Adam`` for older checkouts);
 * ``ort-fp32`` / ``ort-w8a8``: ONNX Runtime on each checkout's own export of the model (FP32,
-  plugin scan; W8A8 minmax, the fastest graph the checkout can export: portable scan), made once
-  per checkout into the cache folder.
+  plugin scan; W8A8 minmax with the scan of ``--base-w8a8-scan`` / ``--new-w8a8-scan``, portable by
+  default: the fastest graph 0526ae9 exported), made once per checkout into the cache folder and run
+  by that checkout's runtime.
 
 GFLOP/s divide the forward's FLOPs (``torch.utils.flop_counter``, counted once) by the latency.
 """
@@ -104,17 +105,19 @@ def _worker(what: str, size: int, iterations: int, threads: int, export_dir: str
     return {"median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times]}
 
 
-def _export(checkout: Path, what: str) -> Path:
-    """The checkout's own export of the x4 model for ``what`` (cached per checkout)."""
+def _export(checkout: Path, what: str, w8a8_scan: str = "portable") -> Path:
+    """The checkout's own export of the x4 model for ``what`` (cached per checkout): FP32 with the plugin
+    scan, or W8A8 minmax with ``w8a8_scan``."""
     tag = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip() or checkout.name
     dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "qmamba_deploy"],
                            capture_output=True, text=True).stdout.strip()
-    out = CACHE / f"{tag}{'-dirty' if dirty else ''}" / what
+    folder = what if what == "ort-fp32" else f"{what}-{w8a8_scan}"
+    out = CACHE / f"{tag}{'-dirty' if dirty else ''}" / folder
     if (out / "model.onnx").is_file() and not dirty:
         return out
     args = ["export", "--checkpoint", str(CHECKPOINT), "--out", str(out), "--no-validate", "--quiet"]
-    args += ["--method", "none"] if what == "ort-fp32" else ["--method", "minmax", "--scan", "portable"]
+    args += ["--method", "none"] if what == "ort-fp32" else ["--method", "minmax", "--scan", w8a8_scan]
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     subprocess.run([sys.executable, "-m", "qmamba_deploy.cli", *args], cwd=checkout, env=env, check=True,
                    capture_output=True)
@@ -166,6 +169,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base-w8a8-scan", choices=["portable", "plugin"], default="portable",
+                    help="the scan of the base side's ort-w8a8 export (portable: the fastest graph 0526ae9 exported)")
+    ap.add_argument("--new-w8a8-scan", choices=["portable", "plugin"], default="portable",
+                    help="the scan of the new side's ort-w8a8 export")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--allocator", choices=["default", "cli"], default="default",
                     help="cli: run the new side with the allocator settings the qmamba-deploy command sets "
@@ -182,7 +189,9 @@ def main() -> int:
         from qmamba_deploy.runtime.allocator import ENVIRONMENT
         allocator["new"] = ENVIRONMENT
     jobs = [(w, s) for w in args.what for s in ([args.qat_size] if w == "qat" else args.sizes)]
-    exports = {(name, w): _export(path, w) for name, path in sides.items() for w in args.what if w.startswith("ort-")}
+    scans = {"base": args.base_w8a8_scan, "new": args.new_w8a8_scan}
+    exports = {(name, w): _export(path, w, scans[name]) for name, path in sides.items() for w in args.what
+               if w.startswith("ort-")}
     samples: dict[tuple[str, str, int], list[float]] = {}
     for r in range(args.rounds):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
@@ -200,7 +209,8 @@ def main() -> int:
         rows.append({"what": what, "size": size, "base_ms": base, "new_ms": new, "speedup": base / new,
                      "base_gflops": flops / base / 1e6, "new_gflops": flops / new / 1e6,
                      "base_samples": samples[("base", what, size)], "new_samples": samples[("new", what, size)]})
-    print(f"\nbase {sides['base']} vs new {sides['new']}"
+    scan_note = f", W8A8 scan {scans['base']} / {scans['new']}" if "ort-w8a8" in args.what else ""
+    print(f"\nbase {sides['base']} vs new {sides['new']}{scan_note}"
           f"{' (allocator as the CLI sets it)' if args.allocator == 'cli' else ''}, {args.threads} threads, "
           f"{args.rounds} rounds, median of per-round medians over {args.iterations} iterations\n")
     print("| benchmark | input | base ms | new ms | speed-up | base GFLOP/s | new GFLOP/s |")
@@ -211,7 +221,7 @@ def main() -> int:
               f"{row['base_gflops']:.1f} | {row['new_gflops']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"base": str(sides["base"]), "new": str(sides["new"]), "threads": args.threads,
-                                         "allocator": args.allocator, "rounds": args.rounds,
+                                         "allocator": args.allocator, "rounds": args.rounds, "w8a8_scan": scans,
                                          "iterations": args.iterations, "rows": rows}, indent=1) + "\n")
     return 0
 

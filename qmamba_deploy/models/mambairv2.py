@@ -231,16 +231,27 @@ class WindowAttention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]                                  # (B*nW, heads, n, d)
         if isinstance(mask, WindowGroups):
             x = self.grouped_attention(q, k, v, rpi, mask)
+        elif torch.onnx.is_in_onnx_export():
+            x = self.exported_attention(q, k, v, rpi, mask)
         else:
             bias = self.attention_bias(rpi, mask)                       # (1 or nW, heads, n, n)
             if mask is not None and b_ != mask.shape[0]:                # windows of several images
                 bias = bias.repeat(b_ // mask.shape[0], 1, 1, 1)
-            if torch.onnx.is_in_onnx_export():
-                # the pattern ONNX Runtime and TensorRT fuse: MatMul -> Add -> Softmax -> MatMul
-                x = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
-            else:
-                x = self.fused_attention(q, k, v, bias)
+            x = self.fused_attention(q, k, v, bias)
         return self.proj(x.transpose(1, 2).reshape(b_, n, c))
+
+    def exported_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpi: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+        """The graph's attention: MatMul -> Add (relative-position bias) -> Softmax -> MatMul, the pattern
+        ONNX Runtime and TensorRT fuse. The shifted windows' (nW, n, n) mask is a second Add on a view of
+        the scores as (images, nW, heads, n, n), broadcast over images and heads, so that the graph
+        builds no (B*nW, heads, n, n) bias per call (a sum and a Tile of 16 MB each at 64x64)."""
+        scores = (q * self.scale) @ k.transpose(-2, -1) + self.attention_bias(rpi, None)
+        if mask is not None:
+            b_, heads, n, _ = scores.shape
+            windows = mask.shape[0]
+            scores = (scores.reshape(b_ // windows, windows, heads, n, n) + mask.unsqueeze(1)).reshape(b_, heads, n, n)
+        return scores.softmax(dim=-1) @ v
 
     def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """PyTorch: one fused kernel (4-D operands: the fused CPU kernel; 5-D ones fall back to the

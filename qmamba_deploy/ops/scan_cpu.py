@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "backend", "supports", "scan_forward", "scan_backward", "MAX_STATE", "library_path"]
+__all__ = ["available", "backend", "supports", "scan_forward", "scan_backward", "MAX_STATE", "library_path",
+           "load_library"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "scan_cpu.c"
 MAX_STATE = 16  # the C file's MAX_STATE
-LANES = 8  # channels per block (the C file's LANES)
 # -ffp-contract=fast: fused multiply-adds (ISO C mode would forbid contracting a * b + c)
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC")
 _ENV = "QMAMBA_SCAN_CPU"
@@ -56,23 +56,48 @@ def _cpu_fingerprint() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def library_path(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *_FLAGS, _cpu_fingerprint()]).encode())
+def library_path(compiler: str, flags: tuple[str, ...] = _FLAGS) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_fingerprint()]).encode())
     return _cache_dir() / f"scan_cpu-{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, flags: tuple[str, ...] = _FLAGS) -> None:
     """Compile into a temporary file beside ``target`` and move it in place (atomic: two processes
     building at once both end with a whole library)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".scan_cpu-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernel built by ``compiler`` (with ``extra_flags`` after the usual ones: e.g. -mno-avx512f
+    builds the 8-lane variant an AVX2 CPU gets), from the cache or built into it; raises OSError or
+    SubprocessError when it cannot be built or loaded."""
+    flags = (*_FLAGS, *extra_flags)
+    target = library_path(compiler, flags)
+    if not target.is_file():
+        try:
+            _build(compiler, target, flags)
+        except OSError:  # an unwritable cache: build into a private temporary folder of this process
+            target = Path(tempfile.mkdtemp(prefix="qmamba_scan_cpu-")) / target.name
+            _build(compiler, target, flags)
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.qmamba_scan_forward_f32.argtypes = [ptr] * 7 + [i64] * 7
+    lib.qmamba_scan_forward_f32.restype = ctypes.c_int
+    lib.qmamba_scan_backward_f32.argtypes = [ptr] * 14 + [i64] * 7
+    lib.qmamba_scan_backward_f32.restype = ctypes.c_int
+    lib.qmamba_scan_items.argtypes = [i64, i64, i64]
+    lib.qmamba_scan_items.restype = i64
+    lib.qmamba_scan_lanes.argtypes = []
+    lib.qmamba_scan_lanes.restype = ctypes.c_int
+    return lib
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,25 +107,10 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None or not SOURCE.is_file():
         return None
-    target = library_path(compiler)
     try:
-        if not target.is_file():
-            try:
-                _build(compiler, target)
-            except OSError:  # an unwritable cache: build into a private temporary folder of this process
-                target = Path(tempfile.mkdtemp(prefix="qmamba_scan_cpu-")) / target.name
-                _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        return load_library(compiler)
     except (OSError, subprocess.SubprocessError):
         return None  # no working compiler: the torch path runs
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qmamba_scan_forward_f32.argtypes = [ptr] * 7 + [i64] * 7
-    lib.qmamba_scan_forward_f32.restype = ctypes.c_int
-    lib.qmamba_scan_backward_f32.argtypes = [ptr] * 14 + [i64] * 7
-    lib.qmamba_scan_backward_f32.restype = ctypes.c_int
-    lib.qmamba_scan_items.argtypes = [i64, i64, i64]
-    lib.qmamba_scan_items.restype = i64
-    return lib
 
 
 def available() -> bool:
@@ -176,17 +186,18 @@ def scan_backward(gy: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     gy_t = gy.float().transpose(1, 2).contiguous()
     items = lib.qmamba_scan_items(bsz, dim, k)
     blocks = items // (bsz * k)
+    lanes = lib.qmamba_scan_lanes()  # channels per block: 16 where the build has AVX-512, else 8
     g_u, g_dt = torch.empty_like(gy_t), torch.empty_like(gy_t)
-    g_A, g_D = u.new_empty(items, LANES, n, dtype=torch.float32), u.new_empty(items, LANES, dtype=torch.float32)
+    g_A, g_D = u.new_empty(items, lanes, n, dtype=torch.float32), u.new_empty(items, lanes, dtype=torch.float32)
     g_B, g_C = (u.new_empty(items, length, n, dtype=torch.float32) for _ in range(2))
-    scratch = [torch.empty(length, n, LANES) for _ in range(_workers(items))]
+    scratch = [torch.empty(length, n, lanes) for _ in range(_workers(items))]
     pointers = [t.data_ptr() for t in (*ops, gy_t)]
     outs = [t.data_ptr() for t in (g_u, g_dt, g_A, g_B, g_C, g_D)]
     _split(lib, "qmamba_scan_backward_f32", items, lambda i: [*pointers, scratch[i].data_ptr(), *outs],
            bsz, dim, k, length, n)
 
-    def per_channel(x: Tensor) -> Tensor:   # [items, LANES, ...] -> [B, D, ...]: a group's blocks, lanes cut at Dk
-        x = x.reshape(bsz, k, blocks * LANES, *x.shape[2:])[:, :, :dk]
+    def per_channel(x: Tensor) -> Tensor:   # [items, lanes, ...] -> [B, D, ...]: a group's blocks, lanes cut at Dk
+        x = x.reshape(bsz, k, blocks * lanes, *x.shape[2:])[:, :, :dk]
         return x.reshape(bsz, dim, *x.shape[3:])
 
     g_B = g_B.reshape(bsz, k, blocks, length, n).sum(2).transpose(2, 3)

@@ -16,13 +16,18 @@
  *     both       A   [dim, nstate]       Dskip   [dim]
  *
  * Channels go in blocks of LANES; the loops over a block are fixed-length so that the compiler
- * vectorises them (one AVX2 vector at LANES = 8), the exponential included (exp_nonpos below: no
- * libm call in the loop). The state of a block is nstate x LANES floats (<= 128).
+ * vectorises them (one vector: LANES = 16 with AVX-512, 8 otherwise), the exponential included
+ * (exp_nonpos below: no libm call in the loop). The state of a block is nstate x LANES floats (<= 256).
  */
 #include <stdint.h>
 #include <string.h>
 
+/* Channels per block: one vector register per state index (16 with AVX-512, 8 with AVX2 and others). */
+#if defined(__AVX512F__)
+#define LANES 16
+#else
 #define LANES 8
+#endif
 #define MAX_STATE 16
 #define TILE 64
 
@@ -91,6 +96,9 @@ static Block block_of(int64_t item, int64_t dim, int64_t groups, int64_t length,
     Block k = {b * length * dim, (b * groups + g) * length * nstate, c0, c0 + LANES < end ? c0 + LANES : end};
     return k;
 }
+
+/* LANES as this build set it (the caller shapes the backward's per-block outputs with it). */
+int qmamba_scan_lanes(void) { return LANES; }
 
 static int valid_sizes(int64_t dim, int64_t groups, int64_t nstate) {
     return nstate >= 1 && nstate <= MAX_STATE && groups >= 1 && dim % groups == 0;

@@ -80,8 +80,10 @@ def _register_ort_python_op() -> str:
              outputs=[PyCustomOpDef.dt_float] * len(contract.OUTPUT_NAMES),
              attrs={a.name: attr_types[a.kind] for a in contract.ATTRIBUTES})
     def _qmamba_selective_scan(u, delta, A, B, C, D_skip, delta_bias, **attrs):
-        # the arrays are fresh copies of ORT's tensors (onnxruntime-extensions copies each input)
-        tensors = [torch.from_numpy(x) for x in (u, delta, A, B, C, D_skip, delta_bias)]
+        # onnxruntime-extensions hands each input over as a fresh, writable copy (older releases: maybe a
+        # read-only view, copied here)
+        tensors = [torch.from_numpy(x if x.flags.writeable else x.copy())
+                   for x in (u, delta, A, B, C, D_skip, delta_bias)]
         softplus = bool(int(attrs.get("delta_softplus", 1)))
         # one thread: ONNX Runtime's intra-op workers spin on the other cores between kernels, and
         # torch's OpenMP workers would spin after the op's parallel regions, each taking a core from

@@ -133,7 +133,8 @@ def supports(u: Tensor, A: Tensor) -> bool:
 
 
 def _time_major(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip: Tensor) -> list[Tensor]:
-    """The kernel's operands, float32 and contiguous: dt, u [B, L, D]; A [D, N]; B, C [B, K, L, N]; D [D]."""
+    """The backward kernel's operands, float32 and contiguous: dt, u [B, L, D]; A [D, N]; B, C [B, K, L, N];
+    D [D] (the forward kernel reads the op's own layouts)."""
     return [dt.float().transpose(1, 2).contiguous(), u.float().transpose(1, 2).contiguous(), A.float().contiguous(),
             B.float().transpose(2, 3).contiguous(), C.float().transpose(2, 3).contiguous(),
             D_skip.float().contiguous()]
@@ -176,7 +177,7 @@ def scan_forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D_skip:
 def scan_backward(gy: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   D_skip: Tensor) -> tuple[Tensor, ...]:
     """(du, d dt, dA, dB, dC, dD) on the compiled kernel: the forward again with every state kept (one
-    [L, N, 8] scratch per thread), then the adjoint backwards in time; per-block sums over a group's
+    [L, N, lanes] scratch per thread), then the adjoint backwards in time; per-block sums over a group's
     channels and the batch are added here. The op glue turns d dt into the delta and bias gradients."""
     lib = _library()
     bsz, dim, length = u.shape

@@ -195,8 +195,7 @@ def ort_session_with_scan(model: str | os.PathLike | onnx.ModelProto,
     for graph in graphs(work.graph):
         _move_scans_to_contrib(graph)
     set_opset(work, contract.DOMAIN, None)
-    python_scans = scan_nodes(work, ORT_CONTRIB_DOMAIN)
-    if python_scans:
+    if scan_nodes(work, ORT_CONTRIB_DOMAIN):
         set_opset(work, ORT_CONTRIB_DOMAIN, 1)
 
     options = session_options or ort.SessionOptions()

@@ -80,7 +80,7 @@ static void block_params(float a[MAX_STATE][LANES], float dsk[LANES], const floa
 /* The work grid: item = (batch row b, group g, block of LANES channels in the group); a group's last
  * block may be short. Every block's channels share the group's B and C rows. */
 typedef struct {
-    int64_t row, state_row;  /* offsets of batch row b in [batch, length, dim] and of (b, g) in B / C */
+    int64_t row, state_row;  /* offsets of batch row b in dt, u, y (length x dim each) and of (b, g) in B / C */
     int64_t c0, c1;          /* the block's channels */
 } Block;
 

@@ -2,6 +2,8 @@
 
 Forward: bit-for-bit the same values. Backward: the same gradients for the input and every
 quantizer parameter, to float rounding (the kernels sum in another order than autograd's chain).
+Both implementations of the kernels are checked: the compiled passes (quant/fake_quant_cpu.py,
+where a C compiler is present) and the torch passes that stand in for them without one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qmamba_deploy.quant import fused
+from qmamba_deploy.quant import fake_quant_cpu, fused
 from qmamba_deploy.quant.quantizers import DLS, LSQ, RFA
 
 
@@ -38,13 +40,31 @@ CASES = {
     "lsq+": (lambda: LSQ(4, offset=True), (2, 40, 6)),
     "lsq+ 2-bit": (lambda: LSQ(2, offset=True), (3, 50)),
     "lsq per channel": (lambda: LSQ(4, channels=5, axis=0), (5, 12)),
+    "lsq+ per channel, middle axis": (lambda: LSQ(3, offset=True, channels=5, axis=1), (3, 5, 7)),
+    "lsq 8-bit, not contiguous": (lambda: LSQ(8, offset=True), (40, 9), "transposed"),
     "rfa": (lambda: RFA(4), (16, 24)),
     "rfa per channel": (lambda: RFA(2, channels=16), (16, 8, 3, 3)),
     "rfa crossed anchors": (_rfa_crossed, (12, 10)),
+    "rfa 8-bit, per channel, long rows": (lambda: RFA(8, channels=6), (6, 700)),
     "dls": (lambda: DLS(4), (2, 30, 11)),
     "dls uncapped": (lambda: _dls_uncapped(4), (2, 30, 11)),
     "dls uncapped 2-bit": (lambda: _dls_uncapped(2), (3, 64)),
+    "dls uncapped, not contiguous": (lambda: _dls_uncapped(4), (64, 33), "transposed"),
 }
+
+BACKENDS = ["compiled", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the kernels on the compiled passes (skipped without a C compiler) or on their torch passes."""
+    if request.param == "compiled":
+        if not fake_quant_cpu.available():
+            pytest.skip("no C compiler: the compiled passes are not built (the torch passes are tested)")
+        yield request.param
+    else:
+        with fused.torch_passes():
+            yield request.param
 
 
 def _run(q: torch.nn.Module, x0: torch.Tensor, reference: bool):
@@ -59,12 +79,15 @@ def _run(q: torch.nn.Module, x0: torch.Tensor, reference: bool):
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("relu", [False, True], ids=["signed", "ties"])
-def test_kernel_matches_reference(name, relu):
-    make, shape = CASES[name]
+def test_kernel_matches_reference(name, relu, backend):
+    make, shape, *layout = CASES[name]
     torch.manual_seed(0)
     q = make()
     q.train()
     x0 = torch.randn(shape) * 2 + 0.3
+    if layout:  # a transposed view, as the model hands some activations over
+        x0 = torch.randn(shape[::-1]).mul(2).add(0.3).t()
+        assert not x0.is_contiguous()
     if relu:  # many equal values: ties at min(x) for DLS's statistics and at the clamps
         x0 = x0.clamp(min=0)
     with torch.no_grad():
@@ -97,7 +120,7 @@ def test_kernels_only_where_a_gradient_is_recorded():
     assert not fused.use_fused(torch.randn(4, device="meta", requires_grad=True))  # CPU only
 
 
-def test_dls_constant_tensor_passes_unchanged():
+def test_dls_constant_tensor_passes_unchanged(backend):
     """A constant tensor (cap 0) passes through DLS with zero, finite gradients to its weights."""
     q = DLS(4)
     q.train()
@@ -107,3 +130,18 @@ def test_dls_constant_tensor_passes_unchanged():
     assert torch.equal(y.detach(), x.detach())
     for p in q.parameters():
         assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def test_compiled_passes_run_in_training():
+    """Where the library builds, a quantizer's training call records the compiled node (so the speed
+    the benchmarks report is the compiled passes'), and float64 inputs stay on the torch passes."""
+    if not fake_quant_cpu.available():
+        pytest.skip("no C compiler: the compiled passes are not built")
+    q = LSQ(4, offset=True)
+    q.train()
+    x = torch.randn(4, 8, requires_grad=True)
+    assert type(q(x).grad_fn).__name__ == "_LSQCompiledBackward"
+    with fused.torch_passes():
+        assert type(q(x).grad_fn).__name__ == "_LSQBackward"
+    assert type(q(x).grad_fn).__name__ == "_LSQCompiledBackward"  # restored on leaving the block
+    assert type(q.double()(x.double()).grad_fn).__name__ == "_LSQBackward"

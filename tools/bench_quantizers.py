@@ -2,15 +2,17 @@
 
     python3 tools/bench_quantizers.py [--rounds 10] [--threads 2] [--no-step]
 
-Two measurements, each alternating reference (``quant.fused.reference_autograd``) and kernels
-in the same process so that a noisy machine hits both:
+Two measurements, each alternating three sides in the same process so that a noisy machine hits
+all: the reference compositions (``quant.fused.reference_autograd``), the kernels on their torch
+passes (``quant.fused.torch_passes``) and the kernels on their compiled passes
+(``quant/fake_quant_cpu.py``; the torch passes again where no C compiler is installed):
 
 * per quantizer kind, forward and backward of one call at the sizes a W4A4 Q-MambaIR step at
   24 px patches sees (activations of 2·24·24 tokens × 48/192 channels, weights 48×48 and 192×48);
 * the whole QAT step of ``tools/bench_compare.py --what qat`` (MambaIRv2-light ×4 real weights,
   W4A4 Q-MambaIR, batch 2 of 24 px patches, gumbel routing, L1, backward, Adam): forward,
   backward and optimizer step separately; the reference side with torch's default Adam (a
-  Python loop per parameter), the kernel side with ``train.adam`` (fused).
+  Python loop per parameter), the kernel sides with ``train.adam`` (fused).
 
 The allocator is set as the CLI sets it (runtime/allocator.py). Prints medians in ms.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from qmamba_deploy.quant import fused
+from qmamba_deploy.quant import fake_quant_cpu, fused
 from qmamba_deploy.quant.quantizers import DLS, LSQ, RFA
 from qmamba_deploy.runtime.allocator import keep_freed_memory
 
@@ -39,8 +41,19 @@ CASES = [("lsq+ activation", lambda: LSQ(4, offset=True), (2, 576, 48)),
          ("rfa weight", lambda: RFA(4), (192, 48))]
 
 
-def _mode(reference: bool):
-    return fused.reference_autograd() if reference else contextlib.nullcontext()
+SIDES = ("reference", "torch", "compiled")
+
+
+def _mode(side: str):
+    if side == "reference":
+        return fused.reference_autograd()
+    return fused.torch_passes() if side == "torch" else contextlib.nullcontext()
+
+
+def _orders(r: int) -> tuple[str, ...]:
+    """The sides in round ``r``'s order (rotating, so that no side always runs first)."""
+    k = r % len(SIDES)
+    return SIDES[k:] + SIDES[:k]
 
 
 def bench_quantizers(rounds: int, calls: int = 30) -> list[dict]:
@@ -51,10 +64,10 @@ def bench_quantizers(rounds: int, calls: int = 30) -> list[dict]:
         with torch.no_grad():
             q(x0)
         x = x0.clone().requires_grad_(True)
-        times = {True: ([], []), False: ([], [])}
+        times = {side: ([], []) for side in SIDES}
         for r in range(rounds):
-            for reference in ((True, False) if r % 2 == 0 else (False, True)):
-                with _mode(reference):
+            for side in _orders(r):
+                with _mode(side):
                     q(x).sum().backward()
                     fwd = bwd = 0.0
                     for _ in range(calls):
@@ -63,12 +76,11 @@ def bench_quantizers(rounds: int, calls: int = 30) -> list[dict]:
                         t1 = time.perf_counter()
                         y.backward(torch.ones_like(y))
                         fwd, bwd = fwd + t1 - t0, bwd + time.perf_counter() - t1
-                times[reference][0].append(fwd / calls * 1e3)
-                times[reference][1].append(bwd / calls * 1e3)
+                times[side][0].append(fwd / calls * 1e3)
+                times[side][1].append(bwd / calls * 1e3)
         rows.append({"case": name, "shape": "x".join(map(str, shape)),
-                     **{f"{side}_{part}": statistics.median(times[reference][i])
-                        for side, reference in (("reference", True), ("kernel", False))
-                        for i, part in enumerate(("fwd", "bwd"))}})
+                     **{f"{side}_{part}": statistics.median(times[side][i])
+                        for side in SIDES for i, part in enumerate(("fwd", "bwd"))}})
     return rows
 
 
@@ -85,12 +97,13 @@ def bench_step(rounds: int, size: int = 24) -> dict:
     model.train()
     model.set_routing("gumbel")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizers = {True: torch.optim.Adam(params, lr=1e-5), False: adam(params, lr=1e-5)}
+    optimizers = {"reference": torch.optim.Adam(params, lr=1e-5), "torch": adam(params, lr=1e-5),
+                  "compiled": adam(params, lr=1e-5)}
     x, gt = torch.rand(2, 3, size, size, generator=g), torch.rand(2, 3, 4 * size, 4 * size, generator=g)
 
-    def step(reference: bool) -> tuple[float, float, float]:
-        opt = optimizers[reference]
-        with _mode(reference):
+    def step(side: str) -> tuple[float, float, float]:
+        opt = optimizers[side]
+        with _mode(side):
             t0 = time.perf_counter()
             loss = torch.nn.functional.l1_loss(model(x), gt)
             t1 = time.perf_counter()
@@ -100,17 +113,18 @@ def bench_step(rounds: int, size: int = 24) -> dict:
             opt.step()
             return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    step(True), step(False)
-    samples = {True: [], False: []}
+    for side in SIDES:
+        step(side)
+    samples = {side: [] for side in SIDES}
     for r in range(rounds):
-        for reference in ((True, False) if r % 2 == 0 else (False, True)):
-            samples[reference].append(step(reference))
+        for side in _orders(r):
+            samples[side].append(step(side))
     out = {"quantizers": len([m for m in model.modules() if isinstance(m, (LSQ, RFA, DLS))]),
            "parameters": len(params)}
-    for side, reference in (("reference", True), ("kernel", False)):
-        parts = list(zip(*samples[reference]))
+    for side in SIDES:
+        parts = list(zip(*samples[side]))
         out[side] = {k: statistics.median(v) * 1e3 for k, v in zip(("forward", "backward", "optimizer"), parts)}
-        out[side]["step"] = statistics.median(sum(s) for s in samples[reference]) * 1e3
+        out[side]["step"] = statistics.median(sum(s) for s in samples[side]) * 1e3
     return out
 
 
@@ -122,14 +136,16 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds (reference and kernels "
-          f"alternating), medians\n")
-    print("| quantizer | input | reference fwd / bwd ms | kernel fwd / bwd ms | speed-up (fwd + bwd) |")
-    print("|---|---|---:|---:|---:|")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds (the three sides "
+          f"alternating), medians; compiled passes: {fake_quant_cpu.backend()}\n")
+    print("| quantizer | input | reference fwd / bwd ms | torch passes fwd / bwd ms | compiled fwd / bwd ms "
+          "| compiled vs reference | compiled vs torch passes |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for row in bench_quantizers(args.rounds):
-        ref, ker = row["reference_fwd"] + row["reference_bwd"], row["kernel_fwd"] + row["kernel_bwd"]
-        print(f"| {row['case']} | {row['shape']} | {row['reference_fwd']:.2f} / {row['reference_bwd']:.2f} | "
-              f"{row['kernel_fwd']:.2f} / {row['kernel_bwd']:.2f} | {ref / ker:.2f}x |")
+        tot = {side: row[f"{side}_fwd"] + row[f"{side}_bwd"] for side in SIDES}
+        cells = " | ".join(f"{row[f'{side}_fwd']:.2f} / {row[f'{side}_bwd']:.2f}" for side in SIDES)
+        print(f"| {row['case']} | {row['shape']} | {cells} | {tot['reference'] / tot['compiled']:.2f}x | "
+              f"{tot['torch'] / tot['compiled']:.2f}x |")
     if not args.no_step:
         if not CHECKPOINT.is_file():
             raise SystemExit(f"{CHECKPOINT} is missing (../shared beside the clone); use --no-step")
@@ -139,10 +155,12 @@ def main() -> int:
         print("| side | forward ms | backward ms | optimizer ms | step ms |")
         print("|---|---:|---:|---:|---:|")
         for side, label in (("reference", "reference compositions + torch Adam"),
-                            ("kernel", "kernels + fused Adam (train.adam)")):
+                            ("torch", "kernels, torch passes + fused Adam (train.adam)"),
+                            ("compiled", "kernels, compiled passes + fused Adam")):
             t = s[side]
             print(f"| {label} | {t['forward']:.0f} | {t['backward']:.0f} | {t['optimizer']:.0f} | {t['step']:.0f} |")
-        print(f"\nstep speed-up: {s['reference']['step'] / s['kernel']['step']:.2f}x")
+        print(f"\nstep speed-up: compiled passes {s['reference']['step'] / s['compiled']['step']:.2f}x the reference, "
+              f"{s['torch']['step'] / s['compiled']['step']:.2f}x the torch passes")
     return 0
 
 

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from . import native
 
 __all__ = ["available", "backend", "supports", "scan_forward", "scan_backward", "MAX_STATE", "library_path",
            "load_library"]
@@ -40,54 +37,15 @@ _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "
 _ENV = "QMAMBA_SCAN_CPU"
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("QMAMBA_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "qmamba_deploy"
-
-
-def _cpu_fingerprint() -> str:
-    """What -march=native depends on, so that a cache shared between machines never loads a library
-    built for another CPU."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
-                     "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
 def library_path(compiler: str, flags: tuple[str, ...] = _FLAGS) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_fingerprint()]).encode())
-    return _cache_dir() / f"scan_cpu-{key.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, target: Path, flags: tuple[str, ...] = _FLAGS) -> None:
-    """Compile into a temporary file beside ``target`` and move it in place (atomic: two processes
-    building at once both end with a whole library)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".scan_cpu-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return native.library_path(SOURCE, compiler, flags)
 
 
 def load_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The kernel built by ``compiler`` (with ``extra_flags`` after the usual ones: e.g. -mno-avx512f
     builds the 8-lane variant an AVX2 CPU gets), from the cache or built into it; raises OSError or
     SubprocessError when it cannot be built or loaded."""
-    flags = (*_FLAGS, *extra_flags)
-    target = library_path(compiler, flags)
-    if not target.is_file():
-        try:
-            _build(compiler, target, flags)
-        except OSError:  # an unwritable cache: build into a private temporary folder of this process
-            target = Path(tempfile.mkdtemp(prefix="qmamba_scan_cpu-")) / target.name
-            _build(compiler, target, flags)
-    lib = ctypes.CDLL(str(target))
+    lib = native.load(SOURCE, compiler, (*_FLAGS, *extra_flags))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qmamba_scan_forward_f32.argtypes = [ptr] * 7 + [i64] * 7
     lib.qmamba_scan_forward_f32.restype = ctypes.c_int
@@ -102,9 +60,9 @@ def load_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDL
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(_ENV, "").lower() == "torch" or sys.platform == "win32":
+    if os.environ.get(_ENV, "").lower() == "torch":
         return None
-    compiler = shutil.which(os.environ.get("CC") or "cc")
+    compiler = native.compiler()
     if compiler is None or not SOURCE.is_file():
         return None
     try:

@@ -10,6 +10,10 @@ bit-for-bit those of the composition) as one autograd node each, and their backw
 gradients the composition defines in a few tensor passes (the same mathematics; the float
 rounding of the gradients may differ from autograd's chain in the last bits).
 
+On a CPU with a C compiler the passes themselves run compiled (``fake_quant_cpu.py``: each forward one
+pass over the tensor, each backward one or two, the forward still bit-for-bit the composition); the
+torch passes below are the fallback and the statement of what the compiled passes compute.
+
 The reference composition stays the definition: it runs whenever no gradient is recorded (eval,
 calibration, export), on GPUs, and under :func:`reference_autograd` (tests compare the two).
 """
@@ -17,10 +21,11 @@ calibration, export), on GPUs, and under :func:`reference_autograd` (tests compa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from . import fake_quant_cpu
 from .grid import DLS_ALPHA_MIN, DLS_WEIGHTS, dls_statistics
 
 _ENABLED = True
@@ -37,12 +42,36 @@ def reference_autograd() -> Iterator[None]:
         _ENABLED = before
 
 
+_COMPILED = True
+
+
+@contextlib.contextmanager
+def torch_passes() -> Iterator[None]:
+    """Within this block the kernels run their torch passes even where the compiled ones are built
+    (tests and benchmarks compare the two)."""
+    global _COMPILED
+    before, _COMPILED = _COMPILED, False
+    try:
+        yield
+    finally:
+        _COMPILED = before
+
+
 def use_fused(*tensors: torch.Tensor | None) -> bool:
     """True when a gradient will be recorded through one of ``tensors`` (the first is the input),
     the kernels are on and the input is on the CPU. On a GPU the compositions run: the kernels'
     scalar bookkeeping (DLS's statistics as Python floats) would synchronise the device every call."""
     return (_ENABLED and torch.is_grad_enabled() and tensors[0].device.type == "cpu"
             and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _compiled(x: torch.Tensor) -> bool:
+    """True when the compiled passes take ``x`` (float32 on a CPU with the library built)."""
+    return _COMPILED and fake_quant_cpu.supports(x)
+
+
+def _sign(v: float) -> float:
+    return float((v > 0) - (v < 0))
 
 
 def _reduce_to(t: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -84,11 +113,34 @@ class _LSQ(torch.autograd.Function):
         return gx, galpha, gbeta, None, None, None, None
 
 
+class _LSQCompiled(torch.autograd.Function):
+    """_LSQ on the compiled passes: the forward one pass, the backward one pass recomputing u from x."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, qn, qp, gs, axis):
+        xc = x.detach().contiguous()
+        ctx.save_for_backward(xc, alpha, beta)
+        ctx.args = (qn, qp, gs, axis)
+        return fake_quant_cpu.lsq_forward(xc, alpha, beta, qn, qp, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, alpha, beta = ctx.saved_tensors
+        qn, qp, gs, axis = ctx.args
+        gx, galpha, s_gx, s_g = fake_quant_cpu.lsq_backward(xc, g, alpha, beta, qn, qp, axis)
+        galpha = (galpha * gs).to(alpha.dtype).reshape(alpha.shape)
+        gbeta = None
+        if beta is not None and ctx.needs_input_grad[2]:
+            gbeta = torch.tensor([s_gx - s_g], dtype=beta.dtype).reshape(beta.shape)
+        return gx, galpha, gbeta, None, None, None, None
+
+
 def lsq_quantize(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None, qn: int, qp: int,
                  gs: float, axis: int | None) -> torch.Tensor:
     """LSQ / LSQ+ fake quantization as one autograd node; ``alpha`` already shaped to broadcast over
     ``x`` (per channel along ``axis``, or per tensor with ``axis`` None)."""
-    return _LSQ.apply(x, alpha, beta, float(qn), float(qp), gs, axis)
+    node = _LSQCompiled if _compiled(x) else _LSQ
+    return node.apply(x, alpha, beta, float(qn), float(qp), gs, axis)
 
 
 def _min_max_backward(g: torch.Tensor, out: torch.Tensor, bound: torch.Tensor, upper: bool):
@@ -169,9 +221,60 @@ class _DLS(torch.autograd.Function):
         return (gx, *grads, None, None, None, None)
 
 
+class _DLSCompiled(torch.autograd.Function):
+    """_DLS with its element-wise passes compiled: the statistics by grid.dls_statistics as before (the
+    one definition of α and β), the quantization one pass; the backward one pass for the element-wise
+    gradient and its sums, the algebra of the statistics on Python floats, one pass adding their
+    gradient to every element."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, w4, w21, w22, w23, w24, bits, qn, qp, gs):
+        weights = (w1, w2, w3, w4, w21, w22, w23, w24)
+        stats = dls_statistics(x, dict(zip(DLS_WEIGHTS, weights)), bits)
+        values = torch.cat([t.detach().reshape(1) for t in (*stats, *weights)]).tolist()
+        st = dict(zip(stats._fields, values))
+        st["w"] = values[len(stats):]
+        xc = x.detach().contiguous()
+        ctx.save_for_backward(xc)
+        ctx.stats, ctx.args, ctx.shape = st, (qn, qp, gs), w1.shape
+        return fake_quant_cpu.dls_forward(xc, st["beta"], st["alpha"], qn, qp, st["x_min"], st["x_max"])
+
+    @staticmethod
+    def backward(ctx, g):
+        (xc,) = ctx.saved_tensors
+        st, (qn, qp, gs) = ctx.stats, ctx.args
+        w1, w2, w3, w4, w21, w22, w23, w24 = st["w"]
+        n = xc.numel()
+        gx, s = fake_quant_cpu.dls_backward1(xc, g, st["beta"], st["alpha"], qn, qp, st["x_min"], st["x_max"],
+                                             st["min_b"], st["max_b"], st["mean_b"])
+        g_alpha = s["g0_q"] - s["gx_u"]
+        g_beta = s["gx"] - s["g0"]
+        # α = where(cap > 0, min(clamp(|a_raw|, 1e-6), cap), 1), its gradient scaled by gs
+        a1, cap, a_raw = st["a1"], st["cap"], st["a_raw"]
+        g_a1 = (g_alpha if a1 < cap else g_alpha * 0.5 if a1 == cap else 0.0) if cap > 0 else 0.0
+        g_raw = (g_a1 if abs(a_raw) >= DLS_ALPHA_MIN else 0.0) * _sign(a_raw) * gs
+        gw = [g_raw * abs(st["mean_b"]), g_raw * st["std_b"], g_raw * st["min_b"], g_raw * st["max_b"]]
+        # the statistics of x + β: mean, unbiased std, min, max
+        g_mean_b, g_std_b = g_raw * w1 * _sign(st["mean_b"]), g_raw * w2
+        k_b = g_std_b / ((n - 1) * st["std_b"]) if g_std_b != 0.0 and st["std_b"] != 0.0 else 0.0
+        g_beta += g_raw * w3 + g_raw * w4 + g_mean_b + k_b * s["dev_b"]
+        # β = w21·mean + w22·std + w23·min + w24·max of x
+        gw += [g_beta * st["mean_x"], g_beta * st["std_x"], g_beta * st["x_min"], g_beta * st["x_max"]]
+        g_std_x = g_beta * w22
+        k_x = g_std_x / ((n - 1) * st["std_x"]) if g_std_x != 0.0 and st["std_x"] != 0.0 else 0.0
+        coef = [g_raw * w3 / max(s["n_min_b"], 1.0), g_raw * w4 / max(s["n_max_b"], 1.0), k_b,
+                (g_mean_b + g_beta * w21) / n, k_x, (g_beta * w23 + s["to_min"]) / max(s["n_min_x"], 1.0),
+                (g_beta * w24 + s["to_max"]) / max(s["n_max_x"], 1.0)]
+        gx = fake_quant_cpu.dls_backward2(xc, gx, st["beta"], st["mean_b"], st["min_b"], st["max_b"], st["mean_x"],
+                                          st["x_min"], st["x_max"], coef)
+        grads = torch.tensor(gw, dtype=torch.float32).reshape(8, *ctx.shape).unbind(0)
+        return (gx.view(g.shape), *grads, None, None, None, None)
+
+
 def dls_quantize(x: torch.Tensor, weights, bits: int, qn: int, qp: int, gs: float) -> torch.Tensor:
     """DLS fake quantization as one autograd node (``weights``: the eight scalars, DLS_WEIGHTS order)."""
-    return _DLS.apply(x, *weights, bits, float(qn), float(qp), gs)
+    node = _DLSCompiled if _compiled(x) else _DLS
+    return node.apply(x, *weights, bits, float(qn), float(qp), gs)
 
 
 class _RFA(torch.autograd.Function):
@@ -217,7 +320,32 @@ class _RFA(torch.autograd.Function):
         return gx, galpha, gbeta, ga, None, None, None, None, None, None, None
 
 
-def rfa_quantize(x, alpha, beta, a, hard, cells, qn: int, qp: int, gs: float, axis: int | None,
-                 outer: float) -> torch.Tensor:
-    """RFA fake quantization as one autograd node (``alpha`` shaped to broadcast over ``x``)."""
+class _RFACompiled(torch.autograd.Function):
+    """_RFA on the compiled passes: the level by the anchors' midpoints (``thresholds``), the backward's
+    surrogate, per-cell sums and the anchors' gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, a, thresholds, qn, qp, gs, axis, outer):
+        xc, thr = x.detach().contiguous(), thresholds.detach()
+        ctx.save_for_backward(xc, alpha, beta, a, thr)
+        ctx.args = (qn, qp, gs, axis, outer)
+        return fake_quant_cpu.rfa_forward(xc, alpha, float(beta), thr, a.numel() // 2, qn, qp, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, alpha, beta, a, thr = ctx.saved_tensors
+        qn, qp, gs, axis, outer = ctx.args
+        gx, galpha, ga, s_gx, s_g = fake_quant_cpu.rfa_backward(xc, g, alpha, float(beta), thr, a, a.numel() // 2,
+                                                                qn, qp, outer, axis)
+        galpha = (galpha * gs).to(alpha.dtype).reshape(alpha.shape)
+        gbeta = torch.tensor([s_gx - s_g], dtype=beta.dtype).reshape(beta.shape)
+        return gx, galpha, gbeta, ga, None, None, None, None, None, None
+
+
+def rfa_quantize(x, alpha, beta, a, hard, cells, thresholds: Callable[[], torch.Tensor], qn: int, qp: int,
+                 gs: float, axis: int | None, outer: float) -> torch.Tensor:
+    """RFA fake quantization as one autograd node (``alpha`` shaped to broadcast over ``x``; ``hard``,
+    ``cells`` and ``thresholds`` the quantizer's own rules)."""
+    if _compiled(x) and a.numel() <= fake_quant_cpu.MAX_ANCHORS:
+        return _RFACompiled.apply(x, alpha, beta, a, thresholds(), float(qn), float(qp), gs, axis, outer)
     return _RFA.apply(x, alpha, beta, a, hard, cells, float(qn), float(qp), gs, axis, outer)

@@ -392,6 +392,7 @@ class RFA(Quantizer):
         gs = step_grad_scale(x.numel() / self.channels, qp)
         if fused.use_fused(x, self.alpha, self.beta, self.a):
             return fused.rfa_quantize(x, self.along(self.alpha, x), self.beta, self.a, self.hard_level, self.cells,
+                                      self.thresholds,
                                       qn, qp, gs, self.axis if self.per_channel else None, self.OUTER_SLOPE)
         x = x + self.beta
         alpha = self.along(grad_scale(self.alpha, gs), x)

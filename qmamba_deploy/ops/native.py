@@ -1,0 +1,77 @@
+"""Small C libraries built at first use with the system compiler (the CPU scan kernel, the fake
+quantizers' training kernel).
+
+A library is one C file with no torch headers, compiled into a per-user cache under a name that hashes
+its source, compiler, flags and the CPU's feature flags (so that a cache shared between machines never
+loads a library built for another CPU), and called through ctypes. No build step at install: the
+README's two set-up commands stay the whole set-up. Where there is no compiler the callers keep their
+torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["cache_dir", "compiler", "library_path", "load"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QMAMBA_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "qmamba_deploy"
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                     "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: ``$CC``, else ``cc``; None where there is none (or on Windows)."""
+    if sys.platform == "win32":
+        return None
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
+def library_path(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, *flags, _cpu_fingerprint()]).encode())
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+def _build(source: Path, compiler: str, target: Path, flags: tuple[str, ...]) -> None:
+    """Compile into a temporary file beside ``target`` and move it in place (atomic: two processes
+    building at once both end with a whole library)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *flags, "-o", tmp, str(source)], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(source: Path, compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """``source`` built by ``compiler`` with ``flags``, from the cache or built into it; raises OSError
+    or SubprocessError when it cannot be built or loaded."""
+    target = library_path(source, compiler, flags)
+    if not target.is_file():
+        try:
+            _build(source, compiler, target, flags)
+        except OSError:  # an unwritable cache: build into a private temporary folder of this process
+            target = Path(tempfile.mkdtemp(prefix=f"qmamba_{source.stem}-")) / target.name
+            _build(source, compiler, target, flags)
+    return ctypes.CDLL(str(target))

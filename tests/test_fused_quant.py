@@ -145,3 +145,15 @@ def test_compiled_passes_run_in_training():
         assert type(q(x).grad_fn).__name__ == "_LSQBackward"
     assert type(q(x).grad_fn).__name__ == "_LSQCompiledBackward"  # restored on leaving the block
     assert type(q.double()(x.double()).grad_fn).__name__ == "_LSQBackward"
+
+
+def test_compiled_passes_refuse_mismatched_step_sizes():
+    """The C loops index the step sizes by channel: a count that does not match the tensor is refused
+    before it reaches them (the torch passes would fail to broadcast)."""
+    if not fake_quant_cpu.available():
+        pytest.skip("no C compiler: the compiled passes are not built")
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="3 step sizes for 4 channels"):
+        fake_quant_cpu.lsq_forward(x, torch.ones(3), None, -8.0, 7.0, 0)
+    with pytest.raises(ValueError, match="2 step sizes for 1 channels"):
+        fake_quant_cpu.rfa_forward(x, torch.ones(2), 0.0, torch.arange(15.0) - 7.5, 8, -8.0, 7.0, None)

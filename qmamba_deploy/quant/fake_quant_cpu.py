@@ -86,12 +86,18 @@ def supports(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
-def _layout(x: Tensor, axis: int | None) -> tuple[int, int, int]:
-    """(outer, channels, inner) of ``x`` around ``axis`` (None: one channel)."""
+def _layout(x: Tensor, alpha: Tensor, axis: int | None) -> tuple[int, int, int]:
+    """(outer, channels, inner) of ``x`` around ``axis`` (None: one channel), checked against the number
+    of step sizes (the C loops index ``alpha`` by channel: a mismatch must not reach them)."""
     if axis is None:
-        return 1, 1, x.numel()
-    shape = x.shape
-    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+        layout = (1, 1, x.numel())
+    else:
+        shape = x.shape
+        layout = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
+    if alpha.numel() != layout[1]:
+        raise ValueError(f"fake quantizer: {alpha.numel()} step sizes for {layout[1]} channels of a "
+                         f"{tuple(x.shape)} tensor (axis {axis})")
+    return layout
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -105,8 +111,8 @@ def _beta(beta: Tensor | None) -> tuple[float, int]:
 def lsq_forward(x: Tensor, alpha: Tensor, beta: Tensor | None, qn: float, qp: float, axis: int | None) -> Tensor:
     x, alpha = _flat(x), _flat(alpha)
     out = torch.empty_like(x)
-    _library().qmamba_lsq_forward_f32(x.data_ptr(), alpha.data_ptr(), *_beta(beta), qn, qp, *_layout(x, axis),
-                                      out.data_ptr())
+    _library().qmamba_lsq_forward_f32(x.data_ptr(), alpha.data_ptr(), *_beta(beta), qn, qp,
+                                      *_layout(x, alpha, axis), out.data_ptr())
     return out
 
 
@@ -114,7 +120,7 @@ def lsq_backward(x: Tensor, g: Tensor, alpha: Tensor, beta: Tensor | None, qn: f
                  axis: int | None) -> tuple[Tensor, Tensor, float, float]:
     """(gx, Σ g·dx̂/dα per channel (float64, unscaled), Σ gx, Σ g)."""
     x, g, alpha = _flat(x), _flat(g), _flat(alpha)
-    layout = _layout(x, axis)
+    layout = _layout(x, alpha, axis)
     gx = torch.empty_like(x)
     galpha = torch.empty(layout[1], dtype=torch.float64)
     sums = torch.empty(2, dtype=torch.float64)
@@ -157,7 +163,7 @@ def rfa_forward(x: Tensor, alpha: Tensor, beta: float, thresholds: Tensor, half:
     x, alpha, thr = _flat(x), _flat(alpha), _flat(thresholds)
     out = torch.empty_like(x)
     _library().qmamba_rfa_forward_f32(x.data_ptr(), alpha.data_ptr(), beta, thr.data_ptr(), thr.numel(),
-                                      float(half), qn, qp, *_layout(x, axis), out.data_ptr())
+                                      float(half), qn, qp, *_layout(x, alpha, axis), out.data_ptr())
     return out
 
 
@@ -168,7 +174,7 @@ def rfa_backward(x: Tensor, g: Tensor, alpha: Tensor, beta: float, thresholds: T
     thr, a = _flat(thresholds), _flat(anchors)
     if a.numel() > MAX_ANCHORS:
         raise ValueError(f"RFA: {a.numel()} anchors, the compiled kernel takes at most {MAX_ANCHORS} (8 bits)")
-    layout = _layout(x, axis)
+    layout = _layout(x, alpha, axis)
     gx, ga = torch.empty_like(x), torch.empty_like(a)
     galpha = torch.empty(layout[1], dtype=torch.float64)
     sums = torch.empty(2, dtype=torch.float64)

@@ -18,9 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cache_dir", "compiler", "library_path", "load"]
+__all__ = ["cache_dir", "compiler", "library_path", "load", "load_optional", "OptionalLibrary"]
 
 
 def cache_dir() -> Path:
@@ -75,3 +76,38 @@ def load(source: Path, compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
             target = Path(tempfile.mkdtemp(prefix=f"qmamba_{source.stem}-")) / target.name
             _build(source, compiler, target, flags)
     return ctypes.CDLL(str(target))
+
+
+def load_optional(source: Path, switch: str, loader: Callable[[str], ctypes.CDLL]) -> ctypes.CDLL | None:
+    """``loader(compiler)``, or None — the caller keeps its torch path — where the environment variable
+    ``switch`` is ``torch``, there is no compiler or source, or the build fails."""
+    if os.environ.get(switch, "").lower() == "torch":
+        return None
+    cc = compiler()
+    if cc is None or not source.is_file():
+        return None
+    try:
+        return loader(cc)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class OptionalLibrary:
+    """A C library its module uses where it can: loaded on first use by :func:`load_optional` (once per
+    process), else None and the module's torch path runs."""
+
+    def __init__(self, source: Path, switch: str, loader: Callable[[str], ctypes.CDLL]):
+        self.source, self.switch, self.loader = source, switch, loader
+        self._tried, self._lib = False, None
+
+    def get(self) -> ctypes.CDLL | None:
+        if not self._tried:
+            self._lib, self._tried = load_optional(self.source, self.switch, self.loader), True
+        return self._lib
+
+    def available(self) -> bool:
+        return self.get() is not None
+
+    def backend(self) -> str:
+        """'compiled' where the library is loaded, else 'torch' (benchmarks record it)."""
+        return "compiled" if self.available() else "torch"

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,26 +56,10 @@ def load_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDL
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get(_ENV, "").lower() == "torch":
-        return None
-    compiler = native.compiler()
-    if compiler is None or not SOURCE.is_file():
-        return None
-    try:
-        return load_library(compiler)
-    except (OSError, subprocess.SubprocessError):
-        return None  # no working compiler: the torch path runs
-
-
-def available() -> bool:
-    return _library() is not None
-
-
-def backend() -> str:
-    """'compiled' or 'torch': what the op's CPU float32 forward runs."""
-    return "compiled" if available() else "torch"
+_LIBRARY = native.OptionalLibrary(SOURCE, _ENV, load_library)
+_library = _LIBRARY.get
+available = _LIBRARY.available
+backend = _LIBRARY.backend  # 'compiled' or 'torch': what the op's CPU float32 forward runs
 
 
 @functools.cache  # one pool per thread count a process uses (usually one)

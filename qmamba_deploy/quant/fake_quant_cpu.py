@@ -15,10 +15,7 @@ float32 only.
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -60,26 +57,10 @@ def load_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDL
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get(_ENV, "").lower() == "torch":
-        return None
-    compiler = native.compiler()
-    if compiler is None or not SOURCE.is_file():
-        return None
-    try:
-        return load_library(compiler)
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def available() -> bool:
-    return _library() is not None
-
-
-def backend() -> str:
-    """'compiled' or 'torch': what the quantizers' CPU float32 training passes run."""
-    return "compiled" if available() else "torch"
+_LIBRARY = native.OptionalLibrary(SOURCE, _ENV, load_library)
+_library = _LIBRARY.get
+available = _LIBRARY.available
+backend = _LIBRARY.backend  # 'compiled' or 'torch': what the quantizers' CPU float32 training passes run
 
 
 def supports(x: Tensor) -> bool:

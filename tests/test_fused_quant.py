@@ -8,6 +8,10 @@ where a C compiler is present) and the torch passes that stand in for them witho
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -157,3 +161,15 @@ def test_compiled_passes_refuse_mismatched_step_sizes():
         fake_quant_cpu.lsq_forward(x, torch.ones(3), None, -8.0, 7.0, 0)
     with pytest.raises(ValueError, match="2 step sizes for 1 channels"):
         fake_quant_cpu.rfa_forward(x, torch.ones(2), 0.0, torch.arange(15.0) - 7.5, 8, -8.0, 7.0, None)
+
+
+@pytest.mark.parametrize("env", [{"QMAMBA_FAKE_QUANT_CPU": "torch"}, {"CC": "/nonexistent/cc"}],
+                         ids=["switched off", "no compiler"])
+def test_torch_passes_without_the_library(env, tmp_path):
+    """Switched off, or with no compiler to build it, the quantizers train on their torch passes."""
+    code = ("import torch; from qmamba_deploy.quant import fake_quant_cpu; from qmamba_deploy.quant.quantizers "
+            "import LSQ; q = LSQ(4).train(); x = torch.randn(4, 8, requires_grad=True); "
+            "print(fake_quant_cpu.backend(), type(q(x).grad_fn).__name__)")
+    full = {**os.environ, "QMAMBA_CACHE_DIR": str(tmp_path), **env}
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "_LSQBackward"]

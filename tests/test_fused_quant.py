@@ -173,3 +173,14 @@ def test_torch_passes_without_the_library(env, tmp_path):
     full = {**os.environ, "QMAMBA_CACHE_DIR": str(tmp_path), **env}
     out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["torch", "_LSQBackward"]
+
+
+def test_compiled_rounding_is_torch_round_bit_for_bit():
+    """Half to even at every tie of an 8-bit grid, and the sign of a zero kept (-0.3 -> -0.0), as
+    torch.round: compared as bit patterns, not values."""
+    if not fake_quant_cpu.available():
+        pytest.skip("no C compiler: the compiled passes are not built")
+    x = torch.cat([torch.arange(-129.0, 129.0, 0.5), torch.tensor([-0.3, -0.0, 0.0, 0.3, -1e-30, float("nan")])])
+    out = fake_quant_cpu.lsq_forward(x, torch.ones(1), None, -128.0, 127.0, None)
+    ref = torch.round(x.clamp(-128.0, 127.0)) * 1.0
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))

@@ -7,7 +7,7 @@
  *
  * The forward values are bit-for-bit those of the torch definitions: the same IEEE operations in the
  * same order, which is why this file is compiled with -ffp-contract=off (no fused multiply-adds) and
- * without -ffast-math. Rounding is half to even (nearbyintf in the default rounding mode, as torch.round).
+ * without -ffast-math. Rounding is half to even, as torch.round (round_grid below).
  * The backward's sums run in float by vector lanes (OpenMP simd reductions, -fopenmp-simd: no runtime)
  * over chunks of CHUNK values, then in double (another order than torch's reductions: the gradients
  * agree to float rounding).
@@ -27,6 +27,16 @@ static inline float clamp_grid(float u, float qn, float qp) {
     return v > qp ? qp : v;
 }
 
+/* Round half to even, for |v| < 2^22 (every value here is clamped to a grid of at most 8 bits): adding
+ * 1.5 * 2^23 lands in the binade whose spacing is 1, so the sum rounds to an integer (ties to even) and
+ * the subtraction is exact; the sign is put back so that -0.3 rounds to -0 as nearbyintf does. Plain
+ * arithmetic and bit operations: no libm call, so the loops vectorise on any instruction set. NaN stays
+ * NaN. */
+static inline float round_grid(float v) {
+    const float magic = 12582912.0f;
+    return copysignf((fabsf(v) + magic) - magic, v);
+}
+
 /* ------------------------------------------------------------------------------------------- LSQ */
 
 /* out = R(clamp((x + beta) / alpha_c, qn, qp)) * alpha_c - beta  (no beta: has_beta = 0) */
@@ -40,12 +50,12 @@ int qmamba_lsq_forward_f32(const float *x, const float *alpha, float beta, int h
             float *os = out + base;
             if (has_beta) {
                 for (int64_t j = 0; j < inner; j++) {
-                    float r = nearbyintf(clamp_grid((xs[j] + beta) / a, qn, qp)) * a;
+                    float r = round_grid(clamp_grid((xs[j] + beta) / a, qn, qp)) * a;
                     os[j] = r - beta;
                 }
             } else {
                 for (int64_t j = 0; j < inner; j++)
-                    os[j] = nearbyintf(clamp_grid(xs[j] / a, qn, qp)) * a;
+                    os[j] = round_grid(clamp_grid(xs[j] / a, qn, qp)) * a;
             }
         }
     return 0;
@@ -72,7 +82,7 @@ int qmamba_lsq_backward_f32(const float *x, const float *g, const float *alpha, 
 #pragma omp simd reduction(+ : fa, fgx, fg)
                 for (int64_t j = j0; j < j1; j++) {
                     float u = (xs[j] + b) / a; /* b = 0 without beta: only the sign of a zero u differs */
-                    float v = clamp_grid(u, qn, qp), q = nearbyintf(v);
+                    float v = clamp_grid(u, qn, qp), q = round_grid(v);
                     int inside = v == u;
                     float ge = gs[j], gxe = inside ? ge : 0.0f;
                     float d = q - u;
@@ -99,7 +109,7 @@ int qmamba_lsq_backward_f32(const float *x, const float *g, const float *alpha, 
 int qmamba_dls_forward_f32(const float *x, int64_t n, float beta, float alpha, float qn, float qp, float lo,
                            float hi, float *out) {
     for (int64_t i = 0; i < n; i++) {
-        float o0 = nearbyintf(clamp_grid((x[i] + beta) / alpha, qn, qp)) * alpha;
+        float o0 = round_grid(clamp_grid((x[i] + beta) / alpha, qn, qp)) * alpha;
         o0 = o0 - beta;
         float t = o0 < lo ? lo : o0; /* torch.maximum(o0, lo) */
         out[i] = t > hi ? hi : t;    /* torch.minimum(t, hi) */
@@ -124,7 +134,7 @@ int qmamba_dls_backward1_f32(const float *x, const float *g, int64_t n, float be
 #pragma omp simd reduction(+ : f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10)
         for (int64_t i = i0; i < i1; i++) {
             float xe = x[i], xb = xe + beta, u = xb / alpha;
-            float v = clamp_grid(u, qn, qp), q = nearbyintf(v);
+            float v = clamp_grid(u, qn, qp), q = round_grid(v);
             float o0 = q * alpha;
             o0 = o0 - beta;
             float t = o0 < x_min ? x_min : o0;

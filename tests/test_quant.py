@@ -294,6 +294,13 @@ def test_quantize_cli_ptq_and_qat_then_eval(tmp_path, tiny_ckpt):
     assert "qmambair W4A4" in res.output and "validation: psnr" in res.output
     qat = load_model(tmp_path / "qat" / "model.safetensors")
     assert qat.card.qconfig.method == "qmambair"
+    from qmamba_deploy.ops import scan_cpu
+    from qmamba_deploy.quant import fake_quant_cpu
+
+    # which passes trained it is on record (compiled C or torch: the gradients differ in the last bits)
+    kernels = {"scan": scan_cpu.backend(), "fake_quant": fake_quant_cpu.backend()}
+    assert json.loads((tmp_path / "qat" / "model.json").read_text())["provenance"]["cpu_kernels"] == kernels
+    assert json.loads((tmp_path / "qat" / "run.json").read_text())["cpu_kernels"] == kernels
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path / "qat" / "model.safetensors"), "--quiet"])
     assert res.exit_code == 0 and "mean" in res.output
 

@@ -25,6 +25,8 @@ from ..errors import OptionError
 from ..evaluate import evaluate_model
 from ..models import build_model
 from ..models.routing import routing_mode
+from ..ops import scan_cpu
+from ..quant import fake_quant_cpu
 from .dist import DistInfo, barrier, init_distributed
 from .folder import RUN_KIND, RunFolder
 from .loop import FitResult, LoopConfig, fit
@@ -87,6 +89,15 @@ def build_training_model(cfg: TrainConfig) -> nn.Module:
         init = load_model(cfg.init)
         model.load_state_dict(init.state_dict())
     return model
+
+def cpu_kernels(device: str | torch.device) -> dict[str, str] | None:
+    """On a CPU, which implementation ran the scan and the fake quantizers' training passes ('compiled'
+    C or 'torch'): the same forward values either way, gradients that differ in the last bits, so a
+    retrained run follows another path. None on other devices."""
+    if torch.device(device).type != "cpu":
+        return None
+    return {"scan": scan_cpu.backend(), "fake_quant": fake_quant_cpu.backend()}
+
 
 def _check_resumable(folder: RunFolder, cfg: TrainConfig, world_size: int) -> None:
     if folder.last_checkpoint() is None or not folder.run.is_file():
@@ -166,6 +177,7 @@ def run_job(cfg: TrainConfig, out: str | os.PathLike, make_job: Callable[[TrainC
         if not folder.run.is_file() or folder.last_checkpoint() is None:
             write_json(folder.run, make_manifest(RUN_KIND, config=cfg.as_dict(), command=command, job=job_name,
                                                  world_size=info.world_size, device=info.device,
+                                                 cpu_kernels=cpu_kernels(info.device),
                                                  train_images=[p.name for p in sampler.pairs]))
     barrier(info)
 
@@ -187,7 +199,8 @@ def run_job(cfg: TrainConfig, out: str | os.PathLike, make_job: Callable[[TrainC
         provenance = {"trained_by": job_name, "command": command, "config": cfg.as_dict(),
                       "iterations": result.iteration, "world_size": info.world_size,
                       "train_images": [p.name for p in sampler.pairs],
-                      "weights": "ema" if cfg.ema else "raw", "rank_digests": result.rank_digests}
+                      "weights": "ema" if cfg.ema else "raw", "rank_digests": result.rank_digests,
+                      "cpu_kernels": cpu_kernels(info.device)}
         extra = {"task": deg.as_dict(), **job.manifest}
         if result.validation:
             extra["validation"] = {"data": cfg.val_data, **result.validation}

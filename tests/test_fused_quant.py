@@ -149,6 +149,12 @@ def test_compiled_passes_run_in_training():
         assert type(q(x).grad_fn).__name__ == "_LSQBackward"
     assert type(q(x).grad_fn).__name__ == "_LSQCompiledBackward"  # restored on leaving the block
     assert type(q.double()(x.double()).grad_fn).__name__ == "_LSQBackward"
+    # float64 parameters with a float32 input promote in torch: the torch passes take them, for every kind
+    for kind, shape in ((LSQ(4, offset=True), (4, 8)), (DLS(4), (4, 8)), (RFA(4), (8, 8))):
+        kind.train()
+        with torch.no_grad():
+            kind(torch.randn(shape))
+        assert "Compiled" not in type(kind.double()(torch.randn(shape, requires_grad=True)).grad_fn).__name__
 
 
 def test_compiled_passes_refuse_mismatched_step_sizes():

@@ -65,9 +65,11 @@ def use_fused(*tensors: torch.Tensor | None) -> bool:
             and any(t is not None and t.requires_grad for t in tensors))
 
 
-def _compiled(x: torch.Tensor) -> bool:
-    """True when the compiled passes take ``x`` (float32 on a CPU with the library built)."""
-    return _COMPILED and fake_quant_cpu.supports(x)
+def _compiled(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """True when the compiled passes take ``x`` and the quantizer's ``params`` (all float32, on a CPU with
+    the library built; anything else would promote in torch and must take the torch passes)."""
+    return (_COMPILED and fake_quant_cpu.supports(x)
+            and all(p is None or p.dtype == torch.float32 for p in params))
 
 
 def _sign(v: float) -> float:
@@ -139,7 +141,7 @@ def lsq_quantize(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None
                  gs: float, axis: int | None) -> torch.Tensor:
     """LSQ / LSQ+ fake quantization as one autograd node; ``alpha`` already shaped to broadcast over
     ``x`` (per channel along ``axis``, or per tensor with ``axis`` None)."""
-    node = _LSQCompiled if _compiled(x) else _LSQ
+    node = _LSQCompiled if _compiled(x, alpha, beta) else _LSQ
     return node.apply(x, alpha, beta, float(qn), float(qp), gs, axis)
 
 
@@ -236,7 +238,7 @@ class _DLSCompiled(torch.autograd.Function):
         st["w"] = values[len(stats):]
         xc = x.detach().contiguous()
         ctx.save_for_backward(xc)
-        ctx.stats, ctx.args, ctx.shape = st, (qn, qp, gs), w1.shape
+        ctx.stats, ctx.args, ctx.shape, ctx.dtype = st, (qn, qp, gs), w1.shape, w1.dtype
         return fake_quant_cpu.dls_forward(xc, st["beta"], st["alpha"], qn, qp, st["x_min"], st["x_max"])
 
     @staticmethod
@@ -267,13 +269,14 @@ class _DLSCompiled(torch.autograd.Function):
                 (g_beta * w24 + s["to_max"]) / max(s["n_max_x"], 1.0)]
         gx = fake_quant_cpu.dls_backward2(xc, gx, st["beta"], st["mean_b"], st["min_b"], st["max_b"], st["mean_x"],
                                           st["x_min"], st["x_max"], coef)
-        grads = torch.tensor(gw, dtype=torch.float32).reshape(8, *ctx.shape).unbind(0)
+        grads = torch.tensor(gw, dtype=ctx.dtype).reshape(8, *ctx.shape).unbind(0)
         return (gx.view(g.shape), *grads, None, None, None, None)
 
 
 def dls_quantize(x: torch.Tensor, weights, bits: int, qn: int, qp: int, gs: float) -> torch.Tensor:
     """DLS fake quantization as one autograd node (``weights``: the eight scalars, DLS_WEIGHTS order)."""
-    node = _DLSCompiled if _compiled(x) else _DLS
+    weights = tuple(weights)
+    node = _DLSCompiled if _compiled(x, *weights) else _DLS
     return node.apply(x, *weights, bits, float(qn), float(qp), gs)
 
 
@@ -339,13 +342,13 @@ class _RFACompiled(torch.autograd.Function):
                                                                 qn, qp, outer, axis)
         galpha = (galpha * gs).to(alpha.dtype).reshape(alpha.shape)
         gbeta = torch.tensor([s_gx - s_g], dtype=beta.dtype).reshape(beta.shape)
-        return gx, galpha, gbeta, ga, None, None, None, None, None, None
+        return gx, galpha, gbeta, ga.to(a.dtype), None, None, None, None, None, None
 
 
 def rfa_quantize(x, alpha, beta, a, hard, cells, thresholds: Callable[[], torch.Tensor], qn: int, qp: int,
                  gs: float, axis: int | None, outer: float) -> torch.Tensor:
     """RFA fake quantization as one autograd node (``alpha`` shaped to broadcast over ``x``; ``hard``,
     ``cells`` and ``thresholds`` the quantizer's own rules)."""
-    if _compiled(x) and a.numel() <= fake_quant_cpu.MAX_ANCHORS:
+    if _compiled(x, alpha, beta, a) and a.numel() <= fake_quant_cpu.MAX_ANCHORS:
         return _RFACompiled.apply(x, alpha, beta, a, thresholds(), float(qn), float(qp), gs, axis, outer)
     return _RFA.apply(x, alpha, beta, a, hard, cells, float(qn), float(qp), gs, axis, outer)

@@ -4,7 +4,8 @@ quant/fused.py writes each quantizer's forward and backward as one autograd node
 on the tensors of a QAT step (a few thousand to a hundred thousand values) those 10-40 operator calls
 per quantizer cost more in dispatch and passes over memory than in arithmetic. The C file does each
 forward in one pass and each backward in one (DLS: two) — the forward bit-for-bit the torch definition
-(no fused multiply-adds, rounding half to even), the backward's sums in double. The scalar algebra of
+(no fused multiply-adds, rounding half to even), the backward's sums by vector lanes in float over
+chunks of values, then in double. The scalar algebra of
 DLS's statistics stays in quant/fused.py; this module only moves tensors in and out of the passes.
 
 Built at first use like the scan kernel (ops/native.py). Where there is no compiler, the build fails or

@@ -15,6 +15,8 @@ import sys
 import pytest
 import torch
 
+from qmamba_deploy.errors import EnvironmentMissing, OptionError
+from qmamba_deploy.ops import native
 from qmamba_deploy.quant import fake_quant_cpu, fused
 from qmamba_deploy.quant.quantizers import DLS, LSQ, RFA
 
@@ -179,6 +181,37 @@ def test_torch_passes_without_the_library(env, tmp_path):
     full = {**os.environ, "QMAMBA_CACHE_DIR": str(tmp_path), **env}
     out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["torch", "_LSQBackward"]
+
+
+def test_library_switch_values(monkeypatch, tmp_path):
+    """The libraries' environment switches: unset/auto builds where it can and falls back quietly, torch
+    never builds, compiled insists (one sentence naming the switch and the reason), anything else is refused."""
+    source = tmp_path / "lib.c"
+    source.write_text("int f(void) { return 1; }\n")
+    calls = []
+
+    def loader(cc):
+        calls.append(cc)
+        raise OSError("cannot build here")
+
+    monkeypatch.setenv("CC", sys.executable)  # found on PATH or not, never a C compiler
+    for value in ("", "auto", "AUTO "):
+        monkeypatch.setenv("QMAMBA_TEST_SWITCH", value)
+        assert native.load_optional(source, "QMAMBA_TEST_SWITCH", loader) is None
+    assert len(calls) == 3
+    monkeypatch.setenv("QMAMBA_TEST_SWITCH", "torch")
+    assert native.load_optional(source, "QMAMBA_TEST_SWITCH", loader) is None
+    assert len(calls) == 3  # torch never tries to build
+    monkeypatch.setenv("QMAMBA_TEST_SWITCH", "compiled")
+    with pytest.raises(EnvironmentMissing, match="QMAMBA_TEST_SWITCH=compiled .* building lib.c .* failed"):
+        native.load_optional(source, "QMAMBA_TEST_SWITCH", loader)
+    monkeypatch.setenv("QMAMBA_TEST_SWITCH", "off")
+    with pytest.raises(OptionError, match="QMAMBA_TEST_SWITCH='off' is not understood"):
+        native.load_optional(source, "QMAMBA_TEST_SWITCH", loader)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("QMAMBA_TEST_SWITCH", "compiled")
+    with pytest.raises(EnvironmentMissing, match="no C compiler"):
+        native.load_optional(source, "QMAMBA_TEST_SWITCH", loader)
 
 
 def test_compiled_rounding_is_torch_round_bit_for_bit():

@@ -6,6 +6,10 @@ its source, compiler, flags and the CPU's feature flags (so that a cache shared 
 loads a library built for another CPU), and called through ctypes. No build step at install: the
 README's two set-up commands stay the whole set-up. Where there is no compiler the callers keep their
 torch paths.
+
+Each library has an environment switch (``QMAMBA_SCAN_CPU``, ``QMAMBA_FAKE_QUANT_CPU``): unset or
+``auto`` uses the library where it builds, ``torch`` keeps the torch path, ``compiled`` insists on the
+library (an error naming the reason where it cannot be built); any other value is an error.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cache_dir", "compiler", "library_path", "load", "load_optional", "OptionalLibrary"]
+from ..errors import EnvironmentMissing, OptionError
+
+__all__ = ["cache_dir", "compiler", "library_path", "load", "load_optional", "OptionalLibrary", "SWITCH_VALUES"]
+
+#: what an environment switch of a library may say (see the module docstring)
+SWITCH_VALUES = ("auto", "torch", "compiled")
 
 
 def cache_dir() -> Path:
@@ -78,18 +87,38 @@ def load(source: Path, compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
+def switch_value(switch: str) -> str:
+    """The environment variable ``switch`` as one of SWITCH_VALUES (unset or empty: ``auto``)."""
+    value = os.environ.get(switch, "").strip().lower() or "auto"
+    if value not in SWITCH_VALUES:
+        raise OptionError(f"environment variable {switch}={os.environ[switch]!r} is not understood; set it to "
+                          f"{', '.join(SWITCH_VALUES)} or unset it")
+    return value
+
+
 def load_optional(source: Path, switch: str, loader: Callable[[str], ctypes.CDLL]) -> ctypes.CDLL | None:
     """``loader(compiler)``, or None — the caller keeps its torch path — where the environment variable
-    ``switch`` is ``torch``, there is no compiler or source, or the build fails."""
-    if os.environ.get(switch, "").lower() == "torch":
+    ``switch`` is ``torch``, or (``auto``) there is no compiler or source, or the build fails. With
+    ``switch=compiled`` those last cases raise EnvironmentMissing instead."""
+    value = switch_value(switch)
+    if value == "torch":
         return None
     cc = compiler()
-    if cc is None or not source.is_file():
-        return None
-    try:
-        return loader(cc)
-    except (OSError, subprocess.SubprocessError):
-        return None
+    why = None
+    if cc is None:
+        why = f"no C compiler ({os.environ.get('CC') or 'cc'}) was found"
+    elif not source.is_file():
+        why = f"its source {source} is missing"
+    else:
+        try:
+            return loader(cc)
+        except (OSError, subprocess.SubprocessError) as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            why = f"building {source.name} with {cc} failed ({type(e).__name__}: {first})"
+    if value == "compiled":
+        raise EnvironmentMissing(f"{switch}=compiled asks for the compiled {source.stem} library, but {why}; install a "
+                                 f"C compiler (or set CC), or unset {switch} to fall back to the torch path")
+    return None
 
 
 class OptionalLibrary:

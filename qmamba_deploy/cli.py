@@ -422,6 +422,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
 @click.option("--margin-noise", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="QAT: add σ·U(-1/2, 1/2) of a step to every activation quantizer's input in training, so that "
                    "the model does not depend on which side of a rounding boundary a value falls (0: off).")
+@click.option("--qdrop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="QAT: in training, leave this fraction of every activation quantizer's outputs at their float "
+                   "values, chosen at random per element (QDrop; 0: off).")
 @click.option("--save-every", type=_POS, default=500, show_default=True)
 @click.option("--val-every", type=_NONNEG, default=0, show_default=True)
 @click.option("--seed", type=_NONNEG, default=0, show_default=True)
@@ -446,9 +449,9 @@ def train(arch, kwargs, task, scale, sigma, quality, data, val_data, out, iters,
               help="Bits for the modules matching PATTERN, e.g. '*.wqkv=W8A8' (repeatable; after --policy's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data, val_data, out, iters, calib_batches,
-             patch, batch, lr, quant_lr, step_init, schedule, distill, distill_features, margin_noise, save_every,
-             val_every, seed, device, rank, group_size, route_iters, feature_weight, spr2q_variant, bounds_init, policy,
-             keep_fp, layer_bits, quiet):
+             patch, batch, lr, quant_lr, step_init, schedule, distill, distill_features, margin_noise, qdrop,
+             save_every, val_every, seed, device, rank, group_size, route_iters, feature_weight, spr2q_variant,
+             bounds_init, policy, keep_fp, layer_bits, quiet):
     """Quantize a float checkpoint (QAT with the training loop, or PTQ calibration)."""
 
     chosen = read_policy(policy)
@@ -467,7 +470,7 @@ def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data,
                  patch=patch, batch=batch, iters=iters, lr=lr, schedule=schedule, val_every=val_every,
                  save_every=save_every, seed=seed, device=device, checkpoint=ckpt, method=method, w_bits=w_bits,
                  a_bits=a_bits, scan_bits=scan_bits, distill=distill, distill_features=distill_features,
-                 margin_noise=margin_noise,
+                 margin_noise=margin_noise, qdrop=qdrop,
                  calib_batches=calib_batches, quant_lr=quant_lr,
                  w_granularity=w_granularity, keep_fp=keep, overrides=overrides, step_init=step_init)
     try:

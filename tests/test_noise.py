@@ -1,4 +1,4 @@
-"""quantize --margin-noise: training-time perturbation of the activation quantizers' inputs."""
+"""quantize --margin-noise / --qdrop: training-time perturbation of the activation quantizers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from qmamba_deploy.fold import fold
 from qmamba_deploy.jobs.quantize import QuantizeConfig
 from qmamba_deploy.quant.deploy import ActQuant
 from qmamba_deploy.quant.layers import QuantLinear
-from qmamba_deploy.quant.noise import MarginNoise
+from qmamba_deploy.quant.noise import ActivationDrop, MarginNoise
 from qmamba_deploy.quant.qconfig import activation_quantizers
 from qmamba_deploy.quant.quantizers import LSQ
 
@@ -107,3 +107,62 @@ def test_qat_with_margin_noise_records_it_changes_the_loss_and_leaves_no_hooks(t
     manifest = json.loads((tmp_path / "noisy" / "model.json").read_text())
     assert manifest["provenance"]["config"]["margin_noise"] == 1.0
     assert not any(m._forward_pre_hooks for _, m in activation_quantizers(noisy))
+
+
+def test_qdrop_leaves_a_fraction_in_float_only_in_training_forwards_and_gradients_reach_the_step():
+    x = (torch.arange(-700, 700).float() * 0.1 / 100 + 0.033)[:, None]  # no value on a code: dropped ones differ
+    q = _identity_layer()
+    plain = q(x).detach()
+    with ActivationDrop(q, 0.3):
+        xr = x.clone().requires_grad_()
+        out = q(xr)
+        kept_float = (out.detach() == x).float().mean()
+        assert 0.25 < float(kept_float) < 0.35                     # p of the elements see their float value
+        assert torch.equal(out.detach()[out.detach() != x], plain[out.detach() != x])  # the rest: quantized
+        out.sum().backward()
+        assert q.linear_act_quant.alpha.grad is not None and float(q.linear_act_quant.alpha.grad) != 0.0
+        with torch.no_grad():                                      # calibration: no gradient, no drop
+            assert torch.equal(q(x), plain)
+        q.eval()                                                   # validation / export
+        assert torch.equal(q(x.clone().requires_grad_()).detach(), plain)
+    q.train()
+    assert torch.equal(q(x.clone().requires_grad_()).detach(), plain)
+    assert not q.linear_act_quant._forward_hooks
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=r"\(0, 1\)"):
+            ActivationDrop(q, bad)
+
+
+def test_qdrop_reaches_every_activation_quantizer_and_is_refused_where_it_cannot_work(tmp_path, tiny_ckpt):
+    q = _quantized("v2", "qmambair", 4, 4).train()
+    drop = ActivationDrop(q, 0.5).attach()
+    assert all(len(m._forward_hooks) == 1 for _, m in activation_quantizers(q))
+    drop.detach()
+    assert not any(m._forward_hooks for _, m in activation_quantizers(q))
+    with pytest.raises(OptionError, match="--qdrop"):
+        QuantizeConfig(checkpoint="x", qdrop=1.0)
+    with pytest.raises(OptionError, match="--qdrop"):
+        QuantizeConfig(checkpoint="x", method="mse", qdrop=0.5)
+    res = CliRunner().invoke(main, ["quantize", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "one"),
+                                    "--qdrop", "1"])
+    assert res.exit_code == 2 and "--qdrop" in res.output and not (tmp_path / "one").exists()
+
+
+def test_qat_with_qdrop_records_it_changes_the_loss_and_leaves_no_hooks(tmp_path, tiny_ckpt):
+    from qmamba_deploy import load_model
+    from qmamba_deploy.jobs.quantize import quantize
+
+    fp = load_model(tiny_ckpt)
+
+    def run(out, p):
+        cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
+                             data="builtin", val_data=None, patch=16, batch=2, iters=1, device="cpu",
+                             checkpoint=str(tiny_ckpt), calib_batches=1, qdrop=p)
+        model = quantize(cfg, out, progress=False).model
+        return model, json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
+
+    dropped, loss = run(tmp_path / "qdrop", 0.5)
+    assert loss != run(tmp_path / "plain", 0.0)[1]
+    manifest = json.loads((tmp_path / "qdrop" / "model.json").read_text())
+    assert manifest["provenance"]["config"]["qdrop"] == 0.5
+    assert not any(m._forward_hooks for _, m in activation_quantizers(dropped))

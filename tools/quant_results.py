@@ -58,6 +58,7 @@ def main() -> None:
                          "(--policy's precision policy), 'distill' (--distill's weight of L1 to the float model's "
                          "output), 'features' (--distill-features's weight of the float model's block outputs), "
                          "'noise' (--margin-noise's perturbation of the activation quantizers' inputs), "
+                         "'qdrop' (--qdrop's fraction of activations left in float during training), "
                          "'channel' (per-channel weights), 'mse' (steps start at the MSE-optimal "
                          "step, --step-init mse), or several joined by '+', e.g. "
                          "qmambair:4:4:policy+channel")
@@ -68,6 +69,8 @@ def main() -> None:
                          "recipe)")
     ap.add_argument("--margin-noise", type=float, default=0.5,
                     help="width of 'noise' rows' perturbation of activation quantizer inputs, in steps")
+    ap.add_argument("--qdrop", type=float, default=0.5,
+                    help="fraction of activations 'qdrop' rows leave in float in training forwards")
     ap.add_argument("--beside", type=Path, action="append", default=[],
                     help="an earlier results JSON of this tool: its rows whose label matches one of --beside-rows "
                          "are listed beside the new ones, marked with the file's name")
@@ -105,13 +108,15 @@ def main() -> None:
                 extra.update(distill_features=args.distill_features)
             elif part == "noise":
                 extra.update(margin_noise=args.margin_noise)
+            elif part == "qdrop":
+                extra.update(qdrop=args.qdrop)
             elif part == "channel":
                 extra.update(w_granularity="channel")
             elif part == "mse":
                 extra.update(step_init="mse")
             else:
-                raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, features, noise, channel, mse "
-                                 f"or several joined by '+'")
+                raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, features, noise, qdrop, "
+                                 f"channel, mse or several joined by '+'")
         cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
                              data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
                              lr=args.lr, schedule=args.schedule, seed=args.seed, quant_lr=args.quant_lr, ema=args.ema,
@@ -134,7 +139,7 @@ def main() -> None:
             model = load_model(run / "model.safetensors")
         names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
                  "features": f"block features {args.distill_features:g}",
-                 "noise": f"margin noise {args.margin_noise:g}",
+                 "noise": f"margin noise {args.margin_noise:g}", "qdrop": f"QDrop {args.qdrop:g}",
                  "channel": "per-channel weights", "mse": "MSE-initialised steps"}
         label = " + ".join([f"W{w}A{a} {method}"] + [names[p] for p in filter(None, variant.split("+"))])
         if start:

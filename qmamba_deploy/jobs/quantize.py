@@ -35,7 +35,7 @@ from ..errors import OptionError
 from ..models.routing import routing_mode
 from ..quant import calibrating
 from ..quant.distill import BlockFeatures, feature_alignment
-from ..quant.noise import MarginNoise
+from ..quant.noise import ActivationDrop, MarginNoise
 from ..quant.qconfig import SPR2Q_VARIANTS, QConfig, quantize_model
 from ..quant.quantizers import STEP_INITS, Quantizer, set_step_init
 from ..quant.spr2q import (
@@ -73,6 +73,7 @@ class QuantizeConfig(TrainConfig):
     distill: float = 0.0  # weight of L1(student, teacher) in the QAT loss
     distill_features: float = 0.0  # weight of the block feature-alignment term in the QAT loss
     margin_noise: float = 0.0  # QAT: activation quantizer inputs perturbed by σ·U(−½, ½) steps (0: off)
+    qdrop: float = 0.0  # QAT: fraction of activations left in float in training forwards (QDrop; 0: off)
     calib_batches: int = 4
     quant_lr: float | None = None  # learning rate of quantizer parameters (default: lr)
     step_init: str = "lsq"  # how learnable step sizes start (STEP_INITS): LSQ's rule or the MSE-optimal step
@@ -93,6 +94,9 @@ class QuantizeConfig(TrainConfig):
                               f"feature term)")
         if not 0 <= self.margin_noise <= 1:
             raise OptionError(f"--margin-noise {self.margin_noise} must be in [0, 1] (a fraction of a step; 0: off)")
+        if not 0 <= self.qdrop < 1:
+            raise OptionError(f"--qdrop {self.qdrop} must be in [0, 1) (the fraction of activations left in float "
+                              f"during training; 0: off)")
         if self.calib_batches < 1:
             raise OptionError("--calib-batches must be at least 1")
         if self.step_init not in STEP_INITS:
@@ -103,6 +107,9 @@ class QuantizeConfig(TrainConfig):
                               f"bounds with --bounds-init)")
         if self.margin_noise and not self.trains_in_loop:
             raise OptionError(f"--margin-noise perturbs the activation quantizers of a QAT method's training; "
+                              f"{self.method} does not train in the QAT loop")
+        if self.qdrop and not self.trains_in_loop:
+            raise OptionError(f"--qdrop leaves activations in float during a QAT method's training; "
                               f"{self.method} does not train in the QAT loop")
 
     @property
@@ -162,6 +169,7 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
     taught = bool(lam or mu)  # the float model runs beside the student
     student_features = BlockFeatures(model, training_only=True).attach() if mu else None
     noise = MarginNoise(model, cfg.margin_noise).attach() if cfg.margin_noise else None
+    drop = ActivationDrop(model, cfg.qdrop).attach() if cfg.qdrop else None
 
     def prepare(sampler) -> None:
         calibrate(model, _calibration_batches(cfg, sampler), info.device)
@@ -188,7 +196,7 @@ def _qat_job(cfg: QuantizeConfig, info: DistInfo) -> Job:
         return with_teacher
 
     def finish() -> None:  # the trained model carries no training hooks
-        for hooks in (student_features, noise):
+        for hooks in (student_features, noise, drop):
             if hooks is not None:
                 hooks.detach()
 

@@ -1,4 +1,4 @@
-"""Training with perturbed activation codes (``quantize --margin-noise σ``).
+"""Training with perturbed activation codes (``quantize --margin-noise σ``, ``quantize --qdrop p``).
 
 A deployed low-bit model is discontinuous: two runtimes whose float sums differ by a few ulps move
 some activations across a rounding boundary, and every flipped code perturbs what follows by a whole
@@ -7,6 +7,12 @@ the input of every activation quantizer in training forwards, so that the networ
 do not depend on which side of a boundary a value falls — codes near a boundary flip at random during
 training, as a runtime's rounding flips them at deployment. The noise is a training-time device only:
 calibration (no gradient), validation (eval mode) and the deployed model never see it.
+
+:class:`ActivationDrop` is QDrop's device (Wei et al., ICLR 2022, "QDrop: randomly dropping quantization
+for extremely low-bit post-training quantization"), used here in QAT: in a training forward each
+activation quantizer hands on its float input instead of its quantized output at a random fraction
+``p`` of the elements, so the weights learn under a mix of quantized and float activations — the flatter
+optimum the paper finds — and the step sizes still train on the rest. Also training-time only.
 """
 
 from __future__ import annotations
@@ -59,6 +65,41 @@ class MarginNoise:
         return (x + noise, *args[1:])
 
     def __enter__(self) -> MarginNoise:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+class ActivationDrop:
+    """Hooks that keep a random fraction ``p`` of every activation quantizer's outputs at their float
+    inputs in training forwards (QDrop; 0 < ``p`` < 1). :meth:`attach` / :meth:`detach`, or a context."""
+
+    def __init__(self, model: nn.Module, p: float):
+        if not 0 < p < 1:
+            raise ValueError(f"qdrop {p} must be in (0, 1) (the fraction of activations left in float)")
+        self.model, self.p = model, float(p)
+        self._hooks: list = []
+
+    def attach(self) -> ActivationDrop:
+        sites = activation_quantizers(self.model)
+        if not sites:
+            raise ValueError("qdrop needs a quantized model (it has no activation quantizers)")
+        self._hooks = [q.register_forward_hook(self._drop) for _, q in sites]
+        return self
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _drop(self, q: Quantizer, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not (q.training and torch.is_grad_enabled() and q.initialized):
+            return None  # calibration, validation, export: the plain quantizer
+        keep = torch.rand_like(out) >= self.p
+        return torch.where(keep, out, args[0])
+
+    def __enter__(self) -> ActivationDrop:
         return self.attach()
 
     def __exit__(self, *exc) -> None:

@@ -39,6 +39,26 @@ ROWS = [("minmax", 8, 8), ("percentile", 8, 8),
         ("lsq", 2, 2), ("qmambair", 2, 2)]
 
 
+def mean_of(runs: list[dict]) -> dict:
+    """One row from one run per seed: the mean of every number the runs share (PSNR, SSIM, seconds, ...)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"]
+    return {k: sum(r[k] for r in runs) / len(runs) for k in keys}
+
+
+def check_reuse(run: Path, cfg: QuantizeConfig) -> None:
+    """A finished run folder is reused only when it was trained with ``cfg`` (one sentence naming what differs)."""
+    try:
+        old = json.loads((run / "model.json").read_text())["provenance"]["config"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        raise SystemExit(f"{run}: a finished run without a readable model.json; delete the folder to redo it") from None
+    new = json.loads(json.dumps(cfg.as_dict()))
+    defaults = json.loads(json.dumps(QuantizeConfig(checkpoint="x").as_dict()))
+    differ = sorted(k for k in new if k not in ("save_every", "checkpoint") and old.get(k, defaults.get(k)) != new[k])
+    if differ:
+        raise SystemExit(f"{run} was trained with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in differ)}"
+                         f"); delete it or pass another --runs folder")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(ROOT.parent / "shared/checkpoints/mambairv2_light_x4.safetensors"))
@@ -46,7 +66,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the training patches, the Gumbel noise and the init")
+    ap.add_argument("--seed", type=int, nargs="+", default=[0],
+                    help="seed of the training patches, the Gumbel noise and the init; several: each row runs once per "
+                         "seed and the table shows their mean and each seed's difference from FP32")
     ap.add_argument("--schedule", choices=SCHEDULES, default="multistep",
                     help="learning-rate schedule (multistep: halved at 50/80/90/95 %% of the run)")
     ap.add_argument("--quant-lr", type=float, default=None, help="learning rate of quantizer parameters (default --lr)")
@@ -95,9 +117,8 @@ def main() -> None:
     results = [{"label": "FP32", "method": "float", "bits": "32/32", "qat": False,
                 **evaluate_model(fp, pairs, deg).summary, "seconds": 0.0}]
     print(json.dumps(results[-1]), flush=True)
+    seeds = list(dict.fromkeys(args.seed))
     for method, w, a, variant in rows:
-        run = Path(args.runs) / (f"{Path(args.checkpoint).stem}_{method}_w{w}a{a}"
-                                 + (f"_{variant.replace('+', '_')}" if variant else ""))
         extra: dict = {}
         for part in filter(None, variant.split("+")):
             if part == "policy":
@@ -117,37 +138,46 @@ def main() -> None:
             else:
                 raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, features, noise, qdrop, "
                                  f"channel, mse or several joined by '+'")
-        cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
-                             data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
-                             lr=args.lr, schedule=args.schedule, seed=args.seed, quant_lr=args.quant_lr, ema=args.ema,
-                             device="cpu",
-                             checkpoint=args.checkpoint,
-                             method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
-                             save_every=max(args.iters // 4, 1), **extra)
-        start = args.start and cfg.trains_in_loop
-        t0 = time.perf_counter()
-        if start:
-            model = qat_start(cfg)
-            seconds = time.perf_counter() - t0
-        else:
-            if not (run / "model.safetensors").is_file():
-                quantize(cfg, run, command=f"tools/quant_results.py ({method} W{w}A{a})", progress=False)
-            seconds = time.perf_counter() - t0
-            log = run / "log.jsonl"
-            if seconds < 60 and log.is_file():  # reused: the run's own training time
-                seconds = json.loads(log.read_text().splitlines()[-1]).get("elapsed_s", seconds)
-            model = load_model(run / "model.safetensors")
         names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
                  "features": f"block features {args.distill_features:g}",
                  "noise": f"margin noise {args.margin_noise:g}", "qdrop": f"QDrop {args.qdrop:g}",
                  "channel": "per-channel weights", "mse": "MSE-initialised steps"}
         label = " + ".join([f"W{w}A{a} {method}"] + [names[p] for p in filter(None, variant.split("+"))])
+        per_seed = []
+        for seed in seeds:
+            run = Path(args.runs) / (f"{Path(args.checkpoint).stem}_{method}_w{w}a{a}"
+                                     + (f"_{variant.replace('+', '_')}" if variant else "")
+                                     + (f"_seed{seed}" if seed else ""))
+            cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
+                                 data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
+                                 lr=args.lr, schedule=args.schedule, seed=seed, quant_lr=args.quant_lr, ema=args.ema,
+                                 device="cpu", checkpoint=args.checkpoint,
+                                 method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
+                                 save_every=max(args.iters // 4, 1), **extra)
+            start = args.start and cfg.trains_in_loop
+            t0 = time.perf_counter()
+            if start:
+                model = qat_start(cfg)
+                seconds = time.perf_counter() - t0
+            else:
+                if (run / "model.safetensors").is_file():
+                    check_reuse(run, cfg)
+                else:
+                    quantize(cfg, run, command=f"tools/quant_results.py ({method} W{w}A{a})", progress=False)
+                seconds = time.perf_counter() - t0
+                log = run / "log.jsonl"
+                if seconds < 60 and log.is_file():  # reused: the run's own training time
+                    seconds = json.loads(log.read_text().splitlines()[-1]).get("elapsed_s", seconds)
+                model = load_model(run / "model.safetensors")
+            per_seed.append({"seed": seed, **evaluate_model(model, pairs, deg).summary, "seconds": seconds})
+            print(json.dumps({"label": label, **per_seed[-1]}), flush=True)
         if start:
             label += " (start: no training step)"
-        results.append({"label": label, "method": method, "bits": f"{w}/{a}",
-                        "qat": cfg.qconfig().recipe.qat, **evaluate_model(model, pairs, deg).summary,
-                        "seconds": seconds})
-        print(json.dumps(results[-1]), flush=True)
+        row = {"label": label, "method": method, "bits": f"{w}/{a}", "qat": cfg.qconfig().recipe.qat,
+               **mean_of(per_seed)}
+        if len(seeds) > 1:
+            row["per_seed"] = per_seed
+        results.append(row)
 
     for earlier in args.beside:
         for r in json.loads(earlier.read_text())["rows"]:
@@ -172,7 +202,11 @@ def main() -> None:
         f"{args.patch}x{args.patch} LR patches, Adam lr {args.lr:g} "
         + (f"(weights; quantizers {args.quant_lr:g})" if args.quant_lr is not None else "(weights and quantizers)")
         + ", L1 to the ground "
-        f"truth, {args.schedule} schedule, seed {args.seed}; quantizers initialised on the first of "
+        f"truth, {args.schedule} schedule, "
+        + (f"seed {seeds[0]}" if len(seeds) == 1 else
+           f"seeds {', '.join(map(str, seeds))} (each row: the mean of one run per seed; 'per seed' lists each "
+           f"run's Δ PSNR)")
+        + "; quantizers initialised on the first of "
         f"{args.calib_batches} calibration "
         f"batches. PTQ methods calibrate on the same {args.calib_batches} batches. "
         "This is a CPU-sized budget (the Q-MambaIR recipe is 20k iterations on DF2K); the ranking, not the "
@@ -183,12 +217,14 @@ def main() -> None:
            "quantizers inserted and initialised on the calibration batches, no training step taken; "
            "'seconds' is that initialisation."] if args.start else []),
         "",
-        "| configuration | QAT | Y-PSNR | SSIM | Δ PSNR vs FP32 | seconds |",
-        "|---|---|---|---|---|---|",
+        "| configuration | QAT | Y-PSNR | SSIM | Δ PSNR vs FP32 | seconds |"
+        + (" per seed |" if len(seeds) > 1 else ""),
+        "|---|---|---|---|---|---|" + ("---|" if len(seeds) > 1 else ""),
     ]
     for r in results:
+        each = " / ".join(f"{x['psnr'] - fp_psnr:+.3f}" for x in r.get("per_seed", []))
         lines.append(f"| {r['label']} | {'yes' if r['qat'] else 'no'} | {r['psnr']:.4f} | {r['ssim']:.4f} | "
-                     f"{r['psnr'] - fp_psnr:+.3f} | {r['seconds']:.0f} |")
+                     f"{r['psnr'] - fp_psnr:+.3f} | {r['seconds']:.0f} |" + (f" {each} |" if len(seeds) > 1 else ""))
     lines.append("")
     write_text(args.out, "\n".join(lines))
     write_text(Path(args.out).with_suffix(".json"),

@@ -201,8 +201,9 @@ def main() -> None:
         f"- **Budget**: every QAT method gets the same {args.iters} iterations, batch {args.batch}, "
         f"{args.patch}x{args.patch} LR patches, Adam lr {args.lr:g} "
         + (f"(weights; quantizers {args.quant_lr:g})" if args.quant_lr is not None else "(weights and quantizers)")
-        + ", L1 to the ground "
-        f"truth, {args.schedule} schedule, "
+        + ", L1 to the ground truth (the rows' variants add to the loss: 'distill' rows L1 to the float model's "
+        "output, 'features' rows the block feature term), "
+        f"{args.schedule} schedule, "
         + (f"seed {seeds[0]}" if len(seeds) == 1 else
            f"seeds {', '.join(map(str, seeds))} (each row: the mean of one run per seed; 'per seed' lists each "
            f"run's Δ PSNR)")

@@ -79,34 +79,41 @@ def test_noise_reaches_every_activation_quantizer_of_a_model_and_detaches():
         MarginNoise(q, 1.5)
 
 
-def test_margin_noise_is_refused_out_of_range_or_for_a_method_without_qat_loop(tmp_path, tiny_ckpt):
-    with pytest.raises(OptionError, match="--margin-noise"):
-        QuantizeConfig(checkpoint="x", margin_noise=1.5)
-    with pytest.raises(OptionError, match="--margin-noise"):
-        QuantizeConfig(checkpoint="x", method="minmax", margin_noise=0.5)
-    res = CliRunner().invoke(main, ["quantize", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "neg"),
-                                    "--margin-noise", "-0.1"])
-    assert res.exit_code == 2 and "--margin-noise" in res.output and not (tmp_path / "neg").exists()
+@pytest.mark.parametrize("setting, out_of_range, cli_value", [("margin_noise", 1.5, "-0.1"), ("qdrop", 1.0, "1")])
+def test_a_perturbation_is_refused_out_of_range_or_for_a_method_without_qat_loop(tmp_path, tiny_ckpt, setting,
+                                                                                  out_of_range, cli_value):
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(OptionError, match=flag):
+        QuantizeConfig(checkpoint="x", **{setting: out_of_range})
+    with pytest.raises(OptionError, match=flag):
+        QuantizeConfig(checkpoint="x", method="minmax", **{setting: 0.5})
+    res = CliRunner().invoke(main, ["quantize", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "bad"),
+                                    flag, cli_value])
+    assert res.exit_code == 2 and flag in res.output and not (tmp_path / "bad").exists()
 
 
-def test_qat_with_margin_noise_records_it_changes_the_loss_and_leaves_no_hooks(tmp_path, tiny_ckpt):
+def _one_qat_step(ckpt, out, **kw):
+    """One QAT iteration of the tiny model into ``out``: the trained model and the first logged loss."""
     from qmamba_deploy import load_model
     from qmamba_deploy.jobs.quantize import quantize
 
-    fp = load_model(tiny_ckpt)
+    fp = load_model(ckpt)
+    cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
+                         data="builtin", val_data=None, patch=16, batch=2, iters=1, device="cpu",
+                         checkpoint=str(ckpt), calib_batches=1, **kw)
+    model = quantize(cfg, out, progress=False).model
+    return model, json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
 
-    def run(out, sigma):
-        cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
-                             data="builtin", val_data=None, patch=16, batch=2, iters=1, device="cpu",
-                             checkpoint=str(tiny_ckpt), calib_batches=1, margin_noise=sigma)
-        model = quantize(cfg, out, progress=False).model
-        return model, json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
 
-    noisy, loss = run(tmp_path / "noisy", 1.0)
-    assert loss != run(tmp_path / "plain", 0.0)[1]  # the same seed, batch and start: only the noise differs
-    manifest = json.loads((tmp_path / "noisy" / "model.json").read_text())
-    assert manifest["provenance"]["config"]["margin_noise"] == 1.0
-    assert not any(m._forward_pre_hooks for _, m in activation_quantizers(noisy))
+@pytest.mark.parametrize("setting, value, hooks", [("margin_noise", 1.0, "_forward_pre_hooks"),
+                                                   ("qdrop", 0.5, "_forward_hooks")])
+def test_qat_with_a_perturbation_records_it_changes_the_loss_and_leaves_no_hooks(tmp_path, tiny_ckpt, setting,
+                                                                                  value, hooks):
+    model, loss = _one_qat_step(tiny_ckpt, tmp_path / "on", **{setting: value})
+    assert loss != _one_qat_step(tiny_ckpt, tmp_path / "off")[1]  # the same seed, batch and start: only it differs
+    manifest = json.loads((tmp_path / "on" / "model.json").read_text())
+    assert manifest["provenance"]["config"][setting] == value
+    assert not any(getattr(m, hooks) for _, m in activation_quantizers(model))
 
 
 def test_qdrop_leaves_a_fraction_in_float_only_in_training_forwards_and_gradients_reach_the_step():
@@ -133,36 +140,9 @@ def test_qdrop_leaves_a_fraction_in_float_only_in_training_forwards_and_gradient
             ActivationDrop(q, bad)
 
 
-def test_qdrop_reaches_every_activation_quantizer_and_is_refused_where_it_cannot_work(tmp_path, tiny_ckpt):
+def test_qdrop_reaches_every_activation_quantizer_and_detaches():
     q = _quantized("v2", "qmambair", 4, 4).train()
     drop = ActivationDrop(q, 0.5).attach()
     assert all(len(m._forward_hooks) == 1 for _, m in activation_quantizers(q))
     drop.detach()
     assert not any(m._forward_hooks for _, m in activation_quantizers(q))
-    with pytest.raises(OptionError, match="--qdrop"):
-        QuantizeConfig(checkpoint="x", qdrop=1.0)
-    with pytest.raises(OptionError, match="--qdrop"):
-        QuantizeConfig(checkpoint="x", method="mse", qdrop=0.5)
-    res = CliRunner().invoke(main, ["quantize", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "one"),
-                                    "--qdrop", "1"])
-    assert res.exit_code == 2 and "--qdrop" in res.output and not (tmp_path / "one").exists()
-
-
-def test_qat_with_qdrop_records_it_changes_the_loss_and_leaves_no_hooks(tmp_path, tiny_ckpt):
-    from qmamba_deploy import load_model
-    from qmamba_deploy.jobs.quantize import quantize
-
-    fp = load_model(tiny_ckpt)
-
-    def run(out, p):
-        cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
-                             data="builtin", val_data=None, patch=16, batch=2, iters=1, device="cpu",
-                             checkpoint=str(tiny_ckpt), calib_batches=1, qdrop=p)
-        model = quantize(cfg, out, progress=False).model
-        return model, json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
-
-    dropped, loss = run(tmp_path / "qdrop", 0.5)
-    assert loss != run(tmp_path / "plain", 0.0)[1]
-    manifest = json.loads((tmp_path / "qdrop" / "model.json").read_text())
-    assert manifest["provenance"]["config"]["qdrop"] == 0.5
-    assert not any(m._forward_hooks for _, m in activation_quantizers(dropped))

@@ -35,72 +35,83 @@ def current_step(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
         return q.along(alpha.detach(), x)
 
 
-class MarginNoise:
-    """Hooks that perturb every activation quantizer's input by ``sigma``·U(−½, ½) steps in training
-    forwards (``sigma`` ≤ 1: at most a step wide). :meth:`attach` / :meth:`detach`, or a context."""
+def _in_training(q: Quantizer) -> bool:
+    """A training forward of an initialised quantizer (not calibration, validation or export)."""
+    return q.training and torch.is_grad_enabled() and q.initialized
+
+
+class ActivationHooks:
+    """Hooks on every activation quantizer of ``model`` for the duration of training: :meth:`attach` /
+    :meth:`detach`, or a context. A subclass names itself (``what``) and implements :meth:`register`."""
+
+    what = "hooks"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._hooks: list = []
+
+    def register(self, q: Quantizer):
+        raise NotImplementedError
+
+    def attach(self) -> ActivationHooks:
+        sites = activation_quantizers(self.model)
+        if not sites:
+            raise ValueError(f"{self.what} needs a quantized model (it has no activation quantizers)")
+        self._hooks = [self.register(q) for _, q in sites]
+        return self
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self) -> ActivationHooks:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+class MarginNoise(ActivationHooks):
+    """Perturbs every activation quantizer's input by ``sigma``·U(−½, ½) steps in training forwards
+    (``sigma`` ≤ 1: at most a step wide)."""
+
+    what = "margin noise"
 
     def __init__(self, model: nn.Module, sigma: float):
         if not 0 < sigma <= 1:
             raise ValueError(f"margin noise {sigma} must be in (0, 1] (a fraction of a step)")
-        self.model, self.sigma = model, float(sigma)
-        self._hooks: list = []
+        super().__init__(model)
+        self.sigma = float(sigma)
 
-    def attach(self) -> MarginNoise:
-        sites = activation_quantizers(self.model)
-        if not sites:
-            raise ValueError("margin noise needs a quantized model (it has no activation quantizers)")
-        self._hooks = [q.register_forward_pre_hook(self._perturb) for _, q in sites]
-        return self
-
-    def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+    def register(self, q: Quantizer):
+        return q.register_forward_pre_hook(self._perturb)
 
     def _perturb(self, q: Quantizer, args: tuple) -> tuple | None:
-        x = args[0]
-        if not (q.training and torch.is_grad_enabled() and q.initialized):
+        if not _in_training(q):
             return None  # calibration, validation, export: the plain quantizer
+        x = args[0]
         noise = (torch.rand_like(x) - 0.5) * (self.sigma * current_step(q, x))
         return (x + noise, *args[1:])
 
-    def __enter__(self) -> MarginNoise:
-        return self.attach()
 
-    def __exit__(self, *exc) -> None:
-        self.detach()
+class ActivationDrop(ActivationHooks):
+    """Keeps a random fraction ``p`` of every activation quantizer's outputs at their float inputs in
+    training forwards (QDrop; 0 < ``p`` < 1)."""
 
-
-class ActivationDrop:
-    """Hooks that keep a random fraction ``p`` of every activation quantizer's outputs at their float
-    inputs in training forwards (QDrop; 0 < ``p`` < 1). :meth:`attach` / :meth:`detach`, or a context."""
+    what = "qdrop"
 
     def __init__(self, model: nn.Module, p: float):
         if not 0 < p < 1:
             raise ValueError(f"qdrop {p} must be in (0, 1) (the fraction of activations left in float)")
-        self.model, self.p = model, float(p)
-        self._hooks: list = []
+        super().__init__(model)
+        self.p = float(p)
 
-    def attach(self) -> ActivationDrop:
-        sites = activation_quantizers(self.model)
-        if not sites:
-            raise ValueError("qdrop needs a quantized model (it has no activation quantizers)")
-        self._hooks = [q.register_forward_hook(self._drop) for _, q in sites]
-        return self
-
-    def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+    def register(self, q: Quantizer):
+        return q.register_forward_hook(self._drop)
 
     def _drop(self, q: Quantizer, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not (q.training and torch.is_grad_enabled() and q.initialized):
+        if not _in_training(q):
             return None  # calibration, validation, export: the plain quantizer
         keep = torch.rand_like(out) >= self.p
         return torch.where(keep, out, args[0])
-
-    def __enter__(self) -> ActivationDrop:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()

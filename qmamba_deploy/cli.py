@@ -29,7 +29,7 @@ from .jobs.inspect import describe_checkpoint, format_summary, preset_table
 from .jobs.quantize import QuantizeConfig, SPR2QConfig
 from .jobs.quantize import quantize as run_quantize
 from .jobs.restore import output_paths, restore_files
-from .jobs.sensitivity import SensitivityConfig, read_policy, sensitivity
+from .jobs.sensitivity import SensitivityConfig, read_policy, rebudget, sensitivity
 from .jobs.validate import DEFAULT_QUALITY_MARGIN_DB, validate_artifacts
 from .models import resolve_arch
 from .quant.qconfig import GROUPINGS, PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
@@ -501,10 +501,21 @@ def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data,
 @click.option("--seed", type=_NONNEG, default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="Write the table and the recommended policy (for `quantize --policy`) as JSON.")
+@click.option("--from", "from_report", type=click.Path(dir_okay=False),
+              help="An earlier --json report: re-derive the policy at --budget / --promote-bits from its measured "
+                   "groups without measuring them again (its own method, bits and calibration are kept; "
+                   "CHECKPOINT replaces its checkpoint path); only the new policy is measured.")
 @click.option("--quiet", is_flag=True, help="Only the table.")
 def sensitivity_command(checkpoint, method, w_bits, a_bits, w_granularity, by, budget, promote_bits, data, val_data,
-                        calib_batches, patch, batch, seed, json_out, quiet):
+                        calib_batches, patch, batch, seed, json_out, from_report, quiet):
     """PSNR each layer group costs when quantized (alone, and kept in float), and a recommended policy."""
+    if from_report:
+        _check_json(json_out, **{"from": from_report}, checkpoint=checkpoint)
+        report = rebudget(from_report, budget, promote_bits, checkpoint=checkpoint)
+        click.echo(report.table())
+        if json_out:
+            write_json(json_out, report.as_dict())
+        return
     ckpt = str(checkpoint or default_checkpoint())
     _check_json(json_out, checkpoint=ckpt)
     cfg = SensitivityConfig(ckpt, method=method, w_bits=w_bits, a_bits=a_bits, w_granularity=w_granularity, by=by,

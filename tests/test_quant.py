@@ -380,6 +380,51 @@ def test_recommend_respects_the_budget_and_ranks_by_gain_per_weight():
     assert recommend(groups, 28.0, 1000, 0.0, 8)["overrides"] == []
 
 
+def test_sensitivity_from_an_earlier_report_rebudgets_without_measuring_the_groups(tmp_path, tiny_ckpt,
+                                                                                   monkeypatch):
+    """`sensitivity --from REPORT --budget B`: the policy re-derived from the report's measured groups, only the
+    new policy measured; a file that is not a report, or the report as its own output, is one sentence."""
+    import json
+
+    from click.testing import CliRunner
+
+    from qmamba_deploy.cli import main
+    from qmamba_deploy.jobs import sensitivity as sens
+
+    out = tmp_path / "sens.json"
+    res = CliRunner().invoke(main, ["sensitivity", str(tiny_ckpt), "--by", "kind", "--method", "minmax",
+                                    "--w-bits", "2", "--a-bits", "2", "--budget", "0", "--patch", "16",
+                                    "--batch", "2", "--calib-batches", "1", "--json", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["policy"]["overrides"] == [] and len(report["groups"]) > 1
+    buying = [g for g in report["groups"] if g["psnr_kept"] > report["psnr_quantized"]]
+    assert buying  # at W2A2 keeping some group in float buys PSNR back
+
+    calls = []
+    measured = sens._Bench.measured
+    monkeypatch.setattr(sens._Bench, "measured", lambda self, qc: calls.append(qc) or measured(self, qc))
+    again = tmp_path / "sens-all.json"
+    res = CliRunner().invoke(main, ["sensitivity", "--from", str(out), "--budget", "1", "--json", str(again),
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    new = json.loads(again.read_text())
+    assert new["groups"] == report["groups"] and new["psnr_fp"] == report["psnr_fp"]
+    assert new["config"] == {**report["config"], "budget": 1.0}
+    assert len(calls) == 1 and calls[0].overrides  # the groups are not measured again; the policy is
+    promoted = {o[0] for o in new["policy"]["overrides"]}
+    assert promoted == {p for g in buying for p in sens.group_patterns(g["group"])}
+    assert new["policy"]["promoted_share"] > 0 and new["psnr_policy"] != report["psnr_quantized"]
+
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps(report["policy"]))
+    for args, message in ((["--from", str(tiny_ckpt)], "not a readable JSON file"),
+                          (["--from", str(policy_file)], "not a sensitivity report"),
+                          (["--from", str(out), "--json", str(out)], "--json")):
+        res = CliRunner().invoke(main, ["sensitivity", *args, "--quiet"])
+        assert res.exit_code == 2 and message in res.output, res.output
+
+
 def test_sensitivity_cli_then_quantize_with_its_policy(tmp_path, tiny_ckpt):
     """`sensitivity --json` measures every group, writes a policy; `quantize --policy` applies it (the promoted
     modules get 8-bit quantizers) and --layer-bits / --keep-fp add to it; a bad policy is one sentence."""

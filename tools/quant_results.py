@@ -32,6 +32,8 @@ from qmamba_deploy.jobs.sensitivity import read_policy
 from qmamba_deploy.train.losses import SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the recommended precision policy's file (docs/); rows with another --policy file name theirs
+RECOMMENDED_POLICY = "results-layer-sensitivity.json"
 
 #: (method, w_bits, a_bits) in table order
 ROWS = [("minmax", 8, 8), ("percentile", 8, 8),
@@ -138,7 +140,8 @@ def main() -> None:
             else:
                 raise SystemExit(f"row variant {part!r} is unknown; use policy, distill, features, noise, qdrop, "
                                  f"channel, mse or several joined by '+'")
-        names = {"policy": "recommended policy", "distill": f"distill {args.distill:g}",
+        names = {"policy": "recommended policy" if Path(args.policy or "").name == RECOMMENDED_POLICY
+                 else f"policy {Path(args.policy or '').name}", "distill": f"distill {args.distill:g}",
                  "features": f"block features {args.distill_features:g}",
                  "noise": f"margin noise {args.margin_noise:g}", "qdrop": f"QDrop {args.qdrop:g}",
                  "channel": "per-channel weights", "mse": "MSE-initialised steps"}

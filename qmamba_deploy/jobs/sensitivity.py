@@ -142,48 +142,102 @@ def recommend(groups: list[GroupScore], quantized_psnr: float, total_weights: in
             "rule": f"groups in the order of dB bought back per weight, promoted weights <= {budget:.0%}"}
 
 
+class _Bench:
+    """What every measurement of one report shares: the float model, the calibration patches, the eval images."""
+
+    def __init__(self, cfg: SensitivityConfig):
+        self.cfg = cfg
+        self.fp = load_model(cfg.checkpoint).eval().to(cfg.device)
+        if self.fp.card.qconfig is not None:
+            raise OptionError(f"{cfg.checkpoint} is already quantized ({self.fp.card.qconfig.label}); pass the float "
+                              f"checkpoint")
+        self.deg = degradation_for(int(getattr(self.fp, "upscale", 1)), self.fp.card.task)
+        channels = int(getattr(self.fp, "in_chans", 3))
+        sampler = PatchStream(cfg.data, cfg.patch, cfg.batch, cfg.seed).sampler(self.deg, channels)
+        self.batches = [sampler.batch(i, 0)[0] for i in range(cfg.calib_batches)]
+        self.pairs = load_pairs(cfg.val_data, self.deg, channels, split="eval")
+
+    def psnr(self, model: nn.Module) -> float:
+        with routing_mode(model, "deterministic"):
+            return evaluate_model(model, self.pairs, self.deg, device=self.cfg.device).mean("psnr")
+
+    def measured(self, qconfig: QConfig) -> float:
+        q = quantize_model(copy.deepcopy(self.fp), qconfig).to(self.cfg.device)
+        calibrate(q, self.batches, self.cfg.device)
+        return self.psnr(q.eval())
+
+
+def _policy(cfg: SensitivityConfig, scores: list[GroupScore], psnr_q: float, total_weights: int,
+            bench: _Bench) -> tuple[dict[str, Any], float]:
+    """The recommended policy of ``scores`` within ``cfg.budget``, and its measured PSNR."""
+    policy = recommend(scores, psnr_q, total_weights, cfg.budget, cfg.promote_bits)
+    policy["source"] = {"checkpoint": str(cfg.checkpoint), "method": cfg.method, "w_bits": cfg.w_bits,
+                        "a_bits": cfg.a_bits, "by": cfg.by}
+    overrides = tuple(tuple(o) for o in policy["overrides"])
+    return policy, bench.measured(cfg.qconfig(overrides=overrides)) if overrides else psnr_q
+
+
 def sensitivity(cfg: SensitivityConfig, progress: bool = True) -> SensitivityReport:
     """Measure every layer group (alone / kept) and the recommended policy; see the module docstring."""
     t0 = time.perf_counter()
-    fp = load_model(cfg.checkpoint).eval().to(cfg.device)
-    if fp.card.qconfig is not None:
-        raise OptionError(f"{cfg.checkpoint} is already quantized ({fp.card.qconfig.label}); pass the float "
-                          f"checkpoint")
-    deg = degradation_for(int(getattr(fp, "upscale", 1)), fp.card.task)
-    channels = int(getattr(fp, "in_chans", 3))
-    sampler = PatchStream(cfg.data, cfg.patch, cfg.batch, cfg.seed).sampler(deg, channels)
-    batches = [sampler.batch(i, 0)[0] for i in range(cfg.calib_batches)]
-    pairs = load_pairs(cfg.val_data, deg, channels, split="eval")
-
-    def psnr(model: nn.Module) -> float:
-        with routing_mode(model, "deterministic"):
-            return evaluate_model(model, pairs, deg, device=cfg.device).mean("psnr")
-
-    def measured(qconfig: QConfig) -> float:
-        q = quantize_model(copy.deepcopy(fp), qconfig).to(cfg.device)
-        calibrate(q, batches, cfg.device)
-        return psnr(q.eval())
-
-    groups = layer_groups(fp, cfg.by)
+    bench = _Bench(cfg)
+    groups = layer_groups(bench.fp, cfg.by)
     names = [n for members in groups.values() for n in members]
     say = print if progress else (lambda *_: None)
-    psnr_fp = psnr(fp)
-    psnr_q = measured(cfg.qconfig())
+    psnr_fp = bench.psnr(bench.fp)
+    psnr_q = bench.measured(cfg.qconfig())
     say(f"FP32 {psnr_fp:.3f} dB, all quantized {psnr_q:.3f} dB; {len(groups)} groups")
     scores = []
     for key, members in groups.items():
         others = tuple(n for n in names if n not in members)
-        alone = measured(cfg.qconfig(keep_fp=others))
-        kept = measured(cfg.qconfig(keep_fp=group_patterns(key)))
-        scores.append(GroupScore(key, len(members), _weights(fp, members), alone, kept))
+        alone = bench.measured(cfg.qconfig(keep_fp=others))
+        kept = bench.measured(cfg.qconfig(keep_fp=group_patterns(key)))
+        scores.append(GroupScore(key, len(members), _weights(bench.fp, members), alone, kept))
         say(f"  {key[:70]}: alone {alone - psnr_fp:+.3f} dB, kept in float {kept - psnr_q:+.3f} dB")
-    policy = recommend(scores, psnr_q, _weights(fp, names), cfg.budget, cfg.promote_bits)
-    policy["source"] = {"checkpoint": str(cfg.checkpoint), "method": cfg.method, "w_bits": cfg.w_bits,
-                        "a_bits": cfg.a_bits, "by": cfg.by}
-    overrides = tuple(tuple(o) for o in policy["overrides"])
-    psnr_policy = measured(cfg.qconfig(overrides=overrides)) if overrides else psnr_q
+    policy, psnr_policy = _policy(cfg, scores, psnr_q, _weights(bench.fp, names), bench)
     return SensitivityReport(cfg, psnr_fp, psnr_q, scores, policy, psnr_policy, time.perf_counter() - t0,
-                             [p.name for p in pairs])
+                             [p.name for p in bench.pairs])
+
+
+def rebudget(report: str | Path, budget: float, promote_bits: int | None = None, checkpoint: str | None = None,
+             device: str | None = None) -> SensitivityReport:
+    """The recommended policy at another ``budget`` (and ``promote_bits``) from an earlier report's measured
+    groups: no group is measured again (minutes instead of a quarter of an hour); the new policy is. The
+    report's own settings (method, bits, calibration) are kept; ``checkpoint`` replaces its path."""
+    t0 = time.perf_counter()
+    try:
+        data = json.loads(Path(report).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OptionError(f"--from {report}: not a readable JSON file ({exc})") from None
+    legacy = "qmamba-deploy/sensitivity"  # what reports said before artifacts.kind (docs' committed one)
+    found = data.get("kind") if isinstance(data, dict) else None
+    if not (is_kind(found, "sensitivity report") or found == legacy):
+        raise OptionError(f"--from {report}: not a sensitivity report (write one with qmamba-deploy sensitivity "
+                          f"--json)")
+    try:
+        settings = {**data["config"], "budget": budget}
+        if promote_bits is not None:
+            settings["promote_bits"] = promote_bits
+        if checkpoint is not None:
+            settings["checkpoint"] = checkpoint
+        if device is not None:
+            settings["device"] = device
+        cfg = SensitivityConfig(**settings)
+        scores = [GroupScore(g["group"], int(g["modules"]), int(g["weights"]), float(g["psnr_alone"]),
+                             float(g["psnr_kept"])) for g in data["groups"]]
+        psnr_fp, psnr_q = float(data["psnr_fp"]), float(data["psnr_quantized"])
+    except OptionError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OptionError(f"--from {report}: a malformed sensitivity report ({type(exc).__name__}: {exc}); measure "
+                          f"it again") from None
+    if not Path(cfg.checkpoint).is_file():
+        raise OptionError(f"--from {report}: its checkpoint {cfg.checkpoint} is not a file here; pass the float "
+                          f"checkpoint as CHECKPOINT")
+    bench = _Bench(cfg)
+    policy, psnr_policy = _policy(cfg, scores, psnr_q, sum(g.weights for g in scores), bench)
+    return SensitivityReport(cfg, psnr_fp, psnr_q, scores, policy, psnr_policy, time.perf_counter() - t0,
+                             list(data.get("images", [])))
 
 
 # ------------------------------------------------------------------------------ policies

@@ -380,6 +380,21 @@ def test_recommend_respects_the_budget_and_ranks_by_gain_per_weight():
     assert recommend(groups, 28.0, 1000, 0.0, 8)["overrides"] == []
 
 
+def _tiny_sensitivity(ckpt, out, by: str, budget: str):
+    """`sensitivity` of the tiny model at W2A2 minmax into ``out``: the report and the CLI result."""
+    import json
+
+    from click.testing import CliRunner
+
+    from qmamba_deploy.cli import main
+
+    res = CliRunner().invoke(main, ["sensitivity", str(ckpt), "--by", by, "--method", "minmax", "--w-bits", "2",
+                                    "--a-bits", "2", "--budget", budget, "--patch", "16", "--batch", "2",
+                                    "--calib-batches", "1", "--json", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text()), res
+
+
 def test_sensitivity_from_an_earlier_report_rebudgets_without_measuring_the_groups(tmp_path, tiny_ckpt,
                                                                                    monkeypatch):
     """`sensitivity --from REPORT --budget B`: the policy re-derived from the report's measured groups, only the
@@ -392,11 +407,7 @@ def test_sensitivity_from_an_earlier_report_rebudgets_without_measuring_the_grou
     from qmamba_deploy.jobs import sensitivity as sens
 
     out = tmp_path / "sens.json"
-    res = CliRunner().invoke(main, ["sensitivity", str(tiny_ckpt), "--by", "kind", "--method", "minmax",
-                                    "--w-bits", "2", "--a-bits", "2", "--budget", "0", "--patch", "16",
-                                    "--batch", "2", "--calib-batches", "1", "--json", str(out), "--quiet"])
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
+    report, _ = _tiny_sensitivity(tiny_ckpt, out, by="kind", budget="0")
     assert report["policy"]["overrides"] == [] and len(report["groups"]) > 1
     buying = [g for g in report["groups"] if g["psnr_kept"] > report["psnr_quantized"]]
     assert buying  # at W2A2 keeping some group in float buys PSNR back
@@ -428,18 +439,11 @@ def test_sensitivity_from_an_earlier_report_rebudgets_without_measuring_the_grou
 def test_sensitivity_cli_then_quantize_with_its_policy(tmp_path, tiny_ckpt):
     """`sensitivity --json` measures every group, writes a policy; `quantize --policy` applies it (the promoted
     modules get 8-bit quantizers) and --layer-bits / --keep-fp add to it; a bad policy is one sentence."""
-    import json
 
-    from click.testing import CliRunner
 
-    from qmamba_deploy.cli import main
 
     out = tmp_path / "sens.json"
-    res = CliRunner().invoke(main, ["sensitivity", str(tiny_ckpt), "--by", "block", "--method", "minmax",
-                                    "--w-bits", "2", "--a-bits", "2", "--budget", "1", "--patch", "16",
-                                    "--batch", "2", "--calib-batches", "1", "--json", str(out), "--quiet"])
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
+    report, res = _tiny_sensitivity(tiny_ckpt, out, by="block", budget="1")
     assert [g["group"] for g in report["groups"]] == ["layers.0.*"]
     g = report["groups"][0]
     # one block is the whole placement: quantizing it alone is quantizing everything, keeping it is FP32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -467,9 +468,35 @@ def test_sensitivity_cli_then_quantize_with_its_policy(tmp_path, tiny_ckpt):
 
     for bad, message in ((["--layer-bits", "*.wqkv=8"], "is not PATTERN=WxAy"),
                          (["--policy", str(tiny_ckpt)], "not a JSON file"),
-                         (["--policy", "papers"], "neither a policy name")):
+                         (["--policy", "papers"], "neither a policy name"),
+                         (["--layer-bits", "*.wqkvv=W8A8"], "'*.wqkvv' matches no module"),
+                         (["--keep-fp", "*.ffn.fc2"], "'*.ffn.fc2' matches no module")):
         res = _quant_cli(tiny_ckpt, tmp_path / "bad", "--method", "minmax", "--val-data", "none", *bad)
         assert res.exit_code == 2 and message in res.output, res.output
+        assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_a_policy_pattern_that_matches_nothing_is_refused():
+    """A typo, or a policy measured on another architecture (MambaIRv2's modules on a MambaIR), is one sentence
+    instead of a model quantized as if there were no policy."""
+    from qmamba_deploy import build_model
+    from qmamba_deploy.errors import OptionError
+    from qmamba_deploy.jobs.sensitivity import read_policy
+    from qmamba_deploy.quant.qconfig import QConfig, quantize_model
+
+    from .test_fold import ARCHS
+
+    def model(arch):
+        name, kw = ARCHS[arch]
+        return build_model(name, **kw).eval()
+
+    docs_policy = Path(__file__).parents[1] / "docs/results-layer-sensitivity.json"
+    v2_policy = tuple(tuple(o) for o in read_policy(str(docs_policy))["overrides"])
+    quantize_model(model("v2"), QConfig("minmax", 4, 4, overrides=v2_policy))  # its own architecture: fine
+    with pytest.raises(OptionError, match=r"matches no module this MambaIR quantizes .*measured on this arch"):
+        quantize_model(model("v1"), QConfig("minmax", 4, 4, overrides=v2_policy))
+    with pytest.raises(OptionError, match=r"--keep-fp / policy pattern 'layers\.9\.\*'"):
+        quantize_model(model("v2"), QConfig("minmax", 4, 4, keep_fp=("layers.9.*",)))
 
 
 # ------------------------------------------------------------------ step-size initialisation

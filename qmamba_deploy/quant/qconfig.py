@@ -243,6 +243,19 @@ def split_official_quant_class(arch: str, kwargs: dict[str, Any]) -> tuple[str, 
     return float_arch, rest, QConfig(method, w_bits=bits, a_bits=bits)
 
 
+def _check_patterns(model: nn.Module, qconfig: QConfig) -> None:
+    """Every keep_fp / override pattern names at least one module the placement quantizes: a pattern that
+    matches nothing (a typo, or a policy measured on another architecture) would silently change nothing."""
+    names = quantized_layer_names(model) + [n for n, _ in scan_modules(model)]
+    rules = [("--keep-fp", p) for p in qconfig.keep_fp] + [("--layer-bits", o[0]) for o in qconfig.overrides]
+    for flag, pattern in rules:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            example = next((n for n in names if "layers." in n), names[0] if names else "(none)")
+            raise OptionError(f"{flag} / policy pattern {pattern!r} matches no module this {type(model).__name__} "
+                              f"quantizes (they are named like {example!r}); fix the pattern or use a policy "
+                              f"measured on this architecture")
+
+
 def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:
     """Insert the quantizers of ``qconfig`` into ``model`` in place; returns it (its card's qconfig set).
 
@@ -251,6 +264,7 @@ def quantize_model(model: nn.Module, qconfig: QConfig) -> nn.Module:
     """
     if card_of(model).qconfig is not None:
         raise ValueError("the model is already quantized")
+    _check_patterns(model, qconfig)
     r = qconfig.recipe
     for name in quantized_layer_names(model):
         if qconfig.is_fp(name):

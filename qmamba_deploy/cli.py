@@ -503,13 +503,22 @@ def quantize(checkpoint, method, w_bits, a_bits, w_granularity, scan_bits, data,
               help="Write the table and the recommended policy (for `quantize --policy`) as JSON.")
 @click.option("--from", "from_report", type=click.Path(dir_okay=False),
               help="An earlier --json report: re-derive the policy at --budget / --promote-bits from its measured "
-                   "groups without measuring them again (its own method, bits and calibration are kept; "
-                   "CHECKPOINT replaces its checkpoint path); only the new policy is measured.")
+                   "groups without measuring them again (its own method, bits and calibration are kept, and "
+                   "flags that would change them are refused; CHECKPOINT replaces its checkpoint path); only the "
+                   "new policy is measured.")
 @click.option("--quiet", is_flag=True, help="Only the table.")
 def sensitivity_command(checkpoint, method, w_bits, a_bits, w_granularity, by, budget, promote_bits, data, val_data,
                         calib_batches, patch, batch, seed, json_out, from_report, quiet):
     """PSNR each layer group costs when quantized (alone, and kept in float), and a recommended policy."""
     if from_report:
+        ctx = click.get_current_context()
+        measuring = ("method", "w_bits", "a_bits", "w_granularity", "by", "data", "val_data", "calib_batches",
+                     "patch", "batch", "seed")
+        given = [f"--{p.replace('_', '-')}" for p in measuring
+                 if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} cannot change a report read with --from (its groups were "
+                                   f"measured with the report's settings); measure a new report without --from")
         _check_json(json_out, **{"from": from_report}, checkpoint=checkpoint)
         report = rebudget(from_report, budget, promote_bits, checkpoint=checkpoint)
         click.echo(report.table())

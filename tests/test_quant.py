@@ -432,7 +432,9 @@ def test_sensitivity_from_an_earlier_report_rebudgets_without_measuring_the_grou
     policy_file.write_text(json.dumps(report["policy"]))
     for args, message in ((["--from", str(tiny_ckpt)], "not a readable JSON file"),
                           (["--from", str(policy_file)], "not a sensitivity report"),
-                          (["--from", str(out), "--json", str(out)], "--json")):
+                          (["--from", str(out), "--json", str(out)], "--json"),
+                          (["--from", str(out), "--w-bits", "4", "--patch", "32"],
+                           "--w-bits, --patch cannot change a report read with --from")):
         res = CliRunner().invoke(main, ["sensitivity", *args, "--quiet"])
         assert res.exit_code == 2 and message in res.output, res.output
 

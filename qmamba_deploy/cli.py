@@ -29,7 +29,7 @@ from .jobs.inspect import describe_checkpoint, format_summary, preset_table
 from .jobs.quantize import QuantizeConfig, SPR2QConfig
 from .jobs.quantize import quantize as run_quantize
 from .jobs.restore import output_paths, restore_files
-from .jobs.sensitivity import SensitivityConfig, read_policy, rebudget, sensitivity
+from .jobs.sensitivity import MEASUREMENT_SETTINGS, SensitivityConfig, read_policy, rebudget, sensitivity
 from .jobs.validate import DEFAULT_QUALITY_MARGIN_DB, validate_artifacts
 from .models import resolve_arch
 from .quant.qconfig import GROUPINGS, PTQ_METHODS, SPR2Q_VARIANTS, W_GRANULARITIES
@@ -512,9 +512,7 @@ def sensitivity_command(checkpoint, method, w_bits, a_bits, w_granularity, by, b
     """PSNR each layer group costs when quantized (alone, and kept in float), and a recommended policy."""
     if from_report:
         ctx = click.get_current_context()
-        measuring = ("method", "w_bits", "a_bits", "w_granularity", "by", "data", "val_data", "calib_batches",
-                     "patch", "batch", "seed")
-        given = [f"--{p.replace('_', '-')}" for p in measuring
+        given = [f"--{p.replace('_', '-')}" for p in MEASUREMENT_SETTINGS
                  if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{', '.join(given)} cannot change a report read with --from (its groups were "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,11 @@ class SensitivityConfig:
     def qconfig(self, keep_fp: tuple[str, ...] = (), overrides: tuple = ()) -> QConfig:
         return QConfig(self.method, self.w_bits, self.a_bits, keep_fp=keep_fp, overrides=overrides,
                        w_granularity=self.w_granularity)
+
+
+#: the settings a report's groups were measured with: `sensitivity --from` keeps them (the rest it may change)
+MEASUREMENT_SETTINGS = tuple(f.name for f in fields(SensitivityConfig)
+                             if f.name not in ("checkpoint", "budget", "promote_bits", "device"))
 
 
 @dataclass

@@ -90,6 +90,7 @@ def build_training_model(cfg: TrainConfig) -> nn.Module:
         model.load_state_dict(init.state_dict())
     return model
 
+
 def cpu_kernels(device: str | torch.device) -> dict[str, str] | None:
     """On a CPU, which implementation ran the scan and the fake quantizers' training passes ('compiled'
     C or 'torch'): the same forward values either way, gradients that differ in the last bits, so a

@@ -4,9 +4,10 @@
         [--iters 150] [--runs runs/quant] [--out docs/results-quantization.md]
 
 Each row runs `qmamba_deploy.jobs.quantize.quantize` (what `qmamba-deploy
-quantize` runs) on the built-in train split with the same budget for every
-QAT method, then scores the result on the built-in eval split with the same
-code as `qmamba-deploy eval`. Finished runs are reused (delete the run folder
+quantize` runs) on the built-in train split (or --data's folder, e.g. the one
+tools/natural_photos.py writes) with the same budget for every QAT method,
+then scores the result on the built-in eval split with the same code as
+`qmamba-deploy eval`. Finished runs are reused (delete the run folder
 to redo one); an interrupted QAT run resumes.
 """
 
@@ -74,6 +75,9 @@ def main() -> None:
     ap.add_argument("--schedule", choices=SCHEDULES, default="multistep",
                     help="learning-rate schedule (multistep: halved at 50/80/90/95 %% of the run)")
     ap.add_argument("--quant-lr", type=float, default=None, help="learning rate of quantizer parameters (default --lr)")
+    ap.add_argument("--data", default="builtin",
+                    help="training and calibration images: 'builtin' (the built-in train split) or a folder of HR "
+                         "images (keep the eval photos out of it)")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of the QAT "
                                                             "parameters shipped instead of the last ones (0: off)")
@@ -152,7 +156,7 @@ def main() -> None:
                                      + (f"_{variant.replace('+', '_')}" if variant else "")
                                      + (f"_seed{seed}" if seed else ""))
             cfg = QuantizeConfig(arch=fp.card.arch, kwargs=dict(fp.card.kwargs), task="sr", scale=int(fp.upscale),
-                                 data="builtin", val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
+                                 data=args.data, val_data=None, patch=args.patch, batch=args.batch, iters=args.iters,
                                  lr=args.lr, schedule=args.schedule, seed=seed, quant_lr=args.quant_lr, ema=args.ema,
                                  device="cpu", checkpoint=args.checkpoint,
                                  method=method, w_bits=w, a_bits=a, calib_batches=args.calib_batches,
@@ -197,7 +201,9 @@ def main() -> None:
         f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}.",
         "",
         f"- **Model**: `{Path(args.checkpoint).name}` ({fp.card.arch}, x{fp.upscale}), the real released weights.",
-        "- **Data**: QAT and calibration on the built-in train split; scores on the built-in eval split "
+        "- **Data**: QAT and calibration on "
+        + ("the built-in train split" if args.data == "builtin" else f"the images of `{args.data}`")
+        + "; scores on the built-in eval split "
         "(astronaut, chelsea, coffee, rocket; 288 px crops), Y-PSNR/SSIM with BasicSR's conventions, "
         "deterministic routing. Bicubic on the same images: "
         f"{results[0]['psnr_baseline']:.4f} dB / {results[0]['ssim_baseline']:.4f}.",

@@ -287,12 +287,14 @@ def test_quantize_cli_ptq_and_qat_then_eval(tmp_path, tiny_ckpt):
     manifest = json.loads((tmp_path / "ptq" / "model.json").read_text())
     assert manifest["qconfig"]["method"] == "percentile" and manifest["qconfig"]["w_bits"] == 8
     assert manifest["quantized_from"] == str(tiny_ckpt)
+    assert "natural photos" not in res.output  # calibration only: the training data's note is for QAT
     ptq = load_model(tmp_path / "ptq" / "model.safetensors")
     assert all(q.initialized for _, q in quantizers(ptq))
 
     res = _quant_cli(tiny_ckpt, tmp_path / "qat", "--method", "qmambair", "--iters", "3", "--distill", "0.5")
     assert res.exit_code == 0, res.output
     assert "qmambair W4A4" in res.output and "validation: psnr" in res.output
+    assert "note: this QAT trained on the built-in train split" in res.output and "--data DIR" in res.output
     qat = load_model(tmp_path / "qat" / "model.safetensors")
     assert qat.card.qconfig.method == "qmambair"
     from qmamba_deploy.ops import scan_cpu

@@ -51,3 +51,26 @@ def test_a_folder_that_is_not_empty_is_refused_before_anything_is_read(tmp_path)
     with pytest.raises(SystemExit, match="not an empty folder"):
         tool.main(["--out", str(tmp_path / "photos")])
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["keep.txt"]
+
+
+def test_eval_photo_of_names_whole_and_cropped_eval_photos_and_nothing_else():
+    from qmamba_deploy.data.builtin import eval_photo_of
+
+    assert eval_photo_of(sample_photo("rocket")) == "rocket"
+    assert eval_photo_of(dict(builtin_split("eval"))["astronaut"]) == "astronaut (eval crop)"
+    assert eval_photo_of(sample_photo("motorcycle_left")) is None
+    shifted = dict(builtin_split("eval"))["chelsea"].copy()
+    shifted[0, 0, 0] ^= 1  # one pixel differs: another image
+    assert eval_photo_of(shifted) is None
+
+
+def test_quant_results_refuses_a_training_folder_with_an_eval_photo_before_any_work(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quant_results", Path(__file__).parents[1] / "tools/quant_results.py")
+    quant_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quant_results)
+    _png(tmp_path / "photos/mine.png", sample_photo("coffee"))
+    monkeypatch.setattr("sys.argv", ["quant_results.py", "--data", str(tmp_path / "photos"), "--checkpoint",
+                                     str(tmp_path / "absent.safetensors"), "--runs", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit, match="holds mine.png, the eval photo coffee"):
+        quant_results.main()
+    assert not (tmp_path / "runs").exists()

@@ -24,24 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from qmamba_deploy.artifacts import sha256_file, write_text
-from qmamba_deploy.data.builtin import EVAL_PHOTOS, builtin_split, sample_photo
-from qmamba_deploy.data.io import list_images, read_image, to_integer, write_image
+from qmamba_deploy.data.builtin import eval_photo_in_file, sample_photo
+from qmamba_deploy.data.io import list_images, write_image
 from qmamba_deploy.errors import ImageError
 
 #: scikit-image's natural colour photos outside the eval split (the others are gray, textures,
 #: microscopy, retina or deep sky)
 SKIMAGE_PHOTOS = ("motorcycle_left", "motorcycle_right")
-
-
-def eval_arrays() -> list[tuple[str, np.ndarray]]:
-    """The eval photos whole and as their eval crops (uint8 HWC)."""
-    return ([(name, sample_photo(name)) for name in EVAL_PHOTOS]
-            + [(f"{name} (eval crop)", arr) for name, arr in builtin_split("eval")])
-
-
-def eval_photo_in(pixels: np.ndarray, evals: list[tuple[str, np.ndarray]]) -> str | None:
-    """The name of the eval photo ``pixels`` (uint8 HWC) is, or None."""
-    return next((name for name, arr in evals if np.array_equal(arr, pixels)), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,13 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         if not images:
             sys.exit(f"--add {folder} holds no images")
         sources += images
-    evals = eval_arrays()
     for path in sources:  # every check before anything is written
         try:
-            pixels = to_integer(read_image(path).pixels)
+            leak = eval_photo_in_file(path)
         except ImageError as exc:
             sys.exit(str(exc))
-        leak = eval_photo_in(pixels, evals)
         if leak:
             sys.exit(f"{path} is the eval photo {leak}; training on it would score the model on its training "
                      f"data — leave it out of --add")

@@ -25,8 +25,10 @@ import torch
 
 from qmamba_deploy import load_model
 from qmamba_deploy.artifacts import write_text
+from qmamba_deploy.data.builtin import eval_photo_in_file
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
+from qmamba_deploy.data.io import list_images
 from qmamba_deploy.evaluate import evaluate_model
 from qmamba_deploy.jobs.quantize import QuantizeConfig, qat_start, quantize
 from qmamba_deploy.jobs.sensitivity import read_policy
@@ -110,6 +112,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs/results-quantization.md"))
     args = ap.parse_args()
 
+    if args.data != "builtin":  # a table scored on its own training images would mean nothing
+        for path in list_images(args.data):
+            leak = eval_photo_in_file(path)
+            if leak:
+                raise SystemExit(f"--data {args.data} holds {path.name}, the eval photo {leak}; take it out of the "
+                                 f"folder (tools/natural_photos.py builds one without)")
     fp = load_model(args.checkpoint)
     deg = Degradation("sr", int(fp.upscale))
     pairs = load_pairs("builtin", deg, split="eval")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import skimage.data
 
-from .io import Image
+from .io import Image, read_image, to_integer
 
 TRAIN_PHOTOS = ("motorcycle_left", "motorcycle_right", "hubble_deep_field", "immunohistochemistry", "retina",
                 "camera", "moon", "coins", "clock", "page", "text", "brick", "grass", "gravel")
@@ -59,6 +59,22 @@ def builtin_split(split: str) -> list[tuple[str, np.ndarray]]:
     if split == "eval":
         photos = [(name, np.ascontiguousarray(centre_crop(arr, EVAL_CROP))) for name, arr in photos]
     return photos
+
+
+def eval_photo_of(pixels: np.ndarray) -> str | None:
+    """The eval photo ``pixels`` (uint8 HWC) is, whole or as its eval crop (e.g. 'coffee (eval crop)'), or None:
+    what keeps a training folder from holding the images the eval split scores."""
+    for name in EVAL_PHOTOS:
+        whole = sample_photo(name)
+        for label, arr in ((name, whole), (f"{name} (eval crop)", centre_crop(whole, EVAL_CROP))):
+            if np.array_equal(arr, pixels):
+                return label
+    return None
+
+
+def eval_photo_in_file(path) -> str | None:
+    """:func:`eval_photo_of` for an image file (read as `eval` reads it; ImageError when unreadable)."""
+    return eval_photo_of(to_integer(read_image(path).pixels))
 
 
 def restore_samples() -> list[Image]:

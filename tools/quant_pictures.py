@@ -5,7 +5,7 @@
                                           [--box Y X H W] [--out docs/img/crops-x4.png]
 
 ``plot`` reads the committed results JSON (docs/results-quantization.json, results-recipe.json,
-results-spr2q.json) and draws one line per method over W2A2 / W4A4 / W8A8, with FP32 and
+results-recipe-photos-*.json, results-spr2q.json) and draws one line per method over W2A2 / W4A4 / W8A8, with FP32 and
 bicubic as horizontal references; an SVG written by hand (no plotting dependency). Points
 below the axis (PTQ collapses) sit on its floor with their value printed.
 
@@ -32,6 +32,7 @@ from qmamba_deploy.artifacts import atomic_path, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 4, 8)
+PHOTOS = "recipe on natural photos (QAT)"
 #: (series label, results file, row filter) -- the row with the most bits wins per bit width
 SERIES = [
     ("Q-MambaIR (QAT)", "results-quantization.json", lambda r: r["method"] == "qmambair"),
@@ -39,12 +40,15 @@ SERIES = [
     ("recommended recipe (QAT)", "results-recipe.json", lambda r: all(
         part in r["label"] for part in ("recommended policy", "per-channel", "MSE-initialised steps"))
      and ("block features" in r["label"]) == (r["bits"] == "4/4")),
+    # the same recipes with the QAT on natural photos (docs/quantization.md, "Training photos")
+    *((PHOTOS, f"results-recipe-photos-{bits}.json", lambda r: "(docs/" not in r["label"])
+      for bits in ("w4a4", "w2a2")),
     ("LSQ (QAT)", "results-quantization.json", lambda r: r["method"] == "lsq"),
     ("SPR²Q group, MSE bounds", "results-spr2q.json", lambda r: r["scale"] == 4 and "N = 4" in r["label"]
      and r.get("bounds_init") == "mse"),
     ("min/max PTQ", "results-quantization.json", lambda r: r["method"] == "minmax"),
 ]
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#7f7f7f"]
+COLOURS = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f"]
 
 
 def _bits(row: dict) -> int:
@@ -53,7 +57,8 @@ def _bits(row: dict) -> int:
 
 def series(docs: Path) -> tuple[list[tuple[str, dict[int, float]]], float, float]:
     """[(label, {bits: Y-PSNR})], FP32 and bicubic Y-PSNR of the real x4 model on the eval split."""
-    out, fp, bicubic = [], None, None
+    lines: dict[str, dict[int, float]] = {}  # one line per label, its points from one or more files
+    fp, bicubic = None, None
     for label, name, keep in SERIES:
         path = docs / name
         if not path.is_file():
@@ -64,10 +69,10 @@ def series(docs: Path) -> tuple[list[tuple[str, dict[int, float]]], float, float
                 fp, bicubic = r["psnr"], r.get("psnr_baseline", bicubic)
         points = {_bits(r): r["psnr"] for r in rows if r["label"] != "FP32" and keep(r) and _bits(r) in BITS}
         if points:
-            out.append((label, points))
+            lines.setdefault(label, {}).update(points)
     if fp is None or bicubic is None:
         raise SystemExit(f"no FP32 row with its bicubic baseline in {docs}/results-*.json")
-    return out, fp, bicubic
+    return list(lines.items()), fp, bicubic
 
 
 def plot_svg(lines: list[tuple[str, dict[int, float]]], fp: float, bicubic: float, floor: float = 24.0) -> str:

@@ -73,4 +73,8 @@ def test_quant_results_refuses_a_training_folder_with_an_eval_photo_before_any_w
                                      str(tmp_path / "absent.safetensors"), "--runs", str(tmp_path / "runs")])
     with pytest.raises(SystemExit, match="holds mine.png, the eval photo coffee"):
         quant_results.main()
+    monkeypatch.setattr("sys.argv", ["quant_results.py", "--data", str(tmp_path / "absent"), "--runs",
+                                     str(tmp_path / "runs")])
+    with pytest.raises(SystemExit, match="^--data: input .*absent does not exist"):
+        quant_results.main()
     assert not (tmp_path / "runs").exists()

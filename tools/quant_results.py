@@ -29,6 +29,7 @@ from qmamba_deploy.data.builtin import eval_photo_in_file
 from qmamba_deploy.data.datasets import load_pairs
 from qmamba_deploy.data.degrade import Degradation
 from qmamba_deploy.data.io import list_images
+from qmamba_deploy.errors import ImageError
 from qmamba_deploy.evaluate import evaluate_model
 from qmamba_deploy.jobs.quantize import QuantizeConfig, qat_start, quantize
 from qmamba_deploy.jobs.sensitivity import read_policy
@@ -113,8 +114,11 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.data != "builtin":  # a table scored on its own training images would mean nothing
-        for path in list_images(args.data):
-            leak = eval_photo_in_file(path)
+        try:
+            leaks = [(path, eval_photo_in_file(path)) for path in list_images(args.data)]
+        except ImageError as exc:
+            raise SystemExit(f"--data: {exc}") from None
+        for path, leak in leaks:
             if leak:
                 raise SystemExit(f"--data {args.data} holds {path.name}, the eval photo {leak}; take it out of the "
                                  f"folder (tools/natural_photos.py builds one without)")

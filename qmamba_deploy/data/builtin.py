@@ -16,6 +16,8 @@ Nothing here is random: the same names, the same crops, every time.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import skimage.data
 
@@ -72,7 +74,7 @@ def eval_photo_of(pixels: np.ndarray) -> str | None:
     return None
 
 
-def eval_photo_in_file(path) -> str | None:
+def eval_photo_in_file(path: str | os.PathLike) -> str | None:
     """:func:`eval_photo_of` for an image file (read as `eval` reads it; ImageError when unreadable)."""
     return eval_photo_of(to_integer(read_image(path).pixels))
 

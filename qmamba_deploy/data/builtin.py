@@ -16,6 +16,7 @@ Nothing here is random: the same names, the same crops, every time.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -63,15 +64,20 @@ def builtin_split(split: str) -> list[tuple[str, np.ndarray]]:
     return photos
 
 
+@functools.lru_cache(maxsize=1)
+def _eval_photos_whole_and_cropped() -> tuple[tuple[str, np.ndarray], ...]:
+    """(label, uint8 HWC) of every eval photo, whole and as its eval crop — decoded once per process."""
+    out = []
+    for name in EVAL_PHOTOS:
+        whole = sample_photo(name)
+        out += [(name, whole), (f"{name} (eval crop)", centre_crop(whole, EVAL_CROP))]
+    return tuple(out)
+
+
 def eval_photo_of(pixels: np.ndarray) -> str | None:
     """The eval photo ``pixels`` (uint8 HWC) is, whole or as its eval crop (e.g. 'coffee (eval crop)'), or None:
     what keeps a training folder from holding the images the eval split scores."""
-    for name in EVAL_PHOTOS:
-        whole = sample_photo(name)
-        for label, arr in ((name, whole), (f"{name} (eval crop)", centre_crop(whole, EVAL_CROP))):
-            if np.array_equal(arr, pixels):
-                return label
-    return None
+    return next((label for label, arr in _eval_photos_whole_and_cropped() if np.array_equal(arr, pixels)), None)
 
 
 def eval_photo_in_file(path: str | os.PathLike) -> str | None:

@@ -53,6 +53,26 @@ def test_a_folder_that_is_not_empty_is_refused_before_anything_is_read(tmp_path)
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["keep.txt"]
 
 
+def test_an_add_folder_without_images_is_one_sentence(tmp_path):
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra/notes.txt").write_text("no pictures here")
+    with pytest.raises(SystemExit, match="^--add: folder .*extra contains no images"):
+        tool.main(["--out", str(tmp_path / "photos"), "--add", str(tmp_path / "extra")])
+    assert not (tmp_path / "photos").exists()
+
+
+def test_a_copy_that_fails_leaves_no_partial_folder(tmp_path, monkeypatch):
+    _png(tmp_path / "extra/noise.png", np.zeros((64, 64, 3), np.uint8))
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tool.shutil, "copyfile", full_disk)
+    with pytest.raises(SystemExit, match="was not written: .*No space left"):
+        tool.main(["--out", str(tmp_path / "photos"), "--add", str(tmp_path / "extra")])
+    assert not (tmp_path / "photos").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["extra"]
+
+
 def test_eval_photo_of_names_whole_and_cropped_eval_photos_and_nothing_else():
     from qmamba_deploy.data.builtin import eval_photo_of
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qmamba_deploy.artifacts import sha256_file, write_text
+from qmamba_deploy.artifacts import sha256_file, staged_folder, write_text
 from qmamba_deploy.data.builtin import eval_photo_in_file, sample_photo
 from qmamba_deploy.data.io import list_images, write_image
-from qmamba_deploy.errors import ImageError
+from qmamba_deploy.errors import ImageError, OptionError
 
 #: scikit-image's natural colour photos outside the eval split (the others are gray, textures,
 #: microscopy, retina or deep sky)
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.add:
         if not Path(folder).is_dir():
             sys.exit(f"--add {folder} is not a folder of images")
-        images = list_images(folder)
-        if not images:
-            sys.exit(f"--add {folder} holds no images")
-        sources += images
+        try:
+            sources += list_images(folder)
+        except ImageError as exc:  # a folder without images
+            sys.exit(f"--add: {exc}")
     for path in sources:  # every check before anything is written
         try:
             leak = eval_photo_in_file(path)
@@ -62,17 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         sys.exit("two images would have the same file name in --out; rename one of the --add images")
 
-    out.mkdir(parents=True, exist_ok=True)
     listing = []
-    for name in SKIMAGE_PHOTOS:
-        write_image(out / f"{name}.png", sample_photo(name).astype(np.float32) / 255.0)
-        listing.append({"file": f"{name}.png", "source": f"skimage.data ({name})"})
-    for path in sources:
-        shutil.copyfile(path, out / path.name)
-        listing.append({"file": path.name, "source": str(path)})
-    for entry in listing:
-        entry["sha256"] = sha256_file(out / entry["file"])
-    write_text(out / "photos.json", json.dumps({"photos": listing}, indent=2) + "\n")
+    try:  # written beside --out and renamed into place: no partial folder if a copy fails
+        with staged_folder(out, owned=(*names, "photos.json")) as tmp:
+            for name in SKIMAGE_PHOTOS:
+                write_image(tmp / f"{name}.png", sample_photo(name).astype(np.float32) / 255.0)
+                listing.append({"file": f"{name}.png", "source": f"skimage.data ({name})"})
+            for path in sources:
+                shutil.copyfile(path, tmp / path.name)
+                listing.append({"file": path.name, "source": str(path)})
+            for entry in listing:
+                entry["sha256"] = sha256_file(tmp / entry["file"])
+            write_text(tmp / "photos.json", json.dumps({"photos": listing}, indent=2) + "\n")
+    except OptionError as exc:  # --out's parent cannot be written
+        sys.exit(str(exc))
+    except OSError as exc:  # a copy failed (disk full, an --add file vanished): nothing left at --out
+        sys.exit(f"--out {out} was not written: {exc}")
     print(f"wrote {len(listing)} photos to {out}")
     return 0
 
